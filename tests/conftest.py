@@ -1,0 +1,32 @@
+"""Shared test set-up: keep torch to few threads (the CI machine has 2 cores) and run end-to-end tests last."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+
+
+def pytest_collection_modifyitems(config, items):
+    # Fast tests first, then the slow ones, then the real Label Studio / Redis end-to-end tests.
+    def rank(item):
+        if item.get_closest_marker("e2e"):
+            return 2
+        if item.get_closest_marker("slow"):
+            return 1
+        return 0
+
+    items.sort(key=rank)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent (the shared data folder sits beside the repository in CI)")
+    return SHARED

@@ -1,0 +1,153 @@
+"""Every setting of the backend, typed, in one place.
+
+Each setting is read from the environment variable of the same name in upper case
+(``model_score_threshold`` <- ``MODEL_SCORE_THRESHOLD``). ``Settings.from_env()`` reads them;
+``Settings.table()`` renders the documentation table used in README.md.
+
+Import cost matters: this module imports only the standard library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+
+def setting(default: Any, doc: str) -> Any:
+    """A dataclass field carrying its documentation."""
+    return field(default=default, metadata={"doc": doc})
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message says which and why."""
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _convert(name: str, raw: str, type_name: str) -> Any:
+    env = name.upper()
+    text = raw.strip()
+    try:
+        if type_name in ("bool",):
+            low = text.lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError("expected true/false")
+        if type_name in ("int",):
+            return int(text)
+        if type_name in ("float",):
+            return float(text)
+        if type_name.startswith("Optional[int]"):
+            return int(text) if text else None
+        if type_name.startswith("Optional[float]"):
+            return float(text) if text else None
+        if type_name.startswith("Optional[str]"):
+            return text or None
+        return text
+    except ValueError as exc:
+        raise SettingsError(f"{env}={raw!r} is not a valid {type_name}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- model -------------------------------------------------------------------------------
+    model_path: Optional[str] = setting(
+        None, "A checkpoint to serve (official YOLOv7 `.pt` or one of ours). Overrides MODEL_DIR's versions.")
+    model_dir: str = setting(
+        "./data/models", "Folder of published model versions (the registry) and training state.")
+    model_version: Optional[str] = setting(
+        None, "Pin one published version by name instead of following the newest.")
+    device: str = setting(
+        "auto", "`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`.")
+    half: bool = setting(False, "Run inference in fp16 on CUDA (ignored on CPU).")
+    torch_threads: int = setting(
+        0, "CPU threads for inference; 0 picks the number of physical cores available to the process.")
+    img_size: int = setting(640, "Inference size: the long side of the letterboxed image (multiple of 32).")
+    # --- predictions -------------------------------------------------------------------------
+    model_score_threshold: float = setting(
+        0.25, "Boxes at or above this confidence are shown to the annotator.")
+    iou_threshold: float = setting(0.45, "IoU threshold of the class-aware non-maximum suppression.")
+    max_detections: int = setting(300, "Most boxes kept per image.")
+    score_floor: float = setting(
+        0.05, "Detections above this confidence (shown or not) feed the task's uncertainty score.")
+    task_score: str = setting(
+        "uncertainty",
+        "Task score strategy: `uncertainty` (low = most informative, label first), `max_confidence`, "
+        "`mean_confidence`, `count`.")
+    predict_batch_size: int = setting(8, "Images per forward pass when predicting a request's tasks.")
+    from_name: Optional[str] = setting(
+        None, "Name of the RectangleLabels control to predict for when the label config has several.")
+    label_map: Optional[str] = setting(
+        None, "Map checkpoint classes to config labels: `fire=Fire,smoke=Smoke` or a JSON object.")
+    # --- Label Studio ------------------------------------------------------------------------
+    label_studio_url: Optional[str] = setting(
+        None, "Label Studio base URL, used to fetch images and annotations (e.g. http://localhost:8080).")
+    label_studio_api_key: Optional[str] = setting(
+        None, "Label Studio API key: a legacy token or a personal access token (JWT refresh token).")
+    image_cache_dir: str = setting("./data/image-cache", "Where downloaded task images are kept.")
+    image_cache_mb: int = setting(2048, "Size bound of the image cache in MiB; oldest files go first.")
+    image_timeout: float = setting(10.0, "Seconds to wait for one image download.")
+    # --- HTTP --------------------------------------------------------------------------------
+    basic_auth_user: Optional[str] = setting(None, "Require HTTP Basic Auth with this user (with BASIC_AUTH_PASS).")
+    basic_auth_pass: Optional[str] = setting(None, "Password for BASIC_AUTH_USER.")
+    log_level: str = setting("INFO", "Logging level: DEBUG, INFO, WARNING, ERROR.")
+    # --- queue -------------------------------------------------------------------------------
+    redis_url: Optional[str] = setting(None, "Redis URL for training jobs (overrides REDIS_HOST/REDIS_PORT).")
+    redis_host: str = setting("localhost", "Redis host (classic setting).")
+    redis_port: int = setting(6379, "Redis port (classic setting).")
+    rq_queue_name: str = setting("default", "RQ queue that training jobs go to.")
+
+    @classmethod
+    def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides: Any) -> "Settings":
+        """Settings from the environment (or ``env``), then ``overrides`` by field name."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            key = f.name.upper()
+            if key in env:
+                values[f.name] = _convert(f.name, env[key], str(f.type))
+        for name, value in overrides.items():
+            if name not in {f.name for f in dataclasses.fields(cls)}:
+                raise SettingsError(f"unknown setting {name!r}")
+            if isinstance(value, str):
+                f = next(f for f in dataclasses.fields(cls) if f.name == name)
+                value = _convert(name, value, str(f.type))
+            values[name] = value
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.img_size <= 0 or self.img_size % 32:
+            raise SettingsError(f"IMG_SIZE={self.img_size} must be a positive multiple of 32 (e.g. 320, 640)")
+        for name in ("model_score_threshold", "iou_threshold", "score_floor"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise SettingsError(f"{name.upper()}={value} must be between 0 and 1")
+        if self.task_score not in TASK_SCORE_STRATEGIES:
+            raise SettingsError(
+                f"TASK_SCORE={self.task_score!r} is unknown; use one of {', '.join(TASK_SCORE_STRATEGIES)}")
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+
+    @property
+    def effective_redis_url(self) -> str:
+        return self.redis_url or f"redis://{self.redis_host}:{self.redis_port}/0"
+
+    @classmethod
+    def table(cls) -> str:
+        """Markdown table of every setting (README.md embeds it)."""
+        rows = ["| variable | default | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            default = "" if f.default is None else f"`{f.default}`"
+            rows.append(f"| `{f.name.upper()}` | {default} | {f.metadata['doc']} |")
+        return "\n".join(rows)
+
+
+TASK_SCORE_STRATEGIES = ("uncertainty", "max_confidence", "mean_confidence", "count")

@@ -1,0 +1,28 @@
+"""The YOLOv7 detector: our own implementation of the reference graphs, safe checkpoint loading and the
+detection pipeline. Knows nothing of Label Studio.
+
+Public API (imported lazily so that ``yolo_backend.yolov7.detections`` stays free of torch):
+  load_model(path, device="cpu") -> torch.nn.Module with .names and .stride
+  Detector(model, ...).detect(images) -> list[Detections]
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "load_model": "yolo_backend.yolov7.checkpoint",
+    "CheckpointError": "yolo_backend.yolov7.checkpoint",
+    "Detector": "yolo_backend.yolov7.detect",
+    "Detections": "yolo_backend.yolov7.detections",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
