@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import pytest
+
+from yolo_backend.settings import Settings, SettingsError
+
+
+def test_defaults_are_valid_and_documented():
+    settings = Settings.from_env({})
+    assert settings.img_size == 640
+    assert settings.model_score_threshold == 0.25
+    table = Settings.table()
+    # every field shows up in the documentation table with its environment variable
+    for name in ("MODEL_PATH", "MODEL_DIR", "DEVICE", "MODEL_SCORE_THRESHOLD", "TASK_SCORE", "REDIS_URL"):
+        assert f"`{name}`" in table
+
+
+def test_environment_values_are_converted():
+    settings = Settings.from_env({"IMG_SIZE": "320", "HALF": "yes", "MODEL_SCORE_THRESHOLD": "0.4",
+                                  "MODEL_PATH": "/m/best.pt"})
+    assert settings.img_size == 320 and settings.half is True
+    assert settings.model_score_threshold == pytest.approx(0.4)
+    assert settings.model_path == "/m/best.pt"
+
+
+@pytest.mark.parametrize("env, fragment", [
+    ({"IMG_SIZE": "300"}, "multiple of 32"),
+    ({"IMG_SIZE": "big"}, "IMG_SIZE='big'"),
+    ({"HALF": "maybe"}, "HALF='maybe'"),
+    ({"MODEL_SCORE_THRESHOLD": "1.5"}, "between 0 and 1"),
+    ({"TASK_SCORE": "random"}, "use one of"),
+    ({"BASIC_AUTH_USER": "u"}, "BASIC_AUTH_PASS"),
+])
+def test_bad_values_say_what_to_fix(env, fragment):
+    with pytest.raises(SettingsError, match=fragment):
+        Settings.from_env(env)
+
+
+def test_overrides_and_redis_url():
+    settings = Settings.from_env({"REDIS_HOST": "redis", "REDIS_PORT": "6380"}, img_size="416")
+    assert settings.img_size == 416
+    assert settings.effective_redis_url == "redis://redis:6380/0"
+    assert Settings.from_env({"REDIS_URL": "redis://x:1/2"}).effective_redis_url == "redis://x:1/2"
+    with pytest.raises(SettingsError, match="unknown setting"):
+        Settings.from_env({}, no_such_thing=1)
