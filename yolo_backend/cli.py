@@ -1,0 +1,225 @@
+"""Command line: ``python -m yolo_backend <command> ...``.
+
+Each command is two small functions: ``_add_<name>(subparsers)`` declares its arguments and points
+``handler`` at ``_run_<name>(args) -> int``. To add a command, write both and list the adder in ``COMMANDS``.
+Heavy imports (torch, the model) happen inside handlers so ``--help`` and light commands stay fast.
+
+Errors a user can fix (bad checkpoint, missing file, bad setting) print one line on stderr and exit 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A problem the user can fix; its message is printed as is."""
+
+
+# --- shared helpers ---------------------------------------------------------------------------------------------
+
+def _settings():
+    from .settings import Settings
+
+    return Settings.from_env()
+
+
+def _pick(value, default):
+    return default if value is None else value
+
+
+def _image_paths(source: str) -> list[Path]:
+    """A single image file, or the image files of a folder (not recursive), sorted by name."""
+    from .yolov7.preprocess import IMAGE_SUFFIXES
+
+    path = Path(source)
+    if path.is_dir():
+        paths = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise CliError(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        return paths
+    if path.is_file():
+        return [path]
+    raise CliError(f"{path}: no such file or folder")
+
+
+def _require_file(weights: str) -> None:
+    if not Path(weights).is_file():
+        raise CliError(f"{weights}: no such checkpoint file")
+
+
+def _load(weights: str, device: str):
+    _require_file(weights)
+    from .yolov7.checkpoint import load_model
+
+    return load_model(weights, device=device)
+
+
+# --- detect -----------------------------------------------------------------------------------------------------
+
+def _add_detect(subparsers) -> None:
+    p = subparsers.add_parser("detect", help="run a checkpoint on an image or a folder of images",
+                              description="Detect objects in an image or a folder of images. Defaults come from "
+                                          "the settings (IMG_SIZE, MODEL_SCORE_THRESHOLD, IOU_THRESHOLD, "
+                                          "MAX_DETECTIONS, DEVICE, HALF, TORCH_THREADS, PREDICT_BATCH_SIZE).")
+    p.add_argument("--weights", required=True, help="checkpoint (.pt), official YOLOv7 or ours")
+    p.add_argument("--source", required=True, help="an image file or a folder of images")
+    p.add_argument("--img-size", type=int, help="inference size, long side (default 640)")
+    p.add_argument("--conf", type=float, help="confidence threshold (default 0.25)")
+    p.add_argument("--iou", type=float, help="NMS IoU threshold (default 0.45)")
+    p.add_argument("--max-det", type=int, help="most boxes per image (default 300)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--half", action="store_true", default=None, help="fp16 inference on CUDA")
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default 8)")
+    p.add_argument("--threads", type=int, help="CPU threads, 0 = auto (default)")
+    p.add_argument("--json", metavar="OUT", help="write the detections as JSON to this file ('-' for stdout)")
+    p.set_defaults(handler=_run_detect)
+
+
+def _run_detect(args) -> int:
+    settings = _settings()
+    from .yolov7.detect import Detector
+    from .yolov7.device import configure_threads, select_device
+
+    _require_file(args.weights)
+    paths = _image_paths(args.source)
+    device = select_device(_pick(args.device, settings.device))
+    if device.type == "cpu":
+        configure_threads(_pick(args.threads, settings.torch_threads))
+    model = _load(args.weights, str(device))
+    detector = Detector(model, img_size=_pick(args.img_size, settings.img_size),
+                        conf=_pick(args.conf, settings.model_score_threshold),
+                        iou=_pick(args.iou, settings.iou_threshold),
+                        max_det=_pick(args.max_det, settings.max_detections),
+                        half=_pick(args.half, settings.half), device=device,
+                        batch_size=_pick(args.batch_size, settings.predict_batch_size))
+    records = []
+    for path, det in detector.iter_files(paths):
+        record = {
+            "file": path.name,  # as in the reference detections JSON; "path" has the full path
+            "path": str(path),
+            "width": det.width,
+            "height": det.height,
+            "boxes": [{"xyxy": [float(v) for v in box], "label": det.names[int(c)], "class_id": int(c),
+                       "score": float(s)} for box, s, c in zip(det.boxes, det.scores, det.labels)],
+        }
+        records.append(record)
+        if args.json is None:
+            _print_summary(record)
+    if args.json == "-":
+        json.dump(records, sys.stdout, indent=1)
+        print()
+    elif args.json is not None:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(records, indent=1))
+        total = sum(len(r["boxes"]) for r in records)
+        print(f"{len(records)} image(s), {total} box(es) -> {out}", file=sys.stderr)
+    return 0
+
+
+def _print_summary(record: dict) -> None:
+    boxes = record["boxes"]
+    print(f"{record['path']} ({record['width']}x{record['height']}): {len(boxes)} box(es)")
+    for box in boxes:
+        x1, y1, x2, y2 = box["xyxy"]
+        print(f"  {box['label']:<12} {box['score']:.3f}  [{x1:.1f}, {y1:.1f}, {x2:.1f}, {y2:.1f}]")
+
+
+# --- info -------------------------------------------------------------------------------------------------------
+
+def _add_info(subparsers) -> None:
+    p = subparsers.add_parser("info", help="describe a checkpoint (graph, head, classes, anchors, strides)")
+    p.add_argument("--weights", required=True, help="checkpoint (.pt), official YOLOv7 or ours")
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+    p.set_defaults(handler=_run_info)
+
+
+def _run_info(args) -> int:
+    model = _load(args.weights, "cpu")
+    from .yolov7.checkpoint import describe
+
+    info = describe(model)
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+        return 0
+    print(f"file:       {args.weights}")
+    for key, value in info.items():
+        if key == "parameters" and isinstance(value, int):
+            value = f"{value:,}"
+        elif key == "names" and isinstance(value, (list, tuple)):
+            value = ", ".join(map(str, value))
+        elif key == "strides" and isinstance(value, (list, tuple)):
+            value = ", ".join(f"{float(s):g}" for s in value)
+        elif key == "anchors" and isinstance(value, (list, tuple)):
+            value = _format_anchors(value, info.get("strides"))
+        print(f"{key + ':':<11} {value}")
+    return 0
+
+
+def _format_anchors(anchors, strides) -> str:
+    """[[[10, 13], [16, 30], ...], ...] -> 'P3/8: 10x13 16x30 33x23 | P4/16: ...' (width x height, pixels)."""
+    levels = []
+    for i, level in enumerate(anchors):
+        try:
+            stride = float(strides[i])
+            name = f"P{round(math.log2(stride))}/{stride:g}: "
+        except (TypeError, IndexError, ValueError):
+            name = ""
+        levels.append(name + " ".join(f"{float(w):g}x{float(h):g}" for w, h in level))
+    return " | ".join(levels)
+
+
+# --- entry point ------------------------------------------------------------------------------------------------
+
+COMMANDS: list[Callable] = [_add_detect, _add_info]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m yolo_backend",
+                                     description="YOLOv7 Label Studio ML backend and detector tools.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types whose message alone tells the user what to fix."""
+    from .settings import SettingsError
+
+    errors: list[type[BaseException]] = [CliError, SettingsError, FileNotFoundError, PermissionError]
+    if "yolo_backend.yolov7.checkpoint" in sys.modules:
+        errors.append(sys.modules["yolo_backend.yolov7.checkpoint"].CheckpointError)
+    for name, attr in (("yolo_backend.yolov7.preprocess", "ImageReadError"),
+                       ("yolo_backend.yolov7.device", "DeviceError")):
+        if name in sys.modules:
+            errors.append(getattr(sys.modules[name], attr))
+    return tuple(errors)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one clear line instead of a traceback
+        if args.debug:
+            raise
+        if isinstance(exc, _user_errors()):
+            print(f"error: {exc}", file=sys.stderr)
+        else:
+            print(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_USAGE

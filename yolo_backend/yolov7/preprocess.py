@@ -1,0 +1,90 @@
+"""Letterbox: resize keeping the aspect ratio, pad to a stride multiple — the reference detect pipeline's way.
+
+Matching the reference step for step (rounding, split of the padding, interpolation, pad value 114) is what makes
+our detections equal the reference's: the network sees the same pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+PAD_VALUE = 114
+
+
+@dataclass(frozen=True)
+class Letterboxed:
+    """A letterboxed image and how to map its coordinates back to the original image.
+
+    image:  (H, W, 3) uint8, H and W multiples of the stride
+    ratio:  (rx, ry) scale applied to the original image on each axis (new size / original size)
+    pad:    (left, top) pixels of padding before the resized image
+    """
+
+    image: np.ndarray
+    ratio: tuple[float, float]
+    pad: tuple[int, int]
+    original_size: tuple[int, int]  # (width, height)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of the letterboxed image."""
+        return self.image.shape[0], self.image.shape[1]
+
+
+def letterbox(image: np.ndarray, size: int = 640, stride: int = 32) -> Letterboxed:
+    """Resize ``image`` so its long side is ``size`` (up or down), then pad each axis to a multiple of ``stride``.
+
+    The padding is split evenly between both sides (the odd pixel goes to bottom/right). The image is resized
+    with bilinear interpolation only when its size changes.
+    """
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"letterbox expects an HxWx3 image, got shape {image.shape}")
+    height, width = image.shape[:2]
+    if height == 0 or width == 0:
+        raise ValueError(f"letterbox got an empty image of shape {image.shape}")
+    r = min(size / height, size / width)
+    new_w, new_h = int(round(width * r)), int(round(height * r))
+    # Padding up to the next stride multiple below ``size`` (the reference's "auto" minimum-rectangle mode).
+    dw, dh = (size - new_w) % stride / 2, (size - new_h) % stride / 2
+    if (new_w, new_h) != (width, height):
+        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    top, bottom = int(round(dh - 0.1)), int(round(dh + 0.1))
+    left, right = int(round(dw - 0.1)), int(round(dw + 0.1))
+    if top or bottom or left or right:
+        image = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT,
+                                   value=(PAD_VALUE, PAD_VALUE, PAD_VALUE))
+    return Letterboxed(np.ascontiguousarray(image), (new_w / width, new_h / height), (left, top), (width, height))
+
+
+def scale_boxes_back(boxes: np.ndarray, ratio: tuple[float, float], pad: tuple[int, int],
+                     original_size: tuple[int, int]) -> np.ndarray:
+    """Map (n, 4) xyxy boxes from letterboxed pixels back to original pixels, clipped to the image."""
+    out = np.asarray(boxes, dtype=np.float32).copy()
+    out[:, [0, 2]] = (out[:, [0, 2]] - pad[0]) / ratio[0]
+    out[:, [1, 3]] = (out[:, [1, 3]] - pad[1]) / ratio[1]
+    width, height = original_size
+    out[:, [0, 2]] = out[:, [0, 2]].clip(0, width)
+    out[:, [1, 3]] = out[:, [1, 3]].clip(0, height)
+    return out
+
+
+class ImageReadError(ValueError):
+    """An image file is missing or cannot be decoded; the message names the file."""
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def read_image(path) -> np.ndarray:
+    """Read an image file as HxWx3 uint8 RGB, like the reference (cv2.imread, EXIF orientation applied)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: no such image file")
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ImageReadError(f"{path}: not a readable image (corrupt file or unsupported format)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
