@@ -144,10 +144,11 @@ def _add_info(subparsers) -> None:
 
 
 def _run_info(args) -> int:
-    model = _load(args.weights, "cpu")
-    from .yolov7.checkpoint import describe
+    _require_file(args.weights)
+    from .yolov7.checkpoint import describe, load_checkpoint, model_from_checkpoint
 
-    info = describe(model)
+    # Describe the training-form graph: its parameter count is the one users know (fusing folds BN away).
+    info = describe(model_from_checkpoint(load_checkpoint(args.weights), device="cpu", fuse=False))
     if args.json:
         print(json.dumps(info, indent=1, default=str))
         return 0

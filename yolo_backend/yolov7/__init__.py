@@ -14,6 +14,9 @@ from typing import Any
 _LAZY = {
     "load_model": "yolo_backend.yolov7.checkpoint",
     "CheckpointError": "yolo_backend.yolov7.checkpoint",
+    "load_checkpoint": "yolo_backend.yolov7.checkpoint",
+    "describe": "yolo_backend.yolov7.checkpoint",
+    "build_model": "yolo_backend.yolov7.model",
     "Detector": "yolo_backend.yolov7.detect",
     "Detections": "yolo_backend.yolov7.detections",
 }
