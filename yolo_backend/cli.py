@@ -179,9 +179,27 @@ def _format_anchors(anchors, strides) -> str:
     return " | ".join(levels)
 
 
+# --- serve ------------------------------------------------------------------------------------------------------
+
+def _add_serve(subparsers) -> None:
+    import os
+
+    p = subparsers.add_parser("serve", help="run the ML backend HTTP server (gunicorn)",
+                              description="Run the Label Studio ML backend server on its settings (environment).")
+    p.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"), help="address to bind (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")), help="port (default 9090)")
+    p.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from .serve import serve
+
+    return serve(args.host, args.port)
+
+
 # --- entry point ------------------------------------------------------------------------------------------------
 
-COMMANDS: list[Callable] = [_add_detect, _add_info]
+COMMANDS: list[Callable] = [_add_detect, _add_info, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

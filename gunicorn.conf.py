@@ -1,0 +1,22 @@
+"""gunicorn settings for the ML backend (`gunicorn -c gunicorn.conf.py _wsgi:app`).
+
+Each worker process loads its own copy of the model on its first prediction, so few processes with several
+threads fit best: the model is shared by the threads of a process and swapped atomically on a new version.
+Every value can be changed through the environment variable named beside it.
+"""
+
+import os
+
+bind = os.environ.get("GUNICORN_BIND", f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '9090')}")
+workers = int(os.environ.get("GUNICORN_WORKERS", "1"))
+threads = int(os.environ.get("GUNICORN_THREADS", "8"))
+# Label Studio waits up to its ML timeout for /predict; a CPU batch of large images can take a while.
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "300"))
+graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
+keepalive = 5
+# GUNICORN_ACCESS_LOG="" turns the access log off.
+accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "-") or None
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+# No preload: the app must be created in each worker, after the fork (no model and no CUDA in the master).
+preload_app = False
