@@ -58,7 +58,8 @@ def _convert(name: str, raw: str, type_name: str) -> Any:
 class Settings:
     # --- model -------------------------------------------------------------------------------
     model_path: Optional[str] = setting(
-        None, "A checkpoint to serve (official YOLOv7 `.pt` or one of ours). Overrides MODEL_DIR's versions.")
+        None, "A checkpoint to serve (official YOLOv7 `.pt` or one of ours) until a version is published in "
+        "MODEL_DIR (published versions trained from it take over).")
     model_dir: str = setting(
         "./data/models", "Folder of published model versions (the registry) and training state.")
     model_version: Optional[str] = setting(

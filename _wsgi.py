@@ -1,0 +1,96 @@
+"""Entry point of the ML backend: ``app`` for gunicorn (``gunicorn _wsgi:app``) and the classic CLI.
+
+    python _wsgi.py --host 127.0.0.1 --port 9090 [--log-level INFO] [--model-dir DIR] [--with KEY=VALUE ...]
+    python _wsgi.py --check        # resolve and load the model once, then exit (0 = it works)
+
+Settings come from the environment (see yolo_backend/settings.py); ``--with`` sets a setting by name
+(``--with model_score_threshold=0.4``) or, for names that are not settings, passes a keyword argument to the
+backend class. Creating ``app`` loads no model and touches no CUDA: the model loads on the first prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+
+from yolo_backend.settings import Settings, SettingsError
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, str(level).upper(), logging.INFO),
+                        format="[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s")
+
+
+def build_app(settings: Settings | None = None, **backend_kwargs):
+    from model_backend import YOLOv7Backend
+    from yolo_backend.server.app import create_app
+
+    return create_app(YOLOv7Backend, settings=settings, **backend_kwargs)
+
+
+def _parse_with(pairs: list[str]) -> tuple[dict, dict]:
+    """--with KEY=VALUE pairs -> (setting overrides, backend kwargs)."""
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    overrides, kwargs = {}, {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"--with {pair!r}: expected KEY=VALUE")
+        key, value = pair.split("=", 1)
+        key = key.strip()
+        if key.lower() in fields:
+            overrides[key.lower()] = value
+        else:
+            kwargs[key] = value
+    return overrides, kwargs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Label Studio ML backend (YOLOv7)")
+    parser.add_argument("-p", "--port", type=int, default=int(os.environ.get("PORT", 9090)))
+    parser.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
+    parser.add_argument("--debug", action="store_true", help="Flask debug mode (auto-reload, never in production)")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR (default: LOG_LEVEL)")
+    parser.add_argument("--model-dir", default=None, help="folder of published model versions (MODEL_DIR)")
+    parser.add_argument("--with", dest="with_", metavar="KEY=VALUE", nargs="+", default=[],
+                        help="set a setting (e.g. model_path=best.pt) or pass a backend keyword argument")
+    parser.add_argument("--check", action="store_true", help="load the model once and exit")
+    args = parser.parse_args(argv)
+
+    overrides, backend_kwargs = _parse_with(args.with_)
+    if args.model_dir:
+        overrides["model_dir"] = args.model_dir
+    if args.log_level:
+        overrides["log_level"] = args.log_level
+    try:
+        settings = Settings.from_env(**overrides)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _configure_logging(settings.log_level)
+
+    if args.check:
+        from yolo_backend.server.base import BackendContext
+
+        try:
+            model = BackendContext.from_settings(settings).models.get(None)
+        except Exception as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"ok: model {model.version} ({model.source.origin}), classes: {', '.join(model.names)}")
+        return 0
+
+    application = build_app(settings, **backend_kwargs)
+    application.run(host=args.host, port=args.port, debug=args.debug, threaded=True, use_reloader=args.debug)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+else:
+    # gunicorn _wsgi:app
+    _settings = Settings.from_env()
+    _configure_logging(_settings.log_level)
+    app = build_app(_settings)

@@ -1,0 +1,129 @@
+"""YOLOv7Backend: the Label Studio ML backend for the YOLOv7 fire/smoke detector.
+
+Thin glue over the layers in ``yolo_backend``: the label config says where boxes go, the model holder gives the
+loaded detector, the image fetcher gets the task images, the detector finds boxes, active learning scores tasks,
+and ``labelstudio.results`` writes the JSON Label Studio stores. Also usable as the classic ``--script`` of
+``label-studio-ml init``.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional
+
+from yolo_backend.active_learning import task_score
+from yolo_backend.labelstudio.config import (
+    LabelMapping,
+    find_rectangle_target,
+    map_classes_to_labels,
+    parse_label_map,
+)
+from yolo_backend.labelstudio.images import ImageFetchError
+from yolo_backend.labelstudio.client import LabelStudioAuthError
+from yolo_backend.labelstudio.results import detections_to_regions, failed_task_prediction, task_prediction
+from yolo_backend.registry import Registry, RegistryError
+from yolo_backend.server.base import LabelStudioMLBase
+from yolo_backend.server.model_holder import NoModelError
+
+log = logging.getLogger("model_backend")
+
+# Parallel image downloads per request (downloads wait on the network, not the CPU).
+DOWNLOAD_THREADS = 8
+NO_MODEL_VERSION = "no-model"
+
+_logged: set = set()
+
+
+def _log_once(key, level: int, message: str, *args) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        log.log(level, message, *args)
+
+
+class YOLOv7Backend(LabelStudioMLBase):
+    """Predicts RectangleLabels boxes with per-region scores and an active-learning task score."""
+
+    def setup(self) -> None:
+        # Cheap: a registry name or the checkpoint's cached sha256; never loads the model.
+        try:
+            self.model_version = self.context.models.version(self.project_id) or NO_MODEL_VERSION
+        except (NoModelError, RegistryError) as exc:
+            # Connecting and the other endpoints keep working; /predict answers with this message.
+            _log_once(f"setup:{exc}", logging.ERROR, "no usable model: %s", exc)
+            self.model_version = NO_MODEL_VERSION
+
+    def versions(self) -> list[str]:
+        settings = self.context.settings
+        names: list[str] = []
+        registries = [Registry(settings.model_dir)]
+        if self.project_id is not None:
+            registries.insert(0, Registry.for_project(settings.model_dir, self.project_id))
+        for registry in registries:
+            names += [v.name for v in registry.versions() if v.name not in names]
+        if self.model_version and self.model_version not in names and self.model_version != NO_MODEL_VERSION:
+            names.append(self.model_version)
+        return names
+
+    def predict(self, tasks: list[dict], **kwargs: Any) -> list[dict]:
+        settings = self.context.settings
+        target = find_rectangle_target(self.parsed_label_config, settings.from_name)
+        model = self.context.models.get(self.project_id)
+        self.model_version = model.version
+        mapping = map_classes_to_labels(model.names, target.labels, parse_label_map(settings.label_map))
+        self._log_skipped_classes(model.names, mapping, model.version)
+
+        images = self._load_images(tasks, target.data_key)
+        ok = [i for i, image in enumerate(images) if image is not None]
+        detections = model.detector.detect([images[i] for i in ok], conf=settings.score_floor) if ok else []
+        by_task = dict(zip(ok, detections))
+
+        predictions = []
+        for i, task in enumerate(tasks):
+            found = by_task.get(i)
+            if found is None:
+                predictions.append(failed_task_prediction(model.version))
+                continue
+            shown = found.above(settings.model_score_threshold)
+            regions = detections_to_regions(shown, target, mapping, model.version, task.get("id", i))
+            score = task_score(found, settings.task_score, settings.model_score_threshold, settings.score_floor)
+            predictions.append(task_prediction(regions, score, model.version))
+        return predictions
+
+    def fit(self, event_or_annotations: Any, data: Optional[dict] = None, **kwargs: Any) -> dict:
+        raise NotImplementedError("training is not available in this version of the backend yet; predictions "
+                                  "work, and training requests are acknowledged without training")
+
+    # --- helpers --------------------------------------------------------------------------------------------
+    def _load_images(self, tasks: list[dict], data_key: str) -> list:
+        """Each task's image as RGB, or None (with a log line naming the task and the reason)."""
+
+        def load(task: dict):
+            task_id = task.get("id")
+            url = task["data"].get(data_key)
+            if url is None:
+                fields = ", ".join(sorted(task["data"])) or "none"
+                log.warning("task %s: no %r field in its data (fields: %s); predicting nothing for it",
+                            task_id, data_key, fields)
+                return None
+            try:
+                return self.context.images.load(url, task_id)
+            except (ImageFetchError, LabelStudioAuthError) as exc:
+                log.warning("task %s: image not available, predicting nothing for it: %s", task_id, exc)
+            except Exception:  # an unexpected failure for one image must not fail the batch
+                log.exception("task %s: image %r failed unexpectedly; predicting nothing for it", task_id, url)
+            return None
+
+        if len(tasks) <= 1:
+            return [load(task) for task in tasks]
+        with ThreadPoolExecutor(max_workers=min(DOWNLOAD_THREADS, len(tasks)),
+                                thread_name_prefix="image-download") as pool:
+            return list(pool.map(load, tasks))
+
+    @staticmethod
+    def _log_skipped_classes(names, mapping: LabelMapping, version: str) -> None:
+        skipped = tuple(names[i] for i in mapping.skipped_classes)
+        if skipped:
+            _log_once(("skipped", version, skipped, mapping.labels), logging.INFO,
+                      "classes %s of model %s match no label of the config and are not predicted (add the labels "
+                      "or map them with LABEL_MAP)", ", ".join(skipped), version)

@@ -1,0 +1,394 @@
+"""Talking to Label Studio: credentials, one authenticated session, and the few API calls the backend makes.
+
+Label Studio accepts two kinds of API key:
+- a legacy token (40 hex characters): sent as ``Authorization: Token <key>``;
+- a personal access token (PAT), which is a JWT *refresh* token: exchanged at ``POST /api/token/refresh/``
+  ``{"refresh": key}`` for a short-lived access token, sent as ``Authorization: Bearer <access>`` and refreshed
+  when it expires or is refused.
+
+Keys come from two places: the settings (``LABEL_STUDIO_URL`` + ``LABEL_STUDIO_API_KEY``) and what Label Studio
+sends to ``/setup`` (``hostname`` + ``access_token``, always the project creator's *legacy* token, which a JWT-only
+organisation refuses with 401). ``LabelStudioSession`` tries the configured key first, then the /setup one,
+remembers the one that works, and logs once when it has to fall back, so images download in both kinds of
+organisation.
+
+The session only ever sends a key to the Label Studio host(s) it belongs to, never to third-party URLs.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import threading
+import time
+from typing import Callable, Optional
+from urllib.parse import urlparse
+
+import requests
+
+log = logging.getLogger(__name__)
+
+# Refresh a JWT access token this many seconds before it says it expires.
+_ACCESS_TOKEN_MARGIN_S = 30.0
+
+
+class LabelStudioAuthError(RuntimeError):
+    """No configured key is accepted by Label Studio; the message says what to set."""
+
+
+def normalise_url(url: Optional[str]) -> Optional[str]:
+    """``http://host:8080/`` -> ``http://host:8080``; empty -> None; a URL without scheme -> ValueError."""
+    if not url or not url.strip():
+        return None
+    url = url.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"Label Studio URL {url!r} must start with http:// or https:// "
+                         "(e.g. LABEL_STUDIO_URL=http://localhost:8080)")
+    return url
+
+
+def _jwt_payload(token: str) -> Optional[dict]:
+    """The payload of a well-formed JWT (not verified: only used to tell token kinds apart and read ``exp``)."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        padded = parts[1] + "=" * (-len(parts[1]) % 4)
+        payload = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        header = json.loads(base64.urlsafe_b64decode((parts[0] + "=" * (-len(parts[0]) % 4)).encode()))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(payload, dict) or not isinstance(header, dict):
+        return None
+    return payload
+
+
+def is_personal_access_token(key: str) -> bool:
+    """True for a JWT (a personal access token, i.e. a refresh token), False for a legacy token."""
+    return _jwt_payload(key) is not None
+
+
+class Credential:
+    """One Label Studio base URL + API key, producing the ``Authorization`` header value.
+
+    ``source`` names where it came from ("LABEL_STUDIO_API_KEY" or "/setup") for log lines.
+    """
+
+    def __init__(self, base_url: str, key: str, source: str, timeout: float = 10.0,
+                 http: Optional[requests.Session] = None):
+        self.base_url = normalise_url(base_url)
+        self.key = key.strip()
+        self.source = source
+        self.timeout = timeout
+        self.is_pat = is_personal_access_token(self.key)
+        self._http = http or requests.Session()
+        self._access: Optional[str] = None
+        self._access_expires = 0.0
+        self._lock = threading.Lock()
+        self.refused = False  # Label Studio refused it last time it was tried
+
+    def __repr__(self) -> str:
+        kind = "personal access token" if self.is_pat else "legacy token"
+        return f"<{kind} from {self.source} for {self.base_url}>"
+
+    @property
+    def identity(self) -> str:
+        """Tells credentials apart in log bookkeeping without keeping the key itself around."""
+        return f"{self.source}|{self.base_url}|{hashlib.sha256(self.key.encode()).hexdigest()[:16]}"
+
+    def header(self, force_refresh: bool = False) -> str:
+        if not self.is_pat:
+            return f"Token {self.key}"
+        with self._lock:
+            if force_refresh or not self._access or time.time() >= self._access_expires:
+                self._refresh()
+            return f"Bearer {self._access}"
+
+    def _refresh(self) -> None:
+        url = f"{self.base_url}/api/token/refresh/"
+        # Network errors propagate as they are: Label Studio being down is not a refused key.
+        response = self._http.post(url, json={"refresh": self.key}, timeout=self.timeout)
+        if response.status_code != 200:
+            raise LabelStudioAuthError(
+                f"Label Studio refused the personal access token from {self.source} at {url} "
+                f"(HTTP {response.status_code}); create a new one under Account & Settings -> Personal Access "
+                "Token and set LABEL_STUDIO_API_KEY")
+        try:
+            access = response.json()["access"]
+        except (ValueError, KeyError, TypeError):
+            raise LabelStudioAuthError(f"{url} answered without an access token; is {self.base_url} a "
+                                       "Label Studio server?") from None
+        payload = _jwt_payload(access) or {}
+        exp = payload.get("exp")
+        # Without an expiry claim, refresh every 5 minutes (and on 401 anyway).
+        lifetime = (float(exp) - time.time()) if isinstance(exp, (int, float)) else 300.0
+        self._access = access
+        self._access_expires = time.time() + max(0.0, lifetime - _ACCESS_TOKEN_MARGIN_S)
+
+
+def _is_refused(response: requests.Response) -> bool:
+    """Label Studio refused the credential: 401/403, or it bounced us to its login page."""
+    if response.status_code in (401, 403):
+        return True
+    return "/user/login" in urlparse(response.url or "").path
+
+
+class LabelStudioSession:
+    """Authenticated requests to Label Studio with the configured key and the /setup key as fallback.
+
+    Thread-safe; one per process (gunicorn threads share it).
+    """
+
+    def __init__(self, url: Optional[str] = None, api_key: Optional[str] = None, timeout: float = 10.0,
+                 http: Optional[requests.Session] = None):
+        self.timeout = timeout
+        self._http = http or requests.Session()
+        self._lock = threading.Lock()
+        self._configured: Optional[Credential] = None
+        self._setup: Optional[Credential] = None
+        self._configured_url = normalise_url(url)
+        if self._configured_url and api_key and api_key.strip():
+            self._configured = Credential(self._configured_url, api_key, "LABEL_STUDIO_API_KEY", timeout, self._http)
+        self._setup_url: Optional[str] = None
+        self._warned: set[str] = set()
+
+    # --- configuration ------------------------------------------------------------------------------------
+    def update_from_setup(self, hostname: Optional[str], access_token: Optional[str]) -> None:
+        """Remember what /setup sent (Label Studio sends it before every prediction batch)."""
+        try:
+            hostname = normalise_url(hostname)
+        except ValueError:
+            log.warning("ignoring hostname %r from /setup: not an http(s) URL", hostname)
+            hostname = None
+        with self._lock:
+            if hostname:
+                self._setup_url = hostname
+            base = self._setup_url or self._configured_url
+            key = (access_token or "").strip()
+            if not key or not base:
+                return
+            current = self._setup
+            if current is None or current.key != key or current.base_url != base:
+                self._setup = Credential(base, key, "/setup", self.timeout, self._http)
+
+    @property
+    def base_url(self) -> Optional[str]:
+        """Where relative URLs (/data/upload/...) and API calls go: LABEL_STUDIO_URL, else /setup's hostname."""
+        return self._configured_url or self._setup_url
+
+    def credentials(self) -> list[Credential]:
+        """Credentials to try, in order: the ones not refused yet first, configured before /setup."""
+        with self._lock:
+            creds = [c for c in (self._configured, self._setup) if c is not None]
+        return sorted(creds, key=lambda c: c.refused)
+
+    def is_label_studio_url(self, url: str) -> bool:
+        netloc = urlparse(url).netloc
+        hosts = {urlparse(u).netloc for u in (self._configured_url, self._setup_url) if u}
+        return bool(netloc) and netloc in hosts
+
+    def absolute(self, path_or_url: str) -> str:
+        if path_or_url.startswith(("http://", "https://")):
+            return path_or_url
+        base = self.base_url
+        if not base:
+            raise LabelStudioAuthError(
+                f"cannot resolve {path_or_url!r}: the Label Studio URL is unknown; set LABEL_STUDIO_URL "
+                "(e.g. http://localhost:8080) and LABEL_STUDIO_API_KEY")
+        return base + "/" + path_or_url.lstrip("/")
+
+    # --- requests -----------------------------------------------------------------------------------------
+    def request(self, method: str, path_or_url: str, **kwargs) -> requests.Response:
+        """``method`` on a Label Studio URL (or path), authenticated; falls back between keys on 401/403.
+
+        Raises LabelStudioAuthError when no key is configured or every key is refused (after one refresh of a
+        JWT access token); other HTTP errors are returned as responses for the caller to judge.
+        """
+        url = self.absolute(path_or_url)
+        kwargs.setdefault("timeout", self.timeout)
+        base_headers = dict(kwargs.pop("headers", None) or {})
+        creds = self.credentials()
+        if not creds:
+            raise LabelStudioAuthError(
+                f"no Label Studio API key to fetch {url}: set LABEL_STUDIO_API_KEY (a personal access token "
+                "or legacy token from Account & Settings) together with LABEL_STUDIO_URL")
+        refusals = []
+        for cred in creds:
+            response = self._send(cred, method, url, base_headers, kwargs)
+            if response is not None and _is_refused(response) and cred.is_pat:
+                # The access token may have been revoked or expired early: refresh once and retry.
+                response.close()
+                response = self._send(cred, method, url, base_headers, kwargs, force_refresh=True)
+            if response is None:
+                refusals.append(f"{cred!r}: token refresh refused")
+                self._mark_refused(cred, "its token refresh was refused")
+                continue
+            if not _is_refused(response):
+                cred.refused = False
+                return response
+            response.close()
+            refusals.append(f"{cred!r}: HTTP {response.status_code}")
+            self._mark_refused(cred, f"HTTP {response.status_code} on {urlparse(url).path}")
+        raise LabelStudioAuthError(
+            f"Label Studio refused every API key for {url} ({'; '.join(refusals)}). Set LABEL_STUDIO_API_KEY to "
+            "a personal access token (JWT-only organisations refuse legacy tokens) or to a legacy token if "
+            "legacy tokens are enabled for the organisation")
+
+    def _send(self, cred: Credential, method: str, url: str, base_headers: dict, kwargs: dict,
+              force_refresh: bool = False) -> Optional[requests.Response]:
+        """One authenticated request; None when the credential could not even produce a header."""
+        try:
+            authorization = cred.header(force_refresh=force_refresh)
+        except LabelStudioAuthError as exc:
+            self._warn_once(f"refresh:{cred.identity}", str(exc))
+            return None
+        return self._http.request(method, url, headers={**base_headers, "Authorization": authorization}, **kwargs)
+
+    def _mark_refused(self, cred: Credential, why: str) -> None:
+        others = [c for c in self.credentials() if c is not cred and not c.refused]
+        cred.refused = True
+        if others:
+            self._warn_once(f"refused:{cred.identity}",
+                            f"Label Studio refused the {cred!r} ({why}); falling back to the {others[0]!r}"
+                            + (" (in JWT-only organisations the /setup token is a legacy token that does not "
+                               "work: LABEL_STUDIO_API_KEY should be a personal access token)"
+                               if cred.source == "/setup" else ""))
+        else:
+            self._warn_once(f"refused:{cred.identity}", f"Label Studio refused the {cred!r} ({why})")
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message)
+
+    def get(self, path_or_url: str, **kwargs) -> requests.Response:
+        return self.request("GET", path_or_url, **kwargs)
+
+    def fetch_plain(self, url: str, **kwargs) -> requests.Response:
+        """GET a URL that is not Label Studio's, without any key."""
+        kwargs.setdefault("timeout", self.timeout)
+        return self._http.get(url, **kwargs)
+
+
+class LabelStudioAPIError(RuntimeError):
+    """A Label Studio API call failed; the message names the call and the answer."""
+
+
+class LabelStudioClient:
+    """The few Label Studio API calls the serving side makes (training adds more in its own module)."""
+
+    def __init__(self, session: LabelStudioSession):
+        self.session = session
+
+    def _json(self, method: str, path: str, **kwargs):
+        response = self.session.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            raise LabelStudioAPIError(f"{method} {path} -> HTTP {response.status_code}: {response.text[:300]}")
+        try:
+            return response.json()
+        except ValueError:
+            raise LabelStudioAPIError(f"{method} {path} answered non-JSON: {response.text[:200]!r}") from None
+
+    def get_project(self, project_id: int) -> dict:
+        return self._json("GET", f"/api/projects/{int(project_id)}/")
+
+    def set_project_model_version(self, project_id: int, model_version: str) -> dict:
+        return self._json("PATCH", f"/api/projects/{int(project_id)}/", json={"model_version": model_version})
+
+
+class ProjectVersionSync:
+    """Keeps each project's ``model_version`` equal to the version our predictions carry, in the background.
+
+    Label Studio sorts tasks by prediction score (and samples by uncertainty) only over predictions whose
+    model_version equals the project's, and it refuses to switch the project to a version until a prediction
+    carrying it is stored. So after answering /predict (Label Studio stores the predictions after our reply)
+    and on /setup, a background thread checks the project and PATCHes it, retrying a few times with a growing
+    delay. Never blocks a request; at most one thread per project (a request arriving while it runs restarts
+    its retries).
+    """
+
+    def __init__(self, client_factory: Callable[[], Optional[LabelStudioClient]], attempts: int = 5,
+                 first_delay: float = 1.0, backoff: float = 2.0):
+        self._client_factory = client_factory
+        self.attempts = attempts
+        self.first_delay = first_delay
+        self.backoff = backoff
+        self._lock = threading.Lock()
+        self._pending: dict[int, str] = {}   # project -> version a thread is working on
+        self._again: set[int] = set()        # projects asked again while their thread runs
+        self._synced: dict[int, str] = {}    # project -> version known to be set
+        self.threads: list[threading.Thread] = []  # for tests
+        self._said_no_client = False
+
+    def request(self, project_id: Optional[int], model_version: Optional[str], recheck: bool = False) -> bool:
+        """Schedule a sync; False when nothing new needs doing. ``recheck`` ignores what we believe is set
+        (Label Studio resets the project's version to the backend title when the backend is reconnected)."""
+        if project_id is None or not model_version:
+            return False
+        with self._lock:
+            if recheck:
+                self._synced.pop(project_id, None)
+            if self._synced.get(project_id) == model_version:
+                return False
+            if project_id in self._pending:
+                self._pending[project_id] = model_version
+                self._again.add(project_id)
+                return True
+            self._pending[project_id] = model_version
+        thread = threading.Thread(target=self._run, args=(project_id,), name=f"model-version-sync-{project_id}",
+                                  daemon=True)
+        self.threads = [t for t in self.threads if t.is_alive()] + [thread]
+        thread.start()
+        return True
+
+    def wait(self, timeout: float = 10.0) -> None:
+        """Wait for the running sync threads (tests)."""
+        deadline = time.time() + timeout
+        for thread in list(self.threads):
+            thread.join(max(0.0, deadline - time.time()))
+
+    def _run(self, project_id: int) -> None:
+        last_error = ""
+        attempt, delay = 0, self.first_delay
+        try:
+            client = self._client_factory()
+            if client is None:
+                if self._said_no_client:
+                    return
+                self._said_no_client = True
+                log.info("not syncing project %s model_version: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY so "
+                         "the backend can keep it equal to its own (needed for sorting by prediction score)",
+                         project_id)
+                return
+            while attempt < self.attempts:
+                time.sleep(delay)
+                with self._lock:
+                    version = self._pending[project_id]
+                    if project_id in self._again:  # a new prediction was answered: start the retries afresh
+                        self._again.discard(project_id)
+                        attempt, delay = 0, self.first_delay
+                attempt += 1
+                delay *= self.backoff
+                try:
+                    current = client.get_project(project_id).get("model_version")
+                    if current != version:
+                        client.set_project_model_version(project_id, version)
+                        log.info("project %s model_version %r -> %r (so sorting by prediction score sees our "
+                                 "predictions)", project_id, current, version)
+                    with self._lock:
+                        self._synced[project_id] = version
+                        if project_id not in self._again:
+                            return
+                except Exception as exc:  # 400 until a prediction of this version is stored: retry
+                    last_error = str(exc)
+            log.warning("could not set project %s model_version to %r after %d attempts: %s", project_id,
+                        self._pending.get(project_id), self.attempts, last_error)
+        finally:
+            with self._lock:
+                version = self._pending.pop(project_id, None)
+                asked_again = project_id in self._again
+                self._again.discard(project_id)
+            if asked_again and version:
+                self.request(project_id, version)  # asked while we were finishing: go again

@@ -1,0 +1,160 @@
+"""Label config -> what to predict: the RectangleLabels control, its Image, and which label each class becomes.
+
+``parse_label_config`` gives the classic ``parsed_label_config`` shape (label-studio-sdk's parser):
+    {from_name: {"type": "RectangleLabels", "to_name": ["image"],
+                 "inputs": [{"type": "Image", "value": "image"}], "labels": ["fire", "smoke"], ...}}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence
+
+log = logging.getLogger(__name__)
+
+# Control tags whose regions are rectangles with labels (RectangleLabels is the one Label Studio documents for
+# object detection; the generic <Labels> + <Rectangle> pair is not supported).
+RECTANGLE_CONTROLS = ("RectangleLabels",)
+IMAGE_OBJECTS = ("Image",)
+
+
+class LabelConfigError(ValueError):
+    """The label config cannot be used for box predictions; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class RectangleTarget:
+    """Where predicted boxes go: ``from_name`` (the RectangleLabels control), ``to_name`` (its Image),
+    ``data_key`` (the task data field holding the image URL, ``$image`` -> ``image``) and the config's labels."""
+
+    from_name: str
+    to_name: str
+    data_key: str
+    labels: tuple[str, ...]
+
+
+def parse_label_config(label_config: Optional[str]) -> dict:
+    """The classic parsed label config (empty dict for an empty config); malformed XML -> LabelConfigError."""
+    if not label_config or not label_config.strip():
+        return {}
+    from label_studio_sdk._extensions.label_studio_tools.core.label_config import parse_config
+
+    try:
+        return parse_config(label_config)
+    except Exception as exc:  # lxml syntax errors, tags without value=...
+        raise LabelConfigError(f"the label config is not valid XML / Label Studio config: {exc}") from None
+
+
+def find_rectangle_target(parsed: Mapping[str, dict], from_name: Optional[str] = None) -> RectangleTarget:
+    """The RectangleLabels control (attached to an Image) to predict for.
+
+    With several candidates, ``from_name`` (the FROM_NAME setting) picks one; without it the error names them.
+    """
+    candidates = {}
+    for name, info in parsed.items():
+        if info.get("type") not in RECTANGLE_CONTROLS:
+            continue
+        images = [(to, inp) for to, inp in zip(info.get("to_name", []), info.get("inputs", []))
+                  if inp.get("type") in IMAGE_OBJECTS and inp.get("value")]
+        if images:
+            candidates[name] = (info, images[0])
+    if not candidates:
+        found = ", ".join(f"{name} ({info.get('type')})" for name, info in parsed.items()) or "no control tags"
+        raise LabelConfigError(
+            "the label config has no <RectangleLabels> control attached to an <Image> (found: "
+            f"{found}); add e.g. <Image name=\"image\" value=\"$image\"/><RectangleLabels name=\"label\" "
+            "toName=\"image\"><Label value=\"fire\"/><Label value=\"smoke\"/></RectangleLabels>")
+    if from_name:
+        if from_name not in candidates:
+            raise LabelConfigError(
+                f"FROM_NAME={from_name!r} names no RectangleLabels control of the label config; "
+                f"candidates: {', '.join(sorted(candidates))}")
+        chosen = from_name
+    elif len(candidates) == 1:
+        chosen = next(iter(candidates))
+    else:
+        raise LabelConfigError(
+            f"the label config has several RectangleLabels controls ({', '.join(sorted(candidates))}); "
+            "set FROM_NAME to the one the model should predict for")
+    info, (to_name, image_input) = candidates[chosen]
+    return RectangleTarget(from_name=chosen, to_name=to_name, data_key=image_input["value"],
+                           labels=tuple(info.get("labels", [])))
+
+
+def parse_label_map(text: Optional[str]) -> dict[str, str]:
+    """LABEL_MAP text -> {class name: config label}: ``fire=Fire,smoke=Smoke`` or a JSON object."""
+    if not text or not text.strip():
+        return {}
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise LabelConfigError(f"LABEL_MAP is not valid JSON ({exc}); use {{\"fire\": \"Fire\"}} "
+                                   "or fire=Fire,smoke=Smoke") from None
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise LabelConfigError("LABEL_MAP JSON must map class names to label names (strings)")
+        return dict(value)
+    mapping = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise LabelConfigError(f"LABEL_MAP entry {part.strip()!r} has no '='; use class=Label pairs "
+                                   "separated by commas, e.g. fire=Fire,smoke=Smoke")
+        cls, label = (s.strip() for s in part.split("=", 1))
+        if not cls or not label:
+            raise LabelConfigError(f"LABEL_MAP entry {part.strip()!r} has an empty side; use class=Label")
+        mapping[cls] = label
+    return mapping
+
+
+@dataclass(frozen=True)
+class LabelMapping:
+    """Which config label each checkpoint class becomes; classes with no label are not predicted."""
+
+    labels: tuple[Optional[str], ...]  # index = class id
+
+    @property
+    def skipped_classes(self) -> list[int]:
+        return [i for i, label in enumerate(self.labels) if label is None]
+
+    def label_of(self, class_id: int) -> Optional[str]:
+        return self.labels[class_id] if 0 <= class_id < len(self.labels) else None
+
+
+def map_classes_to_labels(class_names: Sequence[str], config_labels: Sequence[str],
+                          label_map: Optional[Mapping[str, str]] = None) -> LabelMapping:
+    """Map checkpoint classes to config labels: explicit ``label_map`` first, then a case-insensitive match.
+
+    Every config label must receive at least one class (else the model could never predict it, which is almost
+    always a misspelt label): LabelConfigError says which label and what to change. Classes that match no label
+    are skipped (the caller logs them).
+    """
+    label_map = dict(label_map or {})
+    classes_text = ", ".join(class_names) or "none"
+    labels_by_lower = {}
+    for label in config_labels:
+        labels_by_lower.setdefault(label.lower(), label)
+    for cls, label in label_map.items():
+        if cls not in class_names and cls.lower() not in {c.lower() for c in class_names}:
+            raise LabelConfigError(f"LABEL_MAP names class {cls!r}, which the checkpoint does not have "
+                                   f"(classes: {classes_text})")
+        if label not in config_labels:
+            raise LabelConfigError(f"LABEL_MAP maps {cls!r} to {label!r}, which is not a label of the config "
+                                   f"(labels: {', '.join(config_labels) or 'none'})")
+    map_lower = {k.lower(): v for k, v in label_map.items()}
+    mapped: list[Optional[str]] = []
+    for name in class_names:
+        label = label_map.get(name) or map_lower.get(name.lower()) or labels_by_lower.get(name.lower())
+        mapped.append(label)
+    unused = [label for label in config_labels if label not in mapped]
+    if unused:
+        label = unused[0]
+        raise LabelConfigError(
+            f"label {label!r} in the config has no class in the checkpoint (classes: {classes_text}); "
+            f"rename the label or set LABEL_MAP (e.g. LABEL_MAP={class_names[0] if class_names else 'cls'}"
+            f"={label})" + (f"; also without a class: {', '.join(map(repr, unused[1:]))}" if unused[1:] else ""))
+    return LabelMapping(tuple(mapped))

@@ -1,0 +1,299 @@
+"""Task images: Label Studio URL -> bytes (with a bounded on-disk cache) -> RGB array.
+
+What a task's image field can hold, and where it is fetched from:
+- ``/data/upload/<project>/<file>`` (uploads; also ``upload/...``): Label Studio, with the API key;
+- ``/data/local-files/?d=<path>`` (Local Storage): read from disk when ``LOCAL_FILES_DOCUMENT_ROOT`` is set here
+  and the file exists (label-studio-sdk's resolver, same rules as Label Studio), else from Label Studio;
+- ``s3://``, ``gs://``, ``azure-blob://`` (cloud storage): Label Studio's presign endpoint
+  ``/tasks/<task id>/presign/?fileuri=<base64 of the URI>``, which redirects to a signed URL;
+- ``http(s)://...``: fetched directly; with the API key only when the host is Label Studio's;
+- ``data:image/...;base64,...``: decoded in place.
+
+label-studio-sdk's ``get_local_path`` resolves the same URLs, but it has no timeout, sends a personal access
+token as a Bearer token without exchanging it first (Label Studio answers 401), cannot fall back between keys
+and caches without bound, so we use its building blocks (presign encoding, cloud-URI test, Local Storage
+resolver) and do the download here.
+
+Decoding applies the EXIF orientation (``cv2.imdecode`` does by default): browsers show photos upright, and
+Label Studio takes ``original_width`` / ``original_height`` from the browser's natural size, so boxes must be
+computed on the upright image.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import requests
+
+from .client import LabelStudioAuthError, LabelStudioSession
+
+log = logging.getLogger(__name__)
+
+# Larger downloads are refused: a task image this big is a mistake, and it would exhaust memory.
+MAX_IMAGE_BYTES = 256 * 1024 * 1024
+
+
+class ImageFetchError(RuntimeError):
+    """A task image could not be fetched or decoded; the message says which URL and why."""
+
+
+# --- decoding ---------------------------------------------------------------------------------------------
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Image file bytes -> HxWx3 uint8 RGB, EXIF orientation applied. Not an image -> ImageFetchError."""
+    import cv2
+
+    if not data:
+        raise ImageFetchError("empty file")
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if array is not None and array.size:
+        return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+    # Formats this OpenCV build lacks (e.g. animated GIF) may still open with Pillow.
+    try:
+        import io
+
+        from PIL import Image, ImageOps
+
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    except Exception:
+        head = data[:64].lstrip().lower()
+        hint = " (it looks like an HTML page: a login page means the API key was not accepted)" \
+            if head.startswith((b"<!doctype html", b"<html")) else ""
+        raise ImageFetchError(f"not an image ({len(data)} bytes){hint}") from None
+
+
+# --- cache ------------------------------------------------------------------------------------------------
+
+class ImageCache:
+    """Downloaded image files under ``directory``, at most ``max_bytes`` in all; the least recently used
+    files go first. Safe for threads; processes sharing the folder only ever see whole files."""
+
+    def __init__(self, directory: str | os.PathLike, max_bytes: int):
+        self.directory = Path(directory)
+        self.max_bytes = max(0, int(max_bytes))
+        self._lock = threading.Lock()
+        self._size: Optional[int] = None  # bytes in the folder, scanned on first use
+
+    @staticmethod
+    def key_for(source: str) -> str:
+        return hashlib.sha256(source.encode("utf-8")).hexdigest()
+
+    def path_for(self, key: str) -> Path:
+        return self.directory / f"{key}.img"
+
+    def get(self, key: str) -> Optional[bytes]:
+        path = self.path_for(key)
+        try:
+            data = path.read_bytes()
+            os.utime(path)  # mark as recently used
+            return data
+        except OSError:
+            return None
+
+    def put(self, key: str, data: bytes) -> Optional[Path]:
+        if len(data) > self.max_bytes:
+            return None
+        path = self.path_for(key)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".part-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)  # atomic: readers never see half a file
+        except OSError as exc:
+            log.warning("image cache: could not write %s: %s", path, exc)
+            return None
+        with self._lock:
+            if self._size is None:
+                self._size = self._scan_size()
+            else:
+                self._size += len(data)
+            if self._size > self.max_bytes:
+                self._evict()
+        return path
+
+    def _files(self) -> list[os.DirEntry]:
+        try:
+            return [e for e in os.scandir(self.directory) if e.is_file() and e.name.endswith(".img")]
+        except OSError:
+            return []
+
+    def _scan_size(self) -> int:
+        return sum(e.stat().st_size for e in self._files())
+
+    def _evict(self) -> None:
+        """Delete least recently used files until the folder is at most 90 % of the bound (so eviction is not
+        needed on every write)."""
+        entries = []
+        for e in self._files():
+            try:
+                st = e.stat()
+                entries.append((st.st_mtime, st.st_size, e.path))
+            except OSError:
+                continue
+        entries.sort()
+        total = sum(size for _, size, _ in entries)
+        target = int(self.max_bytes * 0.9)
+        for _, size, path in entries:
+            if total <= target:
+                break
+            try:
+                os.unlink(path)
+                total -= size
+            except OSError:
+                pass
+        self._size = total
+
+    @property
+    def size_bytes(self) -> int:
+        return self._scan_size()
+
+
+# --- fetching ---------------------------------------------------------------------------------------------
+
+def _local_storage_path(url: str) -> Optional[str]:
+    """The file on this machine for a Local Storage URL, when LOCAL_FILES_DOCUMENT_ROOT allows it."""
+    from label_studio_sdk._extensions.label_studio_tools.core.utils.io import resolve_local_storage_file
+
+    try:
+        path = resolve_local_storage_file(url)
+    except (FileNotFoundError, ValueError):
+        return None
+    return path if path and os.path.isfile(path) else None
+
+
+class ImageFetcher:
+    """Fetches task images from wherever the task points, through ``session`` (auth, fallback between keys)."""
+
+    def __init__(self, session: LabelStudioSession, cache: Optional[ImageCache] = None, timeout: float = 10.0):
+        self.session = session
+        self.cache = cache
+        self.timeout = timeout
+
+    def _source(self, url: str, task_id: Optional[int]) -> tuple[str, str]:
+        """(how, what): ("file", path) | ("data", url) | ("ls", url-or-path) | ("web", url)."""
+        from label_studio_sdk._extensions.label_studio_tools.core.utils.io import (
+            encode_presign_fileuri,
+            is_cloud_storage_uri,
+        )
+
+        url = url.strip()
+        if url.startswith("data:"):
+            return "data", url
+        if url.startswith(("upload/", "/upload/")):
+            url = "/data/" + url.lstrip("/")
+        if url.startswith("/data/"):
+            if "?d=" in url:
+                local = _local_storage_path(url)
+                if local:
+                    return "file", local
+            return "ls", url
+        if is_cloud_storage_uri(url):
+            if task_id is None:
+                raise ImageFetchError(f"{url}: a cloud storage URI needs the task id to be presigned by Label Studio")
+            return "ls", f"/tasks/{int(task_id)}/presign/?fileuri={encode_presign_fileuri(url)}"
+        if url.startswith(("http://", "https://")):
+            return ("ls" if self.session.is_label_studio_url(url) else "web"), url
+        raise ImageFetchError(f"{url[:200]!r} is not an image URL this backend understands (expected "
+                              "/data/upload/..., /data/local-files/?d=..., http(s)://..., s3://, gs://, "
+                              "azure-blob://)")
+
+    def _cache_key(self, how: str, what: str) -> Optional[str]:
+        if self.cache is None or how in ("file", "data"):
+            return None
+        if how == "ls" and not what.startswith(("http://", "https://")):
+            what = f"{self.session.base_url or ''}{what}"
+        return ImageCache.key_for(what)
+
+    def fetch_bytes(self, url: str, task_id: Optional[int] = None) -> bytes:
+        """The image file's bytes (from the cache when there). Failures -> ImageFetchError with the reason."""
+        data, _, _ = self._fetch(url, task_id)
+        return data
+
+    def _fetch(self, url: str, task_id: Optional[int]) -> tuple[bytes, Optional[str], bool]:
+        """(bytes, cache key or None, whether they came from the cache)."""
+        if not isinstance(url, str) or not url.strip():
+            raise ImageFetchError(f"the task has no image URL (got {url!r})")
+        how, what = self._source(url, task_id)
+        if how == "file":
+            try:
+                return Path(what).read_bytes(), None, False
+            except OSError as exc:
+                raise ImageFetchError(f"{url}: cannot read {what}: {exc}") from None
+        if how == "data":
+            try:
+                return base64.b64decode(what.split(",", 1)[1], validate=False), None, False
+            except (IndexError, binascii.Error) as exc:
+                raise ImageFetchError(f"data URI is not valid base64: {exc}") from None
+        key = self._cache_key(how, what)
+        if key is not None:
+            cached = self.cache.get(key)
+            if cached is not None:
+                return cached, key, True
+        return self._download(how, what, url), key, False
+
+    def _download(self, how: str, what: str, original: str) -> bytes:
+        try:
+            if how == "ls":
+                response = self.session.get(what, timeout=self.timeout, stream=True)
+            else:
+                response = self.session.fetch_plain(what, timeout=self.timeout, stream=True)
+        except LabelStudioAuthError as exc:
+            raise ImageFetchError(f"{original}: {exc}") from None
+        except requests.Timeout:
+            raise ImageFetchError(f"{original}: timed out after {self.timeout:g} s (IMAGE_TIMEOUT)") from None
+        except requests.RequestException as exc:
+            raise ImageFetchError(f"{original}: download failed: {exc}") from None
+        with response:
+            if response.status_code >= 400:
+                hint = {404: "not found", 401: "unauthorised", 403: "forbidden"}.get(response.status_code, "error")
+                raise ImageFetchError(f"{original}: HTTP {response.status_code} ({hint}) from {response.url}")
+            try:
+                chunks, total = [], 0
+                for chunk in response.iter_content(1 << 16):
+                    total += len(chunk)
+                    if total > MAX_IMAGE_BYTES:
+                        raise ImageFetchError(f"{original}: larger than {MAX_IMAGE_BYTES >> 20} MiB; refused")
+                    chunks.append(chunk)
+            except requests.RequestException as exc:
+                raise ImageFetchError(f"{original}: download interrupted or timed out: {exc}") from None
+        return b"".join(chunks)
+
+    def load(self, url: str, task_id: Optional[int] = None) -> np.ndarray:
+        """The task image as HxWx3 uint8 RGB (EXIF orientation applied). Decodable downloads are cached."""
+        data, key, cached = self._fetch(url, task_id)
+        try:
+            image = decode_image(data)
+        except ImageFetchError as exc:
+            raise ImageFetchError(f"{url}: {exc}") from None
+        if key is not None and not cached:
+            self.cache.put(key, data)
+        return image
+
+    def local_path(self, url: str, task_id: Optional[int] = None) -> str:
+        """A file on this machine holding the image (the classic ``get_local_path``): the Local Storage file
+        itself, or the cached download."""
+        how, what = self._source(url, task_id)
+        if how == "file":
+            return what
+        if self.cache is None:
+            raise ImageFetchError(f"{url}: no image cache folder configured (IMAGE_CACHE_DIR)")
+        data, key, cached = self._fetch(url, task_id)
+        key = key or ImageCache.key_for(url)
+        path = self.cache.path_for(key)
+        if not cached or not path.exists():
+            written = self.cache.put(key, data)
+            if written is None:
+                raise ImageFetchError(f"{url}: could not be written to the image cache {self.cache.directory}")
+            path = written
+        return str(path)

@@ -1,0 +1,199 @@
+"""Model versions on disk (the registry in MODEL_DIR): list them, find the newest, name them stably.
+
+Layout of one registry folder (MODEL_DIR itself, or ``MODEL_DIR/projects/<id>`` for one project's versions):
+
+    <root>/
+      LATEST                  name of the newest published version (replaced atomically on publish)
+      v1-20261123T1910/
+        model.pt              the checkpoint
+        meta.json             metrics, parent version, annotation count, ... (optional)
+      v2-20261124T0802/ ...
+
+Version names are ``v<N>-<UTC timestamp>``: readable and monotonic by N. A folder without ``model.pt`` is not a
+version (a publish in progress writes to a temporary folder first). Serving processes notice a new version by
+the LATEST file's stat (cheap), see ``Registry.stamp``.
+
+A checkpoint given by path (MODEL_PATH) is named ``<file stem>-<sha256[:8]>``: the same weights get the same
+name after a restart, different weights a different one (``checkpoint_version``; hashing is cached by path,
+size and mtime).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "model.pt"
+META_FILE = "meta.json"
+LATEST_FILE = "LATEST"
+_NAME = re.compile(r"^v(\d+)-[0-9A-Za-z]+$")
+
+
+class RegistryError(ValueError):
+    """A version asked for does not exist or the registry cannot be written; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    name: str
+    number: int
+    path: Path        # the version folder
+    checkpoint: Path  # its model.pt
+
+    def meta(self) -> dict:
+        try:
+            return json.loads((self.path / META_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+
+
+class Registry:
+    """One registry folder. Reading is safe from any number of processes; ``publish`` is atomic."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    @classmethod
+    def for_project(cls, model_dir: str | os.PathLike, project_id: Optional[int]) -> "Registry":
+        """The registry of one Label Studio project's versions (MODEL_DIR itself when project_id is None)."""
+        root = Path(model_dir)
+        return cls(root if project_id is None else root / "projects" / str(int(project_id)))
+
+    def versions(self) -> list[ModelVersion]:
+        """Published versions, oldest first."""
+        found = []
+        try:
+            entries = list(os.scandir(self.root))
+        except OSError:
+            return []
+        for entry in entries:
+            match = _NAME.match(entry.name)
+            if not match or not entry.is_dir():
+                continue
+            checkpoint = Path(entry.path) / CHECKPOINT_FILE
+            if checkpoint.is_file():
+                found.append(ModelVersion(entry.name, int(match.group(1)), Path(entry.path), checkpoint))
+        return sorted(found, key=lambda v: (v.number, v.name))
+
+    def get(self, name: str) -> ModelVersion:
+        for version in self.versions():
+            if version.name == name:
+                return version
+        names = ", ".join(v.name for v in self.versions()) or "none"
+        raise RegistryError(f"model version {name!r} is not in {self.root} (published: {names}); "
+                            "unset MODEL_VERSION or pick one of these")
+
+    def latest(self) -> Optional[ModelVersion]:
+        """The version LATEST names, else the highest-numbered one; None when nothing is published."""
+        versions = self.versions()
+        if not versions:
+            return None
+        try:
+            name = (self.root / LATEST_FILE).read_text().strip()
+        except OSError:
+            name = ""
+        for version in versions:
+            if version.name == name:
+                return version
+        return versions[-1]
+
+    def stamp(self) -> tuple:
+        """Changes whenever a version is published or removed; a stat or two, cheap enough to poll."""
+        stamps = []
+        for path in (self.root / LATEST_FILE, self.root):
+            try:
+                st = path.stat()
+                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                stamps.append(None)
+        return tuple(stamps)
+
+    def next_name(self, now: Optional[float] = None) -> str:
+        versions = self.versions()
+        number = (versions[-1].number + 1) if versions else 1
+        return f"v{number}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now))}"
+
+    def publish(self, checkpoint: str | os.PathLike, meta: Optional[dict] = None, name: Optional[str] = None) \
+            -> ModelVersion:
+        """Copy ``checkpoint`` in as a new version and point LATEST at it, atomically: the folder is built under a
+        temporary name and renamed, then LATEST is replaced, so readers see either the old or the new version."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        name = name or self.next_name()
+        if not _NAME.match(name):
+            raise RegistryError(f"version name {name!r} must look like v<N>-<timestamp>")
+        final = self.root / name
+        if final.exists():
+            raise RegistryError(f"version {name} already exists in {self.root}")
+        staging = Path(tempfile.mkdtemp(dir=self.root, prefix=".publish-"))
+        try:
+            shutil.copyfile(checkpoint, staging / CHECKPOINT_FILE)
+            (staging / META_FILE).write_text(json.dumps({"name": name, "created": time.time(), **(meta or {})},
+                                                         indent=2, default=str))
+            for path in (staging / CHECKPOINT_FILE, staging / META_FILE):
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+            os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _write_atomic(self.root / LATEST_FILE, name + "\n")
+        return self.get(name)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# --- stable names for checkpoints given by path -----------------------------------------------------------
+
+_hash_cache: dict[tuple, str] = {}
+_hash_lock = threading.Lock()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, cached by (path, size, mtime) so repeated calls cost one stat."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    with _hash_lock:
+        cached = _hash_cache.get(key)
+    if cached:
+        return cached
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    value = digest.hexdigest()
+    with _hash_lock:
+        _hash_cache[key] = value
+    return value
+
+
+def checkpoint_version(path: str | os.PathLike) -> str:
+    """``<file stem>-<sha256[:8]>``: stable across restarts for the same weights."""
+    path = Path(path)
+    return f"{path.stem}-{file_sha256(path)[:8]}"

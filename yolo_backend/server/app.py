@@ -1,0 +1,309 @@
+"""The classic ML-backend HTTP contract as Label Studio 1.23 speaks it (see docs/label-studio-contract.md).
+
+    GET  /, /health       {"status": "UP", "model_class": ...}        fast, never loads a model
+    POST /setup           {"model_version": ...}                      fast, never loads a model
+    POST /predict         {"results": [one item per task], "model_version": ...}
+    POST /webhook         {} (training triggers go to the backend's training seam)
+    POST /train           {"job": id or null}                          legacy training trigger
+    GET|POST /versions    {"versions": [...], "model_version": ...}
+    GET|POST /is_training, /job_status, GET /metrics, POST /validate
+
+Bad input answers 400 with a message saying what is wrong; unexpected errors answer 500 JSON and are logged with
+the traceback; the process never dies on a request. Optional HTTP Basic Auth (BASIC_AUTH_USER / BASIC_AUTH_PASS)
+guards everything except /health (container health checks).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import threading
+import time
+from typing import Any, Optional
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from ..labelstudio.config import LabelConfigError, find_rectangle_target, parse_label_config
+from ..registry import RegistryError
+from ..settings import Settings
+from .base import BackendContext, LabelStudioMLBase, parse_project_id
+from .model_holder import NoModelError
+
+log = logging.getLogger(__name__)
+
+
+class BadRequest(ValueError):
+    """The request body is not what the endpoint expects; the message says what is wrong."""
+
+
+def _json_body(required: bool = True) -> dict:
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        if required:
+            raise BadRequest("the request body is empty; send a JSON object (Content-Type: application/json)")
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _project_id(value: Any) -> Optional[int]:
+    try:
+        return parse_project_id(value)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+def _validate_tasks(tasks: Any) -> list[dict]:
+    if not isinstance(tasks, list):
+        raise BadRequest(f"'tasks' must be a list of tasks, got {type(tasks).__name__}")
+    for i, task in enumerate(tasks):
+        if not isinstance(task, dict):
+            raise BadRequest(f"tasks[{i}] must be an object, got {type(task).__name__}")
+        if not isinstance(task.get("data"), dict):
+            raise BadRequest(f"tasks[{i}] has no 'data' object (a task looks like "
+                             "{\"id\": 1, \"data\": {\"image\": \"/data/upload/...\"}})")
+    return tasks
+
+
+class _Counters:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.values: dict[str, float] = {"requests": 0, "predict_requests": 0, "tasks_predicted": 0,
+                                         "errors": 0, "last_predict_seconds": 0.0}
+
+    def add(self, **amounts: float) -> None:
+        with self._lock:
+            for key, amount in amounts.items():
+                self.values[key] = self.values.get(key, 0) + amount
+
+    def set(self, **values: float) -> None:
+        with self._lock:
+            self.values.update(values)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return dict(self.values)
+
+
+def create_app(backend_class: Optional[type[LabelStudioMLBase]] = None, settings: Optional[Settings] = None,
+               context: Optional[BackendContext] = None, **backend_kwargs: Any) -> Flask:
+    """The Flask app serving ``backend_class`` (default: ``model_backend.YOLOv7Backend``).
+
+    Creating it loads no model and touches no CUDA (gunicorn imports it in the master). ``backend_kwargs`` go to
+    every backend instance (``_wsgi.py --with KEY=VALUE``).
+    """
+    if backend_class is None:
+        from model_backend import YOLOv7Backend as backend_class  # the repository-root backend script
+    if context is None:
+        context = BackendContext.from_settings(settings)
+    settings = context.settings
+    app = Flask(__name__)
+    app.json.sort_keys = False  # keep Label Studio's field order readable in logs
+    app.extensions["ml_backend"] = {"context": context, "backend_class": backend_class}
+    counters = _Counters()
+    warmed = threading.Event()
+
+    def make_backend(**kwargs: Any) -> LabelStudioMLBase:
+        return backend_class(context=context, **{**backend_kwargs, **kwargs})
+
+    # --- cross-cutting ------------------------------------------------------------------------------------
+    @app.before_request
+    def _guard() -> Optional[Response]:
+        counters.add(requests=1)
+        if not warmed.is_set():
+            # Hash the checkpoint for its version name in the background, so the first /setup is fast. Done
+            # here, after any gunicorn fork, never at import.
+            warmed.set()
+            threading.Thread(target=_warm_up, name="model-version-warm-up", daemon=True).start()
+        if settings.basic_auth_user and request.path != "/health":
+            auth = request.authorization
+            ok = (auth is not None and auth.type == "basic"
+                  and hmac.compare_digest((auth.username or "").encode(), settings.basic_auth_user.encode())
+                  and hmac.compare_digest((auth.password or "").encode(), (settings.basic_auth_pass or "").encode()))
+            if not ok:
+                response = jsonify(error="authentication required: this ML backend uses HTTP Basic Auth; set the "
+                                         "same user and password in Label Studio's model connection (Basic Auth)")
+                response.status_code = 401
+                response.headers["WWW-Authenticate"] = 'Basic realm="ml-backend"'
+                return response
+        return None
+
+    def _warm_up() -> None:
+        try:
+            context.models.version(None)
+        except Exception as exc:  # reported properly when a request needs it
+            log.debug("model version warm-up: %s", exc)
+
+    def _error(status: int, message: str) -> tuple[Response, int]:
+        return jsonify(error=message, status=status), status
+
+    @app.errorhandler(BadRequest)
+    def _bad_request(exc: BadRequest):
+        log.warning("400 %s %s: %s", request.method, request.path, exc)
+        return _error(400, str(exc))
+
+    @app.errorhandler(LabelConfigError)
+    def _bad_config(exc: LabelConfigError):
+        log.warning("400 %s %s: label config: %s", request.method, request.path, exc)
+        return _error(400, f"label config: {exc}")
+
+    @app.errorhandler(NoModelError)
+    def _no_model(exc: NoModelError):
+        log.error("503 %s %s: %s", request.method, request.path, exc)
+        return _error(503, str(exc))
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        return _error(exc.code or 500, f"{exc.name}: {exc.description}")
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        counters.add(errors=1)
+        if isinstance(exc, RegistryError):
+            log.error("500 %s %s: %s", request.method, request.path, exc)
+        else:
+            log.exception("500 %s %s: unexpected error", request.method, request.path)
+        return _error(500, f"{type(exc).__name__}: {exc}")
+
+    # --- endpoints ------------------------------------------------------------------------------------------
+    @app.get("/")
+    @app.get("/health")
+    def health():
+        return jsonify(status="UP", model_class=backend_class.__name__)
+
+    @app.post("/setup")
+    def setup():
+        body = _json_body()
+        project_id = _project_id(body.get("project"))
+        schema = body.get("schema") or body.get("label_config")
+        if schema is not None and not isinstance(schema, str):
+            raise BadRequest("'schema' must be the label config XML as a string")
+        hostname, access_token = body.get("hostname"), body.get("access_token")
+        if hostname is not None and not isinstance(hostname, str):
+            raise BadRequest("'hostname' must be a string URL")
+        if access_token is not None and not isinstance(access_token, str):
+            raise BadRequest("'access_token' must be a string")
+        context.session.update_from_setup(hostname, access_token)
+        if project_id is not None and schema:
+            context.label_configs[project_id] = schema
+        extra = body.get("extra_params") if isinstance(body.get("extra_params"), dict) else {}
+        backend = make_backend(project_id=body.get("project"), label_config=schema, hostname=hostname,
+                               access_token=access_token, **extra)
+        version = backend.model_version
+        # Label Studio resets the project's version to the backend title on (re)connect: check again.
+        context.version_sync.request(project_id, version, recheck=True)
+        return jsonify(model_version=version)
+
+    @app.post("/predict")
+    def predict():
+        started = time.perf_counter()
+        body = _json_body()
+        tasks = _validate_tasks(body.get("tasks"))
+        project_id = _project_id(body.get("project"))
+        label_config = body.get("label_config") or context.label_configs.get(project_id)
+        if not isinstance(label_config, str) or not label_config.strip():
+            raise BadRequest("'label_config' is missing: send the project's label config XML (Label Studio "
+                             "sends it with every /predict) or call /setup with 'schema' first")
+        params = body.get("params") if isinstance(body.get("params"), dict) else {}
+        backend = make_backend(project_id=body.get("project"), label_config=label_config)
+        results = backend.predict(tasks, **params)
+        if not isinstance(results, list) or len(results) != len(tasks):
+            count = len(results) if isinstance(results, list) else type(results).__name__
+            raise RuntimeError(f"{backend_class.__name__}.predict returned {count} predictions for {len(tasks)} "
+                               "tasks; it must return one per task, in task order")
+        version = backend.model_version
+        elapsed = time.perf_counter() - started
+        counters.add(predict_requests=1, tasks_predicted=len(tasks))
+        counters.set(last_predict_seconds=round(elapsed, 4))
+        log.info("predicted %d task(s) for project %s with %s in %.2f s", len(tasks), project_id, version, elapsed)
+        # Label Studio stores these after our reply; then the project's version can be switched to ours.
+        context.version_sync.request(project_id, version)
+        return jsonify(results=results, model_version=version)
+
+    @app.post("/webhook")
+    def webhook():
+        body = _json_body()
+        action = body.get("action")
+        if not isinstance(action, str) or not action:
+            raise BadRequest("'action' is missing: a Label Studio webhook body looks like "
+                             "{\"action\": \"START_TRAINING\", \"project\": {...}}")
+        project = body.get("project")
+        project_id = _project_id(project)
+        label_config = project.get("label_config") if isinstance(project, dict) else None
+        backend = make_backend(project_id=project_id, label_config=_usable_config(label_config))
+        result = backend.on_training_request(action, body)
+        return jsonify(result or {})
+
+    @app.post("/train")
+    def train():
+        body = _json_body()
+        project_id = _project_id(body.get("project"))
+        annotations = body.get("annotations", [])
+        if not isinstance(annotations, list):
+            raise BadRequest("'annotations' must be a list of tasks with their annotations")
+        backend = make_backend(project_id=body.get("project"),
+                               label_config=_usable_config(body.get("label_config")))
+        result = backend.on_training_request("START_TRAINING", {**body, "source": "/train"}) or {}
+        log.info("/train for project %s (%d annotated tasks) -> job %s", project_id, len(annotations),
+                 result.get("job"))
+        return jsonify({"job": result.get("job"), **result})
+
+    @app.route("/versions", methods=["GET", "POST"])
+    def versions():
+        body = _json_body(required=False) if request.method == "POST" else {}
+        project = body.get("project", request.args.get("project"))
+        backend = make_backend(project_id=_project_id(project))
+        return jsonify(versions=backend.versions(), model_version=backend.model_version)
+
+    @app.route("/is_training", methods=["GET", "POST"])
+    def is_training():
+        body = _json_body(required=False) if request.method == "POST" else {}
+        project = body.get("project", request.args.get("project"))
+        backend = make_backend(project_id=_project_id(project))
+        return jsonify(backend.training_status())
+
+    @app.route("/job_status", methods=["GET", "POST"])
+    def job_status():
+        body = _json_body(required=False) if request.method == "POST" else {}
+        job = body.get("job", request.args.get("job"))
+        if job is not None and not isinstance(job, (str, int)):
+            raise BadRequest("'job' must be a job id string")
+        backend = make_backend(project_id=_project_id(body.get("project", request.args.get("project"))))
+        return jsonify(backend.job_status(None if job is None else str(job)))
+
+    @app.get("/metrics")
+    def metrics():
+        backend = make_backend()
+        return jsonify({**counters.snapshot(), "models_loaded": context.models.loaded_versions(),
+                        "model_loads": context.models.loads, "training": backend.training_metrics()})
+
+    @app.post("/validate")
+    def validate():
+        body = _json_body()
+        config = body.get("config") or body.get("label_config") or body.get("schema")
+        if not isinstance(config, str):
+            raise BadRequest("send the label config XML as 'config'")
+        target = find_rectangle_target(parse_label_config(config), settings.from_name)
+        return jsonify(status="ok", from_name=target.from_name, to_name=target.to_name, labels=list(target.labels))
+
+    return app
+
+
+def _usable_config(config: Any) -> Optional[str]:
+    """A label config for a training event's backend, or None when it cannot be parsed (training events are
+    acknowledged regardless; the training job reports config problems)."""
+    if not isinstance(config, str):
+        return None
+    try:
+        parse_label_config(config)
+    except LabelConfigError:
+        return None
+    return config
+

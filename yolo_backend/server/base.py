@@ -1,0 +1,169 @@
+"""``LabelStudioMLBase``: the classic ML-backend class API, so classic backends port over.
+
+A backend subclasses it and implements ``predict(tasks, **kwargs)`` (and ``fit`` for training). The server makes
+one instance per request with the classic constructor kwargs; what must live longer than a request (the loaded
+model, the image cache, Label Studio credentials) sits in a ``BackendContext`` shared by the process.
+
+Classic attributes: ``project_id``, ``label_config``, ``parsed_label_config``, ``train_output``, ``hostname``,
+``access_token``, ``model_version``; methods ``setup()``, ``predict()``, ``fit()``, ``get_local_path()``.
+
+Seams for training (the queue/worker plugs in through ``BackendContext.training``): ``on_training_request``,
+``training_status``, ``job_status``, ``training_metrics``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol
+
+from ..labelstudio.client import LabelStudioClient, LabelStudioSession, ProjectVersionSync
+from ..labelstudio.config import parse_label_config
+from ..labelstudio.images import ImageCache, ImageFetcher
+from ..settings import Settings
+from .model_holder import Loader, ModelHolder
+
+log = logging.getLogger(__name__)
+
+
+def parse_project_id(project: Any) -> Optional[int]:
+    """Label Studio sends ``project`` as ``"<id>.<created_at epoch>"`` in ML calls, as an int or a dict with ``id``
+    elsewhere. Returns the id, or None when absent. Anything else -> ValueError saying what was expected."""
+    if project is None or project == "":
+        return None
+    if isinstance(project, bool):
+        raise ValueError(f"project {project!r} is not a project id")
+    if isinstance(project, int):
+        return project
+    if isinstance(project, dict):
+        return parse_project_id(project.get("id"))
+    if isinstance(project, str):
+        head = project.strip().split(".", 1)[0]
+        if head.isdigit():
+            return int(head)
+    raise ValueError(f"project {project!r} is not a project id (expected \"<id>.<epoch>\" or an integer)")
+
+
+class TrainingHooks(Protocol):
+    """What the training queue provides to the server (issue: active-learning loop)."""
+
+    def request(self, project_id: Optional[int], event: str, payload: dict) -> dict: ...
+    def status(self, project_id: Optional[int]) -> dict: ...
+    def job_status(self, job_id: str) -> dict: ...
+    def metrics(self) -> dict: ...
+
+
+@dataclass
+class BackendContext:
+    """What a server process shares between requests."""
+
+    settings: Settings
+    models: ModelHolder
+    session: LabelStudioSession
+    images: ImageFetcher
+    version_sync: ProjectVersionSync
+    training: Optional[TrainingHooks] = None
+    label_configs: dict = field(default_factory=dict)  # project id -> last label config seen (from /setup)
+
+    @classmethod
+    def from_settings(cls, settings: Optional[Settings] = None, loader: Optional[Loader] = None,
+                      training: Optional[TrainingHooks] = None) -> "BackendContext":
+        settings = settings or Settings.from_env()
+        session = LabelStudioSession(settings.label_studio_url, settings.label_studio_api_key,
+                                     timeout=settings.image_timeout)
+        cache = ImageCache(settings.image_cache_dir, settings.image_cache_mb * 1024 * 1024)
+        context = cls(settings=settings, models=ModelHolder(settings, loader=loader), session=session,
+                      images=ImageFetcher(session, cache, timeout=settings.image_timeout),
+                      version_sync=ProjectVersionSync(lambda: None), training=training)
+        context.version_sync = ProjectVersionSync(context.client)
+        return context
+
+    def client(self) -> Optional[LabelStudioClient]:
+        """A Label Studio API client when a URL and a key are known, else None."""
+        if self.session.base_url and self.session.credentials():
+            return LabelStudioClient(self.session)
+        return None
+
+
+_default_context: Optional[BackendContext] = None
+_default_lock = threading.Lock()
+
+
+def default_context() -> BackendContext:
+    """The process-wide context from the environment (used when a backend is made without one)."""
+    global _default_context
+    with _default_lock:
+        if _default_context is None:
+            _default_context = BackendContext.from_settings()
+        return _default_context
+
+
+class LabelStudioMLBase:
+    """Base class of ML backends, with the classic constructor and attributes."""
+
+    INITIAL_MODEL_VERSION = "0.0.1"
+
+    def __init__(self, project_id: Any = None, label_config: Optional[str] = None,
+                 train_output: Optional[dict] = None, hostname: Optional[str] = None,
+                 access_token: Optional[str] = None, model_version: Optional[str] = None,
+                 context: Optional[BackendContext] = None, **kwargs: Any):
+        self.context = context or default_context()
+        settings = self.context.settings
+        self.project = project_id                      # as Label Studio sent it ("<id>.<epoch>")
+        self.project_id = parse_project_id(project_id)
+        self.label_config = label_config or ""
+        self.parsed_label_config = parse_label_config(self.label_config)
+        self.train_output = train_output or {}
+        self.hostname = hostname or settings.label_studio_url or ""
+        self.access_token = access_token or settings.label_studio_api_key or ""
+        self.model_version = model_version or self.INITIAL_MODEL_VERSION
+        self.extra_params = kwargs
+        self.setup()
+
+    # --- to override ----------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Called after construction: set ``self.model_version`` cheaply here (no model loading)."""
+
+    def predict(self, tasks: list[dict], **kwargs: Any) -> list[dict]:
+        """One prediction per task, in task order: ``{"result": [...], "score": float, "model_version": str}``."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement predict()")
+
+    def fit(self, event_or_annotations: Any, data: Optional[dict] = None, **kwargs: Any) -> dict:
+        """Train on the project's annotations; returns a dict (stored as ``train_output``). The base class does
+        not train."""
+        return {}
+
+    # --- helpers --------------------------------------------------------------------------------------------
+    def get_local_path(self, url: str, task_id: Optional[int] = None, **kwargs: Any) -> str:
+        """A local file with the content of a task's URL (uploads, local files, http(s), cloud via presign),
+        downloaded with the Label Studio key and cached."""
+        return self.context.images.local_path(url, task_id)
+
+    def versions(self) -> list[str]:
+        return [self.model_version] if self.model_version else []
+
+    # --- training seams (the queue plugs in via context.training) ------------------------------------------
+    def on_training_request(self, event: str, payload: dict) -> dict:
+        """A training trigger arrived (/webhook action, or /train). Must answer at once: enqueue, never train
+        here. Without a training queue it is acknowledged and logged."""
+        if self.context.training is not None:
+            return self.context.training.request(self.project_id, event, payload)
+        log.info("training request %s for project %s acknowledged; this server has no training queue",
+                 event, self.project_id)
+        return {}
+
+    def training_status(self) -> dict:
+        if self.context.training is not None:
+            return self.context.training.status(self.project_id)
+        return {"is_training": False, "job": None}
+
+    def job_status(self, job_id: Optional[str]) -> dict:
+        if self.context.training is not None and job_id:
+            return self.context.training.job_status(job_id)
+        return {"job": job_id, "status": "unknown"}
+
+    def training_metrics(self) -> dict:
+        if self.context.training is not None:
+            return self.context.training.metrics()
+        return {}
