@@ -1,0 +1,1 @@
+"""End-to-end tests against a real Label Studio 1.23 (marked e2e and slow)."""
