@@ -1,0 +1,231 @@
+"""YOLO labels or a checkpoint's detections -> Label Studio tasks to import.
+
+A task looks like (predictions, the default):
+
+    {"data": {"image": "/data/local-files/?d=fire/images/valid/a.jpg"},
+     "predictions": [{"model_version": "yolo-labels", "score": 1.0, "result": [<region>, ...]}]}
+
+or, with ``as_annotations``, ``"annotations": [{"result": [...]}]`` (regions without ``score``). Regions are built
+by the Label Studio layer's percent-box builder (``labelstudio.results.detections_to_regions``), the same code the
+ML backend answers /predict with, so imported boxes and served predictions look alike.
+
+An image without a label file is imported without boxes (it is not labelled); an empty label file gives an
+empty prediction/annotation (a labelled negative).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from ..labelstudio.config import LabelConfigError, LabelMapping, RectangleTarget, map_classes_to_labels
+from ..labelstudio.results import detections_to_regions, task_prediction
+from ..yolov7.detections import Detections
+from .problems import ConversionError, ProblemLog
+from .targets import ImageRefs
+from .yolo_files import DatasetLayout, YoloBox, image_size, read_label_file
+
+log = logging.getLogger("yolo_backend.convert")
+
+LABELS_MODEL_VERSION = "yolo-labels"
+
+
+def boxes_to_detections(boxes: Sequence[YoloBox], width: int, height: int, names: Sequence[str],
+                        scores: Optional[Sequence[float]] = None) -> Detections:
+    """Normalised YOLO boxes as ``Detections`` in pixels (float64, so nothing is lost on the way to percent)."""
+    n = len(boxes)
+    xyxy = np.array([[(b.cx - b.w / 2) * width, (b.cy - b.h / 2) * height,
+                      (b.cx + b.w / 2) * width, (b.cy + b.h / 2) * height] for b in boxes],
+                    np.float64).reshape(n, 4)
+    score = np.ones(n) if scores is None else np.asarray(scores, np.float64)
+    return Detections(boxes=xyxy, scores=score, labels=np.array([b.class_id for b in boxes], np.int64),
+                      objectness=score.copy(), class_probs=np.zeros((n, len(names))), width=width, height=height,
+                      names=tuple(names))
+
+
+def regions_as_annotation(regions: list[dict]) -> list[dict]:
+    """Annotation results carry no per-region score."""
+    return [{k: v for k, v in region.items() if k != "score"} for region in regions]
+
+
+def make_task(target: RectangleTarget, image_ref: str, regions: Optional[list[dict]], as_annotations: bool,
+              model_version: str, score: Optional[float]) -> dict:
+    task: dict = {"data": {target.data_key: image_ref}}
+    if regions is None:
+        return task
+    if as_annotations:
+        task["annotations"] = [{"result": regions_as_annotation(regions)}]
+    else:
+        task["predictions"] = [task_prediction(regions, score, model_version)]
+    return task
+
+
+@dataclass
+class DatasetTasks:
+    tasks: list[dict]
+    images: list[Path]           # the image of each task, same order
+    labels: list[str]            # config label of each class id
+
+
+def dataset_to_tasks(layout: DatasetLayout, target: RectangleTarget, class_labels: Sequence[str], refs: ImageRefs,
+                     problems: ProblemLog, as_annotations: bool = False,
+                     model_version: str = LABELS_MODEL_VERSION, score: float = 1.0,
+                     progress: bool = False) -> DatasetTasks:
+    """One task per image of ``layout``; class id ``i`` becomes label ``class_labels[i]``."""
+    mapping = LabelMapping(tuple(class_labels))
+    tasks, images = [], []
+    for entry in _progress(layout.entries, progress, "reading labels"):
+        try:
+            width, height = image_size(entry.image)
+        except ConversionError as exc:
+            problems.report("unreadable image", entry.image, str(exc).split(": ", 1)[-1])
+            continue
+        ref = refs.ref(entry.image)
+        if entry.label_file is None:
+            problems.count("images without a label file")
+            regions = None
+        else:
+            boxes = read_label_file(entry.label_file, len(class_labels), problems)
+            problems.count("boxes", len(boxes))
+            if not boxes:
+                problems.count("empty label files")
+            detections = boxes_to_detections(boxes, width, height, class_labels)
+            regions = detections_to_regions(detections, target, mapping, model_version, task_key=ref)
+        tasks.append(make_task(target, ref, regions, as_annotations, model_version, score))
+        images.append(entry.image)
+    problems.count("tasks", len(tasks))
+    return DatasetTasks(tasks, images, list(class_labels))
+
+
+def _progress(items: Sequence, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="img", leave=False)
+
+
+# --- detections ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class DetectOptions:
+    """How to run the checkpoint (defaults: the backend's settings, so imported predictions match served ones)."""
+
+    img_size: int = 640
+    threshold: float = 0.25       # boxes shown (MODEL_SCORE_THRESHOLD)
+    score_floor: float = 0.05     # detections feeding the task score (SCORE_FLOOR)
+    iou: float = 0.45
+    max_det: int = 300
+    task_score: str = "uncertainty"
+    batch_size: int = 8
+    device: str = "auto"
+    torch_threads: int = 0
+    half: bool = False
+
+    @classmethod
+    def from_settings(cls, settings) -> "DetectOptions":
+        return cls(img_size=settings.img_size, threshold=settings.model_score_threshold,
+                   score_floor=settings.score_floor, iou=settings.iou_threshold, max_det=settings.max_detections,
+                   task_score=settings.task_score, batch_size=settings.predict_batch_size, device=settings.device,
+                   torch_threads=settings.torch_threads, half=settings.half)
+
+
+def load_checkpoint_detector(weights: Path, options: DetectOptions):
+    """(Detector, class names, model_version) for a checkpoint; torch is imported here, not at module import."""
+    from ..registry import checkpoint_version
+    from ..yolov7 import CheckpointError, Detector, load_model
+    from ..yolov7.device import configure_threads, select_device
+
+    if not Path(weights).is_file():
+        raise ConversionError(f"{weights}: no such checkpoint file")
+    try:
+        device = select_device(options.device)
+        if device.type == "cpu":
+            configure_threads(options.torch_threads)
+        model = load_model(str(weights), device=str(device))
+    except CheckpointError as exc:
+        raise ConversionError(str(exc)) from None
+    detector = Detector(model, img_size=options.img_size, conf=min(options.score_floor, options.threshold),
+                        iou=options.iou, max_det=options.max_det, half=options.half,
+                        batch_size=options.batch_size)
+    return detector, tuple(model.names), checkpoint_version(weights)
+
+
+def _chunks(items: Sequence[Path], size: int) -> Iterator[list[Path]]:
+    for start in range(0, len(items), size):
+        yield list(items[start:start + size])
+
+
+def detections_to_tasks(detector, names: Sequence[str], model_version: str, images: Sequence[Path],
+                        target: RectangleTarget, refs: ImageRefs, problems: ProblemLog, options: DetectOptions,
+                        label_map: Optional[dict] = None, as_annotations: bool = False,
+                        progress: bool = True) -> DatasetTasks:
+    """Run ``detector`` over ``images`` in batches and make one task per image with its prediction.
+
+    Boxes at or above ``options.threshold`` are shown (with their scores); the task score comes from every
+    detection above ``options.score_floor`` (``yolo_backend.active_learning.task_score``), as the server does.
+    An unreadable image is reported and left out.
+    """
+    from ..active_learning import task_score
+    from ..yolov7.preprocess import ImageReadError, read_image
+
+    labels = list(target.labels) or list(names)
+    try:
+        mapping = map_classes_to_labels(names, labels, label_map)
+    except LabelConfigError as exc:
+        raise ConversionError(str(exc)) from None
+    for i in mapping.skipped_classes:
+        log.warning("class %r of the checkpoint has no label in the config; its boxes are left out", names[i])
+    tasks, done = [], []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(images), desc="detecting", unit="img")
+    try:
+        for chunk in _chunks(list(images), max(1, options.batch_size)):
+            pixels, paths = [], []
+            for path in chunk:
+                try:
+                    pixels.append(read_image(path))
+                    paths.append(path)
+                except ImageReadError as exc:
+                    problems.report("unreadable image", path, str(exc).split(": ", 1)[-1])
+            found_all = (detector.detect(pixels, conf=min(options.score_floor, options.threshold))
+                         if pixels else [])
+            for path, found in zip(paths, found_all):
+                ref = refs.ref(path)
+                shown = found.above(options.threshold)
+                regions = detections_to_regions(shown, target, mapping, model_version, task_key=ref)
+                score = task_score(found, options.task_score, options.threshold, options.score_floor)
+                problems.count("boxes", len(regions))
+                tasks.append(make_task(target, ref, regions, as_annotations, model_version, score))
+                done.append(path)
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
+    problems.count("tasks", len(tasks))
+    return DatasetTasks(tasks, done, labels)
+
+
+def iter_image_files(folder: Path) -> list[Path]:
+    """Images of a folder (any depth), sorted; a single image file is accepted too."""
+    from .yolo_files import is_image, list_images
+
+    folder = Path(folder)
+    if folder.is_file():
+        if not is_image(folder):
+            raise ConversionError(f"{folder}: not an image file")
+        return [folder]
+    if not folder.is_dir():
+        raise ConversionError(f"{folder}: no such folder of images")
+    images = list_images(folder)
+    if not images:
+        raise ConversionError(f"{folder}: no images found")
+    return images
