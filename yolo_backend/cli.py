@@ -56,11 +56,11 @@ def _require_file(weights: str) -> None:
         raise CliError(f"{weights}: no such checkpoint file")
 
 
-def _load(weights: str, device: str):
+def _load(weights: str, device: str, backend: Optional[str] = None):
     _require_file(weights)
     from .yolov7.checkpoint import load_model
 
-    return load_model(weights, device=device)
+    return load_model(weights, device=device, backend=backend)
 
 
 # --- detect -----------------------------------------------------------------------------------------------------
@@ -80,6 +80,8 @@ def _add_detect(subparsers) -> None:
     p.add_argument("--half", action="store_true", default=None, help="fp16 inference on CUDA")
     p.add_argument("--batch-size", type=int, help="images per forward pass (default 8)")
     p.add_argument("--threads", type=int, help="CPU threads, 0 = auto (default)")
+    p.add_argument("--backend", choices=("auto", "torch", "onnxruntime"),
+                   help="inference backend (default: INFERENCE_BACKEND, auto = ONNX Runtime on the CPU)")
     p.add_argument("--json", metavar="OUT", help="write the detections as JSON to this file ('-' for stdout)")
     p.set_defaults(handler=_run_detect)
 
@@ -94,7 +96,7 @@ def _run_detect(args) -> int:
     device = select_device(_pick(args.device, settings.device))
     if device.type == "cpu":
         configure_threads(_pick(args.threads, settings.torch_threads))
-    model = _load(args.weights, str(device))
+    model = _load(args.weights, str(device), _pick(args.backend, settings.inference_backend))
     detector = Detector(model, img_size=_pick(args.img_size, settings.img_size),
                         conf=_pick(args.conf, settings.model_score_threshold),
                         iou=_pick(args.iou, settings.iou_threshold),
@@ -197,9 +199,149 @@ def _run_serve(args) -> int:
     return serve(args.host, args.port)
 
 
+# --- worker -----------------------------------------------------------------------------------------------------
+
+def _add_worker(subparsers) -> None:
+    p = subparsers.add_parser("worker", help="run the RQ worker that trains models (training jobs)",
+                              description="Run an RQ worker on RQ_QUEUE_NAME at REDIS_URL (or REDIS_HOST/PORT).")
+    p.add_argument("--url", help="Redis URL (default: REDIS_URL, else redis://REDIS_HOST:REDIS_PORT/0)")
+    p.add_argument("--queue", help="queue name (default: RQ_QUEUE_NAME)")
+    p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    p.add_argument("--simple", action="store_true", help="run jobs in this process instead of a forked one")
+    p.add_argument("--name", help="worker name (default: generated)")
+    p.set_defaults(handler=_run_worker)
+
+
+def _run_worker(args) -> int:
+    import logging
+
+    from .jobs.worker import run_worker
+
+    settings = _settings()
+    logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
+                        format="[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s")
+    run_worker(settings, redis_url=args.url, queue_name=args.queue, burst=args.burst, simple=args.simple,
+               name=args.name)
+    return 0
+
+
+# --- train / val ----------------------------------------------------------------------------------------------
+
+def _add_train(subparsers) -> None:
+    p = subparsers.add_parser("train", help="fine-tune a checkpoint (or a random init) on a YOLO dataset",
+                              description="Fine-tune on a YOLO-format dataset (data.yaml or a folder with images/ "
+                                          "and labels/) and write our checkpoint format; the best EMA weights on "
+                                          "the validation split are kept.")
+    p.add_argument("--data", required=True, help="data.yaml or dataset folder")
+    p.add_argument("--weights", default=None,
+                   help="start checkpoint (ours or official YOLOv7); omit for a random init of --graph")
+    p.add_argument("--graph", default="yolov7-tiny", help="graph for a random init (yolov7-tiny, yolov7)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--img-size", type=int, default=640, help="training and validation size (multiple of 32)")
+    p.add_argument("--out", required=True, help="checkpoint file to write")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--time-budget", type=float, default=None, help="most seconds for the whole run")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: DEVICE setting)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes (0 = in process)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads, 0 = auto (default: TORCH_THREADS)")
+    p.add_argument("--assigner", choices=["ratio", "ota"], default="ratio", help="target assignment")
+    p.add_argument("--no-mosaic", action="store_true", help="turn mosaic (and mixup) off")
+    p.add_argument("--onnx", action="store_true", help="also export <out>.onnx")
+    p.set_defaults(handler=_run_train)
+
+
+def _run_train(args) -> int:
+    settings = _settings()
+    from .yolov7.device import configure_threads, select_device
+    from .yolov7.metrics import format_table
+    from .yolov7.train import TrainConfig, fine_tune
+
+    if args.weights:
+        _require_file(args.weights)
+    device = select_device(_pick(args.device, settings.device))
+    if device.type == "cpu":
+        configure_threads(_pick(args.threads, settings.torch_threads))
+    config = TrainConfig(data=args.data, weights=args.weights, graph=args.graph, epochs=args.epochs,
+                         img_size=args.img_size, out=args.out, batch_size=args.batch_size,
+                         time_budget=args.time_budget, device=str(device), seed=args.seed, workers=args.workers,
+                         assigner=args.assigner, export_onnx=args.onnx)
+    if args.no_mosaic:
+        config.mosaic = config.mixup = 0.0
+    try:
+        config.validate()
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    _log_to_stderr()
+    result = fine_tune(config)
+    if result.metrics:
+        print(format_table(result.metrics))
+    print(f"best epoch {result.best_epoch + 1} of {result.epochs_run}, {result.seconds:.0f} s -> {result.path}"
+          + (f" (+ {result.onnx_path})" if result.onnx_path else ""))
+    return 0
+
+
+def _add_val(subparsers) -> None:
+    p = subparsers.add_parser("val", help="mAP of a checkpoint on a YOLO dataset's validation split",
+                              description="Evaluate like the reference test.py (conf 0.001, NMS IoU 0.65): "
+                                          "mAP@0.5 and mAP@0.5:0.95 per class, precision/recall at the serving "
+                                          "threshold.")
+    p.add_argument("--data", required=True, help="data.yaml, dataset folder, or a folder of images (labels beside)")
+    p.add_argument("--weights", required=True, help="checkpoint (.pt), official YOLOv7 or ours")
+    p.add_argument("--img-size", type=int, default=640)
+    p.add_argument("--split", choices=["val", "train"], default="val",
+                   help="which split of a dataset with both (a folder of images is used as is)")
+    p.add_argument("--conf", type=float, default=0.001)
+    p.add_argument("--iou", type=float, default=0.65)
+    p.add_argument("--serve-conf", type=float, default=None,
+                   help="threshold for precision/recall (default: MODEL_SCORE_THRESHOLD, 0.25)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: DEVICE setting)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads, 0 = auto (default: TORCH_THREADS)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(handler=_run_val)
+
+
+def _run_val(args) -> int:
+    settings = _settings()
+    from .yolov7.dataset import load_data
+    from .yolov7.device import configure_threads, select_device
+    from .yolov7.metrics import format_table
+    from .yolov7.train import evaluate
+
+    _require_file(args.weights)
+    device = select_device(_pick(args.device, settings.device))
+    if device.type == "cpu":
+        configure_threads(_pick(args.threads, settings.torch_threads))
+    spec = load_data(args.data)
+    samples = spec.val if args.split == "val" and spec.val else spec.train
+    if args.split == "val" and not spec.val:
+        print(f"note: {args.data} has no validation split; evaluating its {len(samples)} images", file=sys.stderr)
+    if not samples:
+        raise CliError(f"{args.data}: no images to evaluate")
+    model = _load(args.weights, str(device))
+    if len(spec.names) != model.nc:
+        raise CliError(f"{args.data} has {len(spec.names)} classes but {args.weights} predicts {model.nc}")
+    names = list(model.names) if all(n.startswith("class") for n in spec.names) else spec.names
+    metrics = evaluate(model, samples, names, args.img_size, args.conf, args.iou, batch_size=args.batch_size,
+                       serve_conf=_pick(args.serve_conf, settings.model_score_threshold))
+    if args.json:
+        print(json.dumps(metrics, indent=1))
+    else:
+        print(format_table(metrics))
+    return 0
+
+
+def _log_to_stderr() -> None:
+    import logging
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+
+
 # --- entry point ------------------------------------------------------------------------------------------------
 
-COMMANDS: list[Callable] = [_add_detect, _add_info, _add_serve]
+COMMANDS: list[Callable] = [_add_detect, _add_info, _add_serve, _add_worker, _add_train, _add_val]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,7 +362,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     if "yolo_backend.yolov7.checkpoint" in sys.modules:
         errors.append(sys.modules["yolo_backend.yolov7.checkpoint"].CheckpointError)
     for name, attr in (("yolo_backend.yolov7.preprocess", "ImageReadError"),
-                       ("yolo_backend.yolov7.device", "DeviceError")):
+                       ("yolo_backend.yolov7.device", "DeviceError"),
+                       ("yolo_backend.yolov7.dataset", "DatasetError")):
         if name in sys.modules:
             errors.append(getattr(sys.modules[name], attr))
     return tuple(errors)

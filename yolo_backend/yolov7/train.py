@@ -1,0 +1,670 @@
+"""Fine-tuning: one ``TrainConfig`` holding every setting, plain ``train_one_epoch`` / ``evaluate`` functions and
+``fine_tune(config, callback) -> TrainResult``.
+
+The recipe is the reference's (yolov7-tiny scratch hyper-parameters, facts only, written for this project):
+SGD with Nesterov momentum in three parameter groups (weight decay on conv weights only; BatchNorm weights,
+implicit parameters and biases without), warmup then a cosine (or linear) decay to ``lr0 * lrf``, gradients
+accumulated to a nominal batch of 64, EMA weights evaluated and saved, AMP on CUDA only.
+
+What differs for small data sets: the warmup is ``max(warmup_epochs x iterations per epoch, warmup_min_iters)``
+but at most half of the run (the reference's fixed minimum of 1000 iterations would be the whole job), the EMA
+ramp constant is a setting, and a time budget bounds a job: after each epoch the schedule is re-planned to the
+number of epochs that fit, so the learning rate still decays to its end value within the budget.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from . import graphs
+from .boxes import nms, xywh_to_xyxy
+from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from .dataset import (AugmentConfig, DataSpec, DatasetError, EvalSet, Sample, TrainingSet, check_classes, collate,
+                      load_data)
+from .detect import Detector
+from .device import configure_threads, select_device
+from .ema import ModelEMA
+from .layers import ImplicitA, ImplicitM
+from .loss import LossGains, YoloLoss
+from .metrics import DetectionMetrics, fitness
+from .model import YOLOv7, build_model
+from .preprocess import PAD_VALUE, Letterboxed, scale_boxes_back
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[Dict[str, Any]], None]
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a fine-tuning run. Defaults: the reference's yolov7-tiny scratch recipe."""
+
+    # --- what to train on and from ---
+    data: Optional[str] = None            # data.yaml or dataset folder (or give train_samples/val_samples)
+    weights: Optional[str] = None         # start checkpoint (ours or reference); None = random init of `graph`
+    graph: str = "yolov7-tiny"            # graph for random init
+    width: float = 1.0                    # channel width multiplier for random init (small test graphs)
+    out: Optional[str] = None             # checkpoint to write (atomically); None = do not save
+    export_onnx: bool = False             # also write <out>.onnx
+    parent_version: Optional[str] = None  # recorded in the checkpoint's metadata
+    # --- run size ---
+    epochs: int = 30
+    img_size: int = 640
+    batch_size: int = 16
+    nominal_batch: int = 64               # gradients are accumulated up to this many images per step
+    workers: int = 0
+    device: str = "auto"
+    threads: int = 0                      # CPU threads; 0 = leave torch's setting as it is
+    seed: int = 0
+    time_budget: Optional[float] = None   # seconds for the whole run (training, evaluation, saving)
+    cache: bool = True                    # keep decoded, resized images in RAM
+    # --- optimiser and schedule ---
+    lr0: float = 0.01
+    lrf: float = 0.01
+    momentum: float = 0.937
+    weight_decay: float = 0.0005
+    warmup_epochs: float = 3.0
+    warmup_min_iters: int = 50
+    warmup_momentum: float = 0.8
+    warmup_bias_lr: float = 0.1
+    schedule: str = "cosine"              # cosine | linear
+    amp: bool = True                      # mixed precision, CUDA only
+    # --- loss ---
+    box: float = 0.05
+    obj: float = 1.0
+    cls: float = 0.5
+    obj_pw: float = 1.0
+    cls_pw: float = 1.0
+    anchor_t: float = 4.0
+    label_smoothing: float = 0.0
+    assigner: str = "ratio"               # ratio (reference ComputeLoss) | ota (OTA-style dynamic-k)
+    # --- augmentation ---
+    hsv_h: float = 0.015
+    hsv_s: float = 0.7
+    hsv_v: float = 0.4
+    degrees: float = 0.0
+    translate: float = 0.1
+    scale: float = 0.5
+    shear: float = 0.0
+    flipud: float = 0.0
+    fliplr: float = 0.5
+    mosaic: float = 1.0
+    mixup: float = 0.05
+    # --- EMA ---
+    ema: bool = True
+    ema_decay: float = 0.9999
+    ema_tau: float = 2000.0
+    # --- evaluation ---
+    eval_interval: int = 1                # evaluate every N epochs (and always after the last)
+    eval_conf: float = 0.001
+    eval_iou: float = 0.65
+    eval_batch_size: int = 8
+    eval_pad: float = 0.5                 # reference test loader: input = image at img_size + 0.5 stride, rounded up
+    serve_conf: float = 0.25              # precision/recall are reported at this threshold
+    val_fraction: float = 0.0             # with no validation split: hold out this fraction of train
+    progress: str = "auto"                # auto (bar on a terminal, log lines otherwise) | bar | log | none
+    # --- in-memory data (not saved in the checkpoint's settings) ---
+    names: Optional[List[str]] = None
+    train_samples: Optional[List[Sample]] = field(default=None, repr=False)
+    val_samples: Optional[List[Sample]] = field(default=None, repr=False)
+
+    def augment_config(self) -> AugmentConfig:
+        return AugmentConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AugmentConfig)})
+
+    def loss_gains(self) -> LossGains:
+        return LossGains(box=self.box, obj=self.obj, cls=self.cls, obj_pw=self.obj_pw, cls_pw=self.cls_pw,
+                         anchor_t=self.anchor_t, label_smoothing=self.label_smoothing)
+
+    def settings(self) -> Dict[str, Any]:
+        """The plain settings (for the checkpoint's metadata and logs)."""
+        skip = {"train_samples", "val_samples"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.img_size < 32 or self.img_size % 32:
+            raise ValueError("epochs and batch_size must be >= 1 and img_size a positive multiple of 32 "
+                             f"(got {self.epochs}, {self.batch_size}, {self.img_size})")
+        if self.schedule not in ("cosine", "linear"):
+            raise ValueError(f"schedule {self.schedule!r}: use cosine or linear")
+        if self.assigner not in ("ratio", "ota"):
+            raise ValueError(f"assigner {self.assigner!r}: use ratio or ota")
+        if self.progress not in ("auto", "bar", "log", "none"):
+            raise ValueError(f"progress {self.progress!r}: use auto, bar, log or none")
+        if self.data is None and not self.train_samples:
+            raise ValueError("nothing to train on: set data (a data.yaml or folder) or train_samples")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise ValueError(f"time_budget must be positive seconds, got {self.time_budget}")
+
+
+@dataclass
+class TrainResult:
+    path: Optional[Path]                   # checkpoint written (None when config.out is None)
+    onnx_path: Optional[Path]
+    metrics: Optional[Dict[str, Any]]      # of the kept (best) weights; None without validation data
+    best_epoch: int
+    epochs_run: int
+    stopped_by_budget: bool
+    seconds: float
+    history: List[Dict[str, Any]]
+    names: List[str]
+    model: YOLOv7 = field(repr=False)      # the kept weights, unfused, eval mode, on CPU
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model preparation
+# --------------------------------------------------------------------------------------------------------------
+
+def scale_graph_width(graph: Dict[str, Any], factor: float, divisor: int = 8) -> Dict[str, Any]:
+    """A copy of ``graph`` with every conv's output channels times ``factor`` (rounded up to ``divisor``)."""
+    if factor == 1.0:
+        return copy.deepcopy(graph)
+    scaled = copy.deepcopy(graph)
+    for layer in scaled["layers"]:
+        if layer[1] in ("conv", "repconv", "sppcspc"):
+            layer[2] = max(divisor, int(math.ceil(layer[2] * factor / divisor) * divisor))
+    scaled["name"] = f"{graph['name']}-w{factor:g}"
+    return scaled
+
+
+def _same_names(a: Sequence[str], b: Sequence[str]) -> bool:
+    return len(a) == len(b) and all(x.strip().lower() == y.strip().lower() for x, y in zip(a, b))
+
+
+def prepare_model(config: TrainConfig, names: Sequence[str]) -> Tuple[YOLOv7, Dict[str, Any]]:
+    """The training-form model to start from, and a description of where it came from (for the metadata).
+
+    * no weights: random init of ``config.graph`` (width-scaled by ``config.width``);
+    * a training-graph checkpoint with the same classes: loaded as is;
+    * otherwise (deploy graph, other classes): the training graph (IDetect head) of the same architecture,
+      every tensor whose name and shape fit copied, the rest (the head for new classes) re-initialised.
+    """
+    nc = len(names)
+    if not config.weights:
+        graph = scale_graph_width(graphs.get_graph(config.graph), config.width)
+        model = build_model(graph, nc, names=names)
+        log.info("starting from random init of %s (%d classes)", graph["name"], nc)
+        return model, {"start": "random", "graph": graph["name"]}
+    ckpt = load_checkpoint(config.weights)
+    origin = {"start": "checkpoint", "weights": str(config.weights), "source": ckpt.source,
+              "graph": ckpt.graph_name, "head": ckpt.head_type, "names": list(ckpt.names)}
+    if ckpt.source == "yolo-backend" and ckpt.metadata.get("name"):
+        origin["version"] = ckpt.metadata["name"]
+    if _same_names(ckpt.names, names) and ckpt.head_type == "IDetect":
+        model = model_from_checkpoint(ckpt, device="cpu", fuse=False)
+        model.names = list(names)
+        log.info("starting from %s (%s, same classes)", config.weights, ckpt.graph_name)
+        return model, origin
+    graph = copy.deepcopy(ckpt.graph)
+    graph["head"] = "IDetect"  # train the training graph; a Detect head's weights carry over (implicit = identity)
+    model = build_model(graph, nc, anchors=ckpt.anchors, strides=ckpt.strides, names=names)
+    target = model.state_dict()
+    same_classes = _same_names(ckpt.names, names)
+    head_prefix = f"model.{graphs.head_index(graph)}."
+    copied, skipped = 0, []
+    with torch.no_grad():
+        for key, value in target.items():
+            source = ckpt.state_dict.get(key)
+            new_head_conv = key.startswith(head_prefix + "m.") and not same_classes
+            if source is not None and tuple(source.shape) == tuple(value.shape) and not new_head_conv:
+                value.copy_(source)
+                copied += 1
+            else:
+                skipped.append(key)
+        if ckpt.head_type == "Detect":
+            # The IDetect implicit layers start as the identity so the transferred head computes as before.
+            for module in model.head.modules():
+                if isinstance(module, ImplicitA):
+                    module.implicit.zero_()
+                elif isinstance(module, ImplicitM):
+                    module.implicit.fill_(1.0)
+    model.load_state_dict(target)
+    reinit = sorted({k.rsplit(".", 1)[0] for k in skipped})
+    log.info("starting from %s (%s %s head, %d classes -> %d: %s): %d tensors transferred, re-initialised: %s",
+             config.weights, ckpt.graph_name, ckpt.head_type, ckpt.nc, nc, ", ".join(names), copied,
+             ", ".join(reinit) if reinit else "nothing")
+    origin.update({"transferred": copied, "reinitialised": reinit})
+    return model, origin
+
+
+def build_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD, Nesterov, three groups: 0 = BN weights and implicit parameters (no decay), 1 = other weights
+    (decay), 2 = biases (no decay; they get the warmup bias learning rate)."""
+    modules = dict(model.named_modules())
+    no_decay, decay, biases = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        owner = modules.get(name.rsplit(".", 1)[0]) if "." in name else model
+        if name.endswith(".bias"):
+            biases.append(param)
+        elif isinstance(owner, (nn.BatchNorm2d, ImplicitA, ImplicitM)):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    optimizer = torch.optim.SGD(no_decay, lr=lr, momentum=momentum, nesterov=True)
+    optimizer.add_param_group({"params": decay, "weight_decay": weight_decay})
+    optimizer.add_param_group({"params": biases})
+    return optimizer
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loop state, schedule, progress
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class LoopState:
+    """What the loop carries between iterations and epochs."""
+
+    iterations_per_epoch: int
+    warmup_iterations: int
+    accumulate: int
+    planned_epochs: int
+    iteration: int = 0           # global, over all epochs
+    last_step: int = -1
+    deadline: Optional[float] = None  # time.monotonic() after which the epoch stops early
+    stopped: bool = False
+
+
+def lr_factor(epoch: float, epochs: int, lrf: float, schedule: str) -> float:
+    """Multiplier of lr0 at ``epoch`` of ``epochs``: 1 -> lrf, cosine or linear."""
+    x = min(max(epoch / max(epochs, 1), 0.0), 1.0)
+    if schedule == "linear":
+        return (1 - x) * (1.0 - lrf) + lrf
+    return ((1 - math.cos(x * math.pi)) / 2) * (lrf - 1) + 1
+
+
+def warmup_iterations(config: TrainConfig, iterations_per_epoch: int) -> int:
+    """max(warmup_epochs x iterations/epoch, warmup_min_iters), at most half the planned iterations."""
+    if config.warmup_epochs <= 0:
+        return 0
+    wanted = max(round(config.warmup_epochs * iterations_per_epoch), config.warmup_min_iters)
+    return int(min(wanted, max(1, config.epochs * iterations_per_epoch // 2)))
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, state: LoopState, epoch: int) -> None:
+    """Epoch learning rate, and during warmup the ramps (bias lr down from warmup_bias_lr, others up from 0,
+    momentum up from warmup_momentum, accumulation up from 1 to the nominal batch)."""
+    target = config.lr0 * lr_factor(epoch, state.planned_epochs, config.lrf, config.schedule)
+    i, nw = state.iteration, state.warmup_iterations
+    full_accumulate = max(round(config.nominal_batch / config.batch_size), 1)
+    if i < nw:
+        state.accumulate = max(1, int(np.interp(i, [0, nw], [1, full_accumulate]).round()))
+        for j, group in enumerate(optimizer.param_groups):
+            group["lr"] = float(np.interp(i, [0, nw], [config.warmup_bias_lr if j == 2 else 0.0, target]))
+            group["momentum"] = float(np.interp(i, [0, nw], [config.warmup_momentum, config.momentum]))
+    else:
+        state.accumulate = full_accumulate
+        for group in optimizer.param_groups:
+            group["lr"] = target
+            group["momentum"] = config.momentum
+
+
+class Progress:
+    """tqdm bar on a terminal, else a log line every ~10% of an epoch; always the callback."""
+
+    def __init__(self, mode: str, callback: Optional[Callback]):
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "log"
+        self.mode, self.callback = mode, callback
+        self.bar = None
+
+    def emit(self, event: Dict[str, Any]) -> None:
+        if self.callback is not None:
+            try:
+                self.callback(dict(event))
+            except Exception:  # noqa: BLE001 - a reporting failure must not kill training
+                log.exception("training callback failed")
+
+    def start_epoch(self, epoch: int, epochs: int, total: int) -> None:
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", leave=False, file=sys.stderr)
+
+    def step(self, event: Dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{event['loss']:.3f}", lr=f"{event['lr']:.4f}", refresh=False)
+            self.bar.update(1)
+        elif self.mode == "log":
+            every = max(1, event["iterations"] // 10)
+            if (event["iteration"] + 1) % every == 0 or event["iteration"] + 1 == event["iterations"]:
+                log.info("train epoch=%d/%d iter=%d/%d loss=%.4f box=%.4f obj=%.4f cls=%.4f lr=%.5f elapsed=%.1fs",
+                         event["epoch"] + 1, event["epochs"], event["iteration"] + 1, event["iterations"],
+                         event["loss"], event["box"], event["obj"], event["cls"], event["lr"], event["elapsed"])
+        self.emit(event)
+
+    def end_epoch(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One epoch, evaluation
+# --------------------------------------------------------------------------------------------------------------
+
+def train_one_epoch(model: YOLOv7, loader, optimizer: torch.optim.Optimizer, loss_fn: YoloLoss,
+                    config: TrainConfig, state: LoopState, epoch: int, device: torch.device,
+                    ema: Optional[ModelEMA] = None, scaler: Optional[torch.amp.GradScaler] = None,
+                    progress: Optional[Progress] = None, started: Optional[float] = None) -> Dict[str, float]:
+    """Train for one pass over ``loader``; returns the mean losses {"box", "obj", "cls", "loss"}."""
+    model.train()
+    use_amp = scaler is not None and scaler.is_enabled()
+    sums = torch.zeros(4)
+    seen = 0
+    started = time.monotonic() if started is None else started
+    if progress is not None:
+        progress.start_epoch(epoch, state.planned_epochs, state.iterations_per_epoch)
+    optimizer.zero_grad(set_to_none=True)
+    for i, (images, targets) in enumerate(loader):
+        _set_lr(optimizer, config, state, epoch)
+        images = images.to(device, non_blocking=True).float() / 255.0
+        with torch.autocast(device_type=device.type, enabled=use_amp):
+            predictions = model(images)
+        loss, parts = loss_fn(predictions, targets.to(device))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, iteration {i + 1}; "
+                                     "lower lr0 or check the labels")
+        if use_amp:
+            scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        if state.iteration - state.last_step >= state.accumulate:
+            if use_amp:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(model)
+            state.last_step = state.iteration
+        state.iteration += 1
+        sums += parts.cpu()
+        seen += 1
+        if progress is not None:
+            means = (sums / seen).tolist()
+            progress.step({"phase": "train", "epoch": epoch, "epochs": state.planned_epochs, "iteration": i,
+                           "iterations": state.iterations_per_epoch, "box": means[0], "obj": means[1],
+                           "cls": means[2], "loss": means[3], "lr": optimizer.param_groups[1]["lr"],
+                           "elapsed": time.monotonic() - started})
+        if state.deadline is not None and time.monotonic() > state.deadline:
+            state.stopped = True
+            break
+    if progress is not None:
+        progress.end_epoch()
+    means = (sums / max(seen, 1)).tolist()
+    return {"box": means[0], "obj": means[1], "cls": means[2], "loss": means[3]}
+
+
+def eval_letterbox(image: np.ndarray, img_size: int, stride: int, pad: float) -> Letterboxed:
+    """Letterbox as the reference test loader does: the input shape is the image's shape at long side
+    ``img_size``, plus ``pad`` strides, rounded up to the stride (a 320 square becomes 352), the image
+    centred in it without resizing up. ``pad=0`` gives the detect pipeline's minimal padding."""
+    h, w = image.shape[:2]
+    long_side = max(h, w)
+    out_h = math.ceil(img_size * h / long_side / stride + pad) * stride
+    out_w = math.ceil(img_size * w / long_side / stride + pad) * stride
+    r = min(out_h / h, out_w / w, 1.0)
+    new_w, new_h = round(w * r), round(h * r)
+    if (new_w, new_h) != (w, h):
+        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    dw, dh = (out_w - new_w) / 2, (out_h - new_h) / 2
+    top, bottom = int(round(dh - 0.1)), int(round(dh + 0.1))
+    left, right = int(round(dw - 0.1)), int(round(dw + 0.1))
+    if top or bottom or left or right:
+        image = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT,
+                                   value=(PAD_VALUE, PAD_VALUE, PAD_VALUE))
+    return Letterboxed(np.ascontiguousarray(image), (new_w / w, new_h / h), (left, top), (w, h))
+
+
+def _decode_all_labels(prediction: torch.Tensor, conf: float, iou: float, max_det: int):
+    """Multi-label candidates (every class whose score passes ``conf``) and class-aware NMS, like the
+    reference test.py; boxes xyxy in letterboxed pixels."""
+    prediction = prediction[prediction[:, 4] > conf]
+    nc = prediction.shape[1] - 5
+    if nc == 1:
+        scores, labels = prediction[:, 4], torch.zeros(len(prediction), dtype=torch.long, device=prediction.device)
+        rows = torch.arange(len(prediction), device=prediction.device)
+    else:
+        class_scores = prediction[:, 5:] * prediction[:, 4:5]
+        rows, labels = (class_scores > conf).nonzero(as_tuple=True)
+        scores = class_scores[rows, labels]
+    if scores.numel() > 30000:
+        top = scores.topk(30000).indices
+        rows, labels, scores = rows[top], labels[top], scores[top]
+    boxes = xywh_to_xyxy(prediction[rows, :4])
+    kept = nms(boxes, scores, iou, labels=labels, max_det=max_det)
+    return boxes[kept], scores[kept], labels[kept]
+
+
+@torch.no_grad()
+def evaluate(model: YOLOv7, data: Union[EvalSet, Sequence[Sample]], names: Optional[Sequence[str]] = None,
+             img_size: int = 640, conf: float = 0.001, iou: float = 0.65, max_det: int = 300,
+             batch_size: int = 8, serve_conf: float = 0.25, multi_label: bool = True,
+             method: str = "coco", pad: float = 0.5) -> Dict[str, Any]:
+    """mAP@0.5, mAP@0.5:0.95 per class and precision/recall at ``serve_conf`` of ``model`` on ``data``.
+
+    Inference as the reference test.py: images at long side ``img_size`` padded by ``pad`` strides
+    (``eval_letterbox``), conf 0.001, class-aware NMS at IoU 0.65, every class above conf per box
+    (``multi_label``). Uses the detector's forward, decode and NMS.
+    The model is put in eval mode and returned to its previous mode.
+    """
+    eval_set = data if isinstance(data, EvalSet) else EvalSet(list(data), img_size)
+    names = list(names) if names is not None else list(model.names)
+    was_training = model.training
+    detector = Detector(model, img_size=img_size, conf=conf, iou=iou, max_det=max_det, batch_size=batch_size)
+    metrics = DetectionMetrics(names, serve_conf=serve_conf, method=method)
+    pending: List[Tuple[Any, np.ndarray, np.ndarray]] = []
+
+    def flush() -> None:
+        by_shape: Dict[Tuple[int, int], List[int]] = {}
+        for k, (boxed, _, _) in enumerate(pending):
+            by_shape.setdefault(boxed.shape, []).append(k)
+        for indices in by_shape.values():
+            predictions = detector.forward(np.stack([pending[k][0].image for k in indices]))
+            for row, k in enumerate(indices):
+                boxed, gt_boxes, gt_classes = pending[k]
+                if multi_label:
+                    boxes, scores, labels = _decode_all_labels(predictions[row], conf, iou, max_det)
+                    width, height = boxed.original_size
+                    boxes = scale_boxes_back(boxes.cpu().numpy(), boxed.ratio, boxed.pad, (width, height)) \
+                        if len(boxes) else np.zeros((0, 4), np.float32)
+                    scores, labels = scores.cpu().numpy(), labels.cpu().numpy()
+                else:
+                    det = detector.decode(predictions[row], boxed, conf)
+                    boxes, scores, labels = det.boxes, det.scores, det.labels
+                metrics.add(boxes, scores, labels, gt_boxes, gt_classes)
+        pending.clear()
+
+    try:
+        for image, gt_boxes, gt_classes in eval_set:
+            pending.append((eval_letterbox(image, img_size, detector.stride, pad), gt_boxes, gt_classes))
+            if len(pending) == batch_size:
+                flush()
+        if pending:
+            flush()
+    finally:
+        model.train(was_training)
+    return metrics.compute()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The whole run
+# --------------------------------------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _data(config: TrainConfig) -> DataSpec:
+    if config.train_samples:
+        names = config.names
+        if not names:
+            top = max((int(s.classes.max()) for s in config.train_samples if len(s.classes)), default=0)
+            names = [f"class{i}" for i in range(top + 1)]
+        spec = DataSpec(list(names), list(config.train_samples), list(config.val_samples or []))
+    else:
+        spec = load_data(config.data)
+        if config.names:
+            if len(config.names) != len(spec.names):
+                raise DatasetError(f"{config.data}: {len(spec.names)} classes but names gives {len(config.names)}")
+            spec.names = list(config.names)
+    if not spec.train:
+        raise DatasetError(f"{spec.source}: no training images")
+    check_classes(spec.train, len(spec.names), f"{spec.source} (train)")
+    check_classes(spec.val, len(spec.names), f"{spec.source} (val)")
+    if not spec.val and config.val_fraction > 0 and len(spec.train) > 1:
+        order = np.random.default_rng(config.seed).permutation(len(spec.train))
+        n_val = max(1, int(round(len(spec.train) * config.val_fraction)))
+        spec.val = [spec.train[i] for i in sorted(order[:n_val])]
+        spec.train = [spec.train[i] for i in sorted(order[n_val:])]
+    return spec
+
+
+def fine_tune(config: TrainConfig, callback: Optional[Callback] = None) -> TrainResult:
+    """Train ``config.weights`` (or a random init) on ``config``'s data; keep the best EMA weights by validation
+    fitness (the last ones without validation data); write them to ``config.out`` when set.
+
+    ``callback(dict)`` receives progress events: phase "setup", "train" (per iteration: epoch, iteration,
+    loss parts, lr), "eval" (epoch, metrics), "done" (metrics, path).
+    """
+    started = time.monotonic()
+    config.validate()
+    seed_everything(config.seed)
+    if config.threads > 0:
+        configure_threads(config.threads)
+    device = select_device(config.device)
+    progress = Progress(config.progress, callback)
+    progress.emit({"phase": "setup", "message": "reading data"})
+
+    spec = _data(config)
+    names = spec.names
+    model, origin = prepare_model(config, names)
+    model = model.to(device).train()
+    train_set = TrainingSet(spec.train, config.img_size, config.augment_config(), config.seed, config.cache)
+    eval_set = EvalSet(spec.val, config.img_size, config.cache) if spec.val else None
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=config.batch_size, shuffle=True, num_workers=config.workers, collate_fn=collate,
+        generator=torch.Generator().manual_seed(config.seed), persistent_workers=config.workers > 0,
+        pin_memory=device.type == "cuda")
+    loss_fn = YoloLoss.for_model(model, config.loss_gains(), config.img_size, config.assigner)
+    accumulate = max(round(config.nominal_batch / config.batch_size), 1)
+    weight_decay = config.weight_decay * config.batch_size * accumulate / config.nominal_batch
+    optimizer = build_optimizer(model, config.lr0, config.momentum, weight_decay)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = config.lr0
+    ema = ModelEMA(model, config.ema_decay, config.ema_tau) if config.ema else None
+    use_amp = config.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp) if use_amp else None
+    nb = len(loader)
+    state = LoopState(iterations_per_epoch=nb, warmup_iterations=warmup_iterations(config, nb),
+                      accumulate=accumulate, planned_epochs=config.epochs)
+    log.info("training %d images (%d negatives), validating on %d, %d classes (%s), img %d, batch %d "
+             "(accumulate %d), %d iterations/epoch, warmup %d iterations, device %s", len(spec.train),
+             sum(1 for s in spec.train if len(s.classes) == 0), len(spec.val), len(names), ", ".join(names),
+             config.img_size, config.batch_size, accumulate, nb, state.warmup_iterations, device)
+
+    history: List[Dict[str, Any]] = []
+    best_fitness, best_state, best_metrics, best_epoch = -1.0, None, None, -1
+    epoch_seconds: List[float] = []
+    eval_seconds = 0.0
+    save_reserve = 5.0 + (10.0 if config.export_onnx else 0.0)
+    epoch = 0
+    for epoch in range(config.epochs):
+        epoch_start = time.monotonic()
+        if config.time_budget is not None:
+            left = config.time_budget - (epoch_start - started) - save_reserve
+            if epoch_seconds:
+                per_epoch = float(np.mean(epoch_seconds[-3:]))
+                fits = int(left // per_epoch)
+                if fits < 1:
+                    break
+                # Re-plan the schedule so the learning rate reaches its end value within the budget.
+                state.planned_epochs = min(config.epochs, epoch + fits)
+            state.deadline = started + config.time_budget - save_reserve - eval_seconds
+        train_set.set_epoch(epoch)
+        losses = train_one_epoch(model, loader, optimizer, loss_fn, config, state, epoch, device, ema, scaler,
+                                 progress, started)
+        last = state.stopped or epoch + 1 >= state.planned_epochs
+        record: Dict[str, Any] = {"epoch": epoch, **losses}
+        kept_model = ema.ema if ema is not None else model
+        if eval_set is not None and ((epoch + 1) % config.eval_interval == 0 or last):
+            eval_start = time.monotonic()
+            progress.emit({"phase": "eval", "epoch": epoch, "epochs": state.planned_epochs,
+                           "message": "evaluating"})
+            metrics = evaluate(kept_model, eval_set, names, config.img_size, config.eval_conf, config.eval_iou,
+                               batch_size=config.eval_batch_size, serve_conf=config.serve_conf,
+                               pad=config.eval_pad)
+            eval_seconds = time.monotonic() - eval_start
+            record["metrics"] = metrics
+            score = fitness(metrics)
+            if score > best_fitness:
+                best_fitness, best_metrics, best_epoch = score, metrics, epoch
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in kept_model.state_dict().items()}
+        elif eval_set is None:
+            best_epoch = epoch
+            best_state = None  # the last weights are kept
+        record["seconds"] = time.monotonic() - epoch_start
+        epoch_seconds.append(record["seconds"])
+        history.append(record)
+        summary = {k: record[k] for k in ("box", "obj", "cls", "loss")}
+        m = record.get("metrics")
+        log.info("epoch %d/%d done in %.1fs: loss %.4f%s", epoch + 1, state.planned_epochs, record["seconds"],
+                 losses["loss"], f", mAP@.5 {m['map50']:.4f} mAP@.5:.95 {m['map']:.4f}" if m else "")
+        progress.emit({"phase": "epoch", "epoch": epoch, "epochs": state.planned_epochs, **summary,
+                       "metrics": m, "seconds": record["seconds"], "elapsed": time.monotonic() - started})
+        if last:
+            break
+    epochs_run = len(history)
+
+    final = copy.deepcopy(ema.ema if ema is not None else model).cpu().eval()
+    if best_state is not None:
+        final.load_state_dict(best_state)
+    path = onnx_path = None
+    if config.out:
+        metadata = {"kind": "fine-tuned", "metrics": best_metrics, "best_epoch": best_epoch,
+                    "epochs_run": epochs_run, "stopped_by_budget": state.stopped or epochs_run < config.epochs,
+                    "seconds": round(time.monotonic() - started, 1), "parent": config.parent_version or origin,
+                    "origin": origin, "data": spec.source, "train_images": len(spec.train),
+                    "val_images": len(spec.val), "training": config.settings()}
+        path = save_checkpoint(config.out, final, names, metadata, weights="ema" if ema is not None else "model")
+        log.info("saved %s", path)
+        if config.export_onnx:
+            onnx_path = export(final, Path(config.out).with_suffix(".onnx"), config.img_size)
+    seconds = time.monotonic() - started
+    progress.emit({"phase": "done", "metrics": best_metrics, "best_epoch": best_epoch, "epochs_run": epochs_run,
+                   "path": str(path) if path else None, "elapsed": seconds})
+    return TrainResult(path, onnx_path, best_metrics, best_epoch, epochs_run,
+                       state.stopped or epochs_run < config.epochs, seconds, history, list(names), final)
+
+
+def export(model: YOLOv7, path: Union[str, Path], img_size: int = 640) -> Optional[Path]:
+    """ONNX export of a fused copy (export.py); None (logged) when the export is unavailable or fails."""
+    try:
+        from .export import export_onnx
+    except ImportError:
+        log.warning("ONNX export unavailable (yolo_backend.yolov7.export missing); skipped")
+        return None
+    fused = copy.deepcopy(model).cpu().eval().fuse()
+    try:
+        return export_onnx(fused, path, img_size=(img_size, img_size))
+    except Exception as exc:  # noqa: BLE001 - the checkpoint is the product; the ONNX file is a convenience
+        log.warning("ONNX export failed: %s", exc)
+        return None
