@@ -26,9 +26,14 @@ def _configure_logging(level: str) -> None:
 
 def build_app(settings: Settings | None = None, **backend_kwargs):
     from model_backend import YOLOv7Backend
+    from yolo_backend.jobs.queue import TrainingQueue
     from yolo_backend.server.app import create_app
+    from yolo_backend.server.base import BackendContext
 
-    return create_app(YOLOv7Backend, settings=settings, **backend_kwargs)
+    settings = settings or Settings.from_env()
+    # Training requests go to the RQ queue (answered at once; a worker trains). No Redis connection is made here.
+    context = BackendContext.from_settings(settings, training=TrainingQueue.from_settings(settings))
+    return create_app(YOLOv7Backend, context=context, **backend_kwargs)
 
 
 def _parse_with(pairs: list[str]) -> tuple[dict, dict]:
@@ -75,7 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         from yolo_backend.server.base import BackendContext
 
         try:
-            model = BackendContext.from_settings(settings).models.get(None)
+            models = BackendContext.from_settings(settings).models
+            if models.source(None) is None:
+                # Not an error: each project gets an untrained model sized for its label config.
+                print(f"ok: no model configured (no MODEL_PATH, nothing published in {settings.model_dir}); each "
+                      "project starts from an untrained yolov7-tiny built for its label config (v0-untrained)")
+                return 0
+            model = models.get(None)
         except Exception as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

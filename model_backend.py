@@ -3,17 +3,19 @@
 Thin glue over the layers in ``yolo_backend``: the label config says where boxes go, the model holder gives the
 loaded detector, the image fetcher gets the task images, the detector finds boxes, active learning scores tasks,
 and ``labelstudio.results`` writes the JSON Label Studio stores. Also usable as the classic ``--script`` of
-``label-studio-ml init``.
+``label-studio-ml init`` (label-studio-ml 1.0.x): see ``_base_classes``.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 from yolo_backend.active_learning import task_score
 from yolo_backend.labelstudio.config import (
+    LabelConfigError,
     LabelMapping,
     find_rectangle_target,
     map_classes_to_labels,
@@ -41,13 +43,28 @@ def _log_once(key, level: int, message: str, *args) -> None:
         log.log(level, message, *args)
 
 
-class YOLOv7Backend(LabelStudioMLBase):
+def _base_classes() -> tuple:
+    """Our base class; plus the classic one when the label-studio-ml 1.0.x runtime has loaded it.
+
+    ``label-studio-ml init --script model_backend.py`` and the ``_wsgi.py`` it generates import
+    ``label_studio_ml.model`` before this script, and its server refuses a class that is not a subclass of its own
+    ``LabelStudioMLBase``. Our base comes first in the MRO, so our constructor and methods are the ones used. We
+    only look in ``sys.modules`` (never import it ourselves: importing it changes the multiprocessing start
+    method), and the classic class is not bound to a name here, so ``init`` finds exactly one backend class.
+    """
+    classic = getattr(sys.modules.get("label_studio_ml.model"), "LabelStudioMLBase", None)
+    if isinstance(classic, type) and classic is not LabelStudioMLBase:
+        return (LabelStudioMLBase, classic)
+    return (LabelStudioMLBase,)
+
+
+class YOLOv7Backend(*_base_classes()):
     """Predicts RectangleLabels boxes with per-region scores and an active-learning task score."""
 
     def setup(self) -> None:
         # Cheap: a registry name or the checkpoint's cached sha256; never loads the model.
         try:
-            self.model_version = self.context.models.version(self.project_id) or NO_MODEL_VERSION
+            self.model_version = self.context.models.version(self.project_id, self._labels()) or NO_MODEL_VERSION
         except (NoModelError, RegistryError) as exc:
             # Connecting and the other endpoints keep working; /predict answers with this message.
             _log_once(f"setup:{exc}", logging.ERROR, "no usable model: %s", exc)
@@ -68,7 +85,7 @@ class YOLOv7Backend(LabelStudioMLBase):
     def predict(self, tasks: list[dict], **kwargs: Any) -> list[dict]:
         settings = self.context.settings
         target = find_rectangle_target(self.parsed_label_config, settings.from_name)
-        model = self.context.models.get(self.project_id)
+        model = self.context.models.get(self.project_id, target.labels)
         self.model_version = model.version
         mapping = map_classes_to_labels(model.names, target.labels, parse_label_map(settings.label_map))
         self._log_skipped_classes(model.names, mapping, model.version)
@@ -91,10 +108,24 @@ class YOLOv7Backend(LabelStudioMLBase):
         return predictions
 
     def fit(self, event_or_annotations: Any, data: Optional[dict] = None, **kwargs: Any) -> dict:
-        raise NotImplementedError("training is not available in this version of the backend yet; predictions "
-                                  "work, and training requests are acknowledged without training")
+        """Train on every annotation of the project (read from Label Studio, not from ``data``), publish a new
+        version when it is not worse, and switch Label Studio to it. Runs in the RQ worker (see
+        yolo_backend/jobs/training.py); returns the run's summary (metrics, version, paths)."""
+        from yolo_backend.jobs.training import train_project
+
+        event = event_or_annotations if isinstance(event_or_annotations, str) else "START_TRAINING"
+        return train_project(self, event, progress=kwargs.get("progress"), trainer=kwargs.get("trainer"),
+                             job_id=kwargs.get("job_id"))
 
     # --- helpers --------------------------------------------------------------------------------------------
+    def _labels(self) -> tuple:
+        """The RectangleLabels labels of this project's label config ((): none usable). With nothing configured
+        they size the untrained model the backend starts from."""
+        try:
+            return tuple(find_rectangle_target(self.parsed_label_config, self.context.settings.from_name).labels)
+        except LabelConfigError:
+            return ()
+
     def _load_images(self, tasks: list[dict], data_key: str) -> list:
         """Each task's image as RGB, or None (with a log line naming the task and the reason)."""
 

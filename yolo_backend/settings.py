@@ -70,6 +70,10 @@ class Settings:
     torch_threads: int = setting(
         0, "CPU threads for inference; 0 picks the number of physical cores available to the process.")
     img_size: int = setting(640, "Inference size: the long side of the letterboxed image (multiple of 32).")
+    inference_backend: str = setting(
+        "auto", "`auto` (ONNX Runtime on the CPU when it imports, torch on CUDA), `torch` or `onnxruntime`.")
+    onnx_cache_dir: str = setting(
+        "./data/onnx-cache", "Where ONNX exports of checkpoints are kept (keyed by file hash) for ONNX Runtime.")
     # --- predictions -------------------------------------------------------------------------
     model_score_threshold: float = setting(
         0.25, "Boxes at or above this confidence are shown to the annotator.")
@@ -103,6 +107,22 @@ class Settings:
     redis_host: str = setting("localhost", "Redis host (classic setting).")
     redis_port: int = setting(6379, "Redis port (classic setting).")
     rq_queue_name: str = setting("default", "RQ queue that training jobs go to.")
+    # --- training (active-learning loop) -------------------------------------------------------
+    training_actions: str = setting(
+        "START_TRAINING", "Webhook actions that start training, comma-separated (e.g. add ANNOTATION_CREATED,"
+        "ANNOTATION_UPDATED for a Label Studio without START_TRAINING; 1.23 sends START_TRAINING first on submit, so "
+        "listing both would only coalesce). Empty: training off.")
+    train_epochs: int = setting(30, "Most epochs per training job (the time budget usually ends it first).")
+    train_time_budget_s: float = setting(
+        300.0, "Seconds one training job may train (evaluation and saving included); bounds a job on CPU.")
+    train_img_size: int = setting(320, "Training image size (multiple of 32); 320 keeps CPU training quick.")
+    train_batch_size: int = setting(8, "Training batch size.")
+    keep_versions: int = setting(5, "Published versions kept per project; older ones are deleted (0 keeps all).")
+    force_publish: bool = setting(
+        False, "Publish every trained model, even when it is worse on the validation split than the current one.")
+    repredict_unlabeled: bool = setting(
+        False, "After a publish, re-predict every unlabelled task and store the predictions in Label Studio "
+        "(else only one, enough to switch the project's model_version).")
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides: Any) -> "Settings":

@@ -1,0 +1,495 @@
+"""The server side of training: turn Label Studio's training triggers into RQ jobs, at once, and report on them.
+
+``TrainingQueue`` plugs into the server as ``BackendContext.training`` (``request``, ``status``, ``job_status``,
+``metrics``). A request costs one or two Redis round trips, so ``/webhook`` and ``/train`` answer in milliseconds.
+
+Per project at most one job runs and one waits:
+- ``waiting`` key (per project) names the job that has not started yet. A trigger while it exists *coalesces*
+  into it (the job reads every annotation when it starts, so it covers the trigger). The job deletes the key,
+  atomically, the moment it starts; the next trigger then queues a new waiting job.
+- the job holds a per-project lock while it trains, so two workers never train one project at once.
+
+Redis unreachable: Label Studio never resends a webhook, so the request is written to ``MODEL_DIR/pending/
+<project>.json`` (one file per project: a burst coalesces there too) and enqueued when Redis answers again, on
+the next request or by a light background thread that retries every few seconds.
+
+Which webhook actions train is the ``TRAINING_ACTIONS`` setting (default ``START_TRAINING``). Label Studio 1.23
+sends START_TRAINING before ANNOTATION_CREATED / ANNOTATION_UPDATED when "start training on annotation submission"
+is on, so training on the annotation events as well would only ever coalesce; other actions (TASKS_CREATED,
+PROJECT_UPDATED, ANNOTATIONS_DELETED, ...) are acknowledged and ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+from ..settings import Settings
+
+log = logging.getLogger(__name__)
+
+JOB_FUNCTION = "yolo_backend.jobs.training.run_training_job"
+# Statuses in which a job has not started yet (a trigger can still coalesce into it).
+NOT_STARTED = {"queued", "deferred", "scheduled", "created"}
+# How long finished/failed jobs (and their results) stay readable in Redis.
+RESULT_TTL_S = 7 * 24 * 3600
+# The job waits this long before reading the annotations: Label Studio sends START_TRAINING while it is still
+# saving the annotation that triggered it.
+SETTLE_S = 2.0
+# A running job refreshes its heartbeat key every LOCK_TTL_S / 4 seconds; without it for LOCK_TTL_S, the worker
+# running it is gone (killed) and the job is reported failed.
+LOCK_TTL_S = 60
+REDIS_CONNECT_TIMEOUT_S = 0.5
+REDIS_TIMEOUT_S = 3.0
+RETRY_INTERVAL_S = 5.0
+
+
+class Keys:
+    """Redis key names of the training queue (shared by the server and the job)."""
+
+    def __init__(self, queue_name: str):
+        self.prefix = f"yolo-backend:{queue_name}"
+
+    def waiting(self, project_id: int) -> str:
+        return f"{self.prefix}:project:{project_id}:waiting"
+
+    def lock(self, project_id: int) -> str:
+        return f"{self.prefix}:project:{project_id}:lock"
+
+    def last(self, project_id: int) -> str:
+        return f"{self.prefix}:project:{project_id}:last"
+
+    def alive(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:alive"
+
+    def coalesced(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:coalesced"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.prefix}:stats"
+
+
+# Reserve the waiting slot: returns {job id, 1} when ours was stored, {existing id, 0} otherwise.
+_RESERVE = """
+local current = redis.call('GET', KEYS[1])
+if current then return {current, 0} end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', 30)
+return {ARGV[1], 1}
+"""
+# Replace a stale waiting id (its job started or vanished without clearing the key) only if it is still there.
+_REPLACE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2], 'EX', 30) return 1 end
+return 0
+"""
+# The job exists now: the reservation no longer expires (until the job starts and deletes it).
+_CONFIRM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PERSIST', KEYS[1]) end
+return 0
+"""
+# Delete a key only if it holds our value (a job clearing its waiting slot or releasing its lock).
+DELETE_IF_EQUAL = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def training_actions(settings: Settings) -> set[str]:
+    return {a.strip().upper() for a in (settings.training_actions or "").split(",") if a.strip()}
+
+
+def job_timeout(settings: Settings) -> int:
+    """RQ kills a job after this many seconds: the training budget plus room for downloads, evaluation and
+    re-predicting (RQ's default of 180 s would kill every real training job)."""
+    return int(max(600.0, 2 * settings.train_time_budget_s + 900.0))
+
+
+class TrainingQueue:
+    """Training requests -> RQ jobs on ``settings.rq_queue_name`` at ``settings.effective_redis_url``."""
+
+    def __init__(self, settings: Settings, redis_url: Optional[str] = None, queue_name: Optional[str] = None,
+                 pending_dir: Optional[str | os.PathLike] = None, job_options: Optional[dict] = None,
+                 retry_interval: float = RETRY_INTERVAL_S):
+        self.settings = settings
+        self.redis_url = redis_url or settings.effective_redis_url
+        self.queue_name = queue_name or settings.rq_queue_name
+        self.pending_dir = Path(pending_dir) if pending_dir else Path(settings.model_dir) / "pending"
+        # Passed to every job: settle_s, lock_ttl, trainer (a "module:function" seam for tests).
+        self.job_options = {"settle_s": SETTLE_S, "lock_ttl": LOCK_TTL_S, **(job_options or {})}
+        self.retry_interval = retry_interval
+        self.keys = Keys(self.queue_name)
+        self._connection = None
+        self._lock = threading.Lock()
+        self._retry_thread: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+        self._redis_down_since: Optional[float] = None
+        self.counters = {"requests": 0, "ignored": 0, "enqueued": 0, "coalesced": 0, "pending_recorded": 0,
+                         "pending_enqueued": 0}
+        if self.pending():  # saved while Redis was down, before a restart: queue them when Redis answers
+            self._ensure_retry_thread()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "TrainingQueue":
+        return cls(settings)
+
+    # --- Redis ------------------------------------------------------------------------------------------
+    def connection(self):
+        """One Redis client per process (thread-safe pool), with short timeouts so a dead Redis answers fast."""
+        with self._lock:
+            if self._connection is None:
+                from redis import Redis
+
+                self._connection = Redis.from_url(self.redis_url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+                                                  socket_timeout=REDIS_TIMEOUT_S, health_check_interval=30)
+            return self._connection
+
+    def queue(self):
+        from rq import Queue
+
+        return Queue(self.queue_name, connection=self.connection())
+
+    @staticmethod
+    def _redis_errors() -> tuple[type[BaseException], ...]:
+        from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+
+        return (RedisConnectionError, RedisTimeoutError, OSError)
+
+    # --- requests ---------------------------------------------------------------------------------------
+    def request(self, project_id: Optional[int], event: str, payload: Optional[dict] = None) -> dict:
+        """A training trigger: enqueue (or coalesce, or record while Redis is down) and answer at once."""
+        self._count("requests")
+        event = (event or "").strip().upper()
+        if event not in training_actions(self.settings):
+            self._count("ignored")
+            log.debug("webhook %s for project %s: not a training action (TRAINING_ACTIONS=%s), ignored", event,
+                      project_id, self.settings.training_actions)
+            return {"status": "ignored", "action": event}
+        if project_id is None:
+            self._count("ignored")
+            log.warning("training request %s without a project id ignored (Label Studio sends the project with "
+                        "every webhook; check the sender)", event)
+            return {"status": "ignored", "action": event, "error": "no project id in the request"}
+        self._ensure_retry_thread()
+        info = {"event": event, "source": (payload or {}).get("source", "/webhook"), "requested_at": time.time()}
+        try:
+            self.flush_pending()
+            result = self._enqueue(project_id, info)
+        except self._redis_errors() as exc:
+            self._record_pending(project_id, info, exc)
+            return {"job": None, "status": "pending", "project": project_id,
+                    "message": f"Redis at {self._safe_url()} is unreachable ({type(exc).__name__}); the request "
+                               f"is saved in {self.pending_dir} and will be queued when Redis is back"}
+        self._redis_down_since = None
+        return result
+
+    def _enqueue(self, project_id: int, info: dict) -> dict:
+        connection = self.connection()
+        waiting_key = self.keys.waiting(project_id)
+        new_id = f"train-{project_id}-{uuid.uuid4().hex[:12]}"
+        for _ in range(5):
+            current, stored = connection.eval(_RESERVE, 1, waiting_key, new_id)
+            current = current.decode() if isinstance(current, bytes) else current
+            if stored:
+                return self._create_job(project_id, new_id, info)
+            if self._still_waiting(current, waiting_key):
+                connection.incr(self.keys.coalesced(current))
+                self._count("coalesced")
+                log.info("training request %s for project %s coalesced into waiting job %s", info["event"],
+                         project_id, current)
+                return {"job": current, "status": "coalesced", "project": project_id}
+            # The waiting id is stale (its job started or vanished without clearing the key): take its place.
+            if connection.eval(_REPLACE, 1, waiting_key, current, new_id):
+                return self._create_job(project_id, new_id, info)
+        raise RuntimeError(f"could not reserve a training job for project {project_id} (the waiting slot keeps "
+                           "changing); try again")
+
+    def _still_waiting(self, job_id: str, waiting_key: str) -> bool:
+        from rq.exceptions import NoSuchJobError
+        from rq.job import Job
+
+        try:
+            job = Job.fetch(job_id, connection=self.connection())
+        except NoSuchJobError:
+            # A reservation whose job is being created right now still has its expiry; a persisted id without a
+            # job is a leftover.
+            return self.connection().ttl(waiting_key) > 0
+        return job.get_status(refresh=False) in NOT_STARTED
+
+    def _create_job(self, project_id: int, job_id: str, info: dict) -> dict:
+        connection = self.connection()
+        try:
+            job = self.queue().enqueue(
+                JOB_FUNCTION, project_id, info["event"], {"source": info["source"]}, self.job_options,
+                job_id=job_id, job_timeout=job_timeout(self.settings), result_ttl=RESULT_TTL_S,
+                failure_ttl=RESULT_TTL_S, description=f"train project {project_id} ({info['event']})",
+                meta={"project": project_id, "event": info["event"], "requested_at": info["requested_at"],
+                      "phase": "queued"})
+        except BaseException:
+            try:
+                connection.eval(DELETE_IF_EQUAL, 1, self.keys.waiting(project_id), job_id)
+            except Exception:  # Redis went away: the id has no job, and is replaced as stale later
+                pass
+            raise
+        connection.eval(_CONFIRM, 1, self.keys.waiting(project_id), job_id)
+        connection.set(self.keys.last(project_id), job.id)
+        self._count("enqueued")
+        log.info("training job %s queued for project %s (%s)", job.id, project_id, info["event"])
+        return {"job": job.id, "status": "queued", "project": project_id}
+
+    # --- Redis down: durable pending requests -----------------------------------------------------------
+    def _pending_path(self, project_id: int) -> Path:
+        return self.pending_dir / f"project-{int(project_id)}.json"
+
+    def _record_pending(self, project_id: int, info: dict, exc: BaseException) -> None:
+        path = self._pending_path(project_id)
+        try:
+            previous = json.loads(path.read_text())
+        except (OSError, ValueError):
+            previous = {}
+        record = {"project": project_id, "event": info["event"], "source": info["source"],
+                  "first_requested_at": previous.get("first_requested_at", info["requested_at"]),
+                  "last_requested_at": info["requested_at"], "requests": int(previous.get("requests", 0)) + 1}
+        try:
+            _write_json_atomic(path, record)
+        except OSError as write_error:
+            log.error("training request for project %s is LOST: Redis is unreachable (%s) and %s cannot be "
+                      "written (%s); fix MODEL_DIR permissions or start Redis, then press Train in Label Studio",
+                      project_id, exc, path, write_error)
+            return
+        self._count("pending_recorded")
+        if self._redis_down_since is None:
+            self._redis_down_since = time.time()
+            log.warning("Redis at %s is unreachable (%s): training request for project %s saved in %s; it is "
+                        "queued as soon as Redis answers (start Redis or check REDIS_URL)", self._safe_url(), exc,
+                        project_id, path)
+
+    def pending(self) -> list[dict]:
+        records = []
+        for path in sorted(self.pending_dir.glob("project-*.json")):
+            try:
+                records.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue
+        return records
+
+    def flush_pending(self) -> int:
+        """Queue every saved request (Redis is back). Returns how many were queued. Raises the Redis error when
+        Redis is still unreachable (the files stay)."""
+        try:
+            paths = sorted(self.pending_dir.glob("project-*.json"))
+        except OSError:
+            return 0
+        done = 0
+        for path in paths:
+            # Claim the file by renaming it, so several server processes do not queue it twice.
+            claim = path.with_name(f"{path.name}.claim-{uuid.uuid4().hex[:8]}")
+            try:
+                os.rename(path, claim)
+            except OSError:
+                continue
+            try:
+                record = json.loads(claim.read_text())
+                project_id = int(record["project"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.error("unreadable pending training request %s (%s): removed", claim, exc)
+                claim.unlink(missing_ok=True)
+                continue
+            try:
+                self._enqueue(project_id, {"event": record.get("event", "START_TRAINING"),
+                                           "source": "pending", "requested_at": record.get("last_requested_at",
+                                                                                           time.time())})
+            except BaseException:
+                if not path.exists():
+                    os.rename(claim, path)  # still pending
+                else:
+                    claim.unlink(missing_ok=True)  # a newer request for the project is already saved
+                raise
+            claim.unlink(missing_ok=True)
+            done += 1
+            self._count("pending_enqueued")
+            log.info("queued the training request for project %s saved while Redis was unreachable "
+                     "(%d request(s) since %s)", project_id, record.get("requests", 1),
+                     time.strftime("%H:%M:%S", time.localtime(record.get("first_requested_at", time.time()))))
+        return done
+
+    def _ensure_retry_thread(self) -> None:
+        """Start (once per process, after any fork) the thread that queues saved requests when Redis is back."""
+        if self._retry_thread is not None and self._retry_thread.is_alive():
+            return
+        with self._lock:
+            if self._retry_thread is not None and self._retry_thread.is_alive():
+                return
+            self._retry_thread = threading.Thread(target=self._retry_loop, name="training-pending-retry",
+                                                  daemon=True)
+            self._retry_thread.start()
+
+    def _retry_loop(self) -> None:
+        while not self._stop.wait(self.retry_interval):
+            try:
+                if any(self.pending_dir.glob("project-*.json")):
+                    self.flush_pending()
+                    self._redis_down_since = None
+            except self._redis_errors():
+                continue  # still down; logged once when it went down
+            except Exception:
+                log.exception("queueing saved training requests failed; retrying in %.0f s", self.retry_interval)
+
+    def close(self) -> None:
+        self._stop.set()
+
+    # --- status -----------------------------------------------------------------------------------------
+    def status(self, project_id: Optional[int]) -> dict:
+        """/is_training: whether a job of the project runs, and the running / waiting / last job."""
+        pending = [r for r in self.pending() if project_id is None or r.get("project") == project_id]
+        base = {"is_training": False, "job": None, "pending_requests": len(pending)}
+        if project_id is None:
+            return base
+        try:
+            self._ensure_retry_thread()
+            connection = self.connection()
+            waiting = _text(connection.get(self.keys.waiting(project_id)))
+            last = _text(connection.get(self.keys.last(project_id)))
+            running = _text(connection.get(self.keys.lock(project_id)))
+            job_id = running or last
+            job = self.job_status(job_id) if job_id else None
+        except self._redis_errors() as exc:
+            return {**base, "redis": f"unreachable: {type(exc).__name__}"}
+        is_training = bool(job and job.get("status") == "started")
+        return {**base, "is_training": is_training, "job": job_id, "waiting_job": waiting,
+                "status": job.get("status") if job else None, "phase": job.get("phase") if job else None,
+                "progress": job.get("progress") if job else None}
+
+    def job_status(self, job_id: str) -> dict:
+        """/job_status: state, phase, progress (epoch, loss, metrics), error, result and log file of a job."""
+        from rq.exceptions import NoSuchJobError
+        from rq.job import Job
+
+        try:
+            connection = self.connection()
+            try:
+                job = Job.fetch(job_id, connection=connection)
+            except NoSuchJobError:
+                return {"job": job_id, "status": "unknown", "error": f"no job {job_id} in queue {self.queue_name}"}
+            status = str(job.get_status(refresh=False).value if hasattr(job.get_status(refresh=False), "value")
+                         else job.get_status(refresh=False))
+            meta = job.get_meta(refresh=False) or {}
+            info: dict[str, Any] = {
+                "job": job.id, "status": status, "project": meta.get("project"), "event": meta.get("event"),
+                "phase": meta.get("phase"), "progress": meta.get("progress"), "log_file": meta.get("log_file"),
+                "enqueued_at": _iso(job.enqueued_at), "started_at": _iso(job.started_at),
+                "ended_at": _iso(job.ended_at),
+                "coalesced_requests": int(_text(connection.get(self.keys.coalesced(job.id))) or 0)}
+            if status == "started" and not connection.exists(self.keys.alive(job.id)) and job.started_at and \
+                    time.time() - job.started_at.timestamp() > 10:
+                info["status"] = "failed"
+                info["error"] = meta.get("error") or (
+                    "the worker running this job stopped (killed?) before it finished; nothing it trained was "
+                    "published. The next training request trains again")
+            elif status == "failed":
+                info["error"] = meta.get("error") or _last_line(_exc_string(job))
+            elif status == "finished":
+                info["result"] = _jsonable(job.return_value(refresh=False))
+            if meta.get("log_tail"):
+                info["log_tail"] = meta["log_tail"]
+            return info
+        except self._redis_errors() as exc:
+            return {"job": job_id, "status": "unknown", "error": f"Redis at {self._safe_url()} is unreachable "
+                                                                 f"({type(exc).__name__})"}
+
+    def metrics(self) -> dict:
+        """/metrics: this process's request counters and the queue's job counts."""
+        info: dict[str, Any] = {"queue": self.queue_name, "redis_url": self._safe_url(),
+                                "training_actions": sorted(training_actions(self.settings)),
+                                "pending_requests": len(self.pending()), **self.counters}
+        try:
+            from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+
+            queue = self.queue()
+            connection = self.connection()
+            info.update(redis="up", queued=queue.count,
+                        started=StartedJobRegistry(queue=queue).count,
+                        finished=FinishedJobRegistry(queue=queue).count,
+                        failed=FailedJobRegistry(queue=queue).count)
+            info["workers"] = _worker_count(connection, queue)
+        except self._redis_errors() as exc:
+            info["redis"] = f"unreachable: {type(exc).__name__}"
+        return info
+
+    # --- helpers ----------------------------------------------------------------------------------------
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.counters[name] = self.counters.get(name, 0) + 1
+
+    def _safe_url(self) -> str:
+        """The Redis URL without a password, for messages."""
+        from urllib.parse import urlparse
+
+        parsed = urlparse(self.redis_url)
+        if parsed.password:
+            return self.redis_url.replace(f":{parsed.password}@", ":***@")
+        return self.redis_url
+
+
+def _worker_count(connection, queue) -> int:
+    from rq import Worker
+
+    try:
+        return len(Worker.all(queue=queue, connection=connection))
+    except Exception:  # informational only
+        return -1
+
+
+def _text(value) -> Optional[str]:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _iso(value) -> Optional[str]:
+    return value.isoformat() if value is not None else None
+
+
+def _exc_string(job) -> str:
+    try:
+        result = job.latest_result()
+        if result is not None and getattr(result, "exc_string", None):
+            return result.exc_string
+    except Exception:
+        pass
+    return ""
+
+
+def _last_line(text: str) -> Optional[str]:
+    lines = [line for line in (text or "").strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else None
+
+
+def _jsonable(value):
+    try:
+        return json.loads(json.dumps(value, default=str))
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
