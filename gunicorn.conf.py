@@ -18,5 +18,12 @@ keepalive = 5
 accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "-") or None
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+# gunicorn >= 25.1 opens a control socket at one fixed path per user ($HOME/.gunicorn/gunicorn.ctl), which
+# several servers on one machine (or a read-only home in a container) would fight over: off unless a path is given.
+_control_socket = os.environ.get("GUNICORN_CONTROL_SOCKET")
+if _control_socket:
+    control_socket = _control_socket
+else:
+    control_socket_disable = True
 # No preload: the app must be created in each worker, after the fork (no model and no CUDA in the master).
 preload_app = False

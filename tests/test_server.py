@@ -204,11 +204,10 @@ def test_label_config_from_setup_is_remembered(tmp_path, model_file):
 
 
 def test_no_model_configured(tmp_path):
-    client, _, _ = make_client(tmp_path)
-    assert client.post("/setup", json={"project": "1.1", "schema": CONFIG}).json == {"model_version": "no-model"}
-    response = client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": png_uri(10, 10)}}],
-                                             "label_config": CONFIG})
-    assert response.status_code == 503 and "set MODEL_PATH" in response.json["error"]
+    client, _, _ = make_client(tmp_path)   # nothing configured: the untrained fallback (tests/test_serve.py)
+    assert client.post("/setup", json={"project": "1.1", "schema": CONFIG}).json == {"model_version": "v0-untrained"}
+    bad = "<View><Image name='image' value='$image'/></View>"   # no RectangleLabels: still no model
+    assert client.post("/setup", json={"project": "1.1", "schema": bad}).json == {"model_version": "no-model"}
     client, _, _ = make_client(tmp_path, tmp_path / "missing.pt")
     assert client.post("/setup", json={"project": "1.1", "schema": CONFIG}).json == {"model_version": "no-model"}
     assert client.get("/metrics").status_code == 200 and client.get("/versions").status_code == 200

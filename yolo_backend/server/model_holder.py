@@ -4,8 +4,12 @@ Which checkpoint serves a project, first match wins:
   1. MODEL_VERSION (a pinned version name) from the project's registry or MODEL_DIR's;
   2. the newest version published for the project (MODEL_DIR/projects/<id>);
   3. the newest version published in MODEL_DIR itself;
-  4. MODEL_PATH (e.g. a reference checkpoint to start from; versions trained from it supersede it).
-With none of these, predicting raises NoModelError, which says what to set.
+  4. MODEL_PATH (e.g. a reference checkpoint to start from; versions trained from it supersede it);
+  5. with none of these, an untrained yolov7-tiny sized for the label config's RectangleLabels (one class per
+     label), built on the first prediction and published as ``v0-untrained`` in the project's registry, so the
+     training worker fine-tunes from it and the version name stays the same across restarts. Its predictions are
+     empty until it has learned from the first annotations.
+Without a label config either, predicting raises NoModelError, which says what to set.
 
 Finding the source costs a few stats (re-checked at most every ``check_interval`` seconds); version names come
 from the registry or from the checkpoint's sha256 (cached), so ``/setup`` never loads a model. The model itself
@@ -34,6 +38,11 @@ log = logging.getLogger(__name__)
 
 class NoModelError(RuntimeError):
     """No checkpoint is configured or published; the message says what to set."""
+
+
+# The fallback model when nothing is configured (see the module docstring, rule 5).
+UNTRAINED_VERSION = "v0-untrained"
+UNTRAINED_GRAPH = "yolov7-tiny"
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,22 @@ def load_detector(path: Path, settings: Settings) -> tuple[Any, Sequence[str]]:
     return detector, tuple(model.names)
 
 
+def build_untrained_checkpoint(path: Path, names: Sequence[str]) -> Path:
+    """Write a randomly initialised UNTRAINED_GRAPH with one class per name, in our checkpoint format. Seeded, so
+    the same labels always give the same weights."""
+    import torch
+
+    from ..yolov7 import graphs
+    from ..yolov7.checkpoint import save_checkpoint
+    from ..yolov7.model import build_model
+
+    with torch.random.fork_rng(devices=[]):  # leave the process's RNG as it was
+        torch.manual_seed(0)
+        model = build_model(graphs.get_graph(UNTRAINED_GRAPH), len(names), names=list(names))
+    return save_checkpoint(path, model, list(names), {"name": UNTRAINED_VERSION, "untrained": True,
+                                                       "graph": UNTRAINED_GRAPH})
+
+
 class ModelHolder:
     """Per process: resolves which checkpoint serves a project and keeps the loaded models. Thread-safe."""
 
@@ -87,6 +112,7 @@ class ModelHolder:
         self._sources: dict[Optional[int], tuple[float, tuple, Optional[ModelSource]]] = {}
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self.loads = 0  # how many times a model was loaded (metrics, tests)
+        self._said: set = set()  # log lines already written once
 
     # --- which checkpoint ---------------------------------------------------------------------------------
     def _registries(self, project_id: Optional[int]) -> list[Registry]:
@@ -149,20 +175,76 @@ class ModelHolder:
             self._sources[project_id] = (now, stamp, source)
         return source
 
-    def version(self, project_id: Optional[int] = None) -> Optional[str]:
-        """The model_version predictions for ``project_id`` would carry, without loading anything."""
+    def version(self, project_id: Optional[int] = None, labels: Sequence[str] = ()) -> Optional[str]:
+        """The model_version predictions for ``project_id`` would carry, without loading anything. ``labels``
+        (the label config's RectangleLabels) make the untrained fallback count when nothing is configured."""
         source = self.source(project_id)
+        if source is None and labels:
+            self._say_untrained(project_id, labels, "will build")
+            return UNTRAINED_VERSION
         return source.version if source else None
 
+    # --- the untrained fallback ---------------------------------------------------------------------------
+    def _untrained_source(self, project_id: Optional[int], labels: Sequence[str]) -> ModelSource:
+        """Build (once) and publish the untrained model for ``labels``; called under the load lock."""
+        names = [str(label) for label in labels]
+        if project_id is None:
+            # No project to publish for: keep it beside the registries, keyed by the labels.
+            import hashlib
+
+            key = hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
+            path = Path(self.settings.model_dir) / "untrained" / key / "model.pt"
+            if not path.is_file():
+                build_untrained_checkpoint(path, names)
+                self._say_untrained(project_id, names, "built")
+            return ModelSource(path, UNTRAINED_VERSION, f"untrained {UNTRAINED_GRAPH} for labels {', '.join(names)}")
+        registry = Registry.for_project(self.settings.model_dir, project_id)
+        try:
+            version = registry.get(UNTRAINED_VERSION)
+        except RegistryError:
+            import tempfile
+
+            registry.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=registry.root, prefix=".untrained-") as tmp:
+                build_untrained_checkpoint(Path(tmp) / "model.pt", names)
+                try:
+                    version = registry.publish(Path(tmp) / "model.pt", {
+                        "project": project_id, "untrained": True, "graph": UNTRAINED_GRAPH, "labels": names,
+                        "note": "random init: nothing was configured or published; learns from the annotations"},
+                        name=UNTRAINED_VERSION)
+                    self._say_untrained(project_id, names, "built")
+                except (RegistryError, OSError):  # another process published it first (else: raises here)
+                    version = registry.get(UNTRAINED_VERSION)
+        with self._lock:
+            self._sources.pop(project_id, None)  # resolve again: the registry has a version now
+        return ModelSource(version.checkpoint, version.name, f"untrained {UNTRAINED_GRAPH} in {registry.root}")
+
+    def _say_untrained(self, project_id: Optional[int], labels: Sequence[str], what: str) -> None:
+        key = ("untrained", project_id, tuple(labels), what)
+        if key in self._said:
+            return
+        self._said.add(key)
+        log.warning("project %s: no MODEL_PATH and no published version, so the model is an UNTRAINED %s for "
+                    "labels %s (%s, version %s): its predictions stay empty until it has learned from the first "
+                    "annotations; set MODEL_PATH to serve a trained checkpoint", project_id, UNTRAINED_GRAPH,
+                    ", ".join(labels), what, UNTRAINED_VERSION)
+
     # --- the model itself ---------------------------------------------------------------------------------
-    def get(self, project_id: Optional[int] = None) -> LoadedModel:
-        """The loaded model for ``project_id`` (loading it on first use or when a newer version appeared)."""
+    def get(self, project_id: Optional[int] = None, labels: Sequence[str] = ()) -> LoadedModel:
+        """The loaded model for ``project_id`` (loading it on first use or when a newer version appeared).
+        With nothing configured, ``labels`` (the label config's RectangleLabels) give the untrained fallback."""
         source = self.source(project_id)
+        if source is None and labels:
+            with self._load_lock:
+                source = self.source(project_id) if project_id is not None else None
+                if source is None:
+                    source = self._untrained_source(project_id, labels)
         if source is None:
             raise NoModelError(
                 "no model to predict with: set MODEL_PATH to a YOLOv7 checkpoint (.pt), e.g. "
                 "MODEL_PATH=/models/best.pt, or publish a trained version into MODEL_DIR="
-                f"{self.settings.model_dir}")
+                f"{self.settings.model_dir} (with a label config that has RectangleLabels, an untrained model is "
+                "built for it instead)")
         key = f"{source.version}@{source.path}"
         with self._lock:
             model = self._models.get(key)
