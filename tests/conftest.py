@@ -30,3 +30,17 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is absent (the shared data folder sits beside the repository in CI)")
     return SHARED
+
+
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache_dir(tmp_path_factory) -> Path:
+    """ONNX exports for the ONNX Runtime backend (load_model's default on the CPU) go to one folder per test
+    session: each checkpoint is exported once and reused by every test (subprocesses inherit it), never ./data."""
+    folder = tmp_path_factory.mktemp("onnx-cache")
+    previous = os.environ.get("ONNX_CACHE_DIR")
+    os.environ["ONNX_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("ONNX_CACHE_DIR", None)
+    else:
+        os.environ["ONNX_CACHE_DIR"] = previous

@@ -58,10 +58,16 @@ def _max_diffs(ours: np.ndarray, ref: np.ndarray):
     return float(diff[..., :4].max()), float(diff[..., 4:].max())
 
 
+@pytest.mark.parametrize("backend", ["default", "torch"])
 @pytest.mark.parametrize("name", list(REFERENCE_FILES))
-def test_load_model_matches_reference_output(ckpt_dir, ref_input, name):
+def test_load_model_matches_reference_output(ckpt_dir, ref_input, name, backend):
+    """What load_model returns by default (ONNX Runtime on the CPU when installed), and the torch module."""
     graph_name, head, nc, names = REFERENCE_FILES[name]
-    model = load_model(ckpt_dir / f"{name}.pt", device="cpu")
+    if backend == "default":
+        model = load_model(ckpt_dir / f"{name}.pt", device="cpu")
+    else:
+        model = load_model(ckpt_dir / f"{name}.pt", device="cpu", backend=backend)
+        assert type(model).__name__ == "YOLOv7"
     assert not model.training
     assert (model.graph_name, model.head_type, model.nc, model.names) == (graph_name, head, nc, names)
     assert model.stride.tolist() == [8.0, 16.0, 32.0]

@@ -525,14 +525,23 @@ def model_from_checkpoint(ckpt: LoadedCheckpoint, device: Union[str, torch.devic
     return model.to(device)
 
 
-def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", fuse: bool = True) -> YOLOv7:
-    """Load a YOLOv7 checkpoint (reference ``.pt`` or ours) as an eval-mode module on ``device``.
+def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", fuse: bool = True,
+               backend: Optional[str] = None, cache_dir: Optional[PathLike] = None) -> torch.nn.Module:
+    """Load a YOLOv7 checkpoint (reference ``.pt`` or ours) as an eval-mode inference module on ``device``.
 
-    The module has ``.names``, ``.nc``, ``.stride``, ``.graph_name``, ``.head_type``; ``model(x)`` for a float
-    (B, 3, H, W) RGB tensor in [0, 1] (H, W multiples of 32) returns (B, N, 5+nc)
+    The module has ``.names``, ``.nc``, ``.stride``, ``.graph``, ``.graph_name``, ``.head_type``, ``.anchors_px``;
+    ``model(x)`` for a float (B, 3, H, W) RGB tensor in [0, 1] (H, W multiples of 32) returns (B, N, 5+nc)
     [cx, cy, w, h, objectness, class scores...] in input pixels. Raises CheckpointError for unusable files.
+
+    ``backend`` (default: the INFERENCE_BACKEND setting, ``auto``): on the CPU a fused model runs on ONNX Runtime
+    (an ``OrtYOLOv7``, exported once into ``cache_dir``, default ONNX_CACHE_DIR) because it is faster there;
+    ``torch`` gives the ``YOLOv7`` module itself (channels_last on the CPU). CUDA and ``fuse=False`` are always
+    torch. See ort_runtime.with_backend.
     """
-    return model_from_checkpoint(load_checkpoint(path), device=device, fuse=fuse)
+    from .ort_runtime import with_backend
+
+    model = model_from_checkpoint(load_checkpoint(path), device=device, fuse=fuse)
+    return with_backend(model, path, backend, cache_dir)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -550,7 +559,7 @@ def describe(model: YOLOv7) -> Dict[str, Any]:
         "names": list(model.names),
         "anchors": [[[round(float(w), 3), round(float(h), 3)] for w, h in level] for level in anchors.tolist()],
         "strides": [float(s) for s in model.stride.tolist()],
-        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "parameters": int(getattr(model, "parameter_count", 0) or sum(p.numel() for p in model.parameters())),
         "fused": bool(model.fused),
     }
 

@@ -112,6 +112,14 @@ class YOLOv7(nn.Module):
                 b[:, 5:] += math.log(0.6 / (head.nc - 0.99))
 
     def forward(self, x: torch.Tensor):
+        return self._run(x, len(self.model))
+
+    def head_inputs(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The feature maps the head reads, one per level (the network without its head; used by the ONNX export)."""
+        return self._run(x, len(self.model) - 1)
+
+    def _run(self, x: torch.Tensor, stop: int):
+        """Run layers [0, stop); with stop = the head's index, return the head's inputs instead of its output."""
         keep = self._keep
         saved: Dict[int, torch.Tensor] = {}
         for i, (module, sources) in enumerate(zip(self.model, self._inputs)):
@@ -121,6 +129,8 @@ class YOLOv7(nn.Module):
                 inp = saved[sources[0]]
             else:
                 inp = [x if s == i - 1 else saved[s] for s in sources]
+            if i == stop:
+                return inp
             x = module(inp)
             if i in keep:
                 saved[i] = x
