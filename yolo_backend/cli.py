@@ -89,20 +89,15 @@ def _add_detect(subparsers) -> None:
 def _run_detect(args) -> int:
     settings = _settings()
     from .yolov7.detect import Detector
-    from .yolov7.device import configure_threads, select_device
 
     _require_file(args.weights)
     paths = _image_paths(args.source)
-    device = select_device(_pick(args.device, settings.device))
-    if device.type == "cpu":
-        configure_threads(_pick(args.threads, settings.torch_threads))
-    model = _load(args.weights, str(device), _pick(args.backend, settings.inference_backend))
-    detector = Detector(model, img_size=_pick(args.img_size, settings.img_size),
-                        conf=_pick(args.conf, settings.model_score_threshold),
-                        iou=_pick(args.iou, settings.iou_threshold),
-                        max_det=_pick(args.max_det, settings.max_detections),
-                        half=_pick(args.half, settings.half), device=device,
-                        batch_size=_pick(args.batch_size, settings.predict_batch_size))
+    detector = Detector.from_checkpoint(
+        args.weights, device=_pick(args.device, settings.device), threads=_pick(args.threads, settings.torch_threads),
+        backend=_pick(args.backend, settings.inference_backend), cache_dir=settings.onnx_cache_dir,
+        img_size=_pick(args.img_size, settings.img_size), conf=_pick(args.conf, settings.model_score_threshold),
+        iou=_pick(args.iou, settings.iou_threshold), max_det=_pick(args.max_det, settings.max_detections),
+        half=_pick(args.half, settings.half), batch_size=_pick(args.batch_size, settings.predict_batch_size))
     records = []
     for path, det in detector.iter_files(paths):
         record = {

@@ -154,6 +154,9 @@ class Settings:
         if self.task_score not in TASK_SCORE_STRATEGIES:
             raise SettingsError(
                 f"TASK_SCORE={self.task_score!r} is unknown; use one of {', '.join(TASK_SCORE_STRATEGIES)}")
+        if self.inference_backend not in INFERENCE_BACKENDS:
+            raise SettingsError(f"INFERENCE_BACKEND={self.inference_backend!r} is unknown; use one of "
+                                f"{', '.join(INFERENCE_BACKENDS)}")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
 
@@ -172,3 +175,4 @@ class Settings:
 
 
 TASK_SCORE_STRATEGIES = ("uncertainty", "max_confidence", "mean_confidence", "count")
+INFERENCE_BACKENDS = ("auto", "torch", "onnxruntime")

@@ -137,22 +137,18 @@ class DetectOptions:
 def load_checkpoint_detector(weights: Path, options: DetectOptions):
     """(Detector, class names, model_version) for a checkpoint; torch is imported here, not at module import."""
     from ..registry import checkpoint_version
-    from ..yolov7 import CheckpointError, Detector, load_model
-    from ..yolov7.device import configure_threads, select_device
+    from ..yolov7 import CheckpointError, Detector
 
     if not Path(weights).is_file():
         raise ConversionError(f"{weights}: no such checkpoint file")
     try:
-        device = select_device(options.device)
-        if device.type == "cpu":
-            configure_threads(options.torch_threads)
-        model = load_model(str(weights), device=str(device))
+        detector = Detector.from_checkpoint(
+            weights, device=options.device, threads=options.torch_threads, img_size=options.img_size,
+            conf=min(options.score_floor, options.threshold), iou=options.iou, max_det=options.max_det,
+            half=options.half, batch_size=options.batch_size)
     except CheckpointError as exc:
         raise ConversionError(str(exc)) from None
-    detector = Detector(model, img_size=options.img_size, conf=min(options.score_floor, options.threshold),
-                        iou=options.iou, max_det=options.max_det, half=options.half,
-                        batch_size=options.batch_size)
-    return detector, tuple(model.names), checkpoint_version(weights)
+    return detector, detector.names, checkpoint_version(weights)
 
 
 def _chunks(items: Sequence[Path], size: int) -> Iterator[list[Path]]:

@@ -69,17 +69,14 @@ Loader = Callable[[Path, Settings], tuple[Any, Sequence[str]]]
 
 def load_detector(path: Path, settings: Settings) -> tuple[Any, Sequence[str]]:
     """The default loader: our YOLOv7 implementation on the configured device."""
-    from ..yolov7 import Detector, load_model
-    from ..yolov7.device import configure_threads, select_device
+    from ..yolov7 import Detector
 
-    device = select_device(settings.device)
-    if device.type == "cpu":
-        configure_threads(settings.torch_threads)
-    model = load_model(str(path), device=str(device))
-    detector = Detector(model, img_size=settings.img_size, conf=settings.score_floor, iou=settings.iou_threshold,
-                        max_det=settings.max_detections, half=settings.half,
-                        batch_size=settings.predict_batch_size)
-    return detector, tuple(model.names)
+    detector = Detector.from_checkpoint(
+        path, device=settings.device, threads=settings.torch_threads, backend=settings.inference_backend,
+        cache_dir=settings.onnx_cache_dir, img_size=settings.img_size, conf=settings.score_floor,
+        iou=settings.iou_threshold, max_det=settings.max_detections, half=settings.half,
+        batch_size=settings.predict_batch_size)
+    return detector, detector.names
 
 
 def build_untrained_checkpoint(path: Path, names: Sequence[str]) -> Path:

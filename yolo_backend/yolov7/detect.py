@@ -88,6 +88,22 @@ class Detector:
         self.batch_size = batch_size
         self.nms_backend = nms_backend
 
+    @classmethod
+    def from_checkpoint(cls, path: Union[str, Path], *, device: Union[str, torch.device] = "auto",
+                        threads: int = 0, backend: Optional[str] = None, cache_dir: Union[None, str, Path] = None,
+                        **options) -> "Detector":
+        """Load ``path`` on ``device`` (``auto``: CUDA when available) and wrap it. ``threads`` sets the CPU thread
+        count (0 = automatic), ``backend``/``cache_dir`` choose the inference backend (see ``load_model``); the
+        other keyword arguments go to ``Detector`` (img_size, conf, iou, max_det, half, batch_size)."""
+        from .checkpoint import load_model
+        from .device import configure_threads
+
+        device = device if isinstance(device, torch.device) else select_device(device)
+        if device.type == "cpu":
+            configure_threads(threads)
+        model = load_model(str(path), device=str(device), backend=backend, cache_dir=cache_dir)
+        return cls(model, device=device, **options)
+
     # --- public -------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def detect(self, images: Sequence[np.ndarray], conf: Optional[float] = None) -> list[Detections]:
