@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .atomic import atomic_write
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "model.pt"
@@ -153,19 +155,8 @@ class Registry:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_write(path, "w") as f:
+        f.write(text)
 
 
 # --- stable names for checkpoints given by path -----------------------------------------------------------

@@ -24,13 +24,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Optional
 
+from ..atomic import atomic_write
 from ..settings import Settings
 
 log = logging.getLogger(__name__)
@@ -479,17 +479,5 @@ def _jsonable(value):
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_write(path, "w") as f:
+        json.dump(data, f)

@@ -20,7 +20,6 @@ import datetime as _dt
 import os
 import pickle
 import re
-import tempfile
 import threading
 import zipfile
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from ..atomic import atomic_write
 from . import graphs
 from .model import YOLOv7
 
@@ -614,22 +614,6 @@ def save_checkpoint(path: PathLike, model: YOLOv7, names: Optional[Sequence[str]
                "names": names, "weights": weights, "state_dict": state_dict, "version": meta}
 
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dir_fd = os.open(str(target.parent), os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    with atomic_write(target) as handle:
+        torch.save(payload, handle)
     return target

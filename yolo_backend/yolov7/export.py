@@ -20,7 +20,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import List, Tuple, Union
 
 import torch
 from torch import nn
