@@ -44,3 +44,29 @@ def onnx_cache_dir(tmp_path_factory) -> Path:
         os.environ.pop("ONNX_CACHE_DIR", None)
     else:
         os.environ["ONNX_CACHE_DIR"] = previous
+
+
+@pytest.fixture(scope="session")
+def ckpt_dir(shared_dir) -> Path:
+    """The shared reference checkpoints (skips only when ../shared is absent)."""
+    return shared_dir / "data" / "yolov7-checkpoints"
+
+
+@pytest.fixture(scope="session")
+def ref_input(ckpt_dir):
+    """The reference input tensor (1, 3, 320, 416) the .ref_out.npy files were made from."""
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.load(ckpt_dir / "ref_input_1x3x320x416.npy"))
+
+
+@pytest.fixture
+def torch_one_thread():
+    """One torch thread: the CI machine has 2 cores and other processes (Label Studio, workers) share them."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -18,23 +18,9 @@ from yolo_backend.yolov7.checkpoint import (ALLOWED_GLOBALS, FORMAT, PickledReco
                                             save_checkpoint)
 from yolo_backend.yolov7.model import build_model
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-CKPTS = SHARED / "data" / "yolov7-checkpoints"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def ckpt_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip(f"{SHARED} is absent: this test reads the shared reference checkpoints")
-    return CKPTS
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _refusal(path) -> str:

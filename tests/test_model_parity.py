@@ -6,7 +6,6 @@ it to float32 rounding (fusing reorders the arithmetic): boxes within 1e-3 px, p
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +16,6 @@ from yolo_backend.yolov7.checkpoint import describe, identify_graph, load_checkp
 from yolo_backend.yolov7.layers import RepConv
 from yolo_backend.yolov7.model import build_model
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-CKPTS = SHARED / "data" / "yolov7-checkpoints"
 
 BOX_ATOL = 1e-3   # pixels
 PROB_ATOL = 1e-5
@@ -33,24 +30,7 @@ REFERENCE_FILES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def ckpt_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip(f"{SHARED} is absent: the parity tests need the shared reference checkpoints")
-    return CKPTS
-
-
-@pytest.fixture(scope="module")
-def ref_input(ckpt_dir) -> torch.Tensor:
-    return torch.from_numpy(np.load(ckpt_dir / "ref_input_1x3x320x416.npy"))
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _max_diffs(ours: np.ndarray, ref: np.ndarray):

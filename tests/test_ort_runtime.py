@@ -24,7 +24,6 @@ from yolo_backend.yolov7.model import YOLOv7, build_model
 from yolo_backend.yolov7.ort_runtime import OrtYOLOv7
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-CKPTS = SHARED / "data" / "yolov7-checkpoints"
 CHECKPOINTS = ["yolov7-tiny_fire-smoke_train", "yolov7-tiny_fire-smoke_last", "yolov7-tiny_coco_deploy",
                "yolov7-tiny_fire-smoke_ref-trained", "yolov7_fire-smoke_train"]
 TINY = "yolov7-tiny_fire-smoke_ref-trained"
@@ -32,27 +31,8 @@ TINY = "yolov7-tiny_fire-smoke_ref-trained"
 BOX_ATOL = 1e-3   # pixels, as tests/test_model_parity.py
 PROB_ATOL = 1e-5
 
-pytestmark = pytest.mark.skipif(not ort_runtime.onnxruntime_available(), reason="onnxruntime is not installed")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def ckpt_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip(f"{SHARED} is absent: these tests need the shared reference checkpoints")
-    return CKPTS
-
-
-@pytest.fixture(scope="module")
-def ref_input(ckpt_dir) -> torch.Tensor:
-    return torch.from_numpy(np.load(ckpt_dir / "ref_input_1x3x320x416.npy"))
+pytestmark = [pytest.mark.skipif(not ort_runtime.onnxruntime_available(), reason="onnxruntime is not installed"),
+              pytest.mark.usefixtures("torch_one_thread")]
 
 
 def _max_diffs(a, b):
