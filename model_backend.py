@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
@@ -76,6 +77,12 @@ class YOLOv7Backend(*_base_classes()):
         registries = [Registry(settings.model_dir)]
         if self.project_id is not None:
             registries.insert(0, Registry.for_project(settings.model_dir, self.project_id))
+        else:
+            # Label Studio's GET /api/ml/{id}/versions calls GET /versions without saying which project: list
+            # every project's versions too, so the ones training published show up there.
+            projects = sorted((p for p in (Path(settings.model_dir) / "projects").glob("*") if p.name.isdigit()),
+                              key=lambda p: int(p.name))
+            registries[:0] = [Registry(p) for p in projects]
         for registry in registries:
             names += [v.name for v in registry.versions() if v.name not in names]
         if self.model_version and self.model_version not in names and self.model_version != NO_MODEL_VERSION:

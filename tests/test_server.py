@@ -283,6 +283,8 @@ def test_new_published_version_is_swapped_in(tmp_path, model_file):
     assert client.post("/setup", json={"project": "4.1", "schema": CONFIG}).json["model_version"] == \
         first["model_version"]
     assert published.name in client.get("/versions?project=3.1").json["versions"]
+    # Label Studio's GET /versions carries no project: every project's versions are listed.
+    assert published.name in client.get("/versions").json["versions"]
 
 
 def test_pinned_version(tmp_path, model_file):
