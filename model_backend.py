@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
@@ -80,9 +79,7 @@ class YOLOv7Backend(*_base_classes()):
         else:
             # Label Studio's GET /api/ml/{id}/versions calls GET /versions without saying which project: list
             # every project's versions too, so the ones training published show up there.
-            projects = sorted((p for p in (Path(settings.model_dir) / "projects").glob("*") if p.name.isdigit()),
-                              key=lambda p: int(p.name))
-            registries[:0] = [Registry(p) for p in projects]
+            registries[:0] = Registry.all_projects(settings.model_dir)
         for registry in registries:
             names += [v.name for v in registry.versions() if v.name not in names]
         if self.model_version and self.model_version not in names and self.model_version != NO_MODEL_VERSION:

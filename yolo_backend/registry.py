@@ -43,6 +43,9 @@ LATEST_FILE = "LATEST"
 _NAME = re.compile(r"^v(\d+)-[0-9A-Za-z]+$")
 
 
+PROJECTS_DIR = "projects"  # MODEL_DIR/projects/<id>/<version>/
+
+
 class RegistryError(ValueError):
     """A version asked for does not exist or the registry cannot be written; the message says what to do."""
 
@@ -71,7 +74,13 @@ class Registry:
     def for_project(cls, model_dir: str | os.PathLike, project_id: Optional[int]) -> "Registry":
         """The registry of one Label Studio project's versions (MODEL_DIR itself when project_id is None)."""
         root = Path(model_dir)
-        return cls(root if project_id is None else root / "projects" / str(int(project_id)))
+        return cls(root if project_id is None else root / PROJECTS_DIR / str(int(project_id)))
+
+    @classmethod
+    def all_projects(cls, model_dir: str | os.PathLike) -> list["Registry"]:
+        """The registries of every project that has one, by project id."""
+        ids = sorted(int(p.name) for p in (Path(model_dir) / PROJECTS_DIR).glob("*") if p.name.isdigit())
+        return [cls.for_project(model_dir, pid) for pid in ids]
 
     def versions(self) -> list[ModelVersion]:
         """Published versions, oldest first."""
