@@ -198,12 +198,10 @@ def describe_model(settings: Settings) -> str:
     root_latest = Registry(model_dir).latest()
     if root_latest is not None:
         published.append(f"{root_latest.name} (all projects)")
-    projects = model_dir / "projects"
-    if projects.is_dir():
-        for entry in sorted(projects.iterdir(), key=lambda p: p.name):
-            latest = Registry(entry).latest() if entry.name.isdigit() else None
-            if latest is not None:
-                published.append(f"{latest.name} (project {entry.name})")
+    for registry in Registry.all_projects(model_dir):
+        latest = registry.latest()
+        if latest is not None:
+            published.append(f"{latest.name} (project {registry.root.name})")
     if settings.model_version:
         return f"model: MODEL_VERSION={settings.model_version} (pinned) from {model_dir}"
     if published:
