@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="Flask debug mode (auto-reload, never in production)")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR (default: LOG_LEVEL)")
     parser.add_argument("--model-dir", default=None, help="folder of published model versions (MODEL_DIR)")
-    parser.add_argument("--with", dest="with_", metavar="KEY=VALUE", nargs="+", default=[],
+    parser.add_argument("--with", dest="with_", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
                         help="set a setting (e.g. model_path=best.pt) or pass a backend keyword argument")
     parser.add_argument("--check", action="store_true", help="load the model once and exit")
     args = parser.parse_args(argv)

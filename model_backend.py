@@ -25,14 +25,13 @@ from yolo_backend.labelstudio.images import ImageFetchError
 from yolo_backend.labelstudio.client import LabelStudioAuthError
 from yolo_backend.labelstudio.results import detections_to_regions, failed_task_prediction, task_prediction
 from yolo_backend.registry import Registry, RegistryError
-from yolo_backend.server.base import LabelStudioMLBase
+from yolo_backend.server.base import NO_MODEL_VERSION, LabelStudioMLBase
 from yolo_backend.server.model_holder import NoModelError
 
 log = logging.getLogger("model_backend")
 
 # Parallel image downloads per request (downloads wait on the network, not the CPU).
 DOWNLOAD_THREADS = 8
-NO_MODEL_VERSION = "no-model"
 
 _logged: set = set()
 

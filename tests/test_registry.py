@@ -69,3 +69,15 @@ def test_checkpoint_version_is_stable_and_content_based(tmp_path):
     os.utime(a, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
     assert checkpoint_version(a) != name
     assert file_sha256(a) == file_sha256(a)
+
+
+def test_latest_never_moves_back_to_a_lower_version(tmp_path):
+    from yolo_backend.registry import Registry
+
+    checkpoint = tmp_path / "w.pt"
+    checkpoint.write_bytes(b"weights")
+    registry = Registry(tmp_path / "models")
+    registry.publish(checkpoint, name="v1-20260101T000000")
+    late = registry.publish(checkpoint, name="v0-untrained")  # e.g. a fallback built while v1 was published
+    assert late.name == "v0-untrained"
+    assert registry.latest().name == "v1-20260101T000000"

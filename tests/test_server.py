@@ -422,3 +422,11 @@ def test_model_holder_loads_once_under_concurrent_requests(tmp_path, model_file)
     for t in threads:
         t.join()
     assert len(calls) == 1 and len({id(m) for m in results}) == 1
+
+
+def test_setup_extra_params_cannot_replace_our_arguments(tmp_path, model_file):
+    client, _, _ = make_client(tmp_path, model_file)
+    body = {"project": "4.1", "schema": CONFIG,
+            "extra_params": {"project_id": 99, "hostname": 1, "label_config": "<View/>", "custom": "kept"}}
+    response = client.post("/setup", json=body)
+    assert response.status_code == 200 and response.json["model_version"] not in (None, "no-model")

@@ -43,3 +43,15 @@ def test_overrides_and_redis_url():
     assert Settings.from_env({"REDIS_URL": "redis://x:1/2"}).effective_redis_url == "redis://x:1/2"
     with pytest.raises(SettingsError, match="unknown setting"):
         Settings.from_env({}, no_such_thing=1)
+
+
+@pytest.mark.parametrize("env, fragment", [
+    ({"TRAIN_IMG_SIZE": "100"}, "TRAIN_IMG_SIZE=100 must be a positive multiple of 32"),
+    ({"PREDICT_BATCH_SIZE": "0"}, "PREDICT_BATCH_SIZE=0 must be greater than 0"),
+    ({"TRAIN_TIME_BUDGET_S": "0"}, "TRAIN_TIME_BUDGET_S=0.0 must be greater than 0"),
+    ({"KEEP_VERSIONS": "-1"}, "KEEP_VERSIONS=-1 must not be negative"),
+    ({"INFERENCE_BACKEND": "tensorrt"}, "INFERENCE_BACKEND='tensorrt' is unknown"),
+])
+def test_numeric_bounds_are_checked_at_start(env, fragment):
+    with pytest.raises(SettingsError, match=fragment):
+        Settings.from_env(env)

@@ -159,8 +159,11 @@ class Registry:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        _write_atomic(self.root / LATEST_FILE, name + "\n")
-        return self.get(name)
+        published = self.get(name)
+        newest = self.versions()[-1]
+        # LATEST never moves back to a lower number (a late v0 must not hide a v1 published meanwhile).
+        _write_atomic(self.root / LATEST_FILE, (published if published.number >= newest.number else newest).name + "\n")
+        return published
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -163,8 +163,8 @@ class Child:
 
     def kill_tree(self) -> None:
         """SIGKILL the child and everything below it (by PID: only processes we started)."""
-        if self.proc is None:
-            return
+        if self.proc is None or self.proc.poll() is not None:
+            return  # reaped: its PID may belong to someone else now (leftovers are our orphans, killed by PID)
         for pid in descendants(self.proc.pid) + [self.proc.pid]:
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -145,8 +145,17 @@ class Settings:
         return settings
 
     def validate(self) -> None:
-        if self.img_size <= 0 or self.img_size % 32:
-            raise SettingsError(f"IMG_SIZE={self.img_size} must be a positive multiple of 32 (e.g. 320, 640)")
+        for name in ("img_size", "train_img_size"):
+            value = getattr(self, name)
+            if value <= 0 or value % 32:
+                raise SettingsError(f"{name.upper()}={value} must be a positive multiple of 32 (e.g. 320, 640)")
+        for name in ("predict_batch_size", "train_batch_size", "max_detections", "image_timeout",
+                     "train_time_budget_s", "train_epochs"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name.upper()}={getattr(self, name)} must be greater than 0")
+        for name in ("image_cache_mb", "keep_versions", "torch_threads"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name.upper()}={getattr(self, name)} must not be negative")
         for name in ("model_score_threshold", "iou_threshold", "score_floor"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

@@ -157,6 +157,8 @@ def annotation_boxes(annotation: dict, target, width: int, height: int) -> tuple
             x, y, w, h = (float(value[k]) for k in ("x", "y", "width", "height"))
         except (KeyError, TypeError, ValueError):
             continue
+        if not all(np.isfinite((x, y, w, h))):
+            continue  # a NaN/inf coordinate would turn the loss into NaN
         corners = np.array([[x, y], [x + w, y], [x + w, y + h], [x, y + h]], np.float64)
         angle = float(value.get("rotation") or 0.0)
         if angle:

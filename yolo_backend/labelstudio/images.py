@@ -26,7 +26,6 @@ import binascii
 import hashlib
 import logging
 import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import Optional
@@ -34,6 +33,7 @@ from typing import Optional
 import numpy as np
 import requests
 
+from ..atomic import atomic_write
 from .client import LabelStudioAuthError, LabelStudioSession
 
 log = logging.getLogger(__name__)
@@ -105,11 +105,12 @@ class ImageCache:
             return None
         path = self.path_for(key)
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".part-")
-            with os.fdopen(fd, "wb") as f:
+            replaced = path.stat().st_size
+        except OSError:
+            replaced = 0
+        try:
+            with atomic_write(path, "wb", durable=False) as f:  # readers never see half a file
                 f.write(data)
-            os.replace(tmp, path)  # atomic: readers never see half a file
         except OSError as exc:
             log.warning("image cache: could not write %s: %s", path, exc)
             return None
@@ -117,7 +118,7 @@ class ImageCache:
             if self._size is None:
                 self._size = self._scan_size()
             else:
-                self._size += len(data)
+                self._size += len(data) - replaced
             if self._size > self.max_bytes:
                 self._evict()
         return path

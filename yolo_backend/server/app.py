@@ -28,7 +28,7 @@ from werkzeug.exceptions import HTTPException
 from ..labelstudio.config import LabelConfigError, find_rectangle_target, parse_label_config
 from ..registry import RegistryError
 from ..settings import Settings
-from .base import BackendContext, LabelStudioMLBase, parse_project_id
+from .base import NO_MODEL_VERSION, BackendContext, LabelStudioMLBase, parse_project_id
 from .model_holder import NoModelError
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,10 @@ class _Counters:
     def snapshot(self) -> dict:
         with self._lock:
             return dict(self.values)
+
+
+_SETUP_ARGUMENTS = frozenset({"project_id", "label_config", "hostname", "access_token", "context",
+                              "train_output", "model_version"})
 
 
 def create_app(backend_class: Optional[type[LabelStudioMLBase]] = None, settings: Optional[Settings] = None,
@@ -194,11 +198,14 @@ def create_app(backend_class: Optional[type[LabelStudioMLBase]] = None, settings
         if project_id is not None and schema:
             context.label_configs[project_id] = schema
         extra = body.get("extra_params") if isinstance(body.get("extra_params"), dict) else {}
+        # Extra params are free JSON typed by the user in Label Studio: never let them replace our own arguments.
+        extra = {k: v for k, v in extra.items() if k not in _SETUP_ARGUMENTS}
         backend = make_backend(project_id=body.get("project"), label_config=schema, hostname=hostname,
                                access_token=access_token, **extra)
         version = backend.model_version
         # Label Studio resets the project's version to the backend title on (re)connect: check again.
-        context.version_sync.request(project_id, version, recheck=True)
+        if version != NO_MODEL_VERSION:
+            context.version_sync.request(project_id, version, recheck=True)
         return jsonify(model_version=version)
 
     @app.post("/predict")
@@ -224,7 +231,8 @@ def create_app(backend_class: Optional[type[LabelStudioMLBase]] = None, settings
         counters.set(last_predict_seconds=round(elapsed, 4))
         log.info("predicted %d task(s) for project %s with %s in %.2f s", len(tasks), project_id, version, elapsed)
         # Label Studio stores these after our reply; then the project's version can be switched to ours.
-        context.version_sync.request(project_id, version)
+        if version != NO_MODEL_VERSION:
+            context.version_sync.request(project_id, version)
         return jsonify(results=results, model_version=version)
 
     @app.post("/webhook")

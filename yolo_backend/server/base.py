@@ -26,6 +26,9 @@ from .model_holder import Loader, ModelHolder
 
 log = logging.getLogger(__name__)
 
+# The version a backend reports when it has no usable model (never synced to Label Studio).
+NO_MODEL_VERSION = "no-model"
+
 
 def parse_project_id(project: Any) -> Optional[int]:
     """Label Studio sends ``project`` as ``"<id>.<created_at epoch>"`` in ML calls, as an int or a dict with ``id``
