@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from yolo_backend.hashing import file_sha256
 from yolo_backend.yolov7 import graphs, load_model
 from yolo_backend.yolov7 import ort_runtime
 from yolo_backend.yolov7.checkpoint import describe, load_checkpoint, model_from_checkpoint
@@ -167,7 +168,7 @@ def test_export_is_cached_by_checkpoint_hash_and_reused(ckpt_dir, tmp_path, monk
     second = load_model(path, backend="auto", cache_dir=cache)
     assert len(calls) == 1, "the second load must reuse the cached export"
     assert first.onnx_path == second.onnx_path == str(calls[0])
-    sha = ort_runtime.file_sha256(path)
+    sha = file_sha256(path)
     assert [p.name for p in cache.iterdir()] == [Path(first.onnx_path).name]
     assert sha[:20] in Path(first.onnx_path).name and "opset17" in first.onnx_path
 

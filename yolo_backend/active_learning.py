@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import numpy as np
 
-STRATEGIES = ("uncertainty", "max_confidence", "mean_confidence", "count")
+from .settings import TASK_SCORE_STRATEGIES as STRATEGIES  # one list: the setting validates against it
 
 _EPS = 1e-6
 

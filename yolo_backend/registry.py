@@ -20,20 +20,19 @@ size and mtime).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from .atomic import atomic_write
+from .hashing import file_sha256  # noqa: F401  (part of this module's API)
 
 log = logging.getLogger(__name__)
 
@@ -173,27 +172,6 @@ def _write_atomic(path: Path, text: str) -> None:
 
 # --- stable names for checkpoints given by path -----------------------------------------------------------
 
-_hash_cache: dict[tuple, str] = {}
-_hash_lock = threading.Lock()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file, cached by (path, size, mtime) so repeated calls cost one stat."""
-    path = Path(path)
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    with _hash_lock:
-        cached = _hash_cache.get(key)
-    if cached:
-        return cached
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    value = digest.hexdigest()
-    with _hash_lock:
-        _hash_cache[key] = value
-    return value
 
 
 def checkpoint_version(path: str | os.PathLike) -> str:

@@ -15,7 +15,6 @@ the torch model) falls back to the torch module with a warning: serving never de
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
 import time
@@ -25,6 +24,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import nn
 
+from ..hashing import file_sha256
 from .export import DEFAULT_OPSET, EXPORT_FORMAT_VERSION, INPUT_NAME, OUTPUT_NAME, export_onnx
 from .model import YOLOv7
 
@@ -140,14 +140,6 @@ def onnxruntime_available() -> bool:
     except Exception:  # ImportError, or a broken binary wheel
         return False
     return True
-
-
-def file_sha256(path: PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cache_path(checkpoint: PathLike, model: YOLOv7, cache_dir: PathLike, opset: int = DEFAULT_OPSET) -> Path:
