@@ -2,8 +2,9 @@
 # Create ./.venv with everything the backend needs; `--dev` adds the test tools.
 # Safe to run again: it only installs what is missing.
 #
-# torch: the build is chosen for the machine. TORCH_INDEX_URL, when set, is passed to pip for torch only
-# (e.g. PyTorch's CPU wheel index on a machine without a GPU, to avoid several GB of CUDA packages).
+# torch: the build is chosen for the machine. TORCH_INDEX_URL, when set, is passed to pip for torch only.
+# Otherwise: with an NVIDIA GPU (nvidia-smi) the default build; without one a CPU wheel (a local one that pip's
+# find-links offers, else PyTorch's CPU wheel index), so no several-GB CUDA download on CPU-only machines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,8 +22,12 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! "$py" -c "import torch" >/dev/null 2>&1; then
     if [ -n "${TORCH_INDEX_URL:-}" ]; then
         "$py" -m pip install -q "$TORCH_SPEC" --index-url "$TORCH_INDEX_URL"
-    else
-        "$py" -m pip install -q "$TORCH_SPEC"
+    elif command -v nvidia-smi >/dev/null 2>&1; then
+        "$py" -m pip install -q "$TORCH_SPEC"           # the default build (CUDA)
+    # No GPU: a CPU wheel, never the CUDA build. A local wheel (pip's find-links) first, else PyTorch's CPU index;
+    # torch's own dependencies come with requirements.txt below.
+    elif ! "$py" -m pip install -q --no-index --no-deps "$TORCH_SPEC" 2>/dev/null; then
+        "$py" -m pip install -q "$TORCH_SPEC" --index-url "${TORCH_CPU_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
     fi
 fi
 
