@@ -26,15 +26,10 @@ from yolo_backend.jobs.queue import TrainingQueue
 from yolo_backend.jobs.redis_server import RedisServer, free_port
 from yolo_backend.registry import Registry
 from yolo_backend.settings import Settings
+from tests.support import FIRE_SMOKE_CONFIG as CONFIG, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "0123456789abcdef0123456789abcdef01234567"
-CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <RectangleLabels name="label" toName="image">
-    <Label value="fire"/><Label value="smoke"/>
-  </RectangleLabels>
-</View>"""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -311,16 +306,6 @@ def webhook(client, action="START_TRAINING", project_id=1):
     elapsed = time.perf_counter() - started
     assert response.status_code == 200, response.get_data(as_text=True)
     return response.get_json(), elapsed
-
-
-def wait_for(predicate, timeout: float, message: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {message}")
 
 
 # --------------------------------------------------------------------------------------------------------------

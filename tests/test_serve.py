@@ -23,14 +23,9 @@ import pytest
 from yolo_backend.registry import Registry
 from yolo_backend.serve import child_environment, descendants, describe_model
 from yolo_backend.settings import Settings
+from tests.support import FIRE_SMOKE_CONFIG as CONFIG, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <RectangleLabels name="label" toName="image">
-    <Label value="fire"/><Label value="smoke"/>
-  </RectangleLabels>
-</View>"""
 
 
 def _free_port() -> int:
@@ -144,16 +139,6 @@ def _ppid(pid: int) -> int:
         return -1
 
 
-def _wait_for(predicate, timeout: float, message: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"{message} (after {timeout:.0f} s)")
-
-
 def _wait_gone(pids, timeout: float = 15.0) -> list[int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
@@ -203,13 +188,13 @@ def test_serve_runs_broker_worker_and_server_and_sigterm_leaves_nothing(tmp_path
             code, state = _http(f"{serve.url}/job_status?job={job_id}")
             return state if code == 200 and state.get("status") == "failed" else None
 
-        state = _wait_for(failed, 60, f"job {job_id} did not fail:\n{serve.log()}")
+        state = wait_for(failed, 60, f"job {job_id} did not fail:\n{serve.log()}")
         assert "LABEL_STUDIO_URL" in json.dumps(state), state
         assert _http(f"{serve.url}/health")[0] == 200
 
         # The worker is restarted when it dies.
         os.kill(worker_pid, signal.SIGKILL)
-        new_worker = _wait_for(lambda: next((pid for pid in descendants(serve.proc.pid)
+        new_worker = wait_for(lambda: next((pid for pid in descendants(serve.proc.pid)
                                              if "yolo_backend worker" in _cmdline(pid) and pid != worker_pid
                                              and _alive(pid)), None), 30, f"no new worker:\n{serve.log()}")
         assert f"the worker (pid {worker_pid}) exited with code -9; restarting it" in serve.log()
@@ -217,9 +202,9 @@ def test_serve_runs_broker_worker_and_server_and_sigterm_leaves_nothing(tmp_path
         # A long job running in a work horse when serve is told to stop: nothing may survive.
         connection = Redis.from_url(broker_url)
         job = Queue("default", connection=connection).enqueue("time.sleep", 600, job_timeout=900)
-        _wait_for(lambda: Job.fetch(job.id, connection=connection).get_status() == "started", 60,
+        wait_for(lambda: Job.fetch(job.id, connection=connection).get_status() == "started", 60,
                   f"the sleep job did not start:\n{serve.log()}")
-        horses = _wait_for(lambda: [pid for pid in descendants(new_worker) if _alive(pid)], 10, "no work horse")
+        horses = wait_for(lambda: [pid for pid in descendants(new_worker) if _alive(pid)], 10, "no work horse")
         tree = descendants(serve.proc.pid)
         assert set(horses) <= set(tree) and len(tree) >= 5  # valkey, worker, horse, gunicorn master + worker
         connection.close()

@@ -11,14 +11,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from tests.support import FIRE_SMOKE_CONFIG as CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <RectangleLabels name="label" toName="image">
-    <Label value="fire"/><Label value="smoke"/>
-  </RectangleLabels>
-</View>"""
 
 
 def run(*args, check_rc: int | None = 0) -> subprocess.CompletedProcess:
