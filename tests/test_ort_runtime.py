@@ -183,6 +183,32 @@ def test_export_is_cached_by_checkpoint_hash_and_reused(ckpt_dir, tmp_path, monk
         assert torch.equal(repaired(ref_input), first(ref_input))
 
 
+def test_cache_keeps_the_most_recently_used_exports(ckpt_dir, tmp_path, monkeypatch):
+    import os
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    old = []
+    for k in range(4):  # exports of versions long gone, oldest first
+        path = cache / f"yolov7-tiny-old{k}-export1-opset17.onnx"
+        path.write_bytes(b"x")
+        os.utime(path, (1000 + k, 1000 + k))
+        old.append(path)
+    other = cache / "notes.txt"
+    other.write_text("not ours")
+    monkeypatch.setattr(ort_runtime, "CACHE_KEEP", 3)
+    model = load_model(ckpt_dir / f"{TINY}.pt", backend="onnxruntime", cache_dir=cache)
+    kept = sorted(p.name for p in cache.iterdir())
+    # The new export plus the two most recently used old ones; files that are not exports are left alone.
+    assert kept == sorted([Path(model.onnx_path).name, old[3].name, old[2].name, "notes.txt"])
+
+    # A cache hit counts as a use: the reused export outlives newer, unused ones.
+    os.utime(model.onnx_path, (500, 500))
+    load_model(ckpt_dir / f"{TINY}.pt", backend="onnxruntime", cache_dir=cache)
+    assert sorted(ort_runtime.prune_cache(cache, keep=1)) == sorted([old[3], old[2]])
+    assert [p.name for p in cache.glob("*.onnx")] == [Path(model.onnx_path).name]
+
+
 def test_the_environment_setting_names_the_cache_folder(ckpt_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("ONNX_CACHE_DIR", str(tmp_path / "cache"))
     model = load_model(ckpt_dir / f"{TINY}.pt", backend="onnxruntime")

@@ -8,7 +8,9 @@ eval mode, and carries the same ``names``, ``nc``, ``stride``, ``graph``, ``grap
 
 The ONNX file is exported once per checkpoint and kept in a cache folder (``ONNX_CACHE_DIR``), named after the
 checkpoint's sha256, the export code's version and the opset, so a changed file or a changed exporter never reuses
-a stale graph. Anything that goes wrong (no onnxruntime, export or session failure, an export that does not match
+a stale graph. The cache keeps the ``CACHE_KEEP`` most recently used exports (every training publishes a new
+checkpoint, so it would otherwise grow by one file per version); a pruned one is simply exported again when needed.
+Anything that goes wrong (no onnxruntime, export or session failure, an export that does not match
 the torch model) falls back to the torch module with a warning: serving never depends on this optimisation.
 """
 
@@ -36,6 +38,8 @@ PathLike = Union[str, os.PathLike]
 # An exported graph must reproduce the torch module to float32 rounding before it is used.
 _VERIFY_BOX_ATOL = 1e-2      # pixels (fp32 reordering in a 640² decode stays far below this)
 _VERIFY_PROB_ATOL = 1e-4
+
+CACHE_KEEP = 8  # exports kept in the cache folder, most recently used first
 
 
 class OrtYOLOv7(nn.Module):
@@ -175,6 +179,7 @@ def load_onnx_model(model: YOLOv7, checkpoint: PathLike, cache_dir: PathLike, op
     if target.is_file():
         try:
             ort_model = OrtYOLOv7(target, model, threads)
+            _touch(target)  # most recently used: pruned last
             log.info("ONNX Runtime model from cache %s", target)
             return ort_model
         except Exception as exc:  # a damaged cache file: export again
@@ -188,7 +193,39 @@ def load_onnx_model(model: YOLOv7, checkpoint: PathLike, cache_dir: PathLike, op
         target.unlink(missing_ok=True)
         raise
     log.info("exported %s to ONNX in %.1f s: %s", model.graph_name, time.perf_counter() - start, target)
+    prune_cache(target.parent, keep=CACHE_KEEP)
     return ort_model
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:  # read-only cache folder: LRU order just stays the export order
+        pass
+
+
+def prune_cache(cache_dir: PathLike, keep: int = CACHE_KEEP) -> list:
+    """Delete all but the ``keep`` most recently used exports in ``cache_dir``; returns the deleted paths.
+
+    Safe while other processes use the cache: a session reads its file when it opens, and a process that finds
+    its export gone exports it again."""
+    files = []
+    for path in Path(cache_dir).glob("*.onnx"):
+        try:
+            files.append((path.stat().st_mtime, path))
+        except OSError:  # deleted meanwhile by another process
+            continue
+    files.sort(reverse=True)
+    deleted = []
+    for _, path in files[max(keep, 1):]:
+        try:
+            path.unlink()
+            deleted.append(path)
+        except OSError as exc:
+            log.warning("could not prune ONNX cache file %s: %s", path, exc)
+    if deleted:
+        log.info("pruned %d old ONNX export(s) from %s (keeping %d)", len(deleted), cache_dir, keep)
+    return deleted
 
 
 def _model_device(model: nn.Module) -> torch.device:
