@@ -161,3 +161,8 @@ class YOLOv7Backend(*_base_classes()):
             _log_once(("skipped", version, skipped, mapping.labels), logging.INFO,
                       "classes %s of model %s match no label of the config and are not predicted (add the labels "
                       "or map them with LABEL_MAP)", ", ".join(skipped), version)
+        if mapping.unlearned_labels:
+            _log_once(("unlearned", version, mapping.unlearned_labels), logging.WARNING,
+                      "labels %s of the config are not classes of model %s, so it never predicts them; the next "
+                      "training learns them from the annotations (if they are other names for the model's "
+                      "classes, set LABEL_MAP)", ", ".join(mapping.unlearned_labels), version)

@@ -89,7 +89,14 @@ def test_label_without_class_says_what_to_change():
         map_classes_to_labels(["fire", "smoke"], ["Flame", "smoke"])
     message = str(err.value)
     assert "label 'Flame' in the config has no class in the checkpoint (classes: fire, smoke)" in message
-    assert "LABEL_MAP" in message
+    assert "class 'fire' has no label" in message and "LABEL_MAP=fire=Flame" in message
+
+
+def test_a_label_the_model_has_not_learned_yet_is_allowed():
+    # Active learning: a label added to the config before any model knows it. The known classes are predicted.
+    mapping = map_classes_to_labels(["fire", "smoke"], ["Fire", "smoke", "person"])
+    assert mapping.labels == ("Fire", "smoke") and mapping.unlearned_labels == ("person",)
+    assert map_classes_to_labels(["fire"], ["fire"]).unlearned_labels == ()
 
 
 def test_label_map_errors_name_the_problem():

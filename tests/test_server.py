@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import base64
 import functools
 import http.server
@@ -193,6 +195,17 @@ def test_label_config_problems_say_what_to_change(tmp_path, model_file):
     assert response.status_code == 400 and "RectangleLabels" in response.json["error"]
     client, _, _ = make_client(tmp_path, model_file, label_map="fire=Flame")
     assert client.post("/predict", json={"tasks": tasks, "label_config": flame}).status_code == 200
+
+
+def test_a_new_label_the_model_has_not_learned_still_gets_predictions(tmp_path, model_file, caplog):
+    client, _, _ = make_client(tmp_path, model_file)
+    config = CONFIG.replace('<Label value="smoke"/>', '<Label value="Person"/><Label value="smoke"/>')
+    assert 'value="Person"' in config
+    with caplog.at_level(logging.WARNING):
+        response = client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": png_uri(64, 48)}}],
+                                                 "label_config": config})
+    assert response.status_code == 200 and len(response.json["results"]) == 1
+    assert "labels Person of the config are not classes of model" in caplog.text
 
 
 def test_label_config_from_setup_is_remembered(tmp_path, model_file):

@@ -116,6 +116,7 @@ class LabelMapping:
     """Which config label each checkpoint class becomes; classes with no label are not predicted."""
 
     labels: tuple[Optional[str], ...]  # index = class id
+    unlearned_labels: tuple[str, ...] = ()  # config labels no class maps to: never predicted by this model
 
     @property
     def skipped_classes(self) -> list[int]:
@@ -129,9 +130,10 @@ def map_classes_to_labels(class_names: Sequence[str], config_labels: Sequence[st
                           label_map: Optional[Mapping[str, str]] = None) -> LabelMapping:
     """Map checkpoint classes to config labels: explicit ``label_map`` first, then a case-insensitive match.
 
-    Every config label must receive at least one class (else the model could never predict it, which is almost
-    always a misspelt label): LabelConfigError says which label and what to change. Classes that match no label
-    are skipped (the caller logs them).
+    Classes that match no label are skipped, and labels no class matches are ``unlearned_labels`` (both logged
+    by the caller): a label added to the config for a class the model has not learned yet is normal in active
+    learning (training adds it). When both sides have leftovers, a label was almost always misspelt or renamed
+    ("Flame" vs class "fire"), so that is a LabelConfigError saying which label and what to change.
     """
     label_map = dict(label_map or {})
     classes_text = ", ".join(class_names) or "none"
@@ -151,10 +153,12 @@ def map_classes_to_labels(class_names: Sequence[str], config_labels: Sequence[st
         label = label_map.get(name) or map_lower.get(name.lower()) or labels_by_lower.get(name.lower())
         mapped.append(label)
     unused = [label for label in config_labels if label not in mapped]
-    if unused:
+    unmatched = [name for name, label in zip(class_names, mapped) if label is None]
+    if unused and (unmatched or not class_names):
         label = unused[0]
         raise LabelConfigError(
-            f"label {label!r} in the config has no class in the checkpoint (classes: {classes_text}); "
-            f"rename the label or set LABEL_MAP (e.g. LABEL_MAP={class_names[0] if class_names else 'cls'}"
-            f"={label})" + (f"; also without a class: {', '.join(map(repr, unused[1:]))}" if unused[1:] else ""))
-    return LabelMapping(tuple(mapped))
+            f"label {label!r} in the config has no class in the checkpoint (classes: {classes_text}) while class "
+            f"{unmatched[0] if unmatched else '-'!r} has no label; rename the label or set LABEL_MAP (e.g. "
+            f"LABEL_MAP={unmatched[0] if unmatched else 'cls'}={label})"
+            + (f"; also without a class: {', '.join(map(repr, unused[1:]))}" if unused[1:] else ""))
+    return LabelMapping(tuple(mapped), tuple(unused))
