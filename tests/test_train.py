@@ -141,6 +141,27 @@ def test_start_from_official_checkpoints(shared_dir):
     assert origin["start"] == "checkpoint"
 
 
+def test_a_new_label_keeps_what_the_head_knew_of_the_others(shared_dir):
+    trained = shared_dir / "data" / "yolov7-checkpoints" / "yolov7-tiny_fire-smoke_ref-trained.pt"
+    model, origin = prepare_model(TrainConfig(weights=str(trained)), ["Smoke", "fire", "person"])
+    ref = load_checkpoint(trained).state_dict
+    state = model.state_dict()
+    assert origin["head_classes_kept"] == ["Smoke", "fire"]
+    for level in range(3):
+        old_w, new_w = ref[f"model.77.m.{level}.weight"], state[f"model.77.m.{level}.weight"]
+        old_m, new_m = ref[f"model.77.im.{level}.implicit"], state[f"model.77.im.{level}.implicit"]
+        assert new_w.shape[0] == 3 * 8
+        for a in range(3):
+            o, n = a * 7, a * 8
+            assert torch.equal(new_w[n:n + 5], old_w[o:o + 5])          # box and objectness
+            assert torch.equal(new_w[n + 5], old_w[o + 6])               # smoke: old class 1 -> new class 0
+            assert torch.equal(new_w[n + 6], old_w[o + 5])               # fire: old class 0 -> new class 1
+            assert not torch.equal(new_w[n + 7], old_w[o + 5]) and not torch.equal(new_w[n + 7], old_w[o + 6])
+            assert torch.equal(new_m[:, n + 6], old_m[:, o + 5])                # implicit multiplier too
+            assert abs(float(new_m[0, n + 7]) - 1) < 0.2                       # the new class: fresh init
+        assert torch.equal(state[f"model.77.m.{level}.bias"][:5], ref[f"model.77.m.{level}.bias"][:5])
+
+
 @pytest.mark.slow
 def test_training_learns_to_find_shapes():
     """A reduced-width yolov7-tiny from scratch on generated shapes reaches a mAP it cannot reach untrained."""

@@ -190,7 +190,8 @@ def prepare_model(config: TrainConfig, names: Sequence[str]) -> Tuple[YOLOv7, Di
     * no weights: random init of ``config.graph`` (width-scaled by ``config.width``);
     * a training-graph checkpoint with the same classes: loaded as is;
     * otherwise (deploy graph, other classes): the training graph (IDetect head) of the same architecture,
-      every tensor whose name and shape fit copied, the rest (the head for new classes) re-initialised.
+      every tensor whose name and shape fit copied; across a change of classes the head keeps its box/objectness
+      rows and the rows of the classes both have (by name), the rest is re-initialised.
     """
     nc = len(names)
     if not config.weights:
@@ -214,7 +215,8 @@ def prepare_model(config: TrainConfig, names: Sequence[str]) -> Tuple[YOLOv7, Di
     target = model.state_dict()
     same_classes = _same_names(ckpt.names, names)
     head_prefix = f"model.{graphs.head_index(graph)}."
-    copied, skipped = 0, []
+    class_map = _class_index_map(ckpt.names, names)
+    copied, skipped, kept_classes = 0, [], set()
     with torch.no_grad():
         for key, value in target.items():
             source = ckpt.state_dict.get(key)
@@ -222,8 +224,13 @@ def prepare_model(config: TrainConfig, names: Sequence[str]) -> Tuple[YOLOv7, Di
             if source is not None and tuple(source.shape) == tuple(value.shape) and not new_head_conv:
                 value.copy_(source)
                 copied += 1
-            else:
-                skipped.append(key)
+                continue
+            per_output = key.startswith((head_prefix + "m.", head_prefix + "im."))
+            if per_output and source is not None and class_map and \
+                    _copy_head_rows(source, value, len(ckpt.names), nc, class_map, dim=1 if ".im." in key else 0):
+                copied += 1
+                kept_classes.update(names[new] for new in class_map.values())
+            skipped.append(key)  # re-initialised, in part (classes the checkpoint does not have) or whole
         if ckpt.head_type == "Detect":
             # The IDetect implicit layers start as the identity so the transferred head computes as before.
             for module in model.head.modules():
@@ -233,11 +240,41 @@ def prepare_model(config: TrainConfig, names: Sequence[str]) -> Tuple[YOLOv7, Di
                     module.implicit.fill_(1.0)
     model.load_state_dict(target)
     reinit = sorted({k.rsplit(".", 1)[0] for k in skipped})
-    log.info("starting from %s (%s %s head, %d classes -> %d: %s): %d tensors transferred, re-initialised: %s",
+    log.info("starting from %s (%s %s head, %d classes -> %d: %s): %d tensors transferred, re-initialised: %s%s",
              config.weights, ckpt.graph_name, ckpt.head_type, ckpt.nc, nc, ", ".join(names), copied,
-             ", ".join(reinit) if reinit else "nothing")
-    origin.update({"transferred": copied, "reinitialised": reinit})
+             ", ".join(reinit) if reinit else "nothing",
+             f" (head rows of {', '.join(sorted(kept_classes))} and the box/objectness rows kept)"
+             if kept_classes else "")
+    origin.update({"transferred": copied, "reinitialised": reinit, "head_classes_kept": sorted(kept_classes)})
     return model, origin
+
+
+def _class_index_map(old_names: Sequence[str], new_names: Sequence[str]) -> Dict[int, int]:
+    """old class index -> new class index for the classes both lists have (names compared case-insensitively)."""
+    new_by_name = {str(n).lower(): i for i, n in enumerate(new_names)}
+    return {i: new_by_name[str(n).lower()] for i, n in enumerate(old_names) if str(n).lower() in new_by_name}
+
+
+def _copy_head_rows(source: torch.Tensor, target: torch.Tensor, old_nc: int, new_nc: int,
+                    class_map: Dict[int, int], dim: int) -> bool:
+    """Copy a head tensor's per-output rows across a change of classes: per anchor, the box and objectness rows
+    and the rows of the classes both models have, so adding a label keeps what the model knew of the others
+    (the new classes' rows keep their fresh initialisation). False when the layouts do not correspond."""
+    old_per, new_per = 5 + old_nc, 5 + new_nc
+    if source.dim() != target.dim() or source.shape[dim] % old_per or target.shape[dim] % new_per:
+        return False
+    anchors = source.shape[dim] // old_per
+    if target.shape[dim] // new_per != anchors:
+        return False
+    other = [d for d in range(source.dim()) if d != dim]
+    if any(source.shape[d] != target.shape[d] for d in other):
+        return False
+    for a in range(anchors):
+        pairs = [(a * old_per + k, a * new_per + k) for k in range(5)]
+        pairs += [(a * old_per + 5 + old, a * new_per + 5 + new) for old, new in class_map.items()]
+        for src_row, dst_row in pairs:
+            target.select(dim, dst_row).copy_(source.select(dim, src_row))
+    return True
 
 
 def build_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
