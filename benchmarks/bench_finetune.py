@@ -5,6 +5,7 @@ mAP@0.5 after each epoch and the seconds per epoch.
     python benchmarks/bench_finetune.py --epochs 3 --time-budget 900
     python benchmarks/bench_finetune.py --weights ../shared/data/yolov7-checkpoints/yolov7-tiny_coco_deploy.pt
     python benchmarks/bench_finetune.py --device cuda --img-size 640 --epochs 100
+    python benchmarks/bench_finetune.py --set warmup_min_iters=1000 --set mosaic=0.5   # any TrainConfig field
 
 The bar (../shared/README.md): the reference trained yolov7-tiny from scratch on the same 877 images for 35
 epochs at 320 on 2 CPU cores (about 110 s per epoch) to mAP@0.5 0.768 on the valid split.
@@ -25,6 +26,28 @@ sys.path.insert(0, str(ROOT))
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "fire-smoke"
 
 
+def overrides(pairs) -> dict:
+    """["lr0=0.005", "mosaic=0.5"] -> {"lr0": 0.005, "mosaic": 0.5}, typed by TrainConfig's defaults."""
+    import dataclasses
+
+    from yolo_backend.yolov7.train import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or name not in defaults:
+            raise SystemExit(f"--set {pair!r}: use FIELD=VALUE with a TrainConfig field")
+        default = defaults[name]
+        if isinstance(default, bool):
+            out[name] = text.strip().lower() in ("1", "true", "yes", "on")
+        elif isinstance(default, (int, float)) and default is not None:
+            out[name] = type(default)(float(text)) if isinstance(default, int) else float(text)
+        else:
+            out[name] = text
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEFAULT_DATA))
@@ -41,6 +64,8 @@ def main() -> int:
     parser.add_argument("--assigner", default="ratio", choices=["ratio", "ota"])
     parser.add_argument("--out", default=None, help="checkpoint to write")
     parser.add_argument("--json", default=None, help="write the per-epoch history here")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override any TrainConfig field (repeatable), e.g. --set lr0=0.005")
     args = parser.parse_args()
 
     if not Path(args.data).exists():
@@ -52,7 +77,8 @@ def main() -> int:
     config = TrainConfig(data=args.data, weights=args.weights, graph=args.graph, epochs=args.epochs,
                          img_size=args.img_size, batch_size=args.batch_size, time_budget=args.time_budget,
                          device=args.device, threads=args.threads, workers=args.workers, seed=args.seed,
-                         assigner=args.assigner, out=args.out, names=["fire", "smoke"], progress="log")
+                         assigner=args.assigner, out=args.out, names=["fire", "smoke"], progress="log",
+                         **overrides(args.set))
     started = time.monotonic()
     result = fine_tune(config)
     total = time.monotonic() - started

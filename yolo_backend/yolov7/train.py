@@ -50,8 +50,13 @@ Callback = Callable[[Dict[str, Any]], None]
 
 
 @dataclass
-class TrainConfig:
-    """Every setting of a fine-tuning run. Defaults: the reference's yolov7-tiny scratch recipe."""
+class TrainConfig(AugmentConfig):
+    """Every setting of a fine-tuning run. Defaults: the reference's yolov7-tiny scratch recipe.
+
+    The augmentation settings (hsv_h/s/v, degrees, translate, scale, shear, flipud, fliplr, mosaic, mixup) are
+    inherited from ``AugmentConfig`` and the loss gains take ``LossGains``' defaults, so each default is written
+    in one place.
+    """
 
     # --- what to train on and from ---
     data: Optional[str] = None            # data.yaml or dataset folder (or give train_samples/val_samples)
@@ -84,26 +89,15 @@ class TrainConfig:
     schedule: str = "cosine"              # cosine | linear
     amp: bool = True                      # mixed precision, CUDA only
     # --- loss ---
-    box: float = 0.05
-    obj: float = 1.0
-    cls: float = 0.5
-    obj_pw: float = 1.0
-    cls_pw: float = 1.0
-    anchor_t: float = 4.0
-    label_smoothing: float = 0.0
+    box: float = LossGains.box
+    obj: float = LossGains.obj
+    cls: float = LossGains.cls
+    obj_pw: float = LossGains.obj_pw
+    cls_pw: float = LossGains.cls_pw
+    anchor_t: float = LossGains.anchor_t
+    label_smoothing: float = LossGains.label_smoothing
+    iou_ratio: float = LossGains.iou_ratio
     assigner: str = "ratio"               # ratio (reference ComputeLoss) | ota (OTA-style dynamic-k)
-    # --- augmentation ---
-    hsv_h: float = 0.015
-    hsv_s: float = 0.7
-    hsv_v: float = 0.4
-    degrees: float = 0.0
-    translate: float = 0.1
-    scale: float = 0.5
-    shear: float = 0.0
-    flipud: float = 0.0
-    fliplr: float = 0.5
-    mosaic: float = 1.0
-    mixup: float = 0.05
     # --- EMA ---
     ema: bool = True
     ema_decay: float = 0.9999
@@ -126,8 +120,7 @@ class TrainConfig:
         return AugmentConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AugmentConfig)})
 
     def loss_gains(self) -> LossGains:
-        return LossGains(box=self.box, obj=self.obj, cls=self.cls, obj_pw=self.obj_pw, cls_pw=self.cls_pw,
-                         anchor_t=self.anchor_t, label_smoothing=self.label_smoothing)
+        return LossGains(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LossGains)})
 
     def settings(self) -> Dict[str, Any]:
         """The plain settings (for the checkpoint's metadata and logs)."""
