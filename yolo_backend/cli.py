@@ -287,7 +287,8 @@ def _add_val(subparsers) -> None:
     p.add_argument("--split", choices=["val", "train"], default="val",
                    help="which split of a dataset with both (a folder of images is used as is)")
     p.add_argument("--conf", type=float, default=0.001)
-    p.add_argument("--iou", type=float, default=0.65)
+    p.add_argument("--iou", type=float, default=0.65,
+                   help="NMS IoU (0.65: the reference test.py; 0.6: its train.py's per-epoch numbers)")
     p.add_argument("--serve-conf", type=float, default=None,
                    help="threshold for precision/recall (default: MODEL_SCORE_THRESHOLD, 0.25)")
     p.add_argument("--batch-size", type=int, default=8)
