@@ -7,7 +7,7 @@ Output::
     out/data.yaml             names in a stable order, train/val pointing at images/
     out/sources.tsv           image name, task id, the task's image reference, the local source (or empty)
 
-Per task the latest non-cancelled annotation is used (by ``updated_at``, then ``created_at``, then id); a task
+Per task the latest non-cancelled annotation is used (by its last change, see labelstudio/annotations.py); a task
 with none is left out (not labelled) and counted. An annotation without boxes gives an empty label file.
 ``take="predictions"`` uses each task's latest prediction instead (e.g. to turn imported pre-annotations back).
 
@@ -22,10 +22,10 @@ import math
 import os
 import shutil
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..labelstudio.annotations import latest_annotation, latest_prediction
 from .problems import ConversionError, ProblemLog
 from .targets import ImageSources, image_name_from_ref
 from .yolo_files import EDGE_TOLERANCE, YoloBox, write_data_yaml, write_label_file
@@ -93,34 +93,6 @@ def fetch_export(url: str, api_key: str, project: int, with_predictions: bool = 
         raise ConversionError(f"Label Studio at {url}: export of project {project} failed ({detail})"
                               + (f"; {hint}" if hint else "")) from None
     return check_tasks(tasks, f"project {project} export"), label_config
-
-
-# --- choosing what to convert ---------------------------------------------------------------------------------------
-
-def _when(item: dict) -> tuple:
-    def parse(value):
-        if not value:
-            return datetime.min
-        try:
-            parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-        except ValueError:
-            return datetime.min
-        # compare aware times in UTC; naive ones as they are
-        return parsed.astimezone(timezone.utc).replace(tzinfo=None) if parsed.tzinfo else parsed
-
-    ident = item.get("id")
-    return parse(item.get("updated_at")), parse(item.get("created_at")), ident if isinstance(ident, int) else 0
-
-
-def latest_annotation(task: dict) -> Optional[dict]:
-    """The latest annotation that was not cancelled (skipped), or None."""
-    done = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
-    return max(done, key=_when) if done else None
-
-
-def latest_prediction(task: dict) -> Optional[dict]:
-    found = [p for p in task.get("predictions") or [] if isinstance(p, dict)]
-    return max(found, key=_when) if found else None
 
 
 # --- regions -> boxes -----------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from ..labelstudio.annotations import latest_annotation
 from ..registry import Registry, checkpoint_version
 from ..settings import Settings
 
@@ -125,14 +126,6 @@ def annotated_tasks(session, project_id: int) -> list[dict]:
             break
         page += 1
     return found
-
-
-def latest_annotation(task: dict) -> Optional[dict]:
-    """The task's most recent annotation that was not cancelled (skipped), or None."""
-    usable = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
-    if not usable:
-        return None
-    return max(usable, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0))
 
 
 def annotation_boxes(annotation: dict, target, width: int, height: int) -> tuple[np.ndarray, np.ndarray, list]:
