@@ -48,6 +48,9 @@ def test_load_model_matches_reference_output(ckpt_dir, ref_input, name, backend)
     else:
         model = load_model(ckpt_dir / f"{name}.pt", device="cpu", backend=backend)
         assert type(model).__name__ == "YOLOv7"
+        # Inference only: called outside no_grad it keeps no autograd graph.
+        assert not any(p.requires_grad for p in model.parameters())
+        assert not model(ref_input).requires_grad
     assert not model.training
     assert (model.graph_name, model.head_type, model.nc, model.names) == (graph_name, head, nc, names)
     assert model.stride.tolist() == [8.0, 16.0, 32.0]

@@ -536,11 +536,14 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", fuse: b
     ``backend`` (default: the INFERENCE_BACKEND setting, ``auto``): on the CPU a fused model runs on ONNX Runtime
     (an ``OrtYOLOv7``, exported once into ``cache_dir``, default ONNX_CACHE_DIR) because it is faster there;
     ``torch`` gives the ``YOLOv7`` module itself (channels_last on the CPU). CUDA and ``fuse=False`` are always
-    torch. See ort_runtime.with_backend.
+    torch. See ort_runtime.with_backend. A fused module's parameters do not require gradients; load with
+    ``fuse=False`` to train.
     """
     from .ort_runtime import with_backend
 
     model = model_from_checkpoint(load_checkpoint(path), device=device, fuse=fuse)
+    if fuse:  # an inference module: model(x) outside no_grad must not build an autograd graph (memory, time)
+        model.requires_grad_(False)
     return with_backend(model, path, backend, cache_dir)
 
 
