@@ -209,6 +209,8 @@ def finish_tasks(args, made, target, problems: ProblemLog, source_desc: str) -> 
     if "empty label files" in c or "images without a label file" in c:
         done += (f", {c['empty label files']} empty label file(s), {c['images without a label file']} image(s) "
                  "without a label file")
+    if c["polygons read as their bounding box"]:
+        done += f", {c['polygons read as their bounding box']} polygon(s) read as their bounding box"
     print(f"{PROG}: {problems.summary(done + ')')}", file=sys.stderr)
 
 

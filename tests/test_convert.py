@@ -137,6 +137,22 @@ def test_malformed_label_lines_are_reported_with_file_and_line(tmp_path, caplog)
         read_label_file(path, 2, ProblemLog(strict=True))
 
 
+def test_polygon_lines_are_read_as_their_bounding_box(tmp_path):
+    # YOLO segmentation exports (Roboflow and others) write polygons; a detector trains on their boxes.
+    path = tmp_path / "poly.txt"
+    path.write_text("1 0.2 0.3 0.6 0.3 0.5 0.7 0.25 0.6\n"   # 4 points
+                    "0 0.1 0.1 0.3 0.1 0.2\n")                # 6 fields: neither, wrong field count
+    problems = ProblemLog()
+    [box] = read_label_file(path, 2, problems)
+    assert box.class_id == 1
+    assert (box.cx, box.cy, box.w, box.h) == pytest.approx((0.4, 0.5, 0.4, 0.4))
+    assert problems.counts["polygons read as their bounding box"] == 1
+    assert [(p.line, p.kind) for p in problems.problems] == [(2, "wrong field count")]
+    # Not a problem: strict mode accepts the polygon.
+    path.write_text("1 0.2 0.3 0.6 0.3 0.5 0.7\n")
+    assert len(read_label_file(path, 2, ProblemLog(strict=True))) == 1
+
+
 # --- YOLO -> Label Studio -> YOLO ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("as_annotations", [False, True])

@@ -127,7 +127,8 @@ def _in_unit(value: float) -> bool:
 def read_label_file(path: Path, nc: Optional[int], problems: ProblemLog) -> list[YoloBox]:
     """The boxes of a YOLO label file. Malformed lines are reported (file and line) and skipped.
 
-    A line is malformed when it does not have 5 fields, a field is not a number, the class id is not a whole
+    A polygon line (YOLO segmentation format) counts as its bounding box. A line is malformed when it does not
+    have 5 fields (or an odd number of at least 7), a field is not a number, the class id is not a whole
     number in [0, nc), a coordinate is outside [0, 1] or the box has no area. A box whose edges pass the image
     border (by more than EDGE_TOLERANCE) is clipped to the image and reported.
     """
@@ -140,15 +141,21 @@ def read_label_file(path: Path, nc: Optional[int], problems: ProblemLog) -> list
         fields = raw.split()
         if not fields:
             continue
-        if len(fields) != 5:
-            problems.report("wrong field count", path, f"expected 5 fields 'class cx cy w h', found "
-                            f"{len(fields)} ({raw.strip()[:60]!r})", number)
+        polygon = len(fields) >= 7 and len(fields) % 2 == 1  # segmentation format: class x1 y1 x2 y2 x3 y3 ...
+        if len(fields) != 5 and not polygon:
+            problems.report("wrong field count", path, f"expected 5 fields 'class cx cy w h' (or a polygon "
+                            f"'class x1 y1 x2 y2 x3 y3 ...'), found {len(fields)} ({raw.strip()[:60]!r})", number)
             continue
         try:
             values = [float(v) for v in fields]
         except ValueError:
             problems.report("non-numeric", path, f"not numbers: {raw.strip()[:60]!r}", number)
             continue
+        if polygon:  # its bounding box, as the training reader does
+            xs, ys = values[1::2], values[2::2]
+            values = [values[0], (min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2, max(xs) - min(xs),
+                      max(ys) - min(ys)]
+            problems.count("polygons read as their bounding box")
         cls, cx, cy, w, h = values
         if not all(math.isfinite(v) for v in values):
             problems.report("non-numeric", path, f"not finite numbers: {raw.strip()[:60]!r}", number)
