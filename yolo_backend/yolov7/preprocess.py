@@ -49,7 +49,13 @@ def letterbox(image: np.ndarray, size: int = 640, stride: int = 32) -> Letterbox
     r = min(size / height, size / width)
     new_w, new_h = int(round(width * r)), int(round(height * r))
     # Padding up to the next stride multiple below ``size`` (the reference's "auto" minimum-rectangle mode).
-    dw, dh = (size - new_w) % stride / 2, (size - new_h) % stride / 2
+    return resize_and_pad(image, new_w, new_h, (size - new_w) % stride / 2, (size - new_h) % stride / 2)
+
+
+def resize_and_pad(image: np.ndarray, new_w: int, new_h: int, dw: float, dh: float) -> Letterboxed:
+    """Resize ``image`` to ``new_w`` x ``new_h`` (bilinear, only when the size changes), then pad ``dw`` / ``dh``
+    pixels on each side with PAD_VALUE (a half pixel goes to bottom/right, as the reference splits it)."""
+    height, width = image.shape[:2]
     if (new_w, new_h) != (width, height):
         image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     top, bottom = int(round(dh - 0.1)), int(round(dh + 0.1))

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -42,7 +41,7 @@ from .layers import ImplicitA, ImplicitM
 from .loss import LossGains, YoloLoss
 from .metrics import DetectionMetrics, fitness
 from .model import YOLOv7, build_model
-from .preprocess import PAD_VALUE, Letterboxed, scale_boxes_back
+from .preprocess import Letterboxed, resize_and_pad, scale_boxes_back
 
 log = logging.getLogger(__name__)
 
@@ -451,15 +450,7 @@ def eval_letterbox(image: np.ndarray, img_size: int, stride: int, pad: float) ->
     out_w = math.ceil(img_size * w / long_side / stride + pad) * stride
     r = min(out_h / h, out_w / w, 1.0)
     new_w, new_h = round(w * r), round(h * r)
-    if (new_w, new_h) != (w, h):
-        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    dw, dh = (out_w - new_w) / 2, (out_h - new_h) / 2
-    top, bottom = int(round(dh - 0.1)), int(round(dh + 0.1))
-    left, right = int(round(dw - 0.1)), int(round(dw + 0.1))
-    if top or bottom or left or right:
-        image = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT,
-                                   value=(PAD_VALUE, PAD_VALUE, PAD_VALUE))
-    return Letterboxed(np.ascontiguousarray(image), (new_w / w, new_h / h), (left, top), (w, h))
+    return resize_and_pad(image, new_w, new_h, (out_w - new_w) / 2, (out_h - new_h) / 2)
 
 
 def _decode_all_labels(prediction: torch.Tensor, conf: float, iou: float, max_det: int):
