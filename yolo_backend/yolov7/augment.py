@@ -60,24 +60,23 @@ def augment_hsv(image: np.ndarray, rng: np.random.Generator, hgain: float = 0.01
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
 
 
-def flip_horizontal(image: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    w = image.shape[1]
+def _flip(image: np.ndarray, labels: np.ndarray, axis: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Mirror along image ``axis`` (0 = rows: upside down, 1 = columns: left-right); labels
+    [class, x1, y1, x2, y2] follow (for axis 1 the x columns 1 and 3, for axis 0 the y columns 2 and 4)."""
+    extent = image.shape[axis]
+    low, high = (1, 3) if axis == 1 else (2, 4)
     labels = labels.copy()
     if len(labels):
-        x1 = labels[:, 1].copy()
-        labels[:, 1] = w - labels[:, 3]
-        labels[:, 3] = w - x1
-    return np.ascontiguousarray(image[:, ::-1]), labels
+        labels[:, [low, high]] = extent - labels[:, [high, low]]
+    return np.ascontiguousarray(np.flip(image, axis)), labels
+
+
+def flip_horizontal(image: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    return _flip(image, labels, 1)
 
 
 def flip_vertical(image: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    h = image.shape[0]
-    labels = labels.copy()
-    if len(labels):
-        y1 = labels[:, 2].copy()
-        labels[:, 2] = h - labels[:, 4]
-        labels[:, 4] = h - y1
-    return np.ascontiguousarray(image[::-1]), labels
+    return _flip(image, labels, 0)
 
 
 def keep_plausible_boxes(before: np.ndarray, after: np.ndarray, min_side: float = 2.0, max_aspect: float = 20.0,
