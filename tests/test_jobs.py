@@ -299,6 +299,20 @@ def env(tmp_path, redis_server, label_studio, start_checkpoint):
     environment.queue.close()
 
 
+def job_status(client, job_id) -> dict:
+    return client.get("/job_status", query_string={"job": job_id}).get_json()
+
+
+def start_slow_training(env, client) -> tuple:
+    """Trigger a job with the fake trainer held at its first epoch (MODEL_DIR/slow), start a worker and wait
+    until the job trains; returns (job id, worker process)."""
+    (env.model_dir / "slow").touch()
+    job_id = webhook(client)[0]["job"]
+    worker = env.start_worker()
+    wait_for(lambda: job_status(client, job_id)["phase"] == "training", 60, "the job to train")
+    return job_id, worker
+
+
 def webhook(client, action="START_TRAINING", project_id=1):
     started = time.perf_counter()
     response = client.post("/webhook", json={"action": action, "project": {"id": project_id,
@@ -340,7 +354,7 @@ def test_webhooks_enqueue_fast_and_coalesce(env):
     assert other["status"] == "queued" and other["job"] != first["job"]
     assert env.queue.queue().count == 2
 
-    status = client.get("/job_status", query_string={"job": first["job"]}).get_json()
+    status = job_status(client, first["job"])
     assert status["status"] == "queued" and status["project"] == 1 and status["coalesced_requests"] == 4, status
     training = client.get("/is_training", query_string={"project": 1}).get_json()
     assert training["is_training"] is False and training["waiting_job"] == first["job"], training
@@ -356,7 +370,7 @@ def test_worker_trains_publishes_and_syncs_label_studio(env, label_studio):
     job_id = webhook(client)[0]["job"]
     env.run_burst()
 
-    status = client.get("/job_status", query_string={"job": job_id}).get_json()
+    status = job_status(client, job_id)
     assert status["status"] == "finished", status
     result = status["result"]
     version = result["model_version"]
@@ -398,11 +412,7 @@ def test_worker_trains_publishes_and_syncs_label_studio(env, label_studio):
 
 def test_one_running_one_waiting_and_versions_pruned(env):
     client = env.app()
-    (env.model_dir / "slow").touch()
-    first = webhook(client)[0]["job"]
-    worker = env.start_worker()
-    wait_for(lambda: client.get("/job_status", query_string={"job": first}).get_json()["phase"] == "training",
-             60, "the first job to train")
+    first, worker = start_slow_training(env, client)
     training = wait_for(lambda: (s := client.get("/is_training", query_string={"project": 1}).get_json())
                         .get("progress", {}).get("epoch") and s, 10, "epoch progress")
     assert training["is_training"] is True and training["job"] == first, training
@@ -412,13 +422,11 @@ def test_one_running_one_waiting_and_versions_pruned(env):
     assert second["status"] == "queued" and second["job"] != first
     assert webhook(client)[0] == {"job": second["job"], "status": "coalesced", "project": 1}
     (env.model_dir / "slow").unlink()
-    wait_for(lambda: client.get("/job_status", query_string={"job": second["job"]}).get_json()["status"]
-             == "finished", 90, "the waiting job to finish")
-    assert client.get("/job_status", query_string={"job": first}).get_json()["status"] == "finished"
+    wait_for(lambda: job_status(client, second["job"])["status"] == "finished", 90, "the waiting job to finish")
+    assert job_status(client, first)["status"] == "finished"
     # Third publish: KEEP_VERSIONS=2 drops the oldest.
     third = webhook(client)[0]["job"]
-    wait_for(lambda: client.get("/job_status", query_string={"job": third}).get_json()["status"] == "finished",
-             90, "the third job")
+    wait_for(lambda: job_status(client, third)["status"] == "finished", 90, "the third job")
     names = [v.name for v in env.registry().versions()]
     assert [n.split("-")[0] for n in names] == ["v2", "v3"], names
     second_call = seen_calls(env.model_dir)[1]
@@ -452,7 +460,7 @@ def test_redis_down_requests_are_kept_and_queued_later(tmp_path, label_studio, s
             assert client.get("/is_training", query_string={"project": 1}).get_json()["waiting_job"] == job_id
             assert webhook(client)[0] == {"job": job_id, "status": "coalesced", "project": 1}
             environment.run_burst()
-            status = client.get("/job_status", query_string={"job": job_id}).get_json()
+            status = job_status(client, job_id)
             assert status["status"] == "finished" and status["result"]["published"], status
             server.stop()
     finally:
@@ -462,24 +470,20 @@ def test_redis_down_requests_are_kept_and_queued_later(tmp_path, label_studio, s
 
 def test_killed_work_horse_fails_job_without_partial_version(env):
     client = env.app()
-    (env.model_dir / "slow").touch()
-    job_id = webhook(client)[0]["job"]
-    worker = env.start_worker()
-    wait_for(lambda: client.get("/job_status", query_string={"job": job_id}).get_json()["phase"] == "training",
-             60, "the job to train")
+    job_id, worker = start_slow_training(env, client)
     pid = _job_pid(env, job_id)
     assert pid != worker.pid
     os.kill(pid, signal.SIGKILL)  # the work horse, mid-training
-    failed = wait_for(lambda: (s := client.get("/job_status", query_string={"job": job_id}).get_json())
-                      ["status"] == "failed" and s, 30, "the job to be reported failed")
+    failed = wait_for(lambda: (s := job_status(client, job_id))["status"] == "failed" and s, 30,
+                      "the job to be reported failed")
     assert failed["error"], failed
     assert env.registry().versions() == [] and env.registry().latest() is None
     # The next trigger trains again (the same worker, the killed job's lock released).
     (env.model_dir / "slow").unlink()
     again = webhook(client)[0]
     assert again["status"] == "queued" and again["job"] != job_id
-    done = wait_for(lambda: (s := client.get("/job_status", query_string={"job": again["job"]}).get_json())
-                    ["status"] in ("finished", "failed") and s, 90, "the next job")
+    done = wait_for(lambda: (s := job_status(client, again["job"]))["status"] in ("finished", "failed") and s, 90,
+                    "the next job")
     assert done["status"] == "finished" and done["result"]["published"], done
     assert [v.name.split("-")[0] for v in env.registry().versions()] == ["v1"]
     assert not list(env.registry().root.glob(".work/*")), "the killed job's work folder is cleaned up"
@@ -488,25 +492,21 @@ def test_killed_work_horse_fails_job_without_partial_version(env):
 @pytest.mark.slow
 def test_killed_worker_is_reported_and_a_new_worker_trains(env):
     client = env.app()
-    (env.model_dir / "slow").touch()
-    job_id = webhook(client)[0]["job"]
-    worker = env.start_worker()
-    wait_for(lambda: client.get("/job_status", query_string={"job": job_id}).get_json()["phase"] == "training",
-             60, "the job to train")
+    job_id, worker = start_slow_training(env, client)
     # The whole worker, horse included (as when its machine or container dies): nobody marks the job failed.
     horse = _job_pid(env, job_id)
     os.killpg(worker.pid, signal.SIGKILL)
     os.kill(horse, signal.SIGKILL)
     worker.wait(timeout=10)
-    failed = wait_for(lambda: (s := client.get("/job_status", query_string={"job": job_id}).get_json())
-                      ["status"] == "failed" and s, 40, "the abandoned job to be reported failed")
+    failed = wait_for(lambda: (s := job_status(client, job_id))["status"] == "failed" and s, 40,
+                      "the abandoned job to be reported failed")
     assert "stopped" in failed["error"], failed
     assert env.registry().latest() is None
     (env.model_dir / "slow").unlink()
     again = webhook(client)[0]
     assert again["status"] == "queued", again
     env.run_burst()
-    done = client.get("/job_status", query_string={"job": again["job"]}).get_json()
+    done = job_status(client, again["job"])
     assert done["status"] == "finished" and done["result"]["published"], (done, env.worker_logs())
 
 
@@ -526,7 +526,7 @@ def test_a_plain_rq_worker_runs_the_job_too(env):
                                 env.settings.rq_queue_name], cwd=str(REPO_ROOT), capture_output=True, text=True,
                                env={**os.environ, **env.env, "PYTHONPATH": str(REPO_ROOT)}, timeout=120)
     assert completed.returncode == 0, completed.stdout + completed.stderr
-    status = client.get("/job_status", query_string={"job": job_id}).get_json()
+    status = job_status(client, job_id)
     assert status["status"] == "finished" and status["result"]["published"], (status, completed.stderr[-2000:])
 
 
