@@ -87,6 +87,24 @@ def test_confidence_is_objectness_times_class_probability():
     assert low.scores.tolist() == pytest.approx([0.72, 0.30, 0.25, 0.18])
 
 
+def test_multi_label_decode_keeps_every_class_above_conf():
+    # Evaluation's mode (reference test.py): one box may count as fire and as smoke.
+    rows = [[100, 100, 40, 40, 0.9, 0.6, 0.5],   # fire 0.54, smoke 0.45
+            [200, 200, 40, 40, 0.9, 0.5, 0.1]]   # fire 0.45, smoke 0.09 <= 0.25 -> only fire
+    detector = Detector(FixedModel(rows), img_size=320, conf=0.25, iou=0.45)
+    from yolo_backend.yolov7.preprocess import letterbox
+
+    boxed = letterbox(image(), 320)
+    prediction = detector.forward(boxed.image[None])[0]
+    single = detector.decode(prediction, boxed, 0.25)
+    multi = detector.decode(prediction, boxed, 0.25, multi_label=True)
+    assert single.labels.tolist() == [0, 0] and single.scores.tolist() == pytest.approx([0.54, 0.45])
+    found = sorted(zip(multi.labels.tolist(), multi.scores.tolist()))
+    assert [label for label, _ in found] == [0, 0, 1]
+    assert [score for _, score in found] == pytest.approx([0.45, 0.54, 0.45])
+    np.testing.assert_allclose(multi.class_probs[multi.labels == 1], [[0.6, 0.5]], rtol=1e-6)
+
+
 def test_single_class_confidence_is_objectness():
     rows = [[100, 100, 40, 40, 0.6, 0.1], [200, 200, 40, 40, 0.2, 1.0]]
     (det,) = Detector(FixedModel(rows, names=["fire"]), img_size=320).detect([image()])

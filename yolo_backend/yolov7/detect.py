@@ -147,8 +147,12 @@ class Detector:
             out = out[0]
         return out.float()
 
-    def decode(self, prediction: torch.Tensor, boxed: Letterboxed, conf: float) -> Detections:
-        """(N, 5+nc) raw predictions of one image -> Detections in original pixels."""
+    def decode(self, prediction: torch.Tensor, boxed: Letterboxed, conf: float,
+               multi_label: bool = False) -> Detections:
+        """(N, 5+nc) raw predictions of one image -> Detections in original pixels.
+
+        Each box takes its best class; ``multi_label`` (evaluation, as the reference test.py) instead keeps one
+        candidate per class whose score passes ``conf``."""
         width, height = boxed.original_size
         nc = prediction.shape[1] - 5
         if nc != len(self.names):
@@ -159,6 +163,10 @@ class Detector:
         if nc == 1:  # single-class models train no class score: confidence is objectness alone
             scores = objectness
             labels = torch.zeros_like(objectness, dtype=torch.long)
+        elif multi_label:
+            class_scores = class_probs * objectness[:, None]
+            rows, labels = (class_scores > conf).nonzero(as_tuple=True)
+            candidates, scores = candidates[rows], class_scores[rows, labels]
         else:
             scores, labels = (class_probs * objectness[:, None]).max(dim=1)
         keep = scores > conf

@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from . import graphs
-from .boxes import nms, xywh_to_xyxy
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .dataset import (AugmentConfig, DataSpec, DatasetError, EvalSet, Sample, TrainingSet, check_classes, collate,
                       load_data)
@@ -41,7 +40,7 @@ from .layers import ImplicitA, ImplicitM
 from .loss import LossGains, YoloLoss
 from .metrics import DetectionMetrics, fitness
 from .model import YOLOv7, build_model
-from .preprocess import Letterboxed, resize_and_pad, scale_boxes_back
+from .preprocess import Letterboxed, resize_and_pad
 
 log = logging.getLogger(__name__)
 
@@ -453,26 +452,6 @@ def eval_letterbox(image: np.ndarray, img_size: int, stride: int, pad: float) ->
     return resize_and_pad(image, new_w, new_h, (out_w - new_w) / 2, (out_h - new_h) / 2)
 
 
-def _decode_all_labels(prediction: torch.Tensor, conf: float, iou: float, max_det: int):
-    """Multi-label candidates (every class whose score passes ``conf``) and class-aware NMS, like the
-    reference test.py; boxes xyxy in letterboxed pixels."""
-    prediction = prediction[prediction[:, 4] > conf]
-    nc = prediction.shape[1] - 5
-    if nc == 1:
-        scores, labels = prediction[:, 4], torch.zeros(len(prediction), dtype=torch.long, device=prediction.device)
-        rows = torch.arange(len(prediction), device=prediction.device)
-    else:
-        class_scores = prediction[:, 5:] * prediction[:, 4:5]
-        rows, labels = (class_scores > conf).nonzero(as_tuple=True)
-        scores = class_scores[rows, labels]
-    if scores.numel() > 30000:
-        top = scores.topk(30000).indices
-        rows, labels, scores = rows[top], labels[top], scores[top]
-    boxes = xywh_to_xyxy(prediction[rows, :4])
-    kept = nms(boxes, scores, iou, labels=labels, max_det=max_det)
-    return boxes[kept], scores[kept], labels[kept]
-
-
 @torch.no_grad()
 def evaluate(model: YOLOv7, data: Union[EvalSet, Sequence[Sample]], names: Optional[Sequence[str]] = None,
              img_size: int = 640, conf: float = 0.001, iou: float = 0.65, max_det: int = 300,
@@ -493,23 +472,12 @@ def evaluate(model: YOLOv7, data: Union[EvalSet, Sequence[Sample]], names: Optio
     pending: List[Tuple[Any, np.ndarray, np.ndarray]] = []
 
     def flush() -> None:
-        by_shape: Dict[Tuple[int, int], List[int]] = {}
-        for k, (boxed, _, _) in enumerate(pending):
-            by_shape.setdefault(boxed.shape, []).append(k)
-        for indices in by_shape.values():
+        for indices in detector._batches([boxed for boxed, _, _ in pending]):
             predictions = detector.forward(np.stack([pending[k][0].image for k in indices]))
             for row, k in enumerate(indices):
                 boxed, gt_boxes, gt_classes = pending[k]
-                if multi_label:
-                    boxes, scores, labels = _decode_all_labels(predictions[row], conf, iou, max_det)
-                    width, height = boxed.original_size
-                    boxes = scale_boxes_back(boxes.cpu().numpy(), boxed.ratio, boxed.pad, (width, height)) \
-                        if len(boxes) else np.zeros((0, 4), np.float32)
-                    scores, labels = scores.cpu().numpy(), labels.cpu().numpy()
-                else:
-                    det = detector.decode(predictions[row], boxed, conf)
-                    boxes, scores, labels = det.boxes, det.scores, det.labels
-                metrics.add(boxes, scores, labels, gt_boxes, gt_classes)
+                det = detector.decode(predictions[row], boxed, conf, multi_label=multi_label)
+                metrics.add(det.boxes, det.scores, det.labels, gt_boxes, gt_classes)
         pending.clear()
 
     try:
