@@ -27,12 +27,14 @@ import torch
 from torch import nn
 
 from ..hashing import file_sha256
+from ..settings import INFERENCE_BACKENDS
+from .detect import _model_device
 from .export import DEFAULT_OPSET, EXPORT_FORMAT_VERSION, INPUT_NAME, OUTPUT_NAME, export_onnx
 from .model import YOLOv7
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "onnxruntime")
+BACKENDS = INFERENCE_BACKENDS
 PathLike = Union[str, os.PathLike]
 
 # An exported graph must reproduce the torch module to float32 rounding before it is used.
@@ -226,10 +228,6 @@ def prune_cache(cache_dir: PathLike, keep: int = CACHE_KEEP) -> list:
     if deleted:
         log.info("pruned %d old ONNX export(s) from %s (keeping %d)", len(deleted), cache_dir, keep)
     return deleted
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def with_backend(model: YOLOv7, checkpoint: PathLike, backend: Optional[str] = None,

@@ -299,7 +299,8 @@ class LoopState:
 
     iterations_per_epoch: int
     warmup_iterations: int
-    accumulate: int
+    accumulate: int              # batches per optimiser step now (ramps up during warmup)
+    full_accumulate: int         # ... and after warmup: nominal_batch / batch_size
     planned_epochs: int
     iteration: int = 0           # global, over all epochs
     last_step: int = -1
@@ -328,14 +329,13 @@ def _set_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, state: LoopSt
     momentum up from warmup_momentum, accumulation up from 1 to the nominal batch)."""
     target = config.lr0 * lr_factor(epoch, state.planned_epochs, config.lrf, config.schedule)
     i, nw = state.iteration, state.warmup_iterations
-    full_accumulate = max(round(config.nominal_batch / config.batch_size), 1)
     if i < nw:
-        state.accumulate = max(1, int(np.interp(i, [0, nw], [1, full_accumulate]).round()))
+        state.accumulate = max(1, int(np.interp(i, [0, nw], [1, state.full_accumulate]).round()))
         for j, group in enumerate(optimizer.param_groups):
             group["lr"] = float(np.interp(i, [0, nw], [config.warmup_bias_lr if j == 2 else 0.0, target]))
             group["momentum"] = float(np.interp(i, [0, nw], [config.warmup_momentum, config.momentum]))
     else:
-        state.accumulate = full_accumulate
+        state.accumulate = state.full_accumulate
         for group in optimizer.param_groups:
             group["lr"] = target
             group["momentum"] = config.momentum
@@ -557,14 +557,12 @@ def fine_tune(config: TrainConfig, callback: Optional[Callback] = None) -> Train
     accumulate = max(round(config.nominal_batch / config.batch_size), 1)
     weight_decay = config.weight_decay * config.batch_size * accumulate / config.nominal_batch
     optimizer = build_optimizer(model, config.lr0, config.momentum, weight_decay)
-    for group in optimizer.param_groups:
-        group["initial_lr"] = config.lr0
     ema = ModelEMA(model, config.ema_decay, config.ema_tau) if config.ema else None
     use_amp = config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp) if use_amp else None
     nb = len(loader)
     state = LoopState(iterations_per_epoch=nb, warmup_iterations=warmup_iterations(config, nb),
-                      accumulate=accumulate, planned_epochs=config.epochs)
+                      accumulate=accumulate, full_accumulate=accumulate, planned_epochs=config.epochs)
     log.info("training %d images (%d negatives), validating on %d, %d classes (%s), img %d, batch %d "
              "(accumulate %d), %d iterations/epoch, warmup %d iterations, device %s", len(spec.train),
              sum(1 for s in spec.train if len(s.classes) == 0), len(spec.val), len(names), ", ".join(names),
@@ -645,12 +643,9 @@ def fine_tune(config: TrainConfig, callback: Optional[Callback] = None) -> Train
 
 
 def export(model: YOLOv7, path: Union[str, Path], img_size: int = 640) -> Optional[Path]:
-    """ONNX export of a fused copy (export.py); None (logged) when the export is unavailable or fails."""
-    try:
-        from .export import export_onnx
-    except ImportError:
-        log.warning("ONNX export unavailable (yolo_backend.yolov7.export missing); skipped")
-        return None
+    """ONNX export of a fused copy (export.py); None (logged) when the export fails (e.g. onnx not installed)."""
+    from .export import export_onnx
+
     fused = copy.deepcopy(model).cpu().eval().fuse()
     try:
         return export_onnx(fused, path, img_size=(img_size, img_size))
