@@ -44,8 +44,8 @@ def overrides(pairs) -> dict:
         default = defaults[name]
         if isinstance(default, bool):
             out[name] = text.strip().lower() in ("1", "true", "yes", "on")
-        elif isinstance(default, (int, float)) and default is not None:
-            out[name] = type(default)(float(text)) if isinstance(default, int) else float(text)
+        elif isinstance(default, (int, float)):
+            out[name] = type(default)(float(text))
         else:
             out[name] = text
     return out

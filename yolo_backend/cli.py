@@ -56,16 +56,18 @@ def _require_file(weights: str) -> None:
         raise CliError(f"{weights}: no such checkpoint file")
 
 
-def _load(weights: str, device: str, backend: Optional[str] = None):
+def _load(weights: str, device: str):
     _require_file(weights)
     from .yolov7.checkpoint import load_model
 
-    return load_model(weights, device=device, backend=backend)
+    return load_model(weights, device=device)
 
 
 # --- detect -----------------------------------------------------------------------------------------------------
 
 def _add_detect(subparsers) -> None:
+    from .settings import INFERENCE_BACKENDS
+
     p = subparsers.add_parser("detect", help="run a checkpoint on an image or a folder of images",
                               description="Detect objects in an image or a folder of images. Defaults come from "
                                           "the settings (IMG_SIZE, MODEL_SCORE_THRESHOLD, IOU_THRESHOLD, "
@@ -80,7 +82,7 @@ def _add_detect(subparsers) -> None:
     p.add_argument("--half", action="store_true", default=None, help="fp16 inference on CUDA")
     p.add_argument("--batch-size", type=int, help="images per forward pass (default 8)")
     p.add_argument("--threads", type=int, help="CPU threads, 0 = auto (default)")
-    p.add_argument("--backend", choices=("auto", "torch", "onnxruntime"),
+    p.add_argument("--backend", choices=INFERENCE_BACKENDS,
                    help="inference backend (default: INFERENCE_BACKEND, auto = ONNX Runtime on the CPU)")
     p.add_argument("--json", metavar="OUT", help="write the detections as JSON to this file ('-' for stdout)")
     p.set_defaults(handler=_run_detect)
@@ -208,13 +210,11 @@ def _add_worker(subparsers) -> None:
 
 
 def _run_worker(args) -> int:
-    import logging
-
     from .jobs.worker import run_worker
+    from .serve import _configure_logging
 
     settings = _settings()
-    logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
-                        format="[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s")
+    _configure_logging(settings.log_level)
     run_worker(settings, redis_url=args.url, queue_name=args.queue, burst=args.burst, simple=args.simple,
                name=args.name)
     return 0

@@ -194,6 +194,8 @@ def describe_model(settings: Settings) -> str:
     from .registry import Registry
 
     model_dir = Path(settings.model_dir)
+    if settings.model_version:
+        return f"model: MODEL_VERSION={settings.model_version} (pinned) from {model_dir}"
     published = []
     root_latest = Registry(model_dir).latest()
     if root_latest is not None:
@@ -202,8 +204,6 @@ def describe_model(settings: Settings) -> str:
         latest = registry.latest()
         if latest is not None:
             published.append(f"{latest.name} (project {registry.root.name})")
-    if settings.model_version:
-        return f"model: MODEL_VERSION={settings.model_version} (pinned) from {model_dir}"
     if published:
         shown = ", ".join(published[:5]) + (f" and {len(published) - 5} more" if len(published) > 5 else "")
         fallback = f"; MODEL_PATH={settings.model_path} for projects without one" if settings.model_path else ""
