@@ -152,3 +152,22 @@ def test_no_augmentation_is_a_plain_letterbox_and_eval_set_scales_boxes():
     eval_image, boxes, classes = evals[0]
     assert eval_image.shape == (48, 64, 3) and boxes[0].tolist() == pytest.approx([24, 16, 40, 32])
     assert classes.tolist() == [0]
+
+
+def test_exif_rotated_photo_gets_its_boxes_in_the_displayed_orientation(tmp_path):
+    # A phone photo stored 64x32 with EXIF orientation 6 is displayed (and read by read_image) as 32x64; YOLO
+    # labels are normalised to the displayed image, so boxes must be scaled by 32 across and 64 down.
+    from PIL import Image
+
+    from yolo_backend.yolov7.dataset import samples_from_folder
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    image = Image.new("RGB", (64, 32), (200, 30, 30))
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "images" / "phone.jpg", "JPEG", exif=exif.tobytes())
+    (tmp_path / "labels" / "phone.txt").write_text("0 0.5 0.5 0.5 0.5\n")
+    [sample] = samples_from_folder(tmp_path / "images")
+    assert sample.load_image().shape[:2] == (64, 32)
+    np.testing.assert_allclose(sample.boxes, [[8, 16, 24, 48]])

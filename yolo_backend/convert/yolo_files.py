@@ -80,29 +80,17 @@ def list_images(folder: Path, recursive: bool = True) -> list[Path]:
     return sorted(p for p in found if is_image(p))
 
 
-# EXIF orientations that swap width and height (Label Studio shows images rotated by their EXIF tag).
-_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
-
-
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) as displayed (EXIF orientation applied), from the file header; no pixel decode.
 
     Raises ConversionError naming the file when it is not a readable image.
     """
-    from PIL import Image, UnidentifiedImageError
+    from ..yolov7.preprocess import ImageReadError, image_size as header_size
 
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-            try:
-                orientation = image.getexif().get(0x0112)
-            except Exception:  # noqa: BLE001 - a broken EXIF block must not make a good image unreadable
-                orientation = None
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise ConversionError(f"{path}: not a readable image ({exc})") from None
-    if orientation in _TRANSPOSED_ORIENTATIONS:
-        width, height = height, width
-    return int(width), int(height)
+        return header_size(path)
+    except ImageReadError as exc:
+        raise ConversionError(str(exc)) from None
 
 
 # --- label files ----------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from . import augment
-from .preprocess import IMAGE_SUFFIXES, read_image
+from .preprocess import IMAGE_SUFFIXES, image_size, read_image
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +131,10 @@ def read_label_file(path: Path, width: int, height: int) -> Tuple[np.ndarray, np
 
 
 def _image_size(path: Path) -> Tuple[int, int]:
-    """(width, height) without decoding pixels where PIL can tell; else decode."""
+    """(width, height) as ``read_image`` will see it (EXIF orientation applied), from the header where PIL can
+    tell; else decode."""
     try:
-        from PIL import Image
-
-        with Image.open(path) as im:
-            return im.size
+        return image_size(path)
     except Exception:  # noqa: BLE001 - fall back to a full decode
         image = read_image(path)
         return image.shape[1], image.shape[0]

@@ -85,6 +85,29 @@ class ImageReadError(ValueError):
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
+# EXIF orientations that swap width and height (rotated by 90 or 270 degrees, possibly mirrored).
+_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
+
+
+def image_size(path) -> tuple[int, int]:
+    """(width, height) as displayed (EXIF orientation applied, as ``read_image`` applies it), from the file
+    header; no pixel decode. Raises ImageReadError naming the file when it is not a readable image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            try:
+                orientation = image.getexif().get(0x0112)
+            except Exception:  # noqa: BLE001 - a broken EXIF block must not make a good image unreadable
+                orientation = None
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise ImageReadError(f"{path}: not a readable image ({exc})") from None
+    if orientation in _TRANSPOSED_ORIENTATIONS:
+        width, height = height, width
+    return int(width), int(height)
+
+
 def read_image(path) -> np.ndarray:
     """Read an image file as HxWx3 uint8 RGB, like the reference (cv2.imread, EXIF orientation applied)."""
     path = Path(path)
