@@ -42,7 +42,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..labelstudio.annotations import latest_annotation
-from ..registry import Registry, checkpoint_version
+from ..registry import ModelVersion, Registry, checkpoint_version
 from ..settings import Settings
 
 log = logging.getLogger(__name__)
@@ -331,7 +331,7 @@ def fine_tune_trainer(data: TrainingData, callback: Callable[[dict], None]) -> d
         batch_size=batch, nominal_batch=nominal,
         device=settings.device, threads=settings.torch_threads, time_budget=settings.train_time_budget_s,
         progress="log", names=list(data.names), train_samples=train, val_samples=val or None,
-        serve_conf=settings.model_score_threshold)
+        serve_conf=settings.model_score_threshold, seed=int(data.extra.get("seed", 0)))
     result = fine_tune(config, callback)
     baseline = None
     if val and data.start_checkpoint:
@@ -399,44 +399,12 @@ def train_project(backend, event: str = "START_TRAINING", progress: Optional[Cal
         return {**summary, "trained": False, "published": False,
                 "reason": "no annotated task with a usable annotation and image"}
 
-    train, val = split_examples(project_id, examples)
-    start_checkpoint, parent = current_model(settings, project_id)
-    log.info("training project %s on %d image(s), validating on %d, from %s", project_id, len(train), len(val),
-             parent or f"an untrained {DEFAULT_GRAPH}")
-    registry = Registry.for_project(settings.model_dir, project_id)
-    work = registry.root / ".work" / (job_id or f"run-{os.getpid()}")
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        data = TrainingData(train, val, names, start_checkpoint, parent, work / "model.pt", settings)
-        report({"phase": "training", "train_images": len(train), "val_images": len(val)})
-        outcome = (trainer or fine_tune_trainer)(data, lambda e: report(_training_progress(e)))
-        metrics, baseline = outcome.get("metrics"), outcome.get("baseline_metrics")
-        publish, why = publish_decision(settings, metrics, baseline, len(val))
-        summary.update(trained=True, train_images=len(train), val_images=len(val), parent=parent,
-                       metrics=metrics, baseline_metrics=baseline, decision=why,
-                       **{k: outcome[k] for k in ("epochs_run", "best_epoch", "stopped_by_budget") if k in outcome})
-        if not publish:
-            log.info("project %s: new model not published: %s", project_id, why)
-            summary.update(published=False, model_version=parent)
-            report({"phase": "done", "message": f"not published: {why}"})
-            return summary
-        report({"phase": "publishing"})
-        path = Path(outcome.get("path") or data.out_path)
-        if not path.is_file():
-            raise TrainingError(f"the trainer reported {path}, which does not exist")
-        version = registry.publish(path, {
-            "project": project_id, "parent": parent, "metrics": metrics, "baseline_metrics": baseline,
-            "decision": why, "annotations": len(examples), "train_images": len(train), "val_images": len(val),
-            "negatives": counts["negatives"], "labels": names, "job": job_id, "event": event,
-            "train_seconds": outcome.get("seconds"), "img_size": settings.train_img_size})
-        log.info("project %s: published %s (%s)", project_id, version.name, why)
-        removed = prune_versions(registry, settings.keep_versions, {settings.model_version or ""})
-        if removed:
-            log.info("removed old version(s) %s (KEEP_VERSIONS=%d)", ", ".join(removed), settings.keep_versions)
-        summary.update(published=True, model_version=version.name, checkpoint=str(version.checkpoint),
-                       removed_versions=removed)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    outcome, version = train_and_publish(settings, project_id, examples, names, trainer, report, job_id,
+                                         meta={"annotations": len(examples), "negatives": counts["negatives"],
+                                               "job": job_id, "event": event})
+    summary.update(outcome)
+    if version is None:
+        return summary
 
     report({"phase": "syncing label studio", "model_version": version.name})
     try:
@@ -446,8 +414,61 @@ def train_project(backend, event: str = "START_TRAINING", progress: Optional[Cal
         log.warning("project %s: could not switch Label Studio to %s yet: %s", project_id, version.name, exc)
         summary["label_studio"] = {"error": str(exc)}
     summary["seconds"] = round(time.monotonic() - started, 1)
-    report({"phase": "done", "model_version": version.name, "metrics": metrics})
+    report({"phase": "done", "model_version": version.name, "metrics": outcome.get("metrics")})
     return summary
+
+
+def train_and_publish(settings: Settings, project_id: int, examples: list[Example], names: list[str],
+                      trainer: Optional[Trainer] = None, report: Optional[Callable[[dict], None]] = None,
+                      job_id: Optional[str] = None, meta: Optional[dict] = None,
+                      extra: Optional[dict] = None) -> tuple[dict, Optional[ModelVersion]]:
+    """One training round on ``examples``, the part of ``fit()`` after the data is read: split train/validation,
+    fine-tune from the current version, publish when the rule says so, prune old versions.
+
+    Returns (summary fields, the published version or None when not published). ``meta`` goes into the published
+    version's meta.json; ``extra`` to the trainer (``TrainingData.extra``). The simulator calls this too, so its
+    rounds train exactly as the worker does."""
+    report = report or (lambda event: None)
+    train, val = split_examples(project_id, examples)
+    start_checkpoint, parent = current_model(settings, project_id)
+    log.info("training project %s on %d image(s), validating on %d, from %s", project_id, len(train), len(val),
+             parent or f"an untrained {DEFAULT_GRAPH}")
+    registry = Registry.for_project(settings.model_dir, project_id)
+    work = registry.root / ".work" / (job_id or f"run-{os.getpid()}")
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        data = TrainingData(train, val, names, start_checkpoint, parent, work / "model.pt", settings,
+                            dict(extra or {}))
+        report({"phase": "training", "train_images": len(train), "val_images": len(val)})
+        outcome = (trainer or fine_tune_trainer)(data, lambda e: report(_training_progress(e)))
+        metrics, baseline = outcome.get("metrics"), outcome.get("baseline_metrics")
+        publish, why = publish_decision(settings, metrics, baseline, len(val))
+        summary: dict[str, Any] = dict(
+            trained=True, train_images=len(train), val_images=len(val), parent=parent, metrics=metrics,
+            baseline_metrics=baseline, decision=why,
+            **{k: outcome[k] for k in ("epochs_run", "best_epoch", "stopped_by_budget") if k in outcome})
+        if not publish:
+            log.info("project %s: new model not published: %s", project_id, why)
+            summary.update(published=False, model_version=parent)
+            report({"phase": "done", "message": f"not published: {why}"})
+            return summary, None
+        report({"phase": "publishing"})
+        path = Path(outcome.get("path") or data.out_path)
+        if not path.is_file():
+            raise TrainingError(f"the trainer reported {path}, which does not exist")
+        version = registry.publish(path, {
+            "project": project_id, "parent": parent, "metrics": metrics, "baseline_metrics": baseline,
+            "decision": why, **(meta or {}), "train_images": len(train), "val_images": len(val),
+            "labels": names, "train_seconds": outcome.get("seconds"), "img_size": settings.train_img_size})
+        log.info("project %s: published %s (%s)", project_id, version.name, why)
+        removed = prune_versions(registry, settings.keep_versions, {settings.model_version or ""})
+        if removed:
+            log.info("removed old version(s) %s (KEEP_VERSIONS=%d)", ", ".join(removed), settings.keep_versions)
+        summary.update(published=True, model_version=version.name, checkpoint=str(version.checkpoint),
+                       removed_versions=removed)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return summary, version
 
 
 def _training_progress(event: dict) -> dict:
@@ -697,6 +718,7 @@ def run_training_job(project_id: int, event: str = "START_TRAINING", payload: Op
     from rq import get_current_job
 
     from ..server.base import BackendContext
+    from . import history
     from .queue import DELETE_IF_EQUAL, LOCK_TTL_S, SETTLE_S, Keys
 
     options = {"settle_s": SETTLE_S, "lock_ttl": LOCK_TTL_S, "trainer": None, **(options or {})}
@@ -722,8 +744,16 @@ def run_training_job(project_id: int, event: str = "START_TRAINING", payload: Op
                 _clean_leftovers(settings, project_id)
                 time.sleep(max(0.0, float(options["settle_s"])))  # let Label Studio finish saving
                 backend = _backend_class()(project_id=project_id, context=BackendContext.from_settings(settings))
-                result = backend.fit(event, payload or {}, progress=reporter.progress, trainer=trainer,
-                                     job_id=job.id if job else None)
+                run_started = time.monotonic()
+                try:
+                    result = backend.fit(event, payload or {}, progress=reporter.progress, trainer=trainer,
+                                         job_id=job.id if job else None)
+                except Exception as exc:  # kept in the project's run history (dashboard), then the job fails
+                    history.record_failure(settings.model_dir, project_id, exc, event, job.id if job else None,
+                                           time.monotonic() - run_started)
+                    raise
+                history.record_run(settings.model_dir, project_id, result, job.id if job else None,
+                                   time.monotonic() - run_started)
         reporter.update({"phase": "done", "result_version": result.get("model_version")}, force=True)
         return result
 
