@@ -139,15 +139,23 @@ def test_auto_is_onnxruntime_on_cpu_and_the_setting_chooses(ckpt_dir, monkeypatc
         load_model(path)
 
 
+def test_the_detector_and_the_settings_know_the_same_backends():
+    # yolov7 must not import the app's settings, so the list lives in both until settings imports yolov7's.
+    from yolo_backend.settings import INFERENCE_BACKENDS
+    from yolo_backend.yolov7.inference_backends import BACKENDS
+
+    assert tuple(INFERENCE_BACKENDS) == BACKENDS
+
+
 def test_training_form_and_cuda_stay_torch(ckpt_dir, monkeypatch, caplog):
     path = ckpt_dir / f"{TINY}.pt"
     with caplog.at_level(logging.WARNING):
         unfused = load_model(path, fuse=False, backend="onnxruntime")
     assert isinstance(unfused, YOLOv7) and not unfused.fused
     assert "not fused" in caplog.text
-    # A model on CUDA (faked: with_backend asks _model_device) is never handed to ONNX Runtime.
+    # A model on CUDA (faked: with_backend asks model_device) is never handed to ONNX Runtime.
     fused = model_from_checkpoint(load_checkpoint(path))
-    monkeypatch.setattr(ort_runtime, "_model_device", lambda model: torch.device("cuda", 0))
+    monkeypatch.setattr(ort_runtime, "model_device", lambda model: torch.device("cuda", 0))
     assert ort_runtime.with_backend(fused, path, "auto") is fused
 
 

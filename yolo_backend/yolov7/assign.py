@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .boxes import box_iou, xywh_to_xyxy
-from .loss import LevelTargets, match_targets
+from .matching import LevelTargets, match_targets
 
 TOP_IOUS = 10
 IOU_COST_WEIGHT = 3.0

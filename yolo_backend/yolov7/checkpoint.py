@@ -30,7 +30,9 @@ import torch
 
 from ..atomic import atomic_write
 from . import graphs
+from .inference_backends import backend_or_default, cache_dir_or_default
 from .model import YOLOv7
+from .ort_runtime import with_backend
 
 FORMAT = "yolo-backend-checkpoint"
 FORMAT_VERSION = 1
@@ -533,14 +535,13 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", fuse: b
     ``model(x)`` for a float (B, 3, H, W) RGB tensor in [0, 1] (H, W multiples of 32) returns (B, N, 5+nc)
     [cx, cy, w, h, objectness, class scores...] in input pixels. Raises CheckpointError for unusable files.
 
-    ``backend`` (default: the INFERENCE_BACKEND setting, ``auto``): on the CPU a fused model runs on ONNX Runtime
-    (an ``OrtYOLOv7``, exported once into ``cache_dir``, default ONNX_CACHE_DIR) because it is faster there;
-    ``torch`` gives the ``YOLOv7`` module itself (channels_last on the CPU). CUDA and ``fuse=False`` are always
-    torch. See ort_runtime.with_backend. A fused module's parameters do not require gradients; load with
-    ``fuse=False`` to train.
+    ``backend`` (``auto`` by default): on the CPU a fused model runs on ONNX Runtime (an ``OrtYOLOv7``, exported
+    once into ``cache_dir``) because it is faster there; ``torch`` gives the ``YOLOv7`` module itself
+    (channels_last on the CPU). CUDA and ``fuse=False`` are always torch. See ort_runtime.with_backend. None for
+    either falls back to the INFERENCE_BACKEND / ONNX_CACHE_DIR environment variables (inference_backends.py).
+    A fused module's parameters do not require gradients; load with ``fuse=False`` to train.
     """
-    from .ort_runtime import with_backend
-
+    backend, cache_dir = backend_or_default(backend), cache_dir_or_default(cache_dir)
     model = model_from_checkpoint(load_checkpoint(path), device=device, fuse=fuse)
     if fuse:  # an inference module: model(x) outside no_grad must not build an autograd graph (memory, time)
         model.requires_grad_(False)

@@ -18,7 +18,7 @@ import torch
 
 from .boxes import nms, xywh_to_xyxy
 from .detections import Detections
-from .device import select_device, use_half
+from .device import model_device, select_device, use_half
 from .preprocess import Letterboxed, letterbox, read_image, scale_boxes_back
 
 log = logging.getLogger(__name__)
@@ -42,14 +42,6 @@ def _as_rgb_uint8(image: np.ndarray, index: int) -> np.ndarray:
     return image
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
 class Detector:
     """Runs a YOLOv7 module (from ``load_model``) on RGB images and returns ``Detections`` in original pixels.
 
@@ -71,7 +63,7 @@ class Detector:
         if max_det < 1 or batch_size < 1:
             raise ValueError(f"max_det ({max_det}) and batch_size ({batch_size}) must be at least 1")
         if device is None:
-            self.device = _model_device(model)
+            self.device = model_device(model)
         else:
             self.device = device if isinstance(device, torch.device) else select_device(device)
             model = model.to(self.device)
@@ -111,7 +103,7 @@ class Detector:
         conf = self.conf if conf is None else conf
         boxed = [self.letterbox(_as_rgb_uint8(image, i)) for i, image in enumerate(images)]
         results: list[Optional[Detections]] = [None] * len(boxed)
-        for indices in self._batches(boxed):
+        for indices in self.batches(boxed):
             predictions = self.forward(np.stack([boxed[i].image for i in indices]))
             for row, i in enumerate(indices):
                 results[i] = self.decode(predictions[row], boxed[i], conf)
@@ -188,7 +180,7 @@ class Detector:
             width=width, height=height, names=self.names,
         )
 
-    def _batches(self, boxed: Sequence[Letterboxed]) -> Iterator[list[int]]:
+    def batches(self, boxed: Sequence[Letterboxed]) -> Iterator[list[int]]:
         """Indices grouped by letterboxed shape, in chunks of at most ``batch_size``."""
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, item in enumerate(boxed):

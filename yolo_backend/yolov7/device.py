@@ -103,6 +103,15 @@ def configure_threads(threads: int = 0) -> int:
     return count
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a module's weights are (its first parameter, else buffer; the CPU for a module with neither)."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
 def use_half(device: torch.device, half: bool) -> bool:
     """fp16 inference only where it pays off and is supported: on CUDA. On CPU the request is ignored."""
     if half and device.type != "cuda":

@@ -3,7 +3,7 @@
 Targets arrive as one (n, 6) tensor ``[image index, class, cx, cy, w, h]`` with box coordinates normalised to
 the input image (0..1). For every head level:
 
-* a target is matched to each anchor whose width/height ratio to it is within ``anchor_t`` (both ways);
+* a target is matched to each anchor (matching.py) whose width/height ratio to it is within ``anchor_t`` (both ways);
 * besides the cell holding its centre, the two neighbouring cells whose side the centre is nearest to
   (fractional part < 0.5, left/up or right/down) also predict it: the decode ``xy = 2*sigmoid - 0.5`` reaches
   from -0.5 to 1.5 cells, so those cells can;
@@ -21,17 +21,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import List, Sequence, Tuple
+from typing import List, Sequence
 
 import torch
 from torch import nn
 
+from .assign import ota_assign
+from .matching import match_targets
+
 # Objectness weight per level, P3 (small objects, many cells) weighted most.
 LEVEL_BALANCE = {3: [4.0, 1.0, 0.4], 4: [4.0, 1.0, 0.25, 0.06], 5: [4.0, 1.0, 0.25, 0.06, 0.02]}
-
-# Neighbour-cell offsets: own cell, then left, up, right, down (in grid units, times the 0.5 bias below).
-_NEIGHBOURS = torch.tensor([[0, 0], [1, 0], [0, 1], [-1, 0], [0, -1]], dtype=torch.float32)
-_CELL_BIAS = 0.5
 
 
 @dataclass(frozen=True)
@@ -80,68 +79,6 @@ def bbox_ciou(box1: torch.Tensor, box2: torch.Tensor, eps: float = 1e-7) -> torc
     return iou - (centre2 / diagonal2 + v * alpha)
 
 
-@dataclass
-class LevelTargets:
-    """The predictions one level must make: which (image, anchor, cell) and what."""
-
-    image: torch.Tensor     # (m,) long
-    anchor: torch.Tensor    # (m,) long
-    gj: torch.Tensor        # (m,) long, cell row
-    gi: torch.Tensor        # (m,) long, cell column
-    box: torch.Tensor       # (m, 4) target [x offset from the cell, y offset, w, h] in grid units
-    cls: torch.Tensor       # (m,) long
-    anchor_wh: torch.Tensor  # (m, 2) matched anchor in grid units
-    target: torch.Tensor    # (m,) long, row of the target in the input targets
-
-
-def match_targets(targets: torch.Tensor, anchors: torch.Tensor, grid_hw: Sequence[Tuple[int, int]],
-                  anchor_t: float = 4.0) -> List[LevelTargets]:
-    """Ratio matching with neighbour cells, per level.
-
-    targets: (n, 6) [image, class, cx, cy, w, h] normalised; anchors: (nl, na, 2) in grid units;
-    grid_hw: (ny, nx) of each level.
-    """
-    device = targets.device
-    nl, na = anchors.shape[:2]
-    n = targets.shape[0]
-    anchor_index = torch.arange(na, device=device, dtype=targets.dtype).view(na, 1).expand(na, n)
-    target_index = torch.arange(n, device=device, dtype=targets.dtype).view(1, n).expand(na, n)
-    # (na, n, 8): every target paired with every anchor index, and its own row number
-    paired = torch.cat((targets.unsqueeze(0).expand(na, n, 6), anchor_index.unsqueeze(2),
-                        target_index.unsqueeze(2)), 2)
-    offsets_all = _NEIGHBOURS.to(device=device, dtype=targets.dtype) * _CELL_BIAS
-    out: List[LevelTargets] = []
-    for level in range(nl):
-        ny, nx = grid_hw[level]
-        scale = torch.tensor([1, 1, nx, ny, nx, ny, 1, 1], device=device, dtype=targets.dtype)
-        level_anchors = anchors[level]
-        t = paired * scale
-        if n:
-            ratio = t[:, :, 4:6] / level_anchors[:, None]
-            keep = torch.max(ratio, 1 / ratio).max(2).values < anchor_t
-            t = t[keep]
-            xy = t[:, 2:4]
-            xy_inverse = torch.tensor([nx, ny], device=device, dtype=targets.dtype) - xy
-            left_up = ((xy % 1 < _CELL_BIAS) & (xy > 1)).T
-            right_down = ((xy_inverse % 1 < _CELL_BIAS) & (xy_inverse > 1)).T
-            use = torch.stack((torch.ones_like(left_up[0]), left_up[0], left_up[1],
-                               right_down[0], right_down[1]))
-            t = t.repeat((5, 1, 1))[use]
-            offsets = (torch.zeros_like(xy)[None] + offsets_all[:, None])[use]
-        else:
-            t = paired.reshape(-1, 8)[:0]
-            offsets = torch.zeros((0, 2), device=device, dtype=targets.dtype)
-        image, cls = t[:, 0].long(), t[:, 1].long()
-        xy, wh = t[:, 2:4], t[:, 4:6]
-        cell = (xy - offsets).long()
-        gi = cell[:, 0].clamp(0, nx - 1)
-        gj = cell[:, 1].clamp(0, ny - 1)
-        anchor = t[:, 6].long()
-        box = torch.cat((xy - torch.stack((gi, gj), 1).to(xy.dtype), wh), 1)
-        out.append(LevelTargets(image, anchor, gj, gi, box, cls, level_anchors[anchor], t[:, 7].long()))
-    return out
-
-
 class YoloLoss(nn.Module):
     """YOLOv7 loss for a model whose head has ``anchors`` (nl, na, 2) in grid units and ``nc`` classes.
 
@@ -180,8 +117,6 @@ class YoloLoss(nn.Module):
         targets = targets.to(device=device, dtype=torch.float32)
         predictions = [p.float() for p in predictions]  # the loss in fp32 also under autocast
         if self.assigner == "ota":
-            from .assign import ota_assign  # local import: the option is rarely used
-
             matched = ota_assign(predictions, targets, self.anchors, self.strides, self.nc, self.gains.anchor_t)
         else:
             matched = match_targets(targets, self.anchors, [p.shape[2:4] for p in predictions], self.gains.anchor_t)

@@ -6,9 +6,9 @@ and graph fusions); see benchmarks/bench_detector.py. ``load_model`` returns an 
 eval mode, and carries the same ``names``, ``nc``, ``stride``, ``graph``, ``graph_name``, ``head_type``,
 ``anchors_px`` and ``fused`` attributes.
 
-The ONNX file is exported once per checkpoint and kept in a cache folder (``ONNX_CACHE_DIR``), named after the
-checkpoint's sha256, the export code's version and the opset, so a changed file or a changed exporter never reuses
-a stale graph. The cache keeps the ``CACHE_KEEP`` most recently used exports (every training publishes a new
+The ONNX file is exported once per checkpoint and kept in the cache folder the caller names (ONNX_CACHE_DIR in
+the app), named after the checkpoint's sha256, the export code's version and the opset, so a changed file or a
+changed exporter never reuses a stale graph. The cache keeps the ``CACHE_KEEP`` most recently used exports (every training publishes a new
 checkpoint, so it would otherwise grow by one file per version); a pruned one is simply exported again when needed.
 Anything that goes wrong (no onnxruntime, export or session failure, an export that does not match
 the torch model) falls back to the torch module with a warning: serving never depends on this optimisation.
@@ -21,20 +21,19 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Union
 
 import torch
 from torch import nn
 
 from ..hashing import file_sha256
-from ..settings import INFERENCE_BACKENDS
-from .detect import _model_device
+from .device import model_device
 from .export import DEFAULT_OPSET, EXPORT_FORMAT_VERSION, INPUT_NAME, OUTPUT_NAME, export_onnx
+from .inference_backends import DEFAULT_CACHE_DIR, check_backend
 from .model import YOLOv7
 
 log = logging.getLogger(__name__)
 
-BACKENDS = INFERENCE_BACKENDS
 PathLike = Union[str, os.PathLike]
 
 # An exported graph must reproduce the torch module to float32 rounding before it is used.
@@ -120,25 +119,6 @@ class OrtYOLOv7(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 # Choosing and building the backend
 # --------------------------------------------------------------------------------------------------------------
-
-def _env_settings():
-    """INFERENCE_BACKEND and ONNX_CACHE_DIR from the environment (other variables cannot make this fail)."""
-    from ..settings import Settings
-
-    wanted = ("INFERENCE_BACKEND", "ONNX_CACHE_DIR")
-    return Settings.from_env({k: os.environ[k] for k in wanted if k in os.environ})
-
-
-def resolve_backend(backend: Optional[str]) -> str:
-    """``None`` -> the INFERENCE_BACKEND setting (default ``auto``); checks the value."""
-    if backend is None:
-        backend = _env_settings().inference_backend
-    text = str(backend).strip().lower()
-    if text not in BACKENDS:
-        raise ValueError(f"inference backend {backend!r} is unknown; use one of {', '.join(BACKENDS)} "
-                         "(INFERENCE_BACKEND / --backend)")
-    return text
-
 
 def onnxruntime_available() -> bool:
     try:
@@ -230,25 +210,23 @@ def prune_cache(cache_dir: PathLike, keep: int = CACHE_KEEP) -> list:
     return deleted
 
 
-def with_backend(model: YOLOv7, checkpoint: PathLike, backend: Optional[str] = None,
-                 cache_dir: Optional[PathLike] = None, threads: int = 0) -> nn.Module:
+def with_backend(model: YOLOv7, checkpoint: PathLike, backend: str = "auto",
+                 cache_dir: PathLike = DEFAULT_CACHE_DIR, threads: int = 0) -> nn.Module:
     """The inference module ``load_model`` returns for an eval-mode ``model`` loaded from ``checkpoint``.
 
-    ``auto``: ONNX Runtime for a fused model on the CPU when onnxruntime imports, else torch. ``onnxruntime``:
-    the same, with a warning where it cannot be used. ``torch``: the torch module. On the CPU the torch module
-    runs in channels_last memory format (faster with oneDNN convolutions; same results). CUDA and unfused
-    (training-form) models always stay torch.
+    ``auto``: ONNX Runtime for a fused model on the CPU when onnxruntime imports (exported into ``cache_dir``),
+    else torch. ``onnxruntime``: the same, with a warning where it cannot be used. ``torch``: the torch module.
+    On the CPU the torch module runs in channels_last memory format (faster with oneDNN convolutions; same
+    results). CUDA and unfused (training-form) models always stay torch.
     """
-    backend = resolve_backend(backend)
-    device = _model_device(model)
+    backend = check_backend(backend)
+    device = model_device(model)
     if backend != "torch" and model.fused and device.type == "cpu":
         if not onnxruntime_available():
             if backend == "onnxruntime":
                 log.warning("INFERENCE_BACKEND=onnxruntime but onnxruntime cannot be imported; using torch "
                             "(pip install onnxruntime)")
         else:
-            if cache_dir is None:
-                cache_dir = _env_settings().onnx_cache_dir
             try:
                 return load_onnx_model(model, checkpoint, cache_dir, threads=threads)
             except Exception as exc:

@@ -472,7 +472,7 @@ def evaluate(model: YOLOv7, data: Union[EvalSet, Sequence[Sample]], names: Optio
     pending: List[Tuple[Any, np.ndarray, np.ndarray]] = []
 
     def flush() -> None:
-        for indices in detector._batches([boxed for boxed, _, _ in pending]):
+        for indices in detector.batches([boxed for boxed, _, _ in pending]):
             predictions = detector.forward(np.stack([pending[k][0].image for k in indices]))
             for row, k in enumerate(indices):
                 boxed, gt_boxes, gt_classes = pending[k]

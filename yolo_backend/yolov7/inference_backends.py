@@ -1,0 +1,38 @@
+"""The inference backends ``load_model`` can run a model on, and the defaults for a caller that names none.
+
+The app passes its INFERENCE_BACKEND and ONNX_CACHE_DIR settings in. A caller that passes None (a script, a
+benchmark, the tests' session-wide cache folder) gets those two environment variables, read here and nowhere
+else in yolov7; the app's Settings are never read from the detector. Standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+BACKENDS = ("auto", "torch", "onnxruntime")
+DEFAULT_BACKEND = "auto"
+DEFAULT_CACHE_DIR = "./data/onnx-cache"
+
+
+def check_backend(backend: str) -> str:
+    """The backend name, normalised; a ValueError naming the choices for an unknown one."""
+    text = str(backend).strip().lower()
+    if text not in BACKENDS:
+        raise ValueError(f"inference backend {backend!r} is unknown; use one of {', '.join(BACKENDS)} "
+                         "(INFERENCE_BACKEND / --backend)")
+    return text
+
+
+def backend_or_default(backend: Optional[str]) -> str:
+    """``backend``, or the INFERENCE_BACKEND environment variable, or ``auto``; checked."""
+    if backend is None:
+        backend = os.environ.get("INFERENCE_BACKEND") or DEFAULT_BACKEND
+    return check_backend(backend)
+
+
+def cache_dir_or_default(cache_dir: Union[None, str, os.PathLike]) -> str:
+    """``cache_dir``, or the ONNX_CACHE_DIR environment variable, or ``./data/onnx-cache``."""
+    if cache_dir is None:
+        return os.environ.get("ONNX_CACHE_DIR") or DEFAULT_CACHE_DIR
+    return os.fspath(cache_dir)
