@@ -32,17 +32,13 @@ from typing import Any, Callable, Optional, Sequence
 
 from ..registry import Registry, RegistryError, checkpoint_version
 from ..settings import Settings
+from ..yolov7.untrained import UNTRAINED_GRAPH, UNTRAINED_VERSION, build_untrained_checkpoint
 
 log = logging.getLogger(__name__)
 
 
 class NoModelError(RuntimeError):
     """No checkpoint is configured or published; the message says what to set."""
-
-
-# The fallback model when nothing is configured (see the module docstring, rule 5).
-UNTRAINED_VERSION = "v0-untrained"
-UNTRAINED_GRAPH = "yolov7-tiny"
 
 
 @dataclass(frozen=True)
@@ -77,22 +73,6 @@ def load_detector(path: Path, settings: Settings) -> tuple[Any, Sequence[str]]:
         iou=settings.iou_threshold, max_det=settings.max_detections, half=settings.half,
         batch_size=settings.predict_batch_size)
     return detector, detector.names
-
-
-def build_untrained_checkpoint(path: Path, names: Sequence[str]) -> Path:
-    """Write a randomly initialised UNTRAINED_GRAPH with one class per name, in our checkpoint format. Seeded, so
-    the same labels always give the same weights."""
-    import torch
-
-    from ..yolov7 import graphs
-    from ..yolov7.checkpoint import save_checkpoint
-    from ..yolov7.model import build_model
-
-    with torch.random.fork_rng(devices=[]):  # leave the process's RNG as it was
-        torch.manual_seed(0)
-        model = build_model(graphs.get_graph(UNTRAINED_GRAPH), len(names), names=list(names))
-    return save_checkpoint(path, model, list(names), {"name": UNTRAINED_VERSION, "untrained": True,
-                                                       "graph": UNTRAINED_GRAPH})
 
 
 class ModelHolder:
