@@ -37,12 +37,29 @@ Strategies (setting ``TASK_SCORE``):
 The last three are the classic ML-backend scores, kept for compatibility; unlike ``uncertainty`` they put
 images with no box first.
 
+``margin_sum``, ``margin_mean``, ``entropy_sum``, ``entropy_mean`` (Brust et al. 2019 style aggregations)
+    Each detection gets a distribution over "fire, smoke, ..., background": the class scores
+    ``objectness x class probability`` and ``1 - objectness`` for background, normalised. Its uncertainty is
+    either the margin ``1 - (q1 - q2)`` between the two most likely outcomes or the entropy (normalised to
+    [0, 1]). The image's uncertainty is the sum (many doubtful boxes = more to learn) or the mean over its
+    detections; the score is ``1 / (1 + sum)`` or ``1 - mean``, 1 for an image with no detection.
+``objectness``
+    The sum over detections of the binary entropy of the objectness alone ("is there an object here?",
+    ignoring the class), scored ``1 / (1 + sum)``.
+
+Batch selection (the simulator's, not a per-task score): ``select_lowest`` is Label Studio's order (lowest score
+first; with cluster ids, the least-solved cluster first), ``select_random``, and ``select_k_center`` /
+``select_diverse_lowest``, a k-center greedy pick on image embeddings (pooled neck features, see
+``yolo_backend.simulate``) that keeps a batch from being spent on near-duplicates.
+
 Numpy only: works on the detector's ``Detections`` (scores, class_probs).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from typing import Optional, Sequence
 
 from .settings import TASK_SCORE_STRATEGIES as STRATEGIES  # one list: the setting validates against it
 
@@ -86,6 +103,54 @@ def detection_uncertainty(scores: np.ndarray, class_probs: np.ndarray, threshold
     return np.clip(np.maximum(decision, cls), 0.0, 1.0)
 
 
+def outcome_distribution(class_scores: np.ndarray, objectness: np.ndarray) -> np.ndarray:
+    """(n, nc + 1) per detection: its class scores (objectness x class probability, one column per class) and
+    background ``1 - objectness``, normalised to sum to 1."""
+    background = 1.0 - np.clip(np.asarray(objectness, np.float64).reshape(-1), 0.0, 1.0)
+    scores = np.clip(np.asarray(class_scores, np.float64), 0.0, 1.0).reshape(background.size, -1)
+    full = np.concatenate([scores, background[:, None]], axis=1)
+    return full / np.maximum(full.sum(axis=1, keepdims=True), _EPS)
+
+
+def per_box_uncertainty(objectness: np.ndarray, class_probs: np.ndarray, kind: str) -> np.ndarray:
+    """Per detection, in [0, 1]: ``margin`` (1 - (q1 - q2)) or normalised ``entropy`` of the distribution over
+    classes and background (``outcome_distribution``)."""
+    objectness = np.asarray(objectness, np.float64).reshape(-1)
+    if objectness.size == 0:
+        return np.zeros(0)
+    probs = np.asarray(class_probs, np.float64).reshape(objectness.size, -1)
+    q = outcome_distribution(probs * objectness[:, None], objectness)
+    if kind == "margin":
+        top2 = np.sort(q, axis=1)[:, -2:]
+        return 1.0 - (top2[:, 1] - top2[:, 0])
+    if kind == "entropy":
+        clipped = np.clip(q, _EPS, 1.0)
+        return -(q * np.log(clipped)).sum(axis=1) / np.log(q.shape[1])
+    raise ValueError(f"per-box uncertainty {kind!r}: use margin or entropy")
+
+
+def aggregate_score(uncertainties: np.ndarray, how: str) -> float:
+    """Image score from per-box uncertainties: ``sum`` -> 1 / (1 + sum), ``mean`` -> 1 - mean; 1 when empty."""
+    u = np.asarray(uncertainties, np.float64)
+    if u.size == 0:
+        return 1.0
+    if how == "sum":
+        return float(1.0 / (1.0 + u.sum()))
+    if how == "mean":
+        return float(1.0 - u.mean())
+    raise ValueError(f"aggregation {how!r}: use sum or mean")
+
+
+def objectness_score(objectness: np.ndarray) -> float:
+    """``1 / (1 + sum of the binary entropy (bits) of each detection's objectness)``; 1 when empty."""
+    obj = np.asarray(objectness, np.float64).reshape(-1)
+    return aggregate_score(_binary_entropy_bits(obj) if obj.size else obj, "sum")
+
+
+_AGGREGATES = {"margin_sum": ("margin", "sum"), "margin_mean": ("margin", "mean"),
+               "entropy_sum": ("entropy", "sum"), "entropy_mean": ("entropy", "mean")}
+
+
 def task_score(detections, strategy: str = "uncertainty", threshold: float = 0.25, floor: float = 0.0) -> float:
     """The task's score under ``strategy`` (low = label first). ``detections`` should hold everything the
     detector found above ``floor``; detections below ``floor`` are ignored here too."""
@@ -97,6 +162,13 @@ def task_score(detections, strategy: str = "uncertainty", threshold: float = 0.2
         if scores.size == 0:
             return 1.0
         return float(1.0 - detection_uncertainty(scores, probs, threshold).max())
+    if strategy in _AGGREGATES:
+        kind, how = _AGGREGATES[strategy]
+        objectness = np.asarray(detections.objectness, np.float64)[keep]
+        probs = np.asarray(detections.class_probs, np.float64)[keep]
+        return aggregate_score(per_box_uncertainty(objectness, probs, kind), how)
+    if strategy == "objectness":
+        return objectness_score(np.asarray(detections.objectness, np.float64)[keep])
     shown = scores[scores >= threshold]
     if strategy == "max_confidence":
         return float(shown.max()) if shown.size else 0.0
@@ -105,3 +177,86 @@ def task_score(detections, strategy: str = "uncertainty", threshold: float = 0.2
     if strategy == "count":
         return float(shown.size)
     raise ValueError(f"task score strategy {strategy!r} is unknown; use one of {', '.join(STRATEGIES)}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batch selection: which k unlabelled images come next
+# --------------------------------------------------------------------------------------------------------------
+
+def select_random(candidates: Sequence[int], k: int, rng: np.random.Generator) -> list[int]:
+    """``k`` of ``candidates`` uniformly at random (the baseline every strategy is judged against)."""
+    pool = np.asarray(list(candidates), np.int64)
+    k = min(k, pool.size)
+    return [int(i) for i in rng.choice(pool, size=k, replace=False)] if k else []
+
+
+def select_lowest(candidates: Sequence[int], scores: Sequence[float], k: int,
+                  clusters: Optional[Sequence[int]] = None,
+                  solved: Optional[dict[int, int]] = None) -> list[int]:
+    """The next ``k`` as Label Studio serves them: lowest score first (ties: lower index first).
+
+    With ``clusters`` (a cluster id per candidate, aligned with ``scores``) Label Studio's rule applies: each
+    pick comes from the cluster with the fewest labelled images so far (``solved``: cluster id -> count,
+    updated as picks are made; ties go to the cluster holding the lower score), and within it the lowest score.
+    """
+    candidates = [int(c) for c in candidates]
+    scores = np.asarray(scores, np.float64)
+    if len(candidates) != scores.size:
+        raise ValueError(f"{len(candidates)} candidates but {scores.size} scores")
+    order = sorted(range(len(candidates)), key=lambda j: (scores[j], candidates[j]))
+    if clusters is None:
+        return [candidates[j] for j in order[:k]]
+    queues: dict[int, list[int]] = {}
+    for j in order:  # each cluster's members, lowest score first
+        queues.setdefault(int(clusters[j]), []).append(j)
+    counts = dict(solved or {})
+    picked: list[int] = []
+    while len(picked) < k and queues:
+        cluster = min(queues, key=lambda c: (counts.get(c, 0), scores[queues[c][0]], c))
+        j = queues[cluster].pop(0)
+        if not queues[cluster]:
+            del queues[cluster]
+        counts[cluster] = counts.get(cluster, 0) + 1
+        picked.append(candidates[j])
+    return picked
+
+
+def _normalised(vectors: np.ndarray) -> np.ndarray:
+    v = np.asarray(vectors, np.float64)
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), _EPS)
+
+
+def select_k_center(candidates: Sequence[int], embeddings: np.ndarray, labelled_embeddings: np.ndarray,
+                    k: int) -> list[int]:
+    """k-center greedy (core-set): repeatedly take the candidate farthest (cosine distance) from everything
+    labelled or picked so far. ``embeddings`` is aligned with ``candidates``. With nothing labelled the first
+    pick is the candidate farthest from the candidates' mean."""
+    candidates = [int(c) for c in candidates]
+    if not candidates or k <= 0:
+        return []
+    x = _normalised(embeddings)
+    if len(labelled_embeddings):
+        nearest = 1.0 - (x @ _normalised(labelled_embeddings).T).max(axis=1)
+    else:
+        centre = _normalised(x.mean(axis=0, keepdims=True))
+        nearest = 1.0 - (x @ centre.T)[:, 0]
+    picked: list[int] = []
+    available = np.ones(len(candidates), bool)
+    for _ in range(min(k, len(candidates))):
+        j = int(np.argmax(np.where(available, nearest, -np.inf)))
+        picked.append(candidates[j])
+        available[j] = False
+        nearest = np.minimum(nearest, 1.0 - x @ x[j])
+    return picked
+
+
+def select_diverse_lowest(candidates: Sequence[int], scores: Sequence[float], embeddings: np.ndarray,
+                          labelled_embeddings: np.ndarray, k: int, shortlist_factor: int = 3) -> list[int]:
+    """Uncertainty first, then diversity: the ``shortlist_factor x k`` lowest-scored candidates, of which k-center
+    greedy keeps ``k`` (so a batch is not spent on near-duplicates of one doubtful photo)."""
+    candidates = [int(c) for c in candidates]
+    scores = np.asarray(scores, np.float64)
+    order = sorted(range(len(candidates)), key=lambda j: (scores[j], candidates[j]))
+    short = order[:max(k, shortlist_factor * k)]
+    emb = np.asarray(embeddings)
+    return select_k_center([candidates[j] for j in short], emb[short], labelled_embeddings, k)

@@ -191,9 +191,12 @@ def _add_serve(subparsers) -> None:
 
 
 def _run_serve(args) -> int:
-    from .serve import serve
+    from .serve import ModelCheckFailed, serve
 
-    return serve(args.host, args.port)
+    try:
+        return serve(args.host, args.port)
+    except ModelCheckFailed as exc:  # the loader's message says what is wrong with which file
+        raise CliError(str(exc)) from None
 
 
 # --- worker -----------------------------------------------------------------------------------------------------
@@ -335,9 +338,73 @@ def _log_to_stderr() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
 
 
+# --- simulate ---------------------------------------------------------------------------------------------------
+
+def _csv_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _add_simulate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "simulate", help="active-learning simulation: label a pool round by round, compare selection strategies",
+        description="Pool-based simulation of the training loop: each round trains as the worker does, scores "
+                    "the unlabelled pool as the server does, labels the next images a strategy picks and "
+                    "evaluates on a test split. Writes OUT/curves.csv, OUT/report.md, OUT/curves.png; a killed "
+                    "run resumes from OUT. See docs/active-learning.md.")
+    p.add_argument("--pool", required=True, help="data.yaml or dataset folder: its train split is the pool")
+    p.add_argument("--test", required=True, help="data.yaml or dataset folder: its val split is the test set")
+    p.add_argument("--weights", help="start checkpoint (default: MODEL_PATH; neither: an untrained yolov7-tiny)")
+    p.add_argument("--strategies", default="random,default",
+                   help="comma-separated: random, default (TASK_SCORE), kcenter, a TASK_SCORE strategy "
+                        "(uncertainty, entropy_sum, ...) or one with +kcenter (default: random,default)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--initial", type=int, default=50, help="random labels before the first round (default 50)")
+    p.add_argument("--step", type=int, default=50, help="labels added per round (default 50)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds after the initial one (default 5)")
+    p.add_argument("--time-budget", type=float, help="training seconds per round (default TRAIN_TIME_BUDGET_S)")
+    p.add_argument("--epochs", type=int, help="most epochs per round (default TRAIN_EPOCHS)")
+    p.add_argument("--img-size", type=int, help="training size (default TRAIN_IMG_SIZE)")
+    p.add_argument("--serve-img-size", type=int, help="scoring and test size (default IMG_SIZE)")
+    p.add_argument("--clusters", choices=("none", "source"), default="none",
+                   help="source: images of one Roboflow source photo form a cluster, picked by Label Studio's "
+                        "cluster rule (default none)")
+    p.add_argument("--progress", choices=("auto", "bar", "log"), default="auto",
+                   help="auto: a bar in a terminal, log lines otherwise")
+    p.add_argument("--out", required=True, help="output folder (state, models, curves.csv, report.md, curves.png)")
+    p.set_defaults(handler=_run_simulate)
+
+
+def _run_simulate(args) -> int:
+    settings = _settings()
+    _log_to_stderr()
+    weights = args.weights or settings.model_path
+    if weights:
+        _require_file(weights)
+    try:
+        seeds = [int(s) for s in _csv_list(args.seeds)]
+    except ValueError:
+        raise CliError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
+    if min(args.initial, args.step) < 1 or args.rounds < 0:
+        raise CliError("--initial and --step must be at least 1, --rounds at least 0")
+    from .simulate import SimConfig, Simulation
+
+    config = SimConfig(pool=args.pool, test=args.test, weights=weights, out=args.out,
+                       strategies=_csv_list(args.strategies), seeds=seeds, initial=args.initial, step=args.step,
+                       rounds=args.rounds, epochs=args.epochs, time_budget=args.time_budget, img_size=args.img_size,
+                       serve_img_size=args.serve_img_size, clusters=args.clusters, progress=args.progress)
+    try:
+        simulation = Simulation(config, settings)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    simulation.run()
+    print(f"wrote {Path(args.out) / 'curves.csv'}, {Path(args.out) / 'report.md'}, {Path(args.out) / 'curves.png'}")
+    return 0
+
+
 # --- entry point ------------------------------------------------------------------------------------------------
 
-COMMANDS: list[Callable] = [_add_detect, _add_info, _add_serve, _add_worker, _add_train, _add_val]
+COMMANDS: list[Callable] = [_add_detect, _add_info, _add_serve, _add_worker, _add_train, _add_val,
+                             _add_simulate]
 
 
 def build_parser() -> argparse.ArgumentParser:
