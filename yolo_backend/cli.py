@@ -191,12 +191,9 @@ def _add_serve(subparsers) -> None:
 
 
 def _run_serve(args) -> int:
-    from .serve import ModelCheckFailed, serve
+    from .serve import serve
 
-    try:
-        return serve(args.host, args.port)
-    except ModelCheckFailed as exc:  # the loader's message says what is wrong with which file
-        raise CliError(str(exc)) from None
+    return serve(args.host, args.port)
 
 
 # --- worker -----------------------------------------------------------------------------------------------------
