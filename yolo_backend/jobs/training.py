@@ -187,14 +187,9 @@ def split_examples(project_id: int, examples: list[Example]) -> tuple[list[Examp
 
 def scale_to(image: np.ndarray, size: int) -> tuple[np.ndarray, float]:
     """Downscale so the long side is at most ``size`` (training resizes there anyway); returns (image, factor)."""
-    import cv2
+    from ..yolov7.preprocess import resize_long_side
 
-    height, width = image.shape[:2]
-    r = size / max(height, width)
-    if r >= 1.0:
-        return image, 1.0
-    resized = cv2.resize(image, (max(1, round(width * r)), max(1, round(height * r))), interpolation=cv2.INTER_AREA)
-    return resized, r
+    return resize_long_side(image, size, allow_upscale=False)
 
 
 def collect_examples(context, project_id: int, target, tasks: list[dict], size: int,
@@ -266,10 +261,10 @@ def current_model(settings: Settings, project_id: int) -> tuple[Optional[str], O
 
 
 def fitness(metrics: Optional[dict]) -> float:
-    """The engine's model-selection number (0.1 mAP@.5 + 0.9 mAP@.5:.95)."""
-    if not metrics:
-        return 0.0
-    return 0.1 * float(metrics.get("map50", 0.0)) + 0.9 * float(metrics.get("map", 0.0))
+    """The engine's model-selection number (yolov7.metrics.fitness: 0.1 mAP@.5 + 0.9 mAP@.5:.95)."""
+    from ..yolov7.metrics import fitness as engine_fitness
+
+    return engine_fitness(metrics)
 
 
 def publish_decision(settings: Settings, metrics: Optional[dict], baseline: Optional[dict],

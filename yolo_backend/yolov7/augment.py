@@ -16,18 +16,6 @@ import numpy as np
 PAD_VALUE = 114
 
 
-def resize_long_side(image: np.ndarray, size: int, allow_upscale: bool = True) -> Tuple[np.ndarray, float]:
-    """Resize so the long side is ``size`` (aspect kept). Returns the image and the scale applied."""
-    h, w = image.shape[:2]
-    r = size / max(h, w)
-    if r != 1 and (allow_upscale or r < 1):
-        # Area averaging when shrinking keeps fine detail (smoke edges) better than bilinear.
-        interp = cv2.INTER_AREA if r < 1 else cv2.INTER_LINEAR
-        image = cv2.resize(image, (max(1, round(w * r)), max(1, round(h * r))), interpolation=interp)
-        return image, r
-    return image, 1.0
-
-
 def letterbox_square(image: np.ndarray, labels: np.ndarray, size: int) -> Tuple[np.ndarray, np.ndarray]:
     """Fit the image into a size x size square (aspect kept, centred, padded with 114); labels follow."""
     h, w = image.shape[:2]

@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from . import augment
-from .preprocess import IMAGE_SUFFIXES, image_size, read_image
+from .preprocess import IMAGE_SUFFIXES, image_size, read_image, resize_long_side
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ class ResizedImages:
             return image, self._labels[index]
         sample = self.samples[index]
         original = sample.load_image()
-        image, r = augment.resize_long_side(original, self.size)
+        image, r = resize_long_side(original, self.size)
         labels = _scaled_labels(sample, r)
         if self.cache:
             self._images[index], self._labels[index] = image, labels

@@ -16,7 +16,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import List, Tuple, Union
 import torch
 from torch import nn
 
+from ..atomic import atomic_write
 from .model import YOLOv7
 
 log = logging.getLogger(__name__)
@@ -121,17 +121,16 @@ def export_onnx(model: YOLOv7, path: PathLike, opset: int = DEFAULT_OPSET, *, de
         for name in output_names:
             dynamic_axes[name] = {0: "batch", 1: "anchors_x_cells"} if decode else \
                 {0: "batch", 2: f"{name}_height", 3: f"{name}_width"}
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
-    os.close(fd)
     start = time.perf_counter()
     try:
         # The exporter prints tracer warnings about shape-dependent Python values; the graph is checked instead.
+        buffer = io.BytesIO()
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(wrapper, (dummy,), tmp_name, dynamo=False, opset_version=opset,
+            torch.onnx.export(wrapper, (dummy,), buffer, dynamo=False, opset_version=opset,
                               input_names=[INPUT_NAME], output_names=output_names,
                               dynamic_axes=dynamic_axes, do_constant_folding=True)
-        proto = onnx.load(tmp_name)
+        proto = onnx.load_from_string(buffer.getvalue())
         meta = {"names": json.dumps(list(model.names)), "nc": str(model.nc), "graph": model.graph_name,
                 "head": model.head_type, "strides": ",".join(f"{float(s):g}" for s in model.stride.tolist()),
                 "decoded": str(decode).lower(), "producer": "yolo_backend"}
@@ -139,15 +138,10 @@ def export_onnx(model: YOLOv7, path: PathLike, opset: int = DEFAULT_OPSET, *, de
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
         onnx.checker.check_model(proto)
-        with open(tmp_name, "wb") as handle:
+        with atomic_write(target) as handle:
             handle.write(proto.SerializeToString())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; a cache may be shared by several users
-        os.replace(tmp_name, target)
+            os.fchmod(handle.fileno(), 0o644)  # a temp file is private; a cache may be shared by several users
     except Exception as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
         raise ExportError(f"ONNX export of {model.graph_name} failed: {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:300] if str(exc) else ''}") from exc
     finally:

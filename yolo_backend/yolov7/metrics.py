@@ -162,7 +162,8 @@ def format_table(metrics: Dict) -> str:
 
 
 def fitness(metrics: Optional[Dict]) -> float:
-    """One number to pick the best epoch by (the reference weights: 0.1 mAP@.5 + 0.9 mAP@.5:.95)."""
+    """One number to pick the best epoch and the model to publish by (the reference weights: 0.1 mAP@.5 +
+    0.9 mAP@.5:.95). A missing mAP counts 0 (metrics stored by an older version may lack one)."""
     if not metrics:
         return 0.0
-    return 0.1 * metrics["map50"] + 0.9 * metrics["map"]
+    return 0.1 * float(metrics.get("map50", 0.0)) + 0.9 * float(metrics.get("map", 0.0))

@@ -1,4 +1,5 @@
 """Letterbox: resize keeping the aspect ratio, pad to a stride multiple — the reference detect pipeline's way.
+Also the long-side resize training and the training job share (``resize_long_side``), and image reading.
 
 Matching the reference step for step (rounding, split of the padding, interpolation, pad value 114) is what makes
 our detections equal the reference's: the network sees the same pixels.
@@ -50,6 +51,18 @@ def letterbox(image: np.ndarray, size: int = 640, stride: int = 32) -> Letterbox
     new_w, new_h = int(round(width * r)), int(round(height * r))
     # Padding up to the next stride multiple below ``size`` (the reference's "auto" minimum-rectangle mode).
     return resize_and_pad(image, new_w, new_h, (size - new_w) % stride / 2, (size - new_h) % stride / 2)
+
+
+def resize_long_side(image: np.ndarray, size: int, allow_upscale: bool = True) -> tuple[np.ndarray, float]:
+    """Resize so the long side is ``size`` (aspect kept). Returns the image and the scale applied."""
+    h, w = image.shape[:2]
+    r = size / max(h, w)
+    if r != 1 and (allow_upscale or r < 1):
+        # Area averaging when shrinking keeps fine detail (smoke edges) better than bilinear.
+        interp = cv2.INTER_AREA if r < 1 else cv2.INTER_LINEAR
+        image = cv2.resize(image, (max(1, round(w * r)), max(1, round(h * r))), interpolation=interp)
+        return image, r
+    return image, 1.0
 
 
 def resize_and_pad(image: np.ndarray, new_w: int, new_h: int, dw: float, dh: float) -> Letterboxed:
