@@ -1,7 +1,7 @@
 """Entry point of the ML backend: ``app`` for gunicorn (``gunicorn _wsgi:app``) and the classic CLI.
 
     python _wsgi.py --host 127.0.0.1 --port 9090 [--log-level INFO] [--model-dir DIR] [--with KEY=VALUE ...]
-    python _wsgi.py --check        # resolve and load the model once, then exit (0 = it works)
+    python _wsgi.py --check        # load every model that would serve once, then exit (0 = they work, 2 = not)
 
 Settings come from the environment (see yolo_backend/settings.py); ``--with`` sets a setting by name
 (``--with model_score_threshold=0.4``) or, for names that are not settings, passes a keyword argument to the
@@ -34,6 +34,36 @@ def build_app(settings: Settings | None = None, **backend_kwargs):
     # Training requests go to the RQ queue (answered at once; a worker trains). No Redis connection is made here.
     context = BackendContext.from_settings(settings, training=TrainingQueue.from_settings(settings))
     return create_app(YOLOv7Backend, context=context, **backend_kwargs)
+
+
+def check_model(settings: Settings, quiet: bool = False) -> int:
+    """Load-check every checkpoint that would serve (MODEL_PATH, MODEL_VERSION, each newest published version);
+    0 when they load, else 2 with the loader's one-line message on stderr."""
+    from yolo_backend.registry import RegistryError
+    from yolo_backend.server.base import BackendContext
+    from yolo_backend.server.model_holder import NoModelError
+
+    models = BackendContext.from_settings(settings).models
+    try:
+        sources = models.check()
+    except (NoModelError, RegistryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if quiet:
+        return 0
+    if not sources:
+        # Not an error: each project gets an untrained model sized for its label config.
+        print(f"ok: no model configured (no MODEL_PATH, nothing published in {settings.model_dir}); each "
+              "project starts from an untrained yolov7-tiny built for its label config (v0-untrained)")
+        return 0
+    default = models.source(None)  # what a request without a project gets
+    if default is not None:
+        model = models.get(None)
+        print(f"ok: model {model.version} ({model.source.origin}), classes: {', '.join(model.names)}")
+    for source in sources:
+        if default is None or source.path != default.path:
+            print(f"ok: model {source.version} ({source.origin})")
+    return 0
 
 
 def _parse_with(pairs: list[str]) -> tuple[dict, dict]:
@@ -77,21 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(settings.log_level)
 
     if args.check:
-        from yolo_backend.server.base import BackendContext
-
-        try:
-            models = BackendContext.from_settings(settings).models
-            if models.source(None) is None:
-                # Not an error: each project gets an untrained model sized for its label config.
-                print(f"ok: no model configured (no MODEL_PATH, nothing published in {settings.model_dir}); each "
-                      "project starts from an untrained yolov7-tiny built for its label config (v0-untrained)")
-                return 0
-            model = models.get(None)
-        except Exception as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        print(f"ok: model {model.version} ({model.source.origin}), classes: {', '.join(model.names)}")
-        return 0
+        return check_model(settings)
+    if check_model(settings, quiet=True):  # a broken model is refused before the port is bound
+        return 2
 
     application = build_app(settings, **backend_kwargs)
     application.run(host=args.host, port=args.port, debug=args.debug, threaded=True, use_reloader=args.debug)

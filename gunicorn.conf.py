@@ -27,3 +27,20 @@ else:
     control_socket_disable = True
 # No preload: the app must be created in each worker, after the fork (no model and no CUDA in the master).
 preload_app = False
+
+# Refuse a broken model before the port is bound: every checkpoint that would serve is load-checked once in a
+# child process (the master itself stays free of torch). `serve` has checked already and says so.
+MODEL_CHECKED_ENV = "YOLO_BACKEND_MODEL_CHECKED"
+
+
+def on_starting(server):
+    import subprocess
+    import sys
+
+    if os.environ.get(MODEL_CHECKED_ENV) == "1":
+        return
+    wsgi = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_wsgi.py")
+    result = subprocess.run([sys.executable, wsgi, "--check"], capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.stderr.write(result.stderr)
+        sys.exit(2)

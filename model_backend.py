@@ -13,6 +13,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
+import numpy as np
+
 from yolo_backend.active_learning import task_score
 from yolo_backend.labelstudio.config import (
     LabelConfigError,
@@ -32,6 +34,9 @@ log = logging.getLogger("model_backend")
 
 # Parallel image downloads per request (downloads wait on the network, not the CPU).
 DOWNLOAD_THREADS = 8
+
+# A task whose data has no field for the config's image (not worth asking again, unlike a failed download).
+NO_IMAGE_FIELD = object()
 
 _logged: set = set()
 
@@ -94,14 +99,17 @@ class YOLOv7Backend(*_base_classes()):
         self._log_skipped_classes(model.names, mapping, model.version)
 
         images = self._load_images(tasks, target.data_key)
-        ok = [i for i, image in enumerate(images) if image is not None]
+        ok = [i for i, image in enumerate(images) if isinstance(image, np.ndarray)]
         detections = model.detector.detect([images[i] for i in ok], conf=settings.score_floor) if ok else []
         by_task = dict(zip(ok, detections))
 
         predictions = []
         for i, task in enumerate(tasks):
             found = by_task.get(i)
-            if found is None:
+            if images[i] is NO_IMAGE_FIELD:  # nothing to ask again for: an empty prediction
+                predictions.append(task_prediction([], None, model.version))
+                continue
+            if found is None:  # the image could not be had: Label Studio asks again later
                 predictions.append(failed_task_prediction(model.version))
                 continue
             shown = found.above(settings.model_score_threshold)
@@ -130,7 +138,8 @@ class YOLOv7Backend(*_base_classes()):
             return ()
 
     def _load_images(self, tasks: list[dict], data_key: str) -> list:
-        """Each task's image as RGB, or None (with a log line naming the task and the reason)."""
+        """Each task's image as RGB; None when it could not be had, NO_IMAGE_FIELD when the task has none (each
+        with a log line naming the task and the reason)."""
 
         def load(task: dict):
             task_id = task.get("id")
@@ -139,13 +148,15 @@ class YOLOv7Backend(*_base_classes()):
                 fields = ", ".join(sorted(task["data"])) or "none"
                 log.warning("task %s: no %r field in its data (fields: %s); predicting nothing for it",
                             task_id, data_key, fields)
-                return None
+                return NO_IMAGE_FIELD
             try:
                 return self.context.images.load(url, task_id)
             except (ImageFetchError, LabelStudioAuthError) as exc:
-                log.warning("task %s: image not available, predicting nothing for it: %s", task_id, exc)
+                log.warning("task %s: image not available, no prediction (Label Studio asks again later): %s",
+                            task_id, exc)
             except Exception:  # an unexpected failure for one image must not fail the batch
-                log.exception("task %s: image %r failed unexpectedly; predicting nothing for it", task_id, url)
+                log.exception("task %s: image %r failed unexpectedly; no prediction (Label Studio asks again "
+                              "later)", task_id, url)
             return None
 
         if len(tasks) <= 1:

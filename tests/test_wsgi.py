@@ -65,7 +65,7 @@ def test_check_loads_the_model_and_says_which(tmp_path, checkpoint):
 
 def test_check_fails_clearly_on_a_missing_checkpoint(tmp_path):
     result = _wsgi("--check", cwd=tmp_path, MODEL_PATH=str(tmp_path / "missing.pt"))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
 
 

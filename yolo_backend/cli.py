@@ -191,9 +191,12 @@ def _add_serve(subparsers) -> None:
 
 
 def _run_serve(args) -> int:
-    from .serve import serve
+    from .serve import ModelCheckFailed, serve
 
-    return serve(args.host, args.port)
+    try:
+        return serve(args.host, args.port)
+    except ModelCheckFailed as exc:  # the loader's message says what is wrong with which file
+        raise CliError(str(exc)) from None
 
 
 # --- worker -----------------------------------------------------------------------------------------------------

@@ -219,6 +219,28 @@ def describe_model(settings: Settings) -> str:
             "annotations; its predictions are empty until then. Set MODEL_PATH to serve a trained checkpoint")
 
 
+# Set for the children once the model is checked (gunicorn.conf.py skips its own check then).
+MODEL_CHECKED_ENV = "YOLO_BACKEND_MODEL_CHECKED"
+
+
+class ModelCheckFailed(RuntimeError):
+    """A checkpoint that would serve cannot be loaded; the message is the loader's."""
+
+
+def check_model(env: dict[str, str]) -> None:
+    """Load-check every model that would serve (``_wsgi.py --check``) in a child process, before anything
+    starts, so the supervisor stays free of torch; ModelCheckFailed with the loader's one-line message."""
+    result = subprocess.run([sys.executable, str(PROJECT_ROOT / "_wsgi.py"), "--check"], env=env,
+                            cwd=PROJECT_ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+        message = lines[-1] if lines else f"the model check exited {result.returncode}"
+        raise ModelCheckFailed(message.removeprefix("error: "))
+    for line in result.stdout.splitlines():
+        if line.strip():
+            log.info("model check: %s", line.removeprefix("ok: "))
+
+
 def _needs_embedded_broker(env: dict[str, str]) -> bool:
     return not env.get("REDIS_URL") and not env.get("REDIS_HOST")
 
@@ -364,6 +386,8 @@ def serve(host: str, port: int) -> int:
     env = child_environment(settings)
     settings = Settings.from_env(env=env)  # the absolute paths the children will see
     log.info(describe_model(settings))
+    check_model(env)
+    env[MODEL_CHECKED_ENV] = "1"  # gunicorn need not check again
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
     supervisor = Supervisor(host, port, settings, env)

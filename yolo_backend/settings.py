@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+from .image_header import DEFAULT_MAX_IMAGE_PIXELS  # standard library only, like this module
+
 
 def setting(default: Any, doc: str) -> Any:
     """A dataclass field carrying its documentation."""
@@ -97,10 +99,20 @@ class Settings:
         None, "Label Studio API key: a legacy token or a personal access token (JWT refresh token).")
     image_cache_dir: str = setting("./data/image-cache", "Where downloaded task images are kept.")
     image_cache_mb: int = setting(2048, "Size bound of the image cache in MiB; oldest files go first.")
-    image_timeout: float = setting(10.0, "Seconds to wait for one image download.")
+    image_timeout: float = setting(
+        10.0, "Seconds one image download may take in all (a deadline for the whole download, not per read).")
+    max_image_pixels: int = setting(
+        DEFAULT_MAX_IMAGE_PIXELS, "Images with more pixels are refused before decoding (a small file can hold a huge image); "
+        "120 MP keeps every phone and drone photo. Applies to predictions, training and conversion. 0: no cap.")
     # --- HTTP --------------------------------------------------------------------------------
     basic_auth_user: Optional[str] = setting(None, "Require HTTP Basic Auth with this user (with BASIC_AUTH_PASS).")
     basic_auth_pass: Optional[str] = setting(None, "Password for BASIC_AUTH_USER.")
+    max_request_mb: float = setting(
+        100.0, "Largest request body in MiB (413 above it). Label Studio sends every selected task in one /predict "
+        "(~2-5 KB each): 100 MiB holds about 20 000 tasks.")
+    max_concurrent_predicts: int = setting(
+        6, "Most /predict requests worked on at once per server process; more answer 503 at once, so threads stay "
+        "free for /health and /setup (Label Studio gives them 1 and 3 s). Keep it below GUNICORN_THREADS.")
     log_level: str = setting("INFO", "Logging level: DEBUG, INFO, WARNING, ERROR.")
     # --- queue -------------------------------------------------------------------------------
     redis_url: Optional[str] = setting(None, "Redis URL for training jobs (overrides REDIS_HOST/REDIS_PORT).")
@@ -112,6 +124,9 @@ class Settings:
         "START_TRAINING", "Webhook actions that start training, comma-separated (e.g. add ANNOTATION_CREATED,"
         "ANNOTATION_UPDATED for a Label Studio without START_TRAINING; 1.23 sends START_TRAINING first on submit, so "
         "listing both would only coalesce). Empty: training off.")
+    max_queued_projects: int = setting(
+        20, "Most projects with a training job waiting at once; a trigger beyond that is refused (429) and logged, "
+        "so made-up project ids cannot fill the queue.")
     train_epochs: int = setting(30, "Most epochs per training job (the time budget usually ends it first).")
     train_time_budget_s: float = setting(
         300.0, "Seconds one training job may train (evaluation and saving included); bounds a job on CPU.")
@@ -150,10 +165,11 @@ class Settings:
             if value <= 0 or value % 32:
                 raise SettingsError(f"{name.upper()}={value} must be a positive multiple of 32 (e.g. 320, 640)")
         for name in ("predict_batch_size", "train_batch_size", "max_detections", "image_timeout",
-                     "train_time_budget_s", "train_epochs"):
+                     "train_time_budget_s", "train_epochs", "max_request_mb", "max_concurrent_predicts",
+                     "max_queued_projects"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must be greater than 0")
-        for name in ("image_cache_mb", "keep_versions", "torch_threads"):
+        for name in ("image_cache_mb", "keep_versions", "torch_threads", "max_image_pixels"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must not be negative")
         for name in ("model_score_threshold", "iou_threshold", "score_floor"):

@@ -12,7 +12,7 @@ organisation refuses with 401). ``LabelStudioSession`` tries the configured key 
 remembers the one that works, and logs once when it has to fall back, so images download in both kinds of
 organisation.
 
-The session only ever sends a key to the Label Studio host(s) it belongs to, never to third-party URLs.
+The session only ever sends a key to the origin it belongs to (see ``LabelStudioSession``), never to other URLs.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from typing import Callable, Optional
-from urllib.parse import urlparse
+from urllib.parse import urljoin, urlparse
 
 import requests
 
@@ -79,6 +79,7 @@ class Credential:
     def __init__(self, base_url: str, key: str, source: str, timeout: float = 10.0,
                  http: Optional[requests.Session] = None):
         self.base_url = normalise_url(base_url)
+        self.origin = origin_of(self.base_url)
         self.key = key.strip()
         self.source = source
         self.timeout = timeout
@@ -135,8 +136,36 @@ def _is_refused(response: requests.Response) -> bool:
     return "/user/login" in urlparse(response.url or "").path
 
 
+Origin = tuple  # (scheme, host, port): where a key may be sent
+
+# Redirects followed by hand (so no key follows one to another origin).
+MAX_REDIRECTS = 5
+# /setup hostnames remembered when LABEL_STUDIO_URL is not set (each with its own token).
+MAX_SETUP_ORIGINS = 8
+
+
+def origin_of(url: str) -> Optional[Origin]:
+    """``http://Host:80/x`` -> ``("http", "host", 80)``; None for a URL that is not absolute http(s)."""
+    try:
+        parts = urlparse(url)
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    return parts.scheme, parts.hostname.lower(), port or (443 if parts.scheme == "https" else 80)
+
+
 class LabelStudioSession:
     """Authenticated requests to Label Studio with the configured key and the /setup key as fallback.
+
+    Which key goes where (anyone on the network can call ``/setup``, so it must never widen this):
+    - ``LABEL_STUDIO_API_KEY`` only to ``LABEL_STUDIO_URL``'s origin (scheme, host, port);
+    - a ``/setup`` token only to the origin of the ``hostname`` sent with it;
+    - with ``LABEL_STUDIO_URL`` set, relative paths resolve against it and ``/setup`` hostnames are not trusted
+      (a /setup token is used only when its hostname is that same origin); without it, the latest /setup
+      hostname resolves relative paths;
+    - redirects are followed here, and ``Authorization`` goes along only while they stay on the key's origin.
 
     Thread-safe; one per process (gunicorn threads share it).
     """
@@ -147,11 +176,11 @@ class LabelStudioSession:
         self._http = http or requests.Session()
         self._lock = threading.Lock()
         self._configured: Optional[Credential] = None
-        self._setup: Optional[Credential] = None
         self._configured_url = normalise_url(url)
         if self._configured_url and api_key and api_key.strip():
             self._configured = Credential(self._configured_url, api_key, "LABEL_STUDIO_API_KEY", timeout, self._http)
-        self._setup_url: Optional[str] = None
+        self._setup: dict[Origin, Credential] = {}  # origin -> the /setup token sent with that hostname
+        self._setup_url: Optional[str] = None       # latest /setup hostname (only used without LABEL_STUDIO_URL)
         self._warned: set[str] = set()
 
     # --- configuration ------------------------------------------------------------------------------------
@@ -162,32 +191,52 @@ class LabelStudioSession:
         except ValueError:
             log.warning("ignoring hostname %r from /setup: not an http(s) URL", hostname)
             hostname = None
+        configured = origin_of(self._configured_url) if self._configured_url else None
+        if hostname and configured and origin_of(hostname) != configured:
+            self._warn_once(f"foreign-setup:{hostname}",
+                            f"/setup named {hostname} as Label Studio, but LABEL_STUDIO_URL is {self._configured_url}: "
+                            "images and API calls go to LABEL_STUDIO_URL only, and that /setup token is not used")
+            return
+        base = hostname or self._configured_url or (self._setup_url if not configured else None)
+        key = (access_token or "").strip()
         with self._lock:
-            if hostname:
+            if hostname and not configured:
                 self._setup_url = hostname
-            base = self._setup_url or self._configured_url
-            key = (access_token or "").strip()
             if not key or not base:
                 return
-            current = self._setup
-            if current is None or current.key != key or current.base_url != base:
-                self._setup = Credential(base, key, "/setup", self.timeout, self._http)
+            where = origin_of(base)
+            current = self._setup.get(where)
+            if current is None or current.key != key:
+                self._setup.pop(where, None)
+                self._setup[where] = Credential(base, key, "/setup", self.timeout, self._http)
+                while len(self._setup) > MAX_SETUP_ORIGINS:
+                    self._setup.pop(next(iter(self._setup)))
 
     @property
     def base_url(self) -> Optional[str]:
         """Where relative URLs (/data/upload/...) and API calls go: LABEL_STUDIO_URL, else /setup's hostname."""
         return self._configured_url or self._setup_url
 
-    def credentials(self) -> list[Credential]:
-        """Credentials to try, in order: the ones not refused yet first, configured before /setup."""
+    def credentials(self, url: Optional[str] = None) -> list[Credential]:
+        """Keys that may go to ``url``'s origin (default: ``base_url``'s), in order: the ones not refused yet
+        first, configured before /setup."""
+        where = origin_of(url or self.base_url or "")
+        if where is None:
+            return []
         with self._lock:
-            creds = [c for c in (self._configured, self._setup) if c is not None]
+            creds = [c for c in (self._configured, self._setup.get(where)) if c is not None and c.origin == where]
         return sorted(creds, key=lambda c: c.refused)
 
     def is_label_studio_url(self, url: str) -> bool:
-        netloc = urlparse(url).netloc
-        hosts = {urlparse(u).netloc for u in (self._configured_url, self._setup_url) if u}
-        return bool(netloc) and netloc in hosts
+        """True for an absolute URL on Label Studio's origin (LABEL_STUDIO_URL's; without it, a /setup
+        hostname's)."""
+        where = origin_of(url)
+        if where is None:
+            return False
+        if self._configured_url:
+            return where == origin_of(self._configured_url)
+        with self._lock:
+            return where in self._setup or (self._setup_url is not None and where == origin_of(self._setup_url))
 
     def absolute(self, path_or_url: str) -> str:
         if path_or_url.startswith(("http://", "https://")):
@@ -203,16 +252,16 @@ class LabelStudioSession:
     def request(self, method: str, path_or_url: str, **kwargs) -> requests.Response:
         """``method`` on a Label Studio URL (or path), authenticated; falls back between keys on 401/403.
 
-        Raises LabelStudioAuthError when no key is configured or every key is refused (after one refresh of a
-        JWT access token); other HTTP errors are returned as responses for the caller to judge.
+        Raises LabelStudioAuthError when no key may go to that URL or every key is refused (after one refresh
+        of a JWT access token); other HTTP errors are returned as responses for the caller to judge.
         """
         url = self.absolute(path_or_url)
         kwargs.setdefault("timeout", self.timeout)
         base_headers = dict(kwargs.pop("headers", None) or {})
-        creds = self.credentials()
+        creds = self.credentials(url)
         if not creds:
             raise LabelStudioAuthError(
-                f"no Label Studio API key to fetch {url}: set LABEL_STUDIO_API_KEY (a personal access token "
+                f"no Label Studio API key for {url}: set LABEL_STUDIO_API_KEY (a personal access token "
                 "or legacy token from Account & Settings) together with LABEL_STUDIO_URL")
         refusals = []
         for cred in creds:
@@ -238,16 +287,31 @@ class LabelStudioSession:
 
     def _send(self, cred: Credential, method: str, url: str, base_headers: dict, kwargs: dict,
               force_refresh: bool = False) -> Optional[requests.Response]:
-        """One authenticated request; None when the credential could not even produce a header."""
+        """One authenticated request, redirects followed by hand; None when the credential could not even
+        produce a header."""
         try:
             authorization = cred.header(force_refresh=force_refresh)
         except LabelStudioAuthError as exc:
             self._warn_once(f"refresh:{cred.identity}", str(exc))
             return None
-        return self._http.request(method, url, headers={**base_headers, "Authorization": authorization}, **kwargs)
+        kwargs = dict(kwargs)
+        for _ in range(MAX_REDIRECTS + 1):
+            # The key goes only to its own origin; a hop elsewhere (a presigned S3 URL) goes without it.
+            headers = {**base_headers, "Authorization": authorization} if origin_of(url) == cred.origin \
+                else base_headers
+            response = self._http.request(method, url, headers=headers, allow_redirects=False, **kwargs)
+            location = response.headers.get("Location") if response.is_redirect else None
+            if not location:
+                return response
+            response.close()
+            url = urljoin(response.url or url, location)
+            if response.status_code in (301, 302, 303) and method != "HEAD":
+                method = "GET"
+                kwargs = {k: v for k, v in kwargs.items() if k not in ("json", "data", "files")}
+        raise LabelStudioAuthError(f"more than {MAX_REDIRECTS} redirects from {urlparse(url).netloc}")
 
     def _mark_refused(self, cred: Credential, why: str) -> None:
-        others = [c for c in self.credentials() if c is not cred and not c.refused]
+        others = [c for c in self.credentials(cred.base_url) if c is not cred and not c.refused]
         cred.refused = True
         if others:
             self._warn_once(f"refused:{cred.identity}",

@@ -24,8 +24,10 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import io
 import logging
 import os
+import socket
 import threading
 from pathlib import Path
 from typing import Optional
@@ -34,6 +36,7 @@ import numpy as np
 import requests
 
 from ..atomic import atomic_write
+from ..image_header import DEFAULT_MAX_IMAGE_PIXELS, ImageHeaderError, ImageTooLargeError, checked_size
 from .client import LabelStudioAuthError, LabelStudioSession
 
 log = logging.getLogger(__name__)
@@ -48,28 +51,33 @@ class ImageFetchError(RuntimeError):
 
 # --- decoding ---------------------------------------------------------------------------------------------
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Image file bytes -> HxWx3 uint8 RGB, EXIF orientation applied. Not an image -> ImageFetchError."""
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Image file bytes -> HxWx3 uint8 RGB, EXIF orientation applied. Not an image, or more than ``max_pixels``
+    (read from the header, before any pixel is decoded) -> ImageFetchError."""
     import cv2
 
     if not data:
         raise ImageFetchError("empty file")
+    try:
+        checked_size(data, max_pixels)
+    except ImageTooLargeError as exc:
+        raise ImageFetchError(str(exc)) from None
+    except ImageHeaderError:
+        head = data[:64].lstrip().lower()
+        hint = " (it looks like an HTML page: a login page means the API key was not accepted)" \
+            if head.startswith((b"<!doctype html", b"<html")) else ""
+        raise ImageFetchError(f"not an image ({len(data)} bytes){hint}") from None
     array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if array is not None and array.size:
         return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
     # Formats this OpenCV build lacks (e.g. animated GIF) may still open with Pillow.
     try:
-        import io
-
         from PIL import Image, ImageOps
 
         with Image.open(io.BytesIO(data)) as image:
             return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
     except Exception:
-        head = data[:64].lstrip().lower()
-        hint = " (it looks like an HTML page: a login page means the API key was not accepted)" \
-            if head.startswith((b"<!doctype html", b"<html")) else ""
-        raise ImageFetchError(f"not an image ({len(data)} bytes){hint}") from None
+        raise ImageFetchError(f"not an image ({len(data)} bytes)") from None
 
 
 # --- cache ------------------------------------------------------------------------------------------------
@@ -173,13 +181,67 @@ def _local_storage_path(url: str) -> Optional[str]:
     return path if path and os.path.isfile(path) else None
 
 
+class _DeadlinePassed(Exception):
+    pass
+
+
+class _Deadline:
+    """Cuts a streamed download off at a deadline: requests' timeout applies to each socket read, so a server
+    sending one byte every few seconds would otherwise hold a request (and a server thread) for minutes. At the
+    deadline a timer shuts the response's socket down, which ends a read that is blocked on it."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.passed = False
+        self._response: Optional[requests.Response] = None
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> "_Deadline":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+
+    def watch(self, response: requests.Response) -> None:
+        self._response = response
+        if self.passed:
+            self._expire()
+
+    def check(self) -> None:
+        if self.passed:
+            raise _DeadlinePassed()
+
+    def _expire(self) -> None:
+        self.passed = True
+        sock = _socket_of(self._response) if self._response is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def _socket_of(response: requests.Response):
+    """The socket under a streamed response (urllib3 2.x keeps the connection on the response), or None."""
+    raw = getattr(response, "raw", None)
+    sock = getattr(getattr(raw, "_connection", None), "sock", None)
+    if sock is None:  # older layouts: the socket behind the file object http.client reads from
+        fp = getattr(getattr(raw, "_fp", None), "fp", None)
+        sock = getattr(getattr(fp, "raw", None), "_sock", None)
+    return sock
+
+
 class ImageFetcher:
     """Fetches task images from wherever the task points, through ``session`` (auth, fallback between keys)."""
 
-    def __init__(self, session: LabelStudioSession, cache: Optional[ImageCache] = None, timeout: float = 10.0):
+    def __init__(self, session: LabelStudioSession, cache: Optional[ImageCache] = None, timeout: float = 10.0,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         self.session = session
         self.cache = cache
-        self.timeout = timeout
+        self.timeout = timeout        # seconds for the whole download, not per read
+        self.max_pixels = max_pixels
 
     def _source(self, url: str, task_id: Optional[int]) -> tuple[str, str]:
         """(how, what): ("file", path) | ("data", url) | ("ls", url-or-path) | ("web", url)."""
@@ -244,37 +306,40 @@ class ImageFetcher:
         return self._download(how, what, url), key, False
 
     def _download(self, how: str, what: str, original: str) -> bytes:
+        """The whole download within ``timeout`` seconds: a server dripping bytes is cut off at the deadline."""
+        deadline = _Deadline(self.timeout)
         try:
-            if how == "ls":
-                response = self.session.get(what, timeout=self.timeout, stream=True)
-            else:
-                response = self.session.fetch_plain(what, timeout=self.timeout, stream=True)
+            with deadline:
+                if how == "ls":
+                    response = self.session.get(what, timeout=self.timeout, stream=True)
+                else:
+                    response = self.session.fetch_plain(what, timeout=self.timeout, stream=True)
+                deadline.watch(response)
+                with response:
+                    if response.status_code >= 400:
+                        hint = {404: "not found", 401: "unauthorised", 403: "forbidden"}.get(response.status_code,
+                                                                                           "error")
+                        raise ImageFetchError(f"{original}: HTTP {response.status_code} ({hint}) from {response.url}")
+                    chunks, total = [], 0
+                    for chunk in response.iter_content(1 << 16):
+                        total += len(chunk)
+                        if total > MAX_IMAGE_BYTES:
+                            raise ImageFetchError(f"{original}: larger than {MAX_IMAGE_BYTES >> 20} MiB; refused")
+                        chunks.append(chunk)
+                        deadline.check()
         except LabelStudioAuthError as exc:
             raise ImageFetchError(f"{original}: {exc}") from None
-        except requests.Timeout:
-            raise ImageFetchError(f"{original}: timed out after {self.timeout:g} s (IMAGE_TIMEOUT)") from None
-        except requests.RequestException as exc:
+        except (requests.RequestException, OSError, _DeadlinePassed) as exc:
+            if deadline.passed or isinstance(exc, requests.Timeout):
+                raise ImageFetchError(f"{original}: timed out after {self.timeout:g} s (IMAGE_TIMEOUT)") from None
             raise ImageFetchError(f"{original}: download failed: {exc}") from None
-        with response:
-            if response.status_code >= 400:
-                hint = {404: "not found", 401: "unauthorised", 403: "forbidden"}.get(response.status_code, "error")
-                raise ImageFetchError(f"{original}: HTTP {response.status_code} ({hint}) from {response.url}")
-            try:
-                chunks, total = [], 0
-                for chunk in response.iter_content(1 << 16):
-                    total += len(chunk)
-                    if total > MAX_IMAGE_BYTES:
-                        raise ImageFetchError(f"{original}: larger than {MAX_IMAGE_BYTES >> 20} MiB; refused")
-                    chunks.append(chunk)
-            except requests.RequestException as exc:
-                raise ImageFetchError(f"{original}: download interrupted or timed out: {exc}") from None
         return b"".join(chunks)
 
     def load(self, url: str, task_id: Optional[int] = None) -> np.ndarray:
         """The task image as HxWx3 uint8 RGB (EXIF orientation applied). Decodable downloads are cached."""
         data, key, cached = self._fetch(url, task_id)
         try:
-            image = decode_image(data)
+            image = decode_image(data, self.max_pixels)
         except ImageFetchError as exc:
             raise ImageFetchError(f"{url}: {exc}") from None
         if key is not None and not cached:

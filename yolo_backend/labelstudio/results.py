@@ -8,7 +8,8 @@ applied), top-left corner plus width/height, with the image size alongside:
      "value": {"x": 10.0, "y": 20.0, "width": 30.0, "height": 40.0, "rotation": 0, "rectanglelabels": ["fire"]},
      "score": 0.87}
 
-One prediction per task: {"result": [...regions], "score": task_score, "model_version": "..."}.
+One prediction per task: {"result": [...regions], "score": task_score, "model_version": "..."}; a task whose
+image could not be had gets an item without "result", which Label Studio skips (and asks for again later).
 """
 
 from __future__ import annotations
@@ -74,9 +75,14 @@ def task_prediction(regions: list[dict], score: Optional[float], model_version: 
 
 
 def failed_task_prediction(model_version: str) -> dict:
-    """What a task whose image could not be read gets: an empty result, no score, the model version.
+    """What a task whose image could not be had (download failed, refused, not an image) gets: an item without
+    ``result``.
 
-    Label Studio stores it as an empty prediction of this version (so it is not asked again for this version,
-    and it sorts with the unscored tasks); the reason is in the backend's log.
+    Label Studio skips such an item (it logs it and stores nothing), so it asks again the next time predictions are
+    retrieved, instead of keeping an empty prediction of this version forever; the reason is in the backend's log.
     """
-    return task_prediction([], None, model_version)
+    return {"model_version": model_version}
+
+
+def is_failed_prediction(item: dict) -> bool:
+    return isinstance(item, dict) and "result" not in item

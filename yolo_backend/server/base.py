@@ -30,22 +30,29 @@ log = logging.getLogger(__name__)
 NO_MODEL_VERSION = "no-model"
 
 
+# Label Studio's project ids are positive database ids (a 32-bit signed integer column).
+MAX_PROJECT_ID = 2**31 - 1
+
+
 def parse_project_id(project: Any) -> Optional[int]:
     """Label Studio sends ``project`` as ``"<id>.<created_at epoch>"`` in ML calls, as an int or a dict with ``id``
-    elsewhere. Returns the id, or None when absent. Anything else -> ValueError saying what was expected."""
+    elsewhere. Returns the id (1 .. 2^31-1), or None when absent. Anything else -> ValueError saying what was
+    expected."""
     if project is None or project == "":
         return None
-    if isinstance(project, bool):
-        raise ValueError(f"project {project!r} is not a project id")
-    if isinstance(project, int):
-        return project
     if isinstance(project, dict):
         return parse_project_id(project.get("id"))
-    if isinstance(project, str):
+    value: Optional[int] = None
+    if isinstance(project, int) and not isinstance(project, bool):
+        value = project
+    elif isinstance(project, str):
         head = project.strip().split(".", 1)[0]
-        if head.isdigit():
-            return int(head)
-    raise ValueError(f"project {project!r} is not a project id (expected \"<id>.<epoch>\" or an integer)")
+        if head.isascii() and head.isdigit() and len(head) <= 10:
+            value = int(head)
+    if value is None or not 1 <= value <= MAX_PROJECT_ID:
+        raise ValueError(f"project {str(project)[:40]!r} is not a project id (expected a positive integer below "
+                         "2^31, or \"<id>.<epoch>\" as Label Studio sends it)")
+    return value
 
 
 class TrainingHooks(Protocol):
@@ -77,7 +84,8 @@ class BackendContext:
                                      timeout=settings.image_timeout)
         cache = ImageCache(settings.image_cache_dir, settings.image_cache_mb * 1024 * 1024)
         context = cls(settings=settings, models=ModelHolder(settings, loader=loader), session=session,
-                      images=ImageFetcher(session, cache, timeout=settings.image_timeout),
+                      images=ImageFetcher(session, cache, timeout=settings.image_timeout,
+                                          max_pixels=settings.max_image_pixels),
                       version_sync=ProjectVersionSync(lambda: None), training=training)
         context.version_sync = ProjectVersionSync(context.client)
         return context

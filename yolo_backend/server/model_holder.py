@@ -41,6 +41,11 @@ class NoModelError(RuntimeError):
     """No checkpoint is configured or published; the message says what to set."""
 
 
+class ModelLoadError(NoModelError):
+    """The checkpoint that should serve cannot be loaded (damaged, not a YOLOv7 checkpoint, ...); the message
+    says which and why."""
+
+
 @dataclass(frozen=True)
 class ModelSource:
     path: Path      # the checkpoint file
@@ -73,6 +78,13 @@ def load_detector(path: Path, settings: Settings) -> tuple[Any, Sequence[str]]:
         iou=settings.iou_threshold, max_det=settings.max_detections, half=settings.half,
         batch_size=settings.predict_batch_size)
     return detector, detector.names
+
+
+def validate_checkpoint(path: Path) -> None:
+    """Read the checkpoint and build its model, as loading it to serve would (CheckpointError when it cannot)."""
+    from ..yolov7.checkpoint import load_checkpoint, model_from_checkpoint
+
+    model_from_checkpoint(load_checkpoint(path), device="cpu", fuse=False)
 
 
 class ModelHolder:
@@ -126,12 +138,15 @@ class ModelHolder:
             if latest is not None:
                 return ModelSource(latest.checkpoint, latest.name, f"newest version in {registry.root}")
         if self.settings.model_path:
-            path = Path(self.settings.model_path)
-            if not path.is_file():
-                raise NoModelError(f"MODEL_PATH={self.settings.model_path} does not exist or is not a file; "
-                                   "point it at a YOLOv7 checkpoint (.pt)")
-            return ModelSource(path, checkpoint_version(path), f"MODEL_PATH={path}")
+            return self._resolve_model_path()
         return None
+
+    def _resolve_model_path(self) -> ModelSource:
+        path = Path(self.settings.model_path)
+        if not path.is_file():
+            raise NoModelError(f"MODEL_PATH={self.settings.model_path} does not exist or is not a file; "
+                               "point it at a YOLOv7 checkpoint (.pt)")
+        return ModelSource(path, checkpoint_version(path), f"MODEL_PATH={path}")
 
     def source(self, project_id: Optional[int] = None) -> Optional[ModelSource]:
         """The checkpoint serving ``project_id`` now (None: nothing configured). Cheap: cached for
@@ -234,7 +249,10 @@ class ModelHolder:
             if model is not None:
                 return model
             started = time.perf_counter()
-            detector, names = self.loader(source.path, self.settings)
+            try:
+                detector, names = self.loader(source.path, self.settings)
+            except Exception as exc:  # e.g. a published file damaged on disk: 503 with the reason, no traceback
+                raise ModelLoadError(f"model {source.version} ({source.origin}) cannot be loaded: {exc}") from exc
             model = LoadedModel(source, detector, tuple(names))
             self.loads += 1
             log.info("loaded model %s (%s; classes: %s) in %.2f s", source.version, source.origin,
@@ -245,6 +263,46 @@ class ModelHolder:
                     old_key, _ = self._models.popitem(last=False)
                     log.info("released model %s", old_key.split("@")[0])
             return model
+
+    # --- the start-up check --------------------------------------------------------------------------------
+    def serving_sources(self) -> list[ModelSource]:
+        """Every checkpoint that would serve some project now: the pinned version, or the newest version of
+        MODEL_DIR and of each project, and MODEL_PATH. RegistryError / NoModelError when a configured one is
+        missing."""
+        registries = [Registry(self.settings.model_dir), *Registry.all_projects(self.settings.model_dir)]
+        pinned = self.settings.model_version
+        if pinned:
+            found = []
+            for registry in registries:
+                try:
+                    version = registry.get(pinned)
+                except RegistryError:
+                    continue
+                found.append(ModelSource(version.checkpoint, version.name, f"MODEL_VERSION={pinned} in {registry.root}"))
+            if not found:
+                raise RegistryError(f"MODEL_VERSION={pinned!r} is not published in {self.settings.model_dir}; unset "
+                                    "it or publish that version")
+            return found
+        sources = []
+        for registry in registries:
+            latest = registry.latest()
+            if latest is not None:
+                sources.append(ModelSource(latest.checkpoint, latest.name, f"newest version in {registry.root}"))
+        if self.settings.model_path:
+            sources.append(self._resolve_model_path())
+        return sources
+
+    def check(self, validate: Callable[[Path], None] = validate_checkpoint) -> list[ModelSource]:
+        """Load-check every checkpoint that would serve (see ``serving_sources``), before the server starts, so
+        a damaged file is reported at once instead of at the first prediction. ModelLoadError names the first
+        that fails."""
+        sources = self.serving_sources()
+        for source in sources:
+            try:
+                validate(source.path)
+            except Exception as exc:
+                raise ModelLoadError(f"model {source.version} ({source.origin}) cannot be loaded: {exc}") from exc
+        return sources
 
     def loaded_versions(self) -> list[str]:
         with self._lock:
