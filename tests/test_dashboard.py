@@ -1,0 +1,417 @@
+"""The dashboard (HTML page, /status JSON, per-version metrics in /versions), the SVG charts, Prometheus metrics
+and the training run history, through Flask's test client with a fake detector and fake training hooks (no torch,
+no Redis). The real browser test is tests/e2e/test_dashboard_browser.py."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from model_backend import YOLOv7Backend
+from yolo_backend.jobs import history
+from yolo_backend.registry import Registry
+from yolo_backend.server import charts
+from yolo_backend.server.app import create_app
+from yolo_backend.server.base import BackendContext
+from yolo_backend.server.status import job_progress
+from yolo_backend.settings import Settings
+from yolo_backend.yolov7.detections import Detections
+from tests.support import FIRE_SMOKE_CONFIG as CONFIG
+
+REPO = Path(__file__).resolve().parents[1]
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
+SVG = "{http://www.w3.org/2000/svg}"
+PROJECT = 3
+
+
+def metrics(map50: float, precision: float = 0.7, recall: float = 0.5) -> dict:
+    """What the engine's evaluate() returns: smoke has no validation boxes, so its numbers are NaN."""
+    nan = float("nan")
+    return {"map50": map50, "map": map50 / 2, "precision": precision, "recall": recall, "serve_conf": 0.25,
+            "images": 6, "instances": 9,
+            "per_class": [{"name": "fire", "instances": 9, "ap50": map50 + 0.01, "ap": map50 / 2,
+                           "precision": precision, "recall": recall},
+                          {"name": "smoke", "instances": 0, "ap50": nan, "ap": nan, "precision": nan, "recall": nan}]}
+
+
+class Training:
+    """Training hooks as the queue provides them: one job of the project at epoch 2 of 5, iteration 3 of 10."""
+
+    def __init__(self):
+        self.job = {"job": "train-3-abc", "status": "started", "phase": "training",
+                    "progress": {"epoch": 2, "epochs": 5, "iteration": 4, "iterations": 10, "loss": 0.1234,
+                                 "elapsed": 42.0},
+                    "log_tail": ["[2026-12-01 10:00:00] [INFO] [x] reading annotations",
+                                 "[2026-12-01 10:00:01] [WARNING] [x] task 7: image not available"]}
+
+    def request(self, project_id, event, payload):
+        return {"job": self.job["job"]}
+
+    def status(self, project_id):
+        return {"is_training": project_id == PROJECT, "job": self.job["job"] if project_id == PROJECT else None,
+                "pending_requests": 0}
+
+    def job_status(self, job_id):
+        return dict(self.job)
+
+    def metrics(self):
+        return {"redis": "up", "workers": 1, "queued": 1, "started": 1, "finished": 4, "failed": 2,
+                "pending_requests": 0, "coalesced": 3, "queue": "default"}
+
+
+def empty_detector_loader(path, settings):
+    class Detector:
+        def detect(self, images, conf=None):
+            return [Detections.empty(im.shape[1], im.shape[0], ["fire", "smoke"]) for im in images]
+
+    return Detector(), ["fire", "smoke"]
+
+
+def make_app(tmp_path, training=None, **overrides):
+    settings = Settings.from_env(env={}, model_dir=str(tmp_path / "models"), image_cache_dir=str(tmp_path / "cache"),
+                                 **overrides)
+    context = BackendContext.from_settings(settings, loader=empty_detector_loader, training=training)
+    context.models.check_interval = 0.0
+    return create_app(YOLOv7Backend, context=context).test_client(), settings
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """Project 3 with a published v1 (20 images), a rejected run (30 images) and a published v2 (40 images)."""
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"weights")
+    model_dir = tmp_path / "models"
+    registry = Registry.for_project(model_dir, PROJECT)
+    v1 = registry.publish(checkpoint, {"parent": "best-1234abcd", "metrics": metrics(0.30),
+                                       "decision": "no current model with these labels to compare with",
+                                       "annotations": 20, "negatives": 3, "train_images": 16, "val_images": 4,
+                                       "train_seconds": 65.0}, name="v1-20261201T100000")
+    history.record_run(model_dir, PROJECT, {"trained": True, "published": True, "model_version": v1.name,
+                                            "examples": 20, "negatives": 3, "metrics": metrics(0.30)}, "job-1", 70.0)
+    history.record_run(model_dir, PROJECT, {
+        "trained": True, "published": False, "examples": 30, "negatives": 5, "parent": v1.name,
+        "train_images": 24, "val_images": 6, "metrics": metrics(0.25), "baseline_metrics": metrics(0.30),
+        "decision": "validation fitness 0.1237 < current 0.1480 (set FORCE_PUBLISH=true to publish anyway)"},
+        "job-2", 81.0)
+    v2 = registry.publish(checkpoint, {"parent": v1.name, "metrics": metrics(0.45, 0.8, 0.6), "decision": "better",
+                                       "annotations": 40, "negatives": 6, "train_images": 32, "val_images": 8,
+                                       "train_seconds": 90.0}, name="v2-20261201T110000")
+    history.record_run(model_dir, PROJECT, {"trained": True, "published": True, "model_version": v2.name,
+                                            "examples": 40, "negatives": 6, "metrics": metrics(0.45)}, "job-3", 95.0)
+    return tmp_path
+
+
+def strict_json(text: str):
+    """JSON as a browser's JSON.parse reads it: NaN and Infinity are errors."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GET /: HTML for browsers, health JSON for everyone else
+# --------------------------------------------------------------------------------------------------------------
+
+def test_root_keeps_the_health_json_for_non_browsers_and_health_is_unchanged(tmp_path):
+    client, _ = make_app(tmp_path)
+    health = {"status": "UP", "model_class": "YOLOv7Backend"}
+    for headers in ({}, {"Accept": "*/*"}, {"Accept": "application/json"},
+                    {"Accept": "application/json, text/html;q=0.5"}):
+        response = client.get("/", headers=headers)
+        assert response.status_code == 200 and response.json == health, headers
+    for headers in ({}, {"Accept": BROWSER_ACCEPT}):
+        response = client.get("/health", headers=headers)
+        assert response.mimetype == "application/json" and response.json == health
+
+
+def test_root_serves_the_dashboard_to_a_browser(trained):
+    client, _ = make_app(trained, training=Training())
+    response = client.get("/", headers={"Accept": BROWSER_ACCEPT})
+    assert response.status_code == 200 and response.mimetype == "text/html"
+    page = response.get_data(as_text=True)
+    assert "<h1>YOLOv7 backend · dashboard</h1>" in page
+    assert client.get("/dashboard").get_data(as_text=True).startswith("<!doctype html>")
+
+
+def test_page_shows_versions_runs_metrics_and_the_job(trained):
+    client, _ = make_app(trained, training=Training())
+    page = client.get("/dashboard").get_data(as_text=True)
+    assert f"Project {PROJECT} — serving <span id=\"serving-{PROJECT}\">v2-20261201T110000</span>" in page
+    rows = re.findall(r'<tr class="[^"]*">\s*<td class="name">(.*?)</td>\s*<td class="why">(.*?)</td>', page, re.S)
+    names = [name.split("<")[0].strip() for name, _ in rows]
+    assert names == ["v2-20261201T110000", "(not published)", "v1-20261201T100000"]  # newest first
+    assert "rejected</span>: validation fitness 0.1237 &lt; current 0.1480" in rows[1][1]
+    assert 'serving</span>' in rows[0][0] and "serving</span>" not in rows[2][0]
+    # images with positives / negatives, train / val split, train time, overall and per-class metrics
+    assert "40 (34 / 6)" in page and "30 (25 / 5)" in page and "32 / 8" in page and "1 min 30 s" in page
+    assert ">0.450<" in page and ">0.225<" in page and ">0.800<" in page and ">0.600<" in page
+    assert "<b>fire</b> mAP@0.5 0.460 · mAP@0.5:0.95 0.225 · P 0.80 · R 0.60 (9 boxes)" in page
+    assert "<b>smoke</b> no boxes among the validation images" in page
+    assert "P@0.25</th><th>R@0.25</th>" in page
+    # the job: phase, epoch of total, loss, progress (epoch 1 done + 5/10 of epoch 2 = 1.5 of 5 = 30 %), ETA
+    job = page[page.index('<div class="card job"'):page.index('<div class="charts">')]
+    assert "train-3-abc" in job and ">training<" in job and ">2 of 5<" in job and ">0.1234<" in job
+    assert 'aria-valuenow="30.0"' in job and 'style="width: 30.0%"' in job
+    assert "about 1 min 38 s" in job  # 42 s for 30 % -> 98 s more
+    assert "image not available" in page  # the job's warning
+    # the queue
+    assert 'id="q-queued">1<' in page and 'id="q-failed">2<' in page and 'id="q-coalesced">3<' in page
+
+
+def test_page_draws_the_learning_curve_and_per_class_chart(trained):
+    client, _ = make_app(trained, training=Training())
+    page = client.get("/dashboard").get_data(as_text=True)
+    svgs = re.findall(r"<svg .*?</svg>", page, re.S)
+    assert len(svgs) == 2
+    curve = ET.fromstring(svgs[0])
+    points = curve.findall(f"{SVG}circle")
+    assert len(points) == 6  # 3 runs x (mAP@0.5, mAP@0.5:0.95)
+    hollow = [p for p in points if p.get("fill") == "#fff"]
+    assert len(hollow) == 2 and all("rejected" in p.find(f"{SVG}title").text for p in hollow)
+    # mAP@0.5 of the runs with 20, 30, 40 images: 0.30, 0.25, 0.45 -> left to right; higher mAP is higher up
+    firsts = sorted(points[:3], key=lambda p: float(p.get("cx")))
+    cy = [float(p.get("cy")) for p in firsts]
+    assert cy[2] < cy[0] < cy[1]
+    assert len(curve.findall(f"{SVG}polyline")) == 2  # published points joined, per series
+    bars = ET.fromstring(svgs[1]).findall(f"{SVG}rect[@class='bar']")
+    assert [b.find(f"{SVG}title").text for b in bars] == ["fire mAP@0.5: 0.460", "fire mAP@0.5:0.95: 0.225"]
+
+
+def test_page_is_self_contained_and_its_script_is_the_only_one_allowed(trained):
+    client, _ = make_app(trained, training=Training())
+    response = client.get("/dashboard")
+    page = response.get_data(as_text=True)
+    assert not re.search(r'(src|href)="(https?:)?//', page), "the page must load nothing from the network"
+    assert '<link rel="icon" href="data:,">' in page  # no /favicon.ico request (a 404 in the console)
+    policy = response.headers["Content-Security-Policy"]
+    nonce = re.search(r"'nonce-([^']+)'", policy).group(1)
+    scripts = re.findall(r"<script([^>]*)>", page)
+    assert scripts == [f' nonce="{nonce}"'] and "default-src 'none'" in policy
+    assert client.get("/dashboard").headers["Content-Security-Policy"] != policy  # a fresh nonce each time
+
+
+def test_page_without_projects_or_queue_says_what_to_do(tmp_path):
+    client, _ = make_app(tmp_path)
+    page = client.get("/dashboard").get_data(as_text=True)
+    assert "No project yet" in page and "has no training queue" in page
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the same numbers as JSON
+# --------------------------------------------------------------------------------------------------------------
+
+def test_status_json_has_every_number_of_the_page(trained):
+    client, _ = make_app(trained, training=Training())
+    response = client.get("/status", query_string={"project": PROJECT})
+    body = strict_json(response.get_data(as_text=True))  # NaN of the class without boxes became null
+    (project,) = body["projects"]
+    assert project["serving_version"] == "v2-20261201T110000"
+    statuses = [(v["name"], v["status"]) for v in project["versions"]]
+    assert statuses == [("v2-20261201T110000", "published"), (None, "rejected"), ("v1-20261201T100000", "published")]
+    newest = project["versions"][0]
+    assert newest["serving"] and newest["images"] == 40 and newest["positives"] == 34 and newest["negatives"] == 6
+    assert newest["train_seconds"] == 90.0 and newest["job_seconds"] == 95.0 and newest["parent"] == "v1-20261201T100000"
+    assert newest["metrics"]["map50"] == 0.45 and newest["metrics"]["precision"] == 0.8
+    assert newest["metrics"]["per_class"][1] == {"name": "smoke", "instances": 0, "map50": None, "map": None,
+                                                 "precision": None, "recall": None}
+    assert project["versions"][1]["reason"].startswith("validation fitness 0.1237 < current")
+    assert [(p["images"], p["map50"], p["status"]) for p in project["learning_curve"]] == \
+        [(20, 0.30, "published"), (30, 0.25, "rejected"), (40, 0.45, "published")]
+    job = project["job"]
+    assert (job["phase"], job["epoch"], job["epochs"], job["loss"]) == ("training", 2, 5, 0.1234)
+    assert job["fraction"] == pytest.approx(0.3) and job["eta_seconds"] == pytest.approx(98.0)
+    assert project["job_warnings"] == ["[2026-12-01 10:00:01] [WARNING] [x] task 7: image not available"]
+    assert body["queue"]["failed"] == 2 and body["queue"]["coalesced"] == 3
+    assert client.get("/status").json["projects"][0]["project"] == PROJECT  # all projects without ?project
+    assert client.get("/status", query_string={"project": "x"}).status_code == 400
+
+
+def test_versions_keeps_its_fields_and_adds_per_version_metrics(trained):
+    client, _ = make_app(trained)
+    body = client.get("/versions", query_string={"project": PROJECT}).json
+    assert body["versions"] == ["v2-20261201T110000", "v1-20261201T100000"] or \
+        body["versions"] == ["v1-20261201T100000", "v2-20261201T110000"]
+    assert body["model_version"] == "v2-20261201T110000"
+    assert [d["name"] for d in body["details"]] == body["versions"]
+    by_name = {d["name"]: d for d in body["details"]}
+    assert by_name["v1-20261201T100000"]["metrics"]["map"] == pytest.approx(0.15)
+    assert by_name["v2-20261201T110000"]["images"] == 40
+
+
+def test_warnings_of_the_server_are_listed(trained):
+    client, _ = make_app(trained, training=Training())
+    logging.getLogger("model_backend").warning("task 99: image refused by Label Studio (HTTP 403)")
+    assert any("task 99: image refused" in w["message"] for w in client.get("/status").json["warnings"])
+    assert "task 99: image refused by Label Studio (HTTP 403)" in client.get("/dashboard").get_data(as_text=True)
+
+
+def test_job_progress_for_each_phase():
+    assert job_progress(None) is None
+    downloading = job_progress({"phase": "downloading", "status": "started", "progress": {"images": 3, "total": 12}})
+    assert downloading["fraction"] == 0.25 and downloading["eta_seconds"] is None
+    first = job_progress({"phase": "training", "progress": {"epoch": 1, "epochs": 4, "iteration": 1,
+                                                            "iterations": 4, "elapsed": 10.0}})
+    assert first["fraction"] == pytest.approx(0.125) and first["eta_seconds"] == pytest.approx(70.0)
+    evaluating = job_progress({"phase": "evaluating", "progress": {"epoch": 2, "epochs": 4}})
+    assert evaluating["fraction"] == 0.5
+    assert job_progress({"phase": "publishing", "progress": {}})["fraction"] == 1.0
+    assert job_progress({"phase": "done", "status": "finished", "progress": {}})["fraction"] == 1.0
+    assert job_progress({"phase": "reading annotations", "status": "started"})["fraction"] is None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# auth
+# --------------------------------------------------------------------------------------------------------------
+
+def test_dashboard_json_and_metrics_are_behind_basic_auth(trained):
+    client, _ = make_app(trained, training=Training(), basic_auth_user="ls", basic_auth_pass="secret")
+    good = {"Authorization": "Basic " + base64.b64encode(b"ls:secret").decode()}
+    bad = {"Authorization": "Basic " + base64.b64encode(b"ls:wrong").decode()}
+    for path in ("/", "/dashboard", "/status", "/prometheus", "/versions"):
+        for headers in ({"Accept": BROWSER_ACCEPT}, {"Accept": BROWSER_ACCEPT, **bad}):
+            response = client.get(path, headers=headers)
+            assert response.status_code == 401 and "Basic" in response.headers["WWW-Authenticate"], path
+            assert "v2-2026" not in response.get_data(as_text=True)
+        assert client.get(path, headers={"Accept": BROWSER_ACCEPT, **good}).status_code == 200, path
+    assert client.get("/health").status_code == 200  # container health checks need no password
+    assert client.get("/", headers={"Accept": BROWSER_ACCEPT, **good}).mimetype == "text/html"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the SVG charts
+# --------------------------------------------------------------------------------------------------------------
+
+def test_line_chart_is_valid_svg_with_scaled_points_and_escaped_text():
+    svg = charts.line_chart([charts.Series("a <b>", [charts.Point(10, 0.2, True, "x<1"),
+                                                     charts.Point(40, 0.6, False, "y & z")])],
+                            title="t <script>alert(1)</script>", x_label="images", y_label="mAP")
+    root = ET.fromstring(svg)  # well-formed: text escaped
+    assert "<script>" not in svg and "&lt;script&gt;" in svg
+    first, second = root.findall(f"{SVG}circle")
+    assert float(second.get("cx")) > float(first.get("cx")) and float(second.get("cy")) < float(first.get("cy"))
+    assert first.get("fill") != "#fff" and second.get("fill") == "#fff"
+    assert [t.text for t in root.iter(f"{SVG}title")] == ["x<1", "y & z"]
+    assert root.get("viewBox") == "0 0 640 320" and root.get("role") == "img"
+
+
+def test_line_chart_axis_ends_and_empty_state():
+    assert [charts.nice_ceiling(v) for v in (0.37, 0.5, 0.51, 7, 42, 120)] == [0.5, 0.5, 1.0, 10, 50, 200]
+    svg = charts.line_chart([], "curve", "x", "y", empty_message="nothing yet")
+    root = ET.fromstring(svg)
+    assert root.findall(f"{SVG}circle") == [] and "nothing yet" in svg
+
+
+def test_bar_chart_lengths_follow_the_values():
+    svg = charts.bar_chart(["fire", "smoke"], [("mAP", [0.8, 0.2]), ("mAP2", [0.4, None])], "per class")
+    bars = ET.fromstring(svg).findall(f"{SVG}rect[@class='bar']")
+    widths = [float(b.get("width")) for b in bars]
+    assert len(widths) == 3 and widths[0] == pytest.approx(2 * widths[1]) and widths[0] == pytest.approx(4 * widths[2])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Prometheus
+# --------------------------------------------------------------------------------------------------------------
+
+def scrape(client) -> dict:
+    response = client.get("/prometheus")
+    assert response.status_code == 200 and response.mimetype == "text/plain"
+    samples = {}
+    for family in text_string_to_metric_families(response.get_data(as_text=True)):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def png_uri(width: int, height: int) -> str:
+    ok, data = cv2.imencode(".png", np.full((height, width, 3), 80, np.uint8))
+    return "data:image/png;base64," + base64.b64encode(data.tobytes()).decode()
+
+
+def test_prometheus_counts_predictions_failures_and_latency(trained):
+    client, _ = make_app(trained, training=Training())
+    before = scrape(client)
+    assert before[("yolo_backend_predict_tasks_total", (("outcome", "predicted"),))] == 0
+    tasks = [{"id": 1, "data": {"image": png_uri(64, 48)}}, {"id": 2, "data": {"image": png_uri(32, 32)}},
+             {"id": 3, "data": {"image": "/data/upload/1/nowhere.png"}}]  # no Label Studio URL: cannot be read
+    response = client.post("/predict", json={"tasks": tasks, "project": f"{PROJECT}.1795461834",
+                                             "label_config": CONFIG})
+    assert response.status_code == 200, response.json
+    bad = client.post("/predict", json={"tasks": [{"id": 4, "data": {}}, {"id": 5, "data": {}}],
+                                        "project": PROJECT})  # no label config: 400
+    assert bad.status_code == 400
+    after = scrape(client)
+    assert after[("yolo_backend_predict_tasks_total", (("outcome", "predicted"),))] == 3
+    assert after[("yolo_backend_predict_tasks_total", (("outcome", "failed"),))] == 2
+    assert after[("yolo_backend_predict_images_total", (("outcome", "predicted"),))] == 2
+    assert after[("yolo_backend_predict_images_total", (("outcome", "failed"),))] == 1
+    assert after[("yolo_backend_predict_seconds_count", ())] == 2
+    assert after[("yolo_backend_predict_seconds_bucket", (("le", "+Inf"),))] == 2
+
+
+def test_prometheus_reports_training_outcomes_progress_queue_and_versions(trained):
+    history.record_failure(trained / "models", PROJECT, RuntimeError("worker ran out of memory"), "START_TRAINING",
+                           "job-4", 3.0)
+    client, _ = make_app(trained, training=Training())
+    samples = scrape(client)
+    project = ("project", str(PROJECT))
+
+    def jobs(outcome):
+        return samples[("yolo_backend_training_jobs", (("outcome", outcome), project))]
+
+    assert (jobs("published"), jobs("rejected"), jobs("failed"), jobs("skipped")) == (2, 1, 1, 0)
+    assert samples[("yolo_backend_training_progress_ratio", (project,))] == pytest.approx(0.3)
+    assert samples[("yolo_backend_serving_version_info", (project, ("version", "v2-20261201T110000")))] == 1
+    assert samples[("yolo_backend_serving_version_number", (project,))] == 2
+    assert samples[("yolo_backend_training_queue_jobs", (("state", "failed"),))] == 2
+    assert samples[("yolo_backend_redis_up", ())] == 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the run history and the server layer's imports
+# --------------------------------------------------------------------------------------------------------------
+
+def test_history_records_each_outcome_and_survives_a_torn_line(tmp_path, monkeypatch):
+    history.record_run(tmp_path, 1, {"trained": False, "published": False, "reason": "no annotated task",
+                                     "examples": 0}, "j1", 1.0)
+    history.record_run(tmp_path, 1, {"trained": True, "published": True, "model_version": "v1-x", "decision": "ok",
+                                     "examples": 5, "metrics": {"map50": float("nan")}}, "j2", 2.0)
+    with open(history.history_path(tmp_path, 1), "a") as f:
+        f.write('{"outcome": "published", "ti')  # a crash mid-write
+    history.record_failure(tmp_path, 1, ValueError("bad label config"), "START_TRAINING", "j3", 0.5)
+    runs = history.read_runs(tmp_path, 1)
+    assert [(r["outcome"], r["reason"]) for r in runs[:1]] == [("skipped", "no annotated task")]
+    assert runs[1]["version"] == "v1-x" and runs[1]["metrics"] == {"map50": None}
+    assert [r["outcome"] for r in runs] == ["skipped", "published", "failed"]
+    assert runs[2]["reason"] == "ValueError: bad label config"
+    monkeypatch.setattr(history, "MAX_RUNS", 3)
+    history.record_failure(tmp_path, 1, ValueError("again"), job_id="j4")
+    assert [r["job"] for r in history.read_runs(tmp_path, 1)] == ["j3", "j4"]  # trimmed to the last 3 lines
+
+
+def test_history_write_failure_does_not_raise(tmp_path, caplog):
+    (tmp_path / "projects").write_text("not a folder")
+    with caplog.at_level(logging.WARNING):
+        assert history.record_run(tmp_path, 1, {"trained": True, "published": True}) is None
+    assert "could not record the training run" in caplog.text
+
+
+def test_dashboard_imports_no_torch():
+    code = ("import sys; from yolo_backend.server.app import create_app; "
+            "from yolo_backend.server import dashboard, charts, status, prometheus; "
+            "from model_backend import YOLOv7Backend; create_app(YOLOv7Backend); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "MODEL_DIR": "/nonexistent"})
+    assert result.returncode == 0, result.stderr

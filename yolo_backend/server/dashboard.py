@@ -1,0 +1,370 @@
+"""The dashboard: an HTML page for people, the same numbers as JSON for scripts, Prometheus metrics.
+
+    GET /             the page for a browser (Accept: text/html); the health JSON for everyone else, as before
+    GET /dashboard    the page, whatever the Accept header
+    GET /status       everything on the page as JSON (?project=<id> for one project)
+    GET /prometheus   Prometheus metrics (see prometheus.py)
+
+Per project the page shows the version serving it, the current training job (phase, epoch, loss, a progress
+bar, ETA; kept live by a small inline script polling /status), the learning curve and per-class mAP (SVG drawn
+here, see charts.py), every version and training run with its validation metrics and why it was published or
+rejected, and the last warnings. It loads nothing from the network (no CDN; the Content-Security-Policy allows
+nothing else) and works behind the app's Basic Auth (the guard in app.py covers these paths).
+
+``register_dashboard(app, context, health_view, predict_metrics)`` adds the routes; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any, Callable, Optional
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, render_template_string, request
+
+from . import charts
+from . import status as dashboard_status
+from .prometheus import PredictMetrics, StateCollector, exposition
+from .status import version_details  # noqa: F401  (app.py adds these to /versions)
+
+HTML_TYPE = "text/html"
+POLL_MS = 2000
+
+
+def wants_html() -> bool:
+    """True when the client prefers HTML (a browser); curl, Label Studio and health checks send ``*/*`` or
+    nothing, and keep getting JSON."""
+    accept = request.accept_mimetypes
+    return HTML_TYPE in accept.values() and accept.best_match(["application/json", HTML_TYPE]) == HTML_TYPE
+
+
+def register_dashboard(app: Flask, context, health_view: Callable[[], Any], predict_metrics: PredictMetrics) -> None:
+    predict_metrics.install(app)
+    predict_metrics.registry.register(StateCollector(context))
+    blueprint = Blueprint("dashboard", __name__)
+
+    @blueprint.get("/")
+    def index():
+        if wants_html():
+            return page()
+        return health_view()
+
+    @blueprint.get("/dashboard")
+    def page():
+        nonce = secrets.token_urlsafe(16)  # lets the page's own inline script run, nothing else
+        html = render_page(dashboard_status.status(context), nonce, request.args.get("project"))
+        response = Response(html, mimetype=HTML_TYPE)
+        # Nothing but this page's own inline style and script, and /status: no CDN can sneak in.
+        response.headers["Content-Security-Policy"] = (
+            f"default-src 'none'; connect-src 'self'; img-src 'self' data:; style-src 'unsafe-inline'; "
+            f"script-src 'nonce-{nonce}'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    @blueprint.get("/status")
+    def status():
+        project = request.args.get("project")
+        project_id = int(project) if project and project.isdigit() else None
+        if project and project_id is None:
+            return jsonify(error=f"project {project!r} is not a project id (an integer)", status=400), 400
+        return jsonify(dashboard_status.status(context, project_id))
+
+    @blueprint.get("/prometheus")
+    def prometheus():
+        return exposition(predict_metrics)
+
+    app.register_blueprint(blueprint)
+    dashboard_status.recent_warnings()  # start keeping warnings from now on
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The page
+# --------------------------------------------------------------------------------------------------------------
+
+def _num(value: Optional[float], digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "–"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def learning_curve_svg(points: list[dict]) -> str:
+    def label(p: dict, key: str, what: str) -> str:
+        return (f"{p.get('name') or 'rejected run'} ({p['status']}): {what} {p[key]:.3f} "
+                f"with {p['images']} annotated images")
+
+    series = [
+        charts.Series("mAP@0.5", [charts.Point(p["images"], p["map50"], p["status"] == "published",
+                                               label(p, "map50", "mAP@0.5")) for p in points]),
+        charts.Series("mAP@0.5:0.95", [charts.Point(p["images"], p["map"], p["status"] == "published",
+                                                    label(p, "map", "mAP@0.5:0.95"))
+                                       for p in points if p.get("map") is not None]),
+    ]
+    return charts.line_chart(series, "Learning curve: validation mAP as annotations grow", "annotated images",
+                             "validation mAP (0–1, higher is better)",
+                             empty_message="No trained version yet: the curve starts with the first training.",
+                             note="● published version   ○ trained but not published (not better than the "
+                                  "version serving)")
+
+
+def per_class_svg(entry: Optional[dict]) -> str:
+    metrics = (entry or {}).get("metrics") or {}
+    classes = metrics.get("per_class") or []
+    name = (entry or {}).get("name") or "the serving version"
+    return charts.bar_chart([c["name"] for c in classes],
+                            [("mAP@0.5", [c.get("map50") for c in classes]),
+                             ("mAP@0.5:0.95", [c.get("map") for c in classes])],
+                            f"mAP per class of {name} (validation)",
+                            empty_message="No validation metrics for the serving version yet.")
+
+
+def render_page(data: dict, nonce: str, selected: Optional[str] = None) -> str:
+    """The page for ``data`` (what ``status.status`` returns); ``selected``: show only that project."""
+    projects = data["projects"]
+    if selected and selected.isdigit():
+        projects = [p for p in projects if p["project"] == int(selected)]
+    for project in projects:
+        serving = next((e for e in project["versions"] if e.get("serving")), None)
+        project["curve_svg"] = learning_curve_svg(project["learning_curve"])
+        project["per_class_svg"] = per_class_svg(serving or next(
+            (e for e in project["versions"] if e["status"] == "published" and e.get("metrics")), None))
+    return render_template_string(PAGE, data=data, projects=projects, nonce=nonce, poll_ms=POLL_MS,
+                                  num=_num, duration=_duration,
+                                  model_class=current_app.extensions["ml_backend"]["backend_class"].__name__,
+                                  threshold=data["serve_threshold"])
+
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
+<title>YOLOv7 backend – dashboard</title>
+<style>
+  body { font-family: system-ui, sans-serif; margin: 0 auto; max-width: 1440px; padding: 0 16px 40px; color: #222; }
+  header { display: flex; justify-content: space-between; align-items: baseline; border-bottom: 1px solid #ddd; }
+  h1 { font-size: 1.4em; } h2 { font-size: 1.2em; margin-top: 1.6em; } h3 { font-size: 1em; margin: 1.2em 0 .4em; }
+  .muted { color: #666; font-size: .9em; }
+  .card { border: 1px solid #ddd; border-radius: 6px; padding: 10px 14px; margin: 8px 0; background: #fafafa; }
+  .facts span { margin-right: 1.4em; white-space: nowrap; }
+  .progress { display: flex; align-items: center; gap: 10px; }
+  .bar { flex: 0 1 600px; height: 18px; background: #e6e6e6; border-radius: 9px; overflow: hidden; margin: 8px 0; }
+  .bar .fill { height: 100%; background: #1f77b4; transition: width .5s; }
+  .charts { display: flex; flex-wrap: wrap; gap: 16px; }
+  .charts > div { flex: 1 1 480px; }
+  .table-wrap { overflow-x: auto; }
+  table { border-collapse: collapse; width: 100%; font-size: .85em; }
+  td.name { white-space: nowrap; }
+  th, td { border-bottom: 1px solid #e3e3e3; padding: 5px 6px; text-align: left; vertical-align: top; }
+  th { background: #f0f0f0; }
+  td.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+  .status-published { color: #1a7f37; font-weight: 600; } .status-rejected { color: #b35900; font-weight: 600; }
+  .status-failed { color: #c62828; font-weight: 600; } .status-skipped { color: #666; font-weight: 600; }
+  .serving { background: #eef6ff; }
+  .tag { font-size: .8em; background: #1f77b4; color: #fff; border-radius: 3px; padding: 0 4px; }
+  ul.warnings { font-family: ui-monospace, monospace; font-size: .85em; padding-left: 1.2em; }
+  tr.per-class td { font-size: .92em; color: #444; padding-top: 0; }
+  tr.has-classes td { border-bottom: none; }
+  .class { margin-right: 2em; white-space: nowrap; }
+  td.why { min-width: 220px; }
+  details summary { cursor: pointer; }
+</style>
+</head>
+<body>
+<header>
+  <h1>YOLOv7 backend · dashboard</h1>
+  <span class="muted" id="updated">as of {{ data.generated_at_iso | replace("T", " ") | replace("Z", " UTC") }} · live (refreshes every {{ poll_ms // 1000 }} s)</span>
+</header>
+<p class="muted">Models learn from the annotations in Label Studio: each training run reads every annotated task,
+fine-tunes the model serving the project, measures it on the validation images (about 20% of the annotated tasks,
+always the same ones) and publishes it only when it is not worse than the model serving. Backend class:
+{{ model_class }}.</p>
+
+<section id="queue">
+<h2>Training queue</h2>
+{% set q = data.queue %}
+{% if q %}
+<div class="card facts">
+  <span>Redis: <b id="q-redis">{{ q.redis }}</b></span>
+  <span>workers: <b id="q-workers">{{ q.workers if q.workers is not none else "–" }}</b></span>
+  <span>running: <b id="q-started">{{ q.started if q.started is not none else "–" }}</b></span>
+  <span>waiting: <b id="q-queued">{{ q.queued if q.queued is not none else "–" }}</b></span>
+  <span>requests merged into a waiting job: <b id="q-coalesced">{{ q.coalesced or 0 }}</b></span>
+  <span>saved while Redis was down: <b id="q-pending">{{ q.pending_requests or 0 }}</b></span>
+  <span>finished: <b id="q-finished">{{ q.finished if q.finished is not none else "–" }}</b></span>
+  <span>failed: <b id="q-failed">{{ q.failed if q.failed is not none else "–" }}</b></span>
+</div>
+{% else %}
+<p class="card">This server has no training queue (it was started without one), so it only predicts.</p>
+{% endif %}
+</section>
+
+{% if not projects %}
+<h2>No project yet</h2>
+<p class="card">Connect this backend to a Label Studio project (Settings → Model → Connect Model). Projects show up
+here after their first prediction or training.</p>
+{% endif %}
+
+{% for p in projects %}
+<section class="project" id="project-{{ p.project }}" data-project="{{ p.project }}" data-stamp="{{ p.stamp }}">
+<h2>Project {{ p.project }} — serving <span id="serving-{{ p.project }}">{{ p.serving_version or "no model" }}</span></h2>
+{% if p.serving_note %}<p class="muted">{{ p.serving_note }}</p>{% endif %}
+
+<h3>Current training job</h3>
+{% set j = p.job %}
+<div class="card job" id="job-{{ p.project }}">
+  <div class="facts">
+    <span>job: <b class="job-id">{{ j.job if j else "none yet" }}</b></span>
+    <span>state: <b class="job-status">{{ j.status if j else "–" }}</b></span>
+    <span>phase: <b class="job-phase">{{ j.phase if j and j.phase else "–" }}</b></span>
+    <span>epoch: <b class="job-epoch">{% if j and j.epoch %}{{ j.epoch }} of {{ j.epochs }}{% else %}–{% endif %}</b></span>
+    <span>loss: <b class="job-loss">{{ num(j.loss, 4) if j else "–" }}</b></span>
+    <span>time left: <b class="job-eta">{{ ("about " ~ duration(j.eta_seconds)) if j and j.eta_seconds is not none else "–" }}</b></span>
+  </div>
+  {% set pct = ((j.fraction or 0) * 100) if j else 0 %}
+  <div class="progress"><div class="bar" role="progressbar" aria-label="training progress" aria-valuemin="0"
+       aria-valuemax="100" aria-valuenow="{{ pct | round(1) }}"><div class="fill" style="width: {{ pct | round(1) }}%"></div></div>
+    <b class="job-percent">{{ pct | round(1) }} %</b></div>
+  <div class="muted job-message">{% if j and j.error %}error: {{ j.error }}{% elif j and j.message %}{{ j.message }}{% elif not j %}Training starts when an annotation is submitted in Label Studio with “Start model training on annotation submission” on (or with “Start Training”).{% endif %}</div>
+</div>
+
+<div class="charts">
+  <div>{{ p.curve_svg | safe }}</div>
+  <div>{{ p.per_class_svg | safe }}</div>
+</div>
+
+<h3>Versions and training runs (newest first)</h3>
+<p class="muted">mAP@0.5 and mAP@0.5:0.95: how well the predicted boxes match the labelled ones on the validation
+images (0–1, higher is better; 0.5:0.95 also asks for tight boxes). P and R at {{ threshold }}: of the boxes shown
+to annotators (confidence ≥ {{ threshold }}), the share that is right (precision), and the share of labelled boxes
+found (recall). Images: annotated images trained and validated on, with boxes (positives) and without (negatives).</p>
+<div class="table-wrap"><table class="versions" id="versions-{{ p.project }}">
+<thead><tr><th>version</th><th>outcome and why</th><th>trained from</th><th>created (UTC)</th>
+<th>images (pos / neg)</th><th>train / val</th><th>train time</th><th>mAP@0.5</th><th>mAP@0.5:0.95</th>
+<th>P@{{ threshold }}</th><th>R@{{ threshold }}</th></tr></thead>
+<tbody>
+{% for v in p.versions %}
+{% set m = v.metrics or {} %}
+<tr class="{{ 'serving' if v.serving else '' }}{{ ' has-classes' if m.per_class else '' }}">
+  <td class="name">{{ v.name or "(not published)" }}{% if v.serving %} <span class="tag">serving</span>{% endif %}{% if v.job %}<br><span class="muted">job {{ v.job }}</span>{% endif %}</td>
+  <td class="why"><span class="status-{{ v.status }}">{{ v.status }}</span>{% if v.reason %}: {{ v.reason }}{% endif %}</td>
+  <td class="name">{{ v.parent or ("random init" if v.untrained else "–") }}</td>
+  <td class="n">{{ (v.created_iso or "–").replace("T", " ").replace("Z", "") }}</td>
+  <td class="n">{% if v.images is not none %}{{ v.images }} ({{ v.positives if v.positives is not none else "?" }} / {{ v.negatives if v.negatives is not none else "?" }}){% else %}–{% endif %}</td>
+  <td class="n">{% if v.train_images is not none %}{{ v.train_images }} / {{ v.val_images }}{% else %}–{% endif %}</td>
+  <td class="n">{{ duration(v.train_seconds) }}</td>
+  <td class="n">{{ num(m.map50) }}</td><td class="n">{{ num(m.map) }}</td>
+  <td class="n">{{ num(m.precision) }}</td><td class="n">{{ num(m.recall) }}</td>
+</tr>
+{% if m.per_class %}
+<tr class="per-class {{ 'serving' if v.serving else '' }}"><td></td><td colspan="10">per class: {% for c in m.per_class %}<span class="class"><b>{{ c.name }}</b> {% if c.instances %}mAP@0.5 {{ num(c.map50) }} · mAP@0.5:0.95 {{ num(c.map) }} · P {{ num(c.precision, 2) }} · R {{ num(c.recall, 2) }} ({{ c.instances }} boxes){% else %}no boxes among the validation images{% endif %}</span>{% endfor %}</td></tr>
+{% endif %}
+{% else %}
+<tr><td colspan="11">Nothing trained or published yet.</td></tr>
+{% endfor %}
+</tbody>
+</table></div>
+
+{% if p.job_warnings %}
+<h3>Warnings of the last training job</h3>
+<ul class="warnings">{% for line in p.job_warnings %}<li>{{ line }}</li>{% endfor %}</ul>
+{% endif %}
+</section>
+{% endfor %}
+
+<section id="warnings">
+<h2>Last warnings of this server</h2>
+{% if data.warnings %}
+<ul class="warnings">{% for w in data.warnings %}<li>{{ w.time_iso }} {{ w.level }} {{ w.logger }}: {{ w.message }}</li>{% endfor %}</ul>
+{% else %}
+<p class="muted">None since the server started (images that cannot be read, refused Label Studio keys and other
+problems show up here).</p>
+{% endif %}
+</section>
+
+<p class="muted">The same numbers as JSON: <a href="status">/status</a>, <a href="versions">/versions</a>
+(?project=&lt;id&gt;); Prometheus: <a href="prometheus">/prometheus</a>.</p>
+
+<script nonce="{{ nonce }}">
+"use strict";
+(function () {
+  function duration(s) {
+    if (s === null || s === undefined) return "–";
+    s = Math.round(s);
+    if (s < 60) return s + " s";
+    var m = Math.floor(s / 60); s = s % 60;
+    if (m < 60) return m + " min " + String(s).padStart(2, "0") + " s";
+    return Math.floor(m / 60) + " h " + String(m % 60).padStart(2, "0") + " min";
+  }
+  function num(v, digits) { return (v === null || v === undefined) ? "–" : v.toFixed(digits); }
+  function set(root, selector, value) {
+    var el = root.querySelector(selector);
+    if (el && el.textContent !== String(value)) el.textContent = value;
+  }
+  function showJob(section, job) {
+    var card = section.querySelector(".job");
+    if (!card || !job) return;
+    set(card, ".job-id", job.job || "none yet");
+    set(card, ".job-status", job.status || "–");
+    set(card, ".job-phase", job.phase || "–");
+    set(card, ".job-epoch", job.epoch ? job.epoch + " of " + job.epochs : "–");
+    set(card, ".job-loss", num(job.loss, 4));
+    set(card, ".job-eta", job.eta_seconds === null ? "–" : "about " + duration(job.eta_seconds));
+    set(card, ".job-message", job.error ? "error: " + job.error : (job.message || ""));
+    var pct = Math.round((job.fraction || 0) * 1000) / 10;
+    var bar = card.querySelector(".bar");
+    bar.setAttribute("aria-valuenow", String(pct));
+    bar.querySelector(".fill").style.width = pct + "%";
+    set(card, ".job-percent", pct + " %");
+  }
+  function showQueue(queue) {
+    if (!queue) return;
+    ["redis", "workers", "started", "queued", "coalesced", "finished", "failed"].forEach(function (key) {
+      var el = document.getElementById("q-" + key);
+      if (el && queue[key] !== undefined && queue[key] !== null) el.textContent = queue[key];
+    });
+    var pending = document.getElementById("q-pending");
+    if (pending) pending.textContent = queue.pending_requests || 0;
+  }
+  function poll() {
+    fetch("status", {headers: {"Accept": "application/json"}, cache: "no-store", credentials: "same-origin"})
+      .then(function (response) {
+        if (!response.ok) throw new Error("HTTP " + response.status);
+        return response.json();
+      })
+      .then(function (data) {
+        var changed = false;
+        data.projects.forEach(function (project) {
+          var section = document.querySelector('section[data-project="' + project.project + '"]');
+          if (!section) return;
+          if (section.getAttribute("data-stamp") !== project.stamp) changed = true;
+          showJob(section, project.job);
+        });
+        showQueue(data.queue);
+        document.getElementById("updated").textContent =
+          "as of " + data.generated_at_iso.replace("T", " ").replace("Z", " UTC") + " · live (refreshes every {{ poll_ms // 1000 }} s)";
+        // A new version or run: draw the table and the charts again (they are drawn on the server).
+        if (changed) window.location.reload();
+        else window.setTimeout(poll, {{ poll_ms }});
+      })
+      .catch(function (error) {
+        document.getElementById("updated").textContent = "server not answering (" + error.message + "); retrying";
+        window.setTimeout(poll, {{ poll_ms * 2 }});
+      });
+  }
+  window.setTimeout(poll, {{ poll_ms }});
+})();
+</script>
+</body>
+</html>
+"""

@@ -1,0 +1,299 @@
+"""What the dashboard shows, as plain JSON-ready dicts: per project the versions and training runs with their
+metrics, the learning curve, the current job with its progress; the training queue; the last warnings.
+
+The same dicts feed the HTML page (``dashboard.py``), ``GET /status`` and the ``details`` of ``GET /versions``,
+so every number on the page is also available to scripts. Read from the registry (``meta.json`` of each
+published version), the run history (``jobs/history.py``), the RQ job meta (through ``BackendContext.training``)
+and this process's log. Nothing here imports torch or loads a model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any, Optional
+
+from ..jobs.history import finite, read_runs
+from ..labelstudio.config import LabelConfigError, find_rectangle_target, parse_label_config
+from ..registry import ModelVersion, Registry, RegistryError
+from ..settings import Settings
+from .model_holder import NoModelError
+
+log = logging.getLogger(__name__)
+
+WARNINGS_KEPT = 50
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The last warnings of this process
+# --------------------------------------------------------------------------------------------------------------
+
+class RecentWarnings(logging.Handler):
+    """Keeps the last WARNINGS_KEPT WARNING/ERROR log records of the process (failed images, refused keys, ...)."""
+
+    def __init__(self, capacity: int = WARNINGS_KEPT):
+        super().__init__(logging.WARNING)
+        self.records: deque[dict] = deque(maxlen=capacity)
+        self._records_lock = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            entry = {"time": record.created, "time_iso": _iso(record.created), "level": record.levelname, "logger": record.name,
+                     "message": record.getMessage()}
+        except Exception:  # a bad format string must not break logging
+            return
+        with self._records_lock:
+            self.records.append(entry)
+
+    def last(self, count: int = 20) -> list[dict]:
+        with self._records_lock:
+            return list(self.records)[-count:][::-1]
+
+
+_recent_warnings: Optional[RecentWarnings] = None
+_install_lock = threading.Lock()
+
+
+def recent_warnings() -> RecentWarnings:
+    """The process's one warnings handler, attached to the root logger on first use."""
+    global _recent_warnings
+    with _install_lock:
+        if _recent_warnings is None:
+            _recent_warnings = RecentWarnings()
+            logging.getLogger().addHandler(_recent_warnings)
+        return _recent_warnings
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Versions and runs
+# --------------------------------------------------------------------------------------------------------------
+
+def metrics_summary(metrics: Optional[dict]) -> Optional[dict]:
+    """The validation numbers of a run: mAP@0.5, mAP@0.5:0.95, precision and recall at the serving threshold,
+    overall and per class (a class without validation boxes has None, not 0)."""
+    if not isinstance(metrics, dict):
+        return None
+    per_class = []
+    for item in metrics.get("per_class") or []:
+        if isinstance(item, dict):
+            per_class.append({"name": item.get("name"), "instances": item.get("instances"),
+                              "map50": item.get("ap50"), "map": item.get("ap"),
+                              "precision": item.get("precision"), "recall": item.get("recall")})
+    return finite({"map50": metrics.get("map50"), "map": metrics.get("map"), "precision": metrics.get("precision"),
+                   "recall": metrics.get("recall"), "serve_conf": metrics.get("serve_conf"),
+                   "images": metrics.get("images"), "instances": metrics.get("instances"), "per_class": per_class})
+
+
+def _images(count: Optional[int], negatives: Optional[int]) -> dict:
+    positives = count - negatives if isinstance(count, int) and isinstance(negatives, int) else None
+    return {"images": count, "positives": positives, "negatives": negatives}
+
+
+def _iso(epoch: Optional[float]) -> Optional[str]:
+    if not isinstance(epoch, (int, float)):
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def version_entry(version: ModelVersion, project_id: Optional[int]) -> dict:
+    """One published version from its meta.json."""
+    meta = version.meta()
+    untrained = bool(meta.get("untrained"))
+    return {"name": version.name, "project": project_id, "status": "published", "in_registry": True,
+            "reason": meta.get("note") if untrained else meta.get("decision"), "parent": meta.get("parent"),
+            "created": meta.get("created"), "created_iso": _iso(meta.get("created")), "job": meta.get("job"),
+            **_images(meta.get("annotations"), meta.get("negatives")),
+            "train_images": meta.get("train_images"), "val_images": meta.get("val_images"),
+            "train_seconds": meta.get("train_seconds"), "untrained": untrained,
+            "metrics": metrics_summary(meta.get("metrics")),
+            "baseline_metrics": metrics_summary(meta.get("baseline_metrics"))}
+
+
+def run_entry(run: dict, project_id: int) -> dict:
+    """One run from the history (a rejected, failed or skipped run, or a published version since pruned)."""
+    return {"name": run.get("version"), "project": project_id, "status": run.get("outcome"), "in_registry": False,
+            "reason": run.get("reason"), "parent": run.get("parent"), "created": run.get("time"),
+            "created_iso": _iso(run.get("time")), "job": run.get("job"),
+            **_images(run.get("images"), run.get("negatives")),
+            "train_images": run.get("train_images"), "val_images": run.get("val_images"),
+            "train_seconds": run.get("train_seconds") or run.get("job_seconds"), "untrained": False,
+            "metrics": metrics_summary(run.get("metrics")),
+            "baseline_metrics": metrics_summary(run.get("baseline_metrics"))}
+
+
+def registries(settings: Settings, project_id: Optional[int]) -> list[tuple[Optional[int], Registry]]:
+    """(project id, registry) pairs to list for ``project_id``; every project's and MODEL_DIR's for None."""
+    if project_id is not None:
+        return [(project_id, Registry.for_project(settings.model_dir, project_id)),
+                (None, Registry(settings.model_dir))]
+    found: list[tuple[Optional[int], Registry]] = [(int(r.root.name), r) for r in Registry.all_projects(settings.model_dir)]
+    return found + [(None, Registry(settings.model_dir))]
+
+
+def project_entries(settings: Settings, project_id: int) -> list[dict]:
+    """The project's versions and runs, newest first: every published version still in the registry, and every
+    run of the history that is not one of them (rejected, failed, nothing to train on, or pruned since)."""
+    published = {v.name: version_entry(v, project_id)
+                 for v in Registry.for_project(settings.model_dir, project_id).versions()}
+    entries = list(published.values())
+    for run in read_runs(settings.model_dir, project_id):
+        if run.get("outcome") == "published" and run.get("version") in published:
+            entry = published[run["version"]]
+            entry["job_seconds"] = run.get("job_seconds")
+            continue
+        entry = run_entry(run, project_id)
+        if run.get("outcome") == "published":
+            entry["reason"] = f"{run.get('reason')}; since removed (KEEP_VERSIONS={settings.keep_versions})"
+        entries.append(entry)
+    return sorted(entries, key=lambda e: e.get("created") or 0, reverse=True)
+
+
+def learning_curve(entries: list[dict]) -> list[dict]:
+    """Validation mAP against the number of annotated images each trained run used, oldest first."""
+    points = []
+    for entry in sorted(entries, key=lambda e: e.get("created") or 0):
+        metrics = entry.get("metrics") or {}
+        if entry.get("images") is None or metrics.get("map50") is None:
+            continue
+        points.append({"images": entry["images"], "map50": metrics["map50"], "map": metrics.get("map"),
+                       "status": entry["status"], "name": entry.get("name"), "created_iso": entry["created_iso"]})
+    return points
+
+
+def version_details(settings: Settings, project_id: Optional[int], names: list[str]) -> list[dict]:
+    """Per-version metrics for ``GET /versions``: one entry per name, in the same order (a checkpoint served
+    from MODEL_PATH has no metrics)."""
+    by_name: dict[str, dict] = {}
+    for pid, registry in registries(settings, project_id):
+        for version in registry.versions():
+            by_name.setdefault(version.name, version_entry(version, pid))
+    return [by_name.get(name, {"name": name, "status": "checkpoint", "in_registry": False, "metrics": None})
+            for name in names]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The current job
+# --------------------------------------------------------------------------------------------------------------
+
+def job_progress(job: Optional[dict], now: Optional[float] = None) -> Optional[dict]:
+    """A job's state for people: phase, epoch of total, loss, a fraction done (0..1, None when unknown), ETA.
+
+    Training is the part that takes time, so the fraction is epochs (and iterations inside the current epoch)
+    done of those planned; while images download it is images of total. The ETA extrapolates the time the
+    training phase has taken so far.
+    """
+    if not job:
+        return None
+    progress = job.get("progress") if isinstance(job.get("progress"), dict) else {}
+    phase, status = job.get("phase"), job.get("status")
+    fraction: Optional[float] = None
+    epoch, epochs = progress.get("epoch"), progress.get("epochs")
+    known_epochs = isinstance(epoch, (int, float)) and isinstance(epochs, (int, float)) and epochs > 0
+    if phase == "training" and known_epochs:
+        iteration, iterations = progress.get("iteration"), progress.get("iterations")
+        within = (iteration + 1) / iterations if isinstance(iteration, int) and iterations else 0.0
+        fraction = (max(0, epoch - 1) + min(1.0, within)) / epochs
+    elif phase == "evaluating" and known_epochs:  # validation after epoch `epoch` (1-based) of training
+        fraction = epoch / epochs
+    elif phase == "downloading" and progress.get("total"):
+        fraction = progress.get("images", 0) / progress["total"]
+    elif phase in ("evaluating", "trained", "publishing", "syncing label studio"):
+        fraction = 1.0  # the training itself is over
+    if status == "finished" or phase == "done":
+        fraction = 1.0
+    eta = None
+    elapsed = progress.get("elapsed")
+    if phase == "training" and fraction and 0 < fraction < 1 and isinstance(elapsed, (int, float)):
+        eta = elapsed * (1 - fraction) / fraction
+    return finite({"job": job.get("job"), "status": status, "phase": phase, "epoch": epoch, "epochs": epochs,
+                   "loss": progress.get("loss"), "images": progress.get("images"), "total": progress.get("total"),
+                   "message": progress.get("message"), "fraction": None if fraction is None else min(1.0, fraction),
+                   "eta_seconds": None if eta is None else round(eta, 1),
+                   "started_at": job.get("started_at"), "ended_at": job.get("ended_at"),
+                   "enqueued_at": job.get("enqueued_at"), "error": job.get("error"),
+                   "coalesced_requests": job.get("coalesced_requests"),
+                   "result_version": (job.get("result") or {}).get("model_version")
+                   if isinstance(job.get("result"), dict) else None})
+
+
+def job_warnings(job: Optional[dict]) -> list[str]:
+    """WARNING and ERROR lines of the job's log tail (the worker's warnings live there, not in this process)."""
+    lines = (job or {}).get("log_tail") or []
+    return [line for line in lines if isinstance(line, str) and ("[WARNING]" in line or "[ERROR]" in line)]
+
+
+def current_job(context, project_id: int) -> tuple[Optional[dict], dict]:
+    """(the project's running or last job with its progress, the raw /is_training answer)."""
+    if context.training is None:
+        return None, {"is_training": False, "job": None}
+    training = context.training.status(project_id)
+    job_id = training.get("job")
+    job = context.training.job_status(job_id) if job_id else None
+    return job, training
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Everything for one project, and for the page
+# --------------------------------------------------------------------------------------------------------------
+
+def serving_version(context, project_id: Optional[int]) -> tuple[Optional[str], Optional[str]]:
+    """(the version the project's predictions carry now, or None; why None)."""
+    labels: tuple = ()
+    config = context.label_configs.get(project_id)
+    if config:
+        try:
+            labels = tuple(find_rectangle_target(parse_label_config(config), context.settings.from_name).labels)
+        except LabelConfigError:
+            labels = ()
+    try:
+        version = context.models.version(project_id, labels)
+    except (NoModelError, RegistryError) as exc:
+        return None, str(exc)
+    return version, None if version else "no model yet: nothing is published and MODEL_PATH is not set"
+
+
+def known_projects(context) -> list[int]:
+    """Projects with a registry folder (a version or a run history) or seen in a /setup of this process."""
+    folder = context.settings.model_dir
+    ids = {int(r.root.name) for r in Registry.all_projects(folder)}
+    ids.update(pid for pid in context.label_configs if isinstance(pid, int))
+    return sorted(ids)
+
+
+def project_status(context, project_id: int) -> dict:
+    entries = project_entries(context.settings, project_id)
+    serving, why = serving_version(context, project_id)
+    for entry in entries:
+        entry["serving"] = entry.get("name") is not None and entry.get("name") == serving
+    job, training = current_job(context, project_id)
+    # Changes when a version or run is added or the serving version changes: the page then reloads.
+    stamp = f"{len(entries)}:{entries[0].get('created') if entries else 0}:{serving}"
+    return {"project": project_id, "serving_version": serving, "serving_note": why, "stamp": stamp,
+            "versions": entries,
+            "learning_curve": learning_curve(entries), "job": job_progress(job),
+            "job_warnings": job_warnings(job), "is_training": bool(training.get("is_training")),
+            "waiting_job": training.get("waiting_job"), "pending_requests": training.get("pending_requests", 0),
+            "redis": training.get("redis", "up" if context.training is not None else None)}
+
+
+def queue_status(context) -> Optional[dict]:
+    """The training queue: Redis reachable, workers, jobs queued / running / finished / failed, requests
+    coalesced by this process, requests saved while Redis was down."""
+    if context.training is None:
+        return None
+    metrics = context.training.metrics()
+    keep = ("redis", "workers", "queued", "started", "finished", "failed", "pending_requests", "requests",
+            "enqueued", "coalesced", "ignored", "queue")
+    return {k: metrics.get(k) for k in keep if k in metrics}
+
+
+def status(context, project_id: Optional[int] = None) -> dict:
+    """``GET /status``: the whole dashboard as JSON (one project, or every known project)."""
+    projects = [project_id] if project_id is not None else known_projects(context)
+    return {"generated_at": time.time(), "generated_at_iso": _iso(time.time()),
+            "serve_threshold": context.settings.model_score_threshold,
+            "projects": [project_status(context, pid) for pid in projects],
+            "queue": queue_status(context), "warnings": recent_warnings().last()}
+
