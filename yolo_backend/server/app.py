@@ -20,20 +20,26 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import threading
 import time
 from typing import Any, Optional
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ..labelstudio.config import LabelConfigError, find_rectangle_target, parse_label_config
+from ..labelstudio.results import is_failed_prediction
 from ..registry import RegistryError
 from ..settings import Settings
 from .base import NO_MODEL_VERSION, BackendContext, LabelStudioMLBase, parse_project_id
 from .model_holder import NoModelError
 
 log = logging.getLogger(__name__)
+
+
+# How long a /predict waits for a free slot before answering 503 (smooths bursts without holding threads long).
+PREDICT_SLOT_WAIT_S = 1.0
 
 
 class BadRequest(ValueError):
@@ -50,6 +56,8 @@ def _json_body(required: bool = True) -> dict:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("the request body is nested too deeply to be a Label Studio request") from None
     if not isinstance(body, dict):
         raise BadRequest(f"the request body must be a JSON object, got {type(body).__name__}")
     return body
@@ -60,6 +68,21 @@ def _project_id(value: Any) -> Optional[int]:
         return parse_project_id(value)
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
+
+
+# RQ job ids as the queue makes them (train-<project>-<hex>), or any id without path or control characters.
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+
+
+def _job_id(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise BadRequest("'job' must be a job id string")
+    job = str(value)
+    if not _JOB_ID.match(job) or ".." in job:
+        raise BadRequest(f"'job' {job[:80]!r} is not a job id (a job id looks like train-3-1a2b3c4d5e6f)")
+    return job
 
 
 def _validate_tasks(tasks: Any) -> list[dict]:
@@ -78,7 +101,8 @@ class _Counters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.values: dict[str, float] = {"requests": 0, "predict_requests": 0, "tasks_predicted": 0,
-                                         "errors": 0, "last_predict_seconds": 0.0}
+                                         "tasks_failed": 0, "predict_busy": 0, "errors": 0,
+                                         "last_predict_seconds": 0.0}
 
     def add(self, **amounts: float) -> None:
         with self._lock:
@@ -112,6 +136,9 @@ def create_app(backend_class: Optional[type[LabelStudioMLBase]] = None, settings
     settings = context.settings
     app = Flask(__name__)
     app.json.sort_keys = False  # keep Label Studio's field order readable in logs
+    app.config["MAX_CONTENT_LENGTH"] = int(settings.max_request_mb * 1024 * 1024)
+    # Predictions wait on downloads and the CPU; bounding them keeps threads free for /health and /setup.
+    predict_slots = threading.BoundedSemaphore(settings.max_concurrent_predicts)
     app.extensions["ml_backend"] = {"context": context, "backend_class": backend_class}
     counters = _Counters()
     from .dashboard import PredictMetrics, register_dashboard, version_details  # prometheus-client: only to serve
@@ -168,6 +195,13 @@ def create_app(backend_class: Optional[type[LabelStudioMLBase]] = None, settings
         log.error("503 %s %s: %s", request.method, request.path, exc)
         return _error(503, str(exc))
 
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(exc: RequestEntityTooLarge):
+        log.warning("413 %s %s: body of %s bytes is larger than MAX_REQUEST_MB=%g", request.method, request.path,
+                    request.content_length, settings.max_request_mb)
+        return _error(413, f"the request body is larger than MAX_REQUEST_MB={settings.max_request_mb:g} MiB; send "
+                           "fewer tasks at once or raise MAX_REQUEST_MB")
+
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
         return _error(exc.code or 500, f"{exc.name}: {exc.description}")
@@ -214,6 +248,18 @@ def create_app(backend_class: Optional[type[LabelStudioMLBase]] = None, settings
 
     @app.post("/predict")
     def predict():
+        if not predict_slots.acquire(timeout=PREDICT_SLOT_WAIT_S):
+            counters.add(predict_busy=1)
+            log.warning("503 /predict: %d predictions already running (MAX_CONCURRENT_PREDICTS)",
+                        settings.max_concurrent_predicts)
+            return _error(503, f"busy: {settings.max_concurrent_predicts} predictions are already running "
+                               "(MAX_CONCURRENT_PREDICTS); try again in a moment")
+        try:
+            return _predict()
+        finally:
+            predict_slots.release()
+
+    def _predict():
         started = time.perf_counter()
         body = _json_body()
         tasks = _validate_tasks(body.get("tasks"))
@@ -232,11 +278,13 @@ def create_app(backend_class: Optional[type[LabelStudioMLBase]] = None, settings
         predict_metrics.predicted(results)
         version = backend.model_version
         elapsed = time.perf_counter() - started
-        counters.add(predict_requests=1, tasks_predicted=len(tasks))
+        failed = sum(1 for item in results if is_failed_prediction(item))
+        counters.add(predict_requests=1, tasks_predicted=len(tasks) - failed, tasks_failed=failed)
         counters.set(last_predict_seconds=round(elapsed, 4))
-        log.info("predicted %d task(s) for project %s with %s in %.2f s", len(tasks), project_id, version, elapsed)
+        log.info("predicted %d task(s) for project %s with %s in %.2f s%s", len(tasks) - failed, project_id, version,
+                 elapsed, f"; {failed} without prediction (image not available, see above)" if failed else "")
         # Label Studio stores these after our reply; then the project's version can be switched to ours.
-        if version != NO_MODEL_VERSION:
+        if version != NO_MODEL_VERSION and failed < len(tasks):
             context.version_sync.request(project_id, version)
         return jsonify(results=results, model_version=version)
 
@@ -287,11 +335,9 @@ def create_app(backend_class: Optional[type[LabelStudioMLBase]] = None, settings
     @app.route("/job_status", methods=["GET", "POST"])
     def job_status():
         body = _json_body(required=False) if request.method == "POST" else {}
-        job = body.get("job", request.args.get("job"))
-        if job is not None and not isinstance(job, (str, int)):
-            raise BadRequest("'job' must be a job id string")
+        job = _job_id(body.get("job", body.get("job_id", request.args.get("job"))))
         backend = make_backend(project_id=_project_id(body.get("project", request.args.get("project"))))
-        return jsonify(backend.job_status(None if job is None else str(job)))
+        return jsonify(backend.job_status(job))
 
     @app.get("/metrics")
     def metrics():
