@@ -89,3 +89,119 @@ def test_scores_stay_in_range():
         n = int(rng.integers(0, 6))
         s = task_score(dets(rng.random(n), rng.random((n, 2))), "uncertainty", T, 0.05)
         assert 0.0 <= s <= 1.0
+
+
+# --- aggregations over boxes, objectness ----------------------------------------------------------------------
+
+from yolo_backend.active_learning import (  # noqa: E402  (the new strategies, tested on hand-made boxes)
+    aggregate_score,
+    objectness_score,
+    outcome_distribution,
+    per_box_uncertainty,
+    select_diverse_lowest,
+    select_k_center,
+    select_lowest,
+    select_random,
+)
+
+
+def boxes_with(objectness, class_probs):
+    """Detections whose confidence is objectness x best class probability, as the detector reports them."""
+    obj = np.asarray(objectness, np.float32)
+    probs = np.asarray(class_probs, np.float32).reshape(len(obj), -1)
+    scores = obj * probs.max(axis=1)
+    n = len(obj)
+    return Detections(np.tile(np.array([[0, 0, 10, 10]], np.float32), (n, 1)), scores, probs.argmax(1),
+                      obj, probs, 100, 100, ("fire", "smoke"))
+
+
+def test_outcome_distribution_adds_background_and_sums_to_one():
+    q = outcome_distribution(np.array([[0.6, 0.2]]), np.array([0.8]))
+    assert q.shape == (1, 3)
+    assert q.sum() == pytest.approx(1.0)
+    assert q[0, 2] == pytest.approx(0.2 / 1.0)  # background 1 - 0.8 against class scores 0.6 + 0.2
+
+
+def test_per_box_margin_and_entropy_rank_doubtful_boxes_higher():
+    sure = per_box_uncertainty(np.array([0.99]), np.array([[0.99, 0.01]]), "margin")[0]
+    torn = per_box_uncertainty(np.array([0.9]), np.array([[0.5, 0.5]]), "margin")[0]
+    assert torn > sure
+    flat = per_box_uncertainty(np.array([2 / 3]), np.array([[0.5, 0.5]]), "entropy")[0]  # 1/3 each outcome
+    assert flat == pytest.approx(1.0)
+    assert per_box_uncertainty(np.array([0.99]), np.array([[0.99, 0.01]]), "entropy")[0] < 0.2
+    with pytest.raises(ValueError):
+        per_box_uncertainty(np.array([0.5]), np.array([[0.5, 0.5]]), "variance")
+
+
+def test_sum_counts_every_doubtful_box_mean_does_not():
+    one = boxes_with([0.5], [[0.5, 0.5]])
+    three = boxes_with([0.5, 0.5, 0.5], [[0.5, 0.5]] * 3)
+    assert score(three, "entropy_sum") < score(one, "entropy_sum")      # more to learn: label first
+    assert score(three, "entropy_mean") == pytest.approx(score(one, "entropy_mean"))
+    assert score(three, "margin_sum") < score(one, "margin_sum")
+    assert aggregate_score(np.array([1.0, 1.0]), "sum") == pytest.approx(1 / 3)
+    assert aggregate_score(np.array([0.2, 0.4]), "mean") == pytest.approx(0.7)
+
+
+def test_new_scores_put_empty_images_last_like_uncertainty():
+    empty = dets([])
+    doubtful = boxes_with([0.3], [[0.6, 0.4]])
+    for strategy in ("margin_sum", "margin_mean", "entropy_sum", "entropy_mean", "objectness"):
+        assert score(empty, strategy) == 1.0
+        assert score(doubtful, strategy) < score(empty, strategy), strategy
+
+
+def test_objectness_score_ignores_the_class():
+    torn_class = boxes_with([0.95], [[0.5, 0.5]])
+    sure_class = boxes_with([0.95], [[0.99, 0.01]])
+    unsure_object = boxes_with([0.5], [[0.99, 0.01]])
+    assert score(torn_class, "objectness") == pytest.approx(score(sure_class, "objectness"))
+    assert score(unsure_object, "objectness") < score(sure_class, "objectness")
+    assert objectness_score(np.array([0.5])) == pytest.approx(0.5)  # one bit of doubt: 1 / (1 + 1)
+
+
+# --- batch selection ------------------------------------------------------------------------------------------
+
+def test_select_lowest_is_label_studios_order():
+    assert select_lowest([10, 11, 12, 13], [0.9, 0.1, 0.5, 0.1], 3) == [11, 13, 12]
+
+
+def test_select_lowest_with_clusters_takes_the_least_solved_cluster_first():
+    candidates = [1, 2, 3, 4, 5]
+    scores = [0.1, 0.2, 0.3, 0.8, 0.9]
+    clusters = [0, 0, 0, 1, 2]
+    # nothing solved: cluster 0's best, then clusters 1 and 2 (fewest labelled), then cluster 0 again
+    assert select_lowest(candidates, scores, 4, clusters, {}) == [1, 4, 5, 2]
+    # clusters 1 and 2 already hold 2 labels each: cluster 0 first until it holds 2, then the tie goes to the
+    # lower score (cluster 0's 0.3 before cluster 1's 0.8)
+    assert select_lowest(candidates, scores, 4, clusters, {1: 2, 2: 2}) == [1, 2, 3, 4]
+
+
+def test_select_random_is_deterministic_per_seed_and_never_repeats():
+    a = select_random(range(100), 10, np.random.default_rng(3))
+    b = select_random(range(100), 10, np.random.default_rng(3))
+    c = select_random(range(100), 10, np.random.default_rng(4))
+    assert a == b and a != c and len(set(a)) == 10
+    assert sorted(select_random([5, 6], 10, np.random.default_rng(0))) == [5, 6]
+
+
+def test_k_center_skips_near_duplicates():
+    # two near-identical images (1, 2), and two distinct ones (3, 4); one labelled image near 1 and 2
+    embeddings = np.array([[1.0, 0.0, 0.0], [0.99, 0.01, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    labelled = np.array([[1.0, 0.05, 0.0]])
+    picked = select_k_center([1, 2, 3, 4], embeddings, labelled, 2)
+    assert sorted(picked) == [3, 4]
+    # with nothing labelled, the first pick is the farthest from the mean and a near-duplicate comes last
+    order = select_k_center([1, 2, 3, 4], embeddings, np.zeros((0, 3)), 4)
+    assert order[-1] in (1, 2) and set(order) == {1, 2, 3, 4}
+
+
+def test_diverse_lowest_takes_doubtful_images_but_not_two_copies_of_one():
+    embeddings = np.array([[1.0, 0.0], [1.0, 0.001], [0.0, 1.0], [0.7, 0.7]])
+    scores = [0.1, 0.11, 0.2, 0.95]  # 1 and 2 are copies of one doubtful photo; 4 is sure
+    picked = select_diverse_lowest([1, 2, 3, 4], scores, embeddings, np.zeros((0, 2)), 2, shortlist_factor=2)
+    assert sorted(picked) in ([1, 3], [2, 3])
+    # the shortlist bounds it: with only the k lowest to choose from, diversity cannot help
+    assert sorted(select_diverse_lowest([1, 2, 3, 4], scores, embeddings, np.zeros((0, 2)), 2,
+                                        shortlist_factor=1)) == [1, 2]
+    assert select_lowest([1, 2, 3, 4], scores, 2) == [1, 2]  # what plain lowest-first would take

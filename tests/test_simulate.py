@@ -1,0 +1,243 @@
+"""The active-learning simulator: end to end on a tiny generated dataset (outputs, determinism by seed, resume after
+an interrupted round), and its pieces (strategy names, report numbers, clusters) on hand-made inputs."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from yolo_backend.settings import Settings
+from yolo_backend.simulate import SimConfig, Simulation, loop
+from yolo_backend.simulate.report import area_under_curve, labels_to_reach, mean_curve, report_markdown
+from yolo_backend.simulate.scoring import neck_embedding
+from yolo_backend.simulate.strategies import parse_strategy
+
+SIZE = 64          # image side: training, scoring and test all at 64 px keep a round to about a second
+POOL_IMAGES = 14
+TEST_IMAGES = 4
+
+
+# --- a tiny dataset and a start checkpoint ---------------------------------------------------------------------
+
+def _write_split(root: Path, split: str, count: int, rng: np.random.Generator) -> None:
+    (root / "images" / split).mkdir(parents=True)
+    (root / "labels" / split).mkdir(parents=True)
+    for i in range(count):
+        image = np.full((SIZE, SIZE, 3), int(rng.integers(30, 90)), np.uint8)
+        lines = []
+        for _ in range(int(rng.integers(0, 3))):  # 0 boxes: a negative, as real pools hold
+            cls = int(rng.integers(0, 2))
+            w, h = rng.uniform(0.2, 0.4, size=2)
+            cx, cy = rng.uniform(0.25, 0.75, size=2)
+            x1, y1 = int((cx - w / 2) * SIZE), int((cy - h / 2) * SIZE)
+            x2, y2 = int((cx + w / 2) * SIZE), int((cy + h / 2) * SIZE)
+            colour = (230, 80, 20) if cls == 0 else (170, 170, 170)
+            cv2.rectangle(image, (x1, y1), (x2, y2), colour, -1)
+            lines.append(f"{cls} {cx:.4f} {cy:.4f} {w:.4f} {h:.4f}")
+        # Two variants per source photo, named the way Roboflow names augmented copies.
+        name = f"{i // 2:04d}_jpg.rf.{i:032x}"
+        cv2.imwrite(str(root / "images" / split / f"{name}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        (root / "labels" / split / f"{name}.txt").write_text("\n".join(lines))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    from yolo_backend.yolov7.untrained import build_untrained_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny-pool")
+    rng = np.random.default_rng(7)
+    _write_split(root, "train", POOL_IMAGES, rng)
+    _write_split(root, "val", TEST_IMAGES, rng)
+    (root / "data.yaml").write_text("train: images/train\nval: images/val\nnames: [fire, smoke]\n")
+    weights = build_untrained_checkpoint(root / "start.pt", ["fire", "smoke"])
+    return {"data": str(root / "data.yaml"), "weights": str(weights)}
+
+
+@pytest.fixture
+def one_thread(torch_one_thread):
+    yield
+
+
+def _settings() -> Settings:
+    return Settings.from_env(env={}, device="cpu", torch_threads=1, train_batch_size=4, predict_batch_size=4)
+
+
+def _config(tiny: dict, out: Path, **changes) -> SimConfig:
+    config = SimConfig(pool=tiny["data"], test=tiny["data"], weights=tiny["weights"], out=str(out),
+                       strategies=["random", "uncertainty+kcenter"], seeds=[0], initial=4, step=3, rounds=2,
+                       epochs=1, img_size=SIZE, serve_img_size=SIZE, progress="log")
+    return dataclasses.replace(config, **changes)
+
+
+def _curve(out: Path) -> list[dict]:
+    with open(out / "curves.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _labelled(out: Path, strategy: str, seed: int) -> list[int]:
+    state = loop.RunState.load(out / "runs" / f"{strategy.replace('+', '-')}-s{seed}" / "state.json")
+    return state.labelled
+
+
+TIMING = ("train_s", "score_s", "model_version")  # wall time and timestamped version names differ between runs
+
+
+def _without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny, tmp_path_factory) -> Path:
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp("sim-reference")
+        Simulation(_config(tiny, out), _settings()).run()
+    finally:
+        torch.set_num_threads(previous)
+    return out
+
+
+# --- end to end ----------------------------------------------------------------------------------------------
+
+def test_simulation_writes_curves_report_and_plot(reference_run):
+    rows = _curve(reference_run)
+    assert {r["strategy"] for r in rows} == {"random", "uncertainty+kcenter"}
+    for strategy in ("random", "uncertainty+kcenter"):
+        labels = [int(r["labels"]) for r in rows if r["strategy"] == strategy]
+        assert labels == [4, 7, 10]  # initial + 2 rounds of 3
+    assert all(0.0 <= float(r["map50"]) <= 1.0 and float(r["train_s"]) > 0 for r in rows)
+    # round 0 is the same random labels (and the same trained model) for every strategy of a seed
+    first = [r for r in rows if r["round"] == "0"]
+    assert len({(r["map50"], r["map50_95"]) for r in first}) == 1
+    assert _labelled(reference_run, "random", 0)[:4] == _labelled(reference_run, "uncertainty+kcenter", 0)[:4]
+    for strategy in ("random", "uncertainty+kcenter"):
+        picked = _labelled(reference_run, strategy, 0)
+        assert len(picked) == len(set(picked)) == 10
+    report = (reference_run / "report.md").read_text()
+    assert "| labels | random | uncertainty+kcenter |" in report and "±" in report
+    assert "labels to reach the target" in report
+    assert (reference_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # every round trained through the worker's code path: the runs' registries hold published versions
+    assert list((reference_run / "runs" / "_round0-s0" / "models" / "projects" / "1").glob("v*/model.pt"))
+
+
+def test_same_seed_same_curve_other_seed_other_labels(tiny, reference_run, tmp_path, one_thread):
+    again = tmp_path / "again"
+    Simulation(_config(tiny, again), _settings()).run()
+    assert _without_timing(_curve(again)) == _without_timing(_curve(reference_run))
+    for strategy in ("random", "uncertainty+kcenter"):
+        assert _labelled(again, strategy, 0) == _labelled(reference_run, strategy, 0)
+    other = tmp_path / "other"
+    Simulation(_config(tiny, other, strategies=["random"], seeds=[1], rounds=0), _settings()).run()
+    assert _labelled(other, "random", 1) != _labelled(reference_run, "random", 0)
+
+
+def test_an_interrupted_run_resumes_from_its_last_finished_round(tiny, reference_run, tmp_path, monkeypatch,
+                                                                  one_thread):
+    out = tmp_path / "resumed"
+    real = loop.train_and_publish
+    calls = {"n": 0}
+
+    def killed_after_publishing(*args, **kwargs):
+        # The 3rd training (round 1 of the second strategy) publishes, then the process "dies" before the
+        # round is recorded: the resumed run must drop that version and train the round again from the same model.
+        result = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(loop, "train_and_publish", killed_after_publishing)
+    with pytest.raises(KeyboardInterrupt):
+        Simulation(_config(tiny, out), _settings()).run()
+    assert len(_curve(out)) == 3  # two round-0 rows and random's round 1
+    run = out / "runs" / "uncertainty-kcenter-s0"
+    state = loop.RunState.load(run / "state.json")
+    from yolo_backend.registry import Registry
+
+    published = Registry.for_project(run / "models", loop.PROJECT_ID).versions()
+    assert published and published[-1].number > state.last_version  # the unfinished round's version is there
+
+    monkeypatch.setattr(loop, "train_and_publish", real)
+    trained = []
+    monkeypatch.setattr(loop, "train_and_publish", lambda *a, **k: trained.append(1) or real(*a, **k))
+    Simulation(_config(tiny, out), _settings()).run()
+    assert len(trained) == 3  # only the rounds not finished before: not round 0, not random's round 1
+    assert _without_timing(_curve(out)) == _without_timing(_curve(reference_run))
+    for strategy in ("random", "uncertainty+kcenter"):
+        assert _labelled(out, strategy, 0) == _labelled(reference_run, strategy, 0)
+
+
+def test_cli_simulate_runs_and_refuses_bad_input(tiny, tmp_path, one_thread, capsys, monkeypatch):
+    from yolo_backend.cli import main
+
+    monkeypatch.setenv("TORCH_THREADS", "1")
+    monkeypatch.setenv("DEVICE", "cpu")
+    base = ["simulate", "--pool", tiny["data"], "--test", tiny["data"], "--weights", tiny["weights"],
+            "--img-size", str(SIZE), "--serve-img-size", str(SIZE), "--epochs", "1", "--progress", "log"]
+    assert main(base + ["--strategies", "random", "--seeds", "0", "--initial", "4", "--step", "2",
+                        "--rounds", "1", "--out", str(tmp_path / "cli")]) == 0
+    assert [r["labels"] for r in _curve(tmp_path / "cli")] == ["4", "6"]
+    assert main(base + ["--strategies", "oracle", "--out", str(tmp_path / "bad")]) == 2
+    assert "strategy 'oracle' is unknown" in capsys.readouterr().err
+    assert main(base + ["--initial", "10", "--step", "10", "--rounds", "1", "--out", str(tmp_path / "big")]) == 2
+    assert "exceed the pool" in capsys.readouterr().err
+
+
+# --- pieces on hand-made inputs --------------------------------------------------------------------------------
+
+def test_strategy_names():
+    settings = Settings.from_env(env={})
+    assert parse_strategy("default", settings).score == settings.task_score
+    assert not parse_strategy("random", settings).needs_scoring
+    kcenter = parse_strategy("kcenter", settings)
+    assert kcenter.diverse and kcenter.score is None
+    combined = parse_strategy("entropy_sum+kcenter", settings)
+    assert combined.diverse and combined.score == "entropy_sum"
+    with pytest.raises(ValueError, match="unknown"):
+        parse_strategy("nonsense+kcenter", settings)
+
+
+def test_source_clusters_group_variants_of_one_photo():
+    names = ["0050_jpg.rf.aa.jpg", "0050_jpg.rf.bb.jpg", "0052_jpg.rf.cc.jpg", "plain.jpg"]
+    assert loop.source_clusters(names) == [0, 0, 1, 2]
+
+
+def test_neck_embedding_pools_each_level_and_concatenates():
+    import torch
+
+    maps = [torch.ones(2, 3, 8, 8), torch.arange(2 * 5 * 4 * 4, dtype=torch.float32).reshape(2, 5, 4, 4)]
+    emb = neck_embedding(maps)
+    assert emb.shape == (2, 8)
+    assert np.allclose(emb[:, :3], 1.0)
+    assert emb[0, 3] == pytest.approx(float(maps[1][0, 0].mean()))
+
+
+def _rows(strategy, points):
+    return [{"strategy": strategy, "seed": seed, "labels": labels, "map50": value, "map50_95": value / 2}
+            for seed, (labels, value) in points]
+
+
+def test_report_numbers():
+    rows = _rows("random", [(0, (50, 0.1)), (1, (50, 0.2)), (0, (100, 0.3)), (1, (100, 0.3))])
+    rows += _rows("smart", [(0, (50, 0.2)), (1, (50, 0.4)), (0, (100, 0.5)), (1, (100, 0.5))])
+    curve = mean_curve(rows, "random")
+    assert [(p[0], round(p[1], 6), p[3]) for p in curve] == [(50, 0.15, 2), (100, 0.3, 2)]
+    assert curve[0][2] == pytest.approx(np.std([0.1, 0.2], ddof=1))
+    smart = mean_curve(rows, "smart")
+    assert labels_to_reach(smart, 0.3) == pytest.approx(50.0)       # already above at the first point
+    assert labels_to_reach(curve, 0.225) == pytest.approx(75.0)     # halfway between 0.15 and 0.3
+    assert labels_to_reach(curve, 0.9) is None
+    assert area_under_curve(curve) == pytest.approx(0.225)
+    assert area_under_curve(curve[:1]) is None
+    text = report_markdown(rows, ["random", "smart"])
+    assert "0.1500 ± 0.0707 (2)" in text
+    assert "| smart | 50 | 0.50 |" in text
