@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 
-from yolo_backend.settings import Settings, SettingsError
+from yolo_backend.settings import Settings, SettingsError, exposure_warning
 
 
 def _configure_logging(level: str) -> None:
@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         return check_model(settings)
     if check_model(settings, quiet=True):  # a broken model is refused before the port is bound
         return 2
+    warning = exposure_warning(args.host, settings)
+    if warning:
+        logging.getLogger("_wsgi").warning(warning)
 
     application = build_app(settings, **backend_kwargs)
     application.run(host=args.host, port=args.port, debug=args.debug, threaded=True, use_reloader=args.debug)

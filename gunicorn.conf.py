@@ -28,7 +28,7 @@ else:
 # No preload: the app must be created in each worker, after the fork (no model and no CUDA in the master).
 preload_app = False
 
-# Refuse a broken model before the port is bound: every checkpoint that would serve is load-checked once in a
+# Say so when the port is open to the network without Basic Auth, and refuse a broken model before the port is bound: every checkpoint that would serve is load-checked once in a
 # child process (the master itself stays free of torch). `serve` has checked already and says so.
 MODEL_CHECKED_ENV = "YOLO_BACKEND_MODEL_CHECKED"
 
@@ -37,6 +37,13 @@ def on_starting(server):
     import subprocess
     import sys
 
+    from yolo_backend.settings import Settings, exposure_warning
+
+    settings = Settings.from_env()
+    for address in server.cfg.bind:
+        warning = exposure_warning(address.rsplit(":", 1)[0] if ":" in address else address, settings)
+        if warning and not address.startswith("unix:"):
+            server.log.warning(warning)
     if os.environ.get(MODEL_CHECKED_ENV) == "1":
         return
     wsgi = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_wsgi.py")

@@ -109,9 +109,10 @@ class Serve:
         raise AssertionError(f"no /health answer within {timeout} s:\n{self.log()}")
 
     def broker_url(self) -> str:
-        match = re.search(r"embedded Redis-protocol server \(valkey\) at (redis://\S+?),", self.log())
-        assert match, self.log()
-        return match.group(1)
+        """The embedded broker's REDIS_URL, password included, as serve hands it to its worker (the log masks it)."""
+        assert re.search(r"embedded Redis-protocol server \(valkey\) at redis://:\*\*\*@", self.log()), self.log()
+        environ = Path(f"/proc/{self.child('yolo_backend worker')}/environ").read_bytes().split(b"\0")
+        return next(e.split(b"=", 1)[1].decode() for e in environ if e.startswith(b"REDIS_URL="))
 
     def child(self, needle: str) -> int:
         """The pid of serve's direct child whose command line contains ``needle``."""
@@ -161,7 +162,7 @@ def test_serve_runs_broker_worker_and_server_and_sigterm_leaves_nothing(tmp_path
         # Relative MODEL_DIR is resolved against serve's folder; the broker keeps its data there.
         assert f"data in {tmp_path / 'data' / 'models' / 'redis'}" in log
         broker_url = serve.broker_url()
-        broker_address = broker_url.split("://", 1)[1].split("/", 1)[0]  # valkey-server's title names it
+        broker_address = broker_url.split("@")[-1].split("/", 1)[0]  # valkey-server's title names host:port
         assert _processes_mentioning(broker_address), "valkey-server is not running"
         serve.child("valkey-server")
         worker_pid = serve.child("yolo_backend worker")
@@ -361,3 +362,39 @@ def test_embedded_broker_keeps_queued_jobs_across_restarts(tmp_path):
         second.proc.send_signal(signal.SIGTERM)
         second.proc.wait(timeout=60)
         second.close()
+
+
+def test_a_killed_embedded_broker_is_restarted_and_no_training_request_is_lost(tmp_path):
+    from redis import Redis
+
+    serve = Serve(tmp_path)
+    try:
+        serve.wait_healthy()
+        broker_url = serve.broker_url()
+        assert broker_url.startswith("redis://:") and "***" not in broker_url  # a password, masked in the log
+        assert broker_url.split("@")[0].split(":")[-1] not in serve.log()
+        with pytest.raises(Exception, match="(?i)auth"):
+            Redis.from_url("redis://" + broker_url.split("@", 1)[1]).ping()  # without the password: refused
+        old = serve.child("valkey-server")
+        os.kill(old, signal.SIGKILL)
+        # While it is down (restarted after 1 s): health answers, a training request is kept on disk.
+        assert _http(f"{serve.url}/health", timeout=2)[0] == 200
+        status, body = _http(f"{serve.url}/webhook", {"action": "START_TRAINING",
+                                                      "project": {"id": 7, "label_config": CONFIG}})
+        assert status == 200 and body["status"] == "pending", body
+        assert serve.proc.poll() is None
+        wait_for(lambda: any(pid != old for pid in _processes_mentioning("valkey-server")
+                             if _ppid(pid) == serve.proc.pid), 30, f"a new broker:\n{serve.log()}")
+
+        def queued():
+            code, state = _http(f"{serve.url}/is_training?project=7", timeout=5)
+            return code == 200 and (state.get("job") or state.get("waiting_job")) and not state["pending_requests"]
+
+        wait_for(queued, 30, f"the kept request to be queued:\n{serve.log()}")
+        assert "restarting it in" in serve.log() and "embedded broker is back" in serve.log()
+        connection = Redis.from_url(broker_url)  # same port and password: every child's REDIS_URL still works
+        assert connection.ping()
+        connection.close()
+        assert serve.proc.poll() is None
+    finally:
+        serve.close()

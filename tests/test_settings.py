@@ -55,3 +55,18 @@ def test_overrides_and_redis_url():
 def test_numeric_bounds_are_checked_at_start(env, fragment):
     with pytest.raises(SettingsError, match=fragment):
         Settings.from_env(env)
+
+
+def test_mask_password_and_exposure_warning():
+    from yolo_backend.settings import exposure_warning, is_loopback_host, mask_password
+
+    assert mask_password("redis://:s3cret@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
+    assert mask_password("redis://user:s3cret@redis:6379/1") == "redis://user:***@redis:6379/1"
+    assert mask_password("redis://redis:6379/0") == "redis://redis:6379/0"
+    assert all(is_loopback_host(h) for h in ("127.0.0.1", "127.1.2.3", "localhost", "::1", "[::1]"))
+    assert not any(is_loopback_host(h) for h in ("0.0.0.0", "::", "192.168.1.5", "backend.example", ""))
+    open_settings = Settings.from_env(env={})
+    assert exposure_warning("127.0.0.1", open_settings) is None
+    warning = exposure_warning("0.0.0.0", open_settings)
+    assert warning and "BASIC_AUTH_USER" in warning and "0.0.0.0" in warning
+    assert exposure_warning("0.0.0.0", Settings.from_env(env={"BASIC_AUTH_USER": "a", "BASIC_AUTH_PASS": "b"})) is None

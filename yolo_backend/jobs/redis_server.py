@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ..settings import mask_password
+
 log = logging.getLogger(__name__)
 
 
@@ -51,11 +53,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def ping(host: str, port: int, timeout: float = 0.5) -> bool:
-    """True when a Redis-protocol server answers PING at host:port."""
+def _command(*words: str) -> bytes:
+    """One command in the Redis protocol (RESP)."""
+    parts = [f"*{len(words)}\r\n".encode()]
+    for word in words:
+        data = word.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+def ping(host: str, port: int, timeout: float = 0.5, password: Optional[str] = None) -> bool:
+    """True when a Redis-protocol server answers PING at host:port (after AUTH when it has a password)."""
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+            if password:
+                sock.sendall(_command("AUTH", password))
+                if not sock.recv(16).startswith(b"+OK"):
+                    return False
+            sock.sendall(_command("PING"))
             return sock.recv(16).startswith(b"+PONG")
     except OSError:
         return False
@@ -64,11 +79,13 @@ def ping(host: str, port: int, timeout: float = 0.5) -> bool:
 class RedisServer:
     """One valkey-server process bound to ``host`` (loopback only) with its data in ``data_dir``.
 
-    ``persist=True`` keeps an append-only file there so queued jobs survive a restart of the broker.
+    ``persist=True`` keeps an append-only file there so queued jobs survive a restart of the broker. With a
+    ``password`` every client must AUTH: RQ runs whatever function a queued job names, so an open broker would let
+    any local process run code as the worker.
     """
 
     def __init__(self, data_dir: Optional[str | os.PathLike] = None, port: Optional[int] = None,
-                 host: str = "127.0.0.1", persist: bool = False):
+                 host: str = "127.0.0.1", persist: bool = False, password: Optional[str] = None):
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise RedisServerError(f"the embedded Redis server listens on loopback only, not {host!r}")
         self.host = "127.0.0.1" if host == "localhost" else host
@@ -76,18 +93,22 @@ class RedisServer:
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="yolo-backend-redis-"))
         self.persist = persist
+        self.password = password
         self.process: Optional[subprocess.Popen] = None
         self.log_path = self.data_dir / "valkey.log"
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     def command(self) -> list[str]:
         args = [str(server_binary()), "--bind", self.host, "--port", str(self.port), "--dir", str(self.data_dir),
                 "--logfile", str(self.log_path), "--daemonize", "no", "--protected-mode", "yes",
                 "--save", ""]
         args += ["--appendonly", "yes"] if self.persist else ["--appendonly", "no"]
+        if self.password:
+            args += ["--requirepass", self.password]
         return args
 
     def start(self, timeout: float = 15.0) -> "RedisServer":
@@ -101,9 +122,9 @@ class RedisServer:
             if self.process.poll() is not None:
                 raise RedisServerError(f"valkey-server exited with code {self.process.returncode} while starting "
                                        f"on {self.host}:{self.port}; its log: {self.log_tail()}")
-            if ping(self.host, self.port):
-                log.info("Redis-protocol server (valkey) on %s (pid %d, data in %s)", self.url, self.process.pid,
-                         self.data_dir)
+            if ping(self.host, self.port, password=self.password):
+                log.info("Redis-protocol server (valkey) on %s (pid %d, data in %s)", mask_password(self.url),
+                         self.process.pid, self.data_dir)
                 return self
             time.sleep(0.05)
         self.stop()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-from ..settings import Settings
+from ..settings import Settings, mask_password
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +32,12 @@ def run_worker(settings: Settings, redis_url: Optional[str] = None, queue_name: 
     try:
         connection.ping()
     except Exception as exc:
-        raise ConnectionError(f"cannot reach Redis at {url} ({exc}); start Redis or set REDIS_URL "
+        raise ConnectionError(f"cannot reach Redis at {mask_password(url)} ({exc}); start Redis or set REDIS_URL "
                               "(or REDIS_HOST / REDIS_PORT)") from None
     queue = Queue(queue_name, connection=connection)
     worker_class = SimpleWorker if simple else Worker
     worker = worker_class([queue], connection=connection, name=name)
-    log.info("training worker %s on queue %r at %s (%s)", worker.name, queue_name, url,
+    log.info("training worker %s on queue %r at %s (%s)", worker.name, queue_name, mask_password(url),
              "in-process jobs" if simple else "one forked process per job")
     return worker.work(burst=burst, logging_level=settings.log_level.upper(), max_jobs=max_jobs,
                        with_scheduler=False)
