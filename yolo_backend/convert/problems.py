@@ -8,26 +8,15 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
 from typing import Optional
+
+from ..yolov7.yolo_format import Problem
 
 log = logging.getLogger("yolo_backend.convert")
 
 
 class ConversionError(ValueError):
     """The conversion cannot go on; the message says what is wrong and what to do."""
-
-
-@dataclass(frozen=True)
-class Problem:
-    kind: str              # short category for the summary, e.g. "wrong field count"
-    where: str             # a file, or "task 12"
-    message: str
-    line: Optional[int] = None
-
-    def __str__(self) -> str:
-        place = f"{self.where}:{self.line}" if self.line is not None else self.where
-        return f"{place}: {self.message}"
 
 
 class ProblemLog:
@@ -39,11 +28,18 @@ class ProblemLog:
         self.counts: Counter = Counter()
 
     def report(self, kind: str, where, message: str, line: Optional[int] = None, skipped: str = "skipped") -> None:
-        problem = Problem(kind, str(where), message, line)
+        self.add(Problem(kind, str(where), message, line), skipped)
+
+    def add(self, problem: Problem, skipped: str = "skipped") -> None:
+        """Record ``problem`` (``skipped`` says what became of it, for the log line); fatal in strict mode."""
         if self.strict:
-            raise ConversionError(f"{problem} (--strict makes this fatal; fix it or drop --strict to skip it)")
+            raise self.fatal(problem)
         self.problems.append(problem)
         log.warning("%s; %s", problem, skipped)
+
+    @staticmethod
+    def fatal(problem: Problem) -> ConversionError:
+        return ConversionError(f"{problem} (--strict makes this fatal; fix it or drop --strict to skip it)")
 
     def count(self, what: str, n: int = 1) -> None:
         self.counts[what] += n

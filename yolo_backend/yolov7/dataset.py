@@ -1,13 +1,10 @@
-"""Training data: YOLO-format folders (with or without data.yaml) and in-memory (image, boxes) lists.
+"""Training data: YOLO-format datasets (with or without data.yaml) and in-memory (image, boxes) lists.
 
-A ``Sample`` is one image with its boxes in that image's pixels. ``load_data(path)`` reads a dataset:
-
-* a ``data.yaml`` (``names``, ``train``, ``val``; paths relative to its ``path`` key or to its folder),
-* a folder holding a data.yaml, or ``images/{train,val|valid}`` beside ``labels/{...}``, or
-  ``{train,valid}/images`` (Roboflow layout), or just ``images/`` + ``labels/`` (train only).
-
-Label files are ``labels/<same relative path>.txt`` beside ``images/``: one ``class cx cy w h`` line per box,
-normalised; an empty or missing label file makes the image a negative (trained on as background).
+A ``Sample`` is one image with its boxes in that image's pixels. ``load_data(path)`` reads a dataset through
+yolo_format.py (the layouts and the one rule for label lines it shares with conversion): ``train`` (and any
+other split) trains, ``val`` / ``valid`` validate, ``test`` is kept aside. A label line that is a problem is
+logged (file and line) and skipped; a missing or empty label file makes the image a negative (trained on as
+background).
 
 ``TrainingSet`` (a torch Dataset) caches every image resized to the training size in RAM and applies the
 augmentations of an ``AugmentConfig``; ``EvalSet`` holds the validation images resized the same way.
@@ -15,25 +12,19 @@ augmentations of an ``AugmentConfig``; ``EvalSet`` holds the validation images r
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import yaml
 
 from . import augment
-from .preprocess import IMAGE_SUFFIXES, image_size, read_image, resize_long_side
-
-log = logging.getLogger(__name__)
+from .image_files import image_size, list_images
+from .preprocess import read_image, resize_long_side
+from .yolo_format import DatasetError, ImageEntry, find_dataset, label_file_for, read_label_file
 
 PathLike = Union[str, Path]
-
-
-class DatasetError(ValueError):
-    """A dataset cannot be read; the message names the file or folder and what to fix."""
 
 
 @dataclass
@@ -70,6 +61,7 @@ class DataSpec:
     train: List[Sample]
     val: List[Sample]
     source: str = "<memory>"
+    test: List[Sample] = field(default_factory=list)   # a data.yaml's test split: read, not trained on
 
 
 def samples_from_arrays(items: Iterable[Tuple[np.ndarray, Sequence, Sequence]]) -> List[Sample]:
@@ -78,56 +70,10 @@ def samples_from_arrays(items: Iterable[Tuple[np.ndarray, Sequence, Sequence]]) 
 
 
 # --------------------------------------------------------------------------------------------------------------
-# YOLO-format folders
+# YOLO-format folders (read by yolo_format.py, the reader conversion uses too)
 # --------------------------------------------------------------------------------------------------------------
 
-def list_images(folder: Path) -> List[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def label_path_for(image: Path, images_root: Path) -> Path:
-    """``.../images/<rel>.jpg`` -> ``.../labels/<rel>.txt`` (the reference convention)."""
-    parts = list(images_root.parts)
-    for i in range(len(parts) - 1, -1, -1):
-        if parts[i] == "images":
-            parts[i] = "labels"
-            break
-    else:
-        return image.with_suffix(".txt")  # labels next to the images
-    return Path(*parts) / image.relative_to(images_root).with_suffix(".txt")
-
-
-def read_label_file(path: Path, width: int, height: int) -> Tuple[np.ndarray, np.ndarray]:
-    """YOLO txt -> (boxes xyxy pixels, classes). Missing/empty file: no boxes. Bad lines are skipped and logged."""
-    if not path.is_file():
-        return np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
-    boxes, classes = [], []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        fields = line.split()
-        if not fields:
-            continue
-        try:
-            values = [float(v) for v in fields]
-        except ValueError:
-            log.warning("%s:%d: not numbers, line skipped", path, number)
-            continue
-        if len(values) == 5:
-            cls, cx, cy, w, h = values
-        elif len(values) > 5 and len(values) % 2 == 1:  # a polygon: its bounding box
-            cls, xs, ys = values[0], values[1::2], values[2::2]
-            cx, cy = (min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2
-            w, h = max(xs) - min(xs), max(ys) - min(ys)
-        else:
-            log.warning("%s:%d: expected 'class cx cy w h', line skipped", path, number)
-            continue
-        if cls < 0 or cls != int(cls) or w <= 0 or h <= 0:
-            log.warning("%s:%d: bad class or empty box, line skipped", path, number)
-            continue
-        x1, y1 = max(cx - w / 2, 0.0), max(cy - h / 2, 0.0)
-        x2, y2 = min(cx + w / 2, 1.0), min(cy + h / 2, 1.0)
-        boxes.append([x1 * width, y1 * height, x2 * width, y2 * height])
-        classes.append(int(cls))
-    return np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(classes, np.int64)
+VAL_SPLITS = ("val", "valid")
 
 
 def _image_size(path: Path) -> Tuple[int, int]:
@@ -140,101 +86,40 @@ def _image_size(path: Path) -> Tuple[int, int]:
         return image.shape[1], image.shape[0]
 
 
+def _sample(entry: ImageEntry) -> Sample:
+    """The entry's image (path kept; pixels read later) and its boxes in pixels; no label file: a negative."""
+    width, height = _image_size(entry.image)
+    boxes = read_label_file(entry.label_file) if entry.label_file is not None else []
+    xyxy = [[(b.cx - b.w / 2) * width, (b.cy - b.h / 2) * height, (b.cx + b.w / 2) * width,
+             (b.cy + b.h / 2) * height] for b in boxes]
+    return Sample(str(entry.image), xyxy, [b.class_id for b in boxes], name=entry.image.name)
+
+
 def samples_from_folder(images_root: Path) -> List[Sample]:
-    """Every image under ``images_root`` with its labels (paths kept; pixels read later)."""
-    samples = []
-    for image_path in list_images(images_root):
-        width, height = _image_size(image_path)
-        boxes, classes = read_label_file(label_path_for(image_path, images_root), width, height)
-        samples.append(Sample(str(image_path), boxes, classes, name=image_path.name))
-    return samples
-
-
-def _names_from_yaml(value, path: Path) -> List[str]:
-    if isinstance(value, dict):
-        return [str(value[k]) for k in sorted(value, key=int)]
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
-    raise DatasetError(f"{path}: 'names' must be a list or a mapping of class id to name")
-
-
-def _resolve_split(entry, base: Path, yaml_dir: Path, path: Path, key: str) -> List[Path]:
-    if entry is None:
-        return []
-    entries = entry if isinstance(entry, (list, tuple)) else [entry]
-    out = []
-    for item in entries:
-        candidates = [Path(item)] if Path(item).is_absolute() else [base / item, yaml_dir / item]
-        found = next((c.resolve() for c in candidates if c.exists()), None)
-        if found is None:
-            tried = ", ".join(str(c) for c in candidates)
-            raise DatasetError(f"{path}: {key} folder {item!r} not found (tried {tried})")
-        if found.is_file() and found.suffix == ".txt":  # a list of image paths
-            raise DatasetError(f"{path}: {key} as a .txt list of images is not supported; point to a folder")
-        out.append(found)
-    return out
-
-
-def _from_yaml(path: Path) -> DataSpec:
-    try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise DatasetError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(config, dict) or "names" not in config:
-        raise DatasetError(f"{path}: a data.yaml needs 'names' (and 'train', optionally 'val')")
-    names = _names_from_yaml(config["names"], path)
-    if "nc" in config and int(config["nc"]) != len(names):
-        raise DatasetError(f"{path}: nc is {config['nc']} but {len(names)} names are listed")
-    base = Path(config["path"]) if config.get("path") else path.parent
-    if not base.is_absolute():
-        base = path.parent / base
-    train_dirs = _resolve_split(config.get("train"), base, path.parent, path, "train")
-    val_dirs = _resolve_split(config.get("val"), base, path.parent, path, "val")
-    if not train_dirs and not val_dirs:
-        raise DatasetError(f"{path}: neither 'train' nor 'val' is set")
-    train = [s for d in train_dirs for s in samples_from_folder(d)]
-    val = [s for d in val_dirs for s in samples_from_folder(d)]
-    return DataSpec(names, train, val, str(path))
-
-
-def _names_from_folder(root: Path, samples: Sequence[Sample]) -> List[str]:
-    for candidate in (root / "classes.txt", root / "labels" / "classes.txt"):
-        if candidate.is_file():
-            return [line.strip() for line in candidate.read_text().splitlines() if line.strip()]
-    top = max((int(c.max()) for s in samples if len(s.classes) for c in [s.classes]), default=0)
-    return [f"class{i}" for i in range(top + 1)]
+    """Every image under ``images_root`` with its labels."""
+    return [_sample(ImageEntry(image, label_file_for(image))) for image in list_images(images_root)]
 
 
 def load_data(path: PathLike) -> DataSpec:
-    """Read a YOLO-format dataset from a data.yaml or a folder (see the module doc for the layouts)."""
-    path = Path(path)
-    if not path.exists():
-        raise DatasetError(f"{path}: no such data.yaml or dataset folder")
-    if path.is_file():
-        if path.suffix.lower() not in (".yaml", ".yml"):
-            raise DatasetError(f"{path}: expected a data.yaml or a dataset folder")
-        return _from_yaml(path)
-    for name in ("data.yaml", "data.yml", "dataset.yaml"):
-        if (path / name).is_file():
-            return _from_yaml(path / name)
-    layouts = [
-        (path / "images" / "train", [path / "images" / "val", path / "images" / "valid"]),
-        (path / "train" / "images", [path / "valid" / "images", path / "val" / "images"]),
-        (path / "images", []),
-    ]
-    for train_dir, val_dirs in layouts:
-        if train_dir.is_dir():
-            train = samples_from_folder(train_dir)
-            val_dir = next((d for d in val_dirs if d.is_dir()), None)
-            val = samples_from_folder(val_dir) if val_dir else []
-            if not train and not val:
-                raise DatasetError(f"{train_dir}: holds no images ({', '.join(IMAGE_SUFFIXES)})")
-            return DataSpec(_names_from_folder(path, train + val), train, val, str(path))
-    if list_images(path):  # a bare folder of images (e.g. a split's images/ folder): labels beside in ../labels
-        samples = samples_from_folder(path)
-        return DataSpec(_names_from_folder(path.parent, samples), samples, [], str(path))
-    raise DatasetError(f"{path}: no data.yaml, images/ folder or images found; expected a YOLO dataset "
-                       "(images/ and labels/ side by side, or a data.yaml with names/train/val)")
+    """Read a YOLO-format dataset from a data.yaml or a folder (layouts: yolo_format.find_dataset).
+
+    Splits named ``val`` / ``valid`` validate, ``test`` is kept aside (``DataSpec.test``), every other split
+    trains. Without class names in the dataset, classes are named ``class0``, ``class1``, ... up to the largest id.
+    """
+    layout = find_dataset(Path(path))
+    if layout.from_yaml and layout.names is None:
+        raise DatasetError(f"{layout.source}: a data.yaml needs 'names' (and 'train', optionally 'val')")
+    splits: dict[str, List[Sample]] = {"train": [], "val": [], "test": []}
+    for entry in layout.entries:
+        split = "val" if entry.split in VAL_SPLITS else "test" if entry.split == "test" else "train"
+        splits[split].append(_sample(entry))
+    names = layout.names if layout.names is not None else _numbered_names(splits["train"] + splits["val"])
+    return DataSpec(names, splits["train"], splits["val"], layout.source, splits["test"])
+
+
+def _numbered_names(samples: Sequence[Sample]) -> List[str]:
+    top = max((int(s.classes.max()) for s in samples if len(s.classes)), default=0)
+    return [f"class{i}" for i in range(top + 1)]
 
 
 def check_classes(samples: Sequence[Sample], nc: int, where: str) -> None:

@@ -1,5 +1,6 @@
 """Letterbox: resize keeping the aspect ratio, pad to a stride multiple — the reference detect pipeline's way.
-Also the long-side resize training and the training job share (``resize_long_side``), and image reading.
+Also the long-side resize training and the training job share (``resize_long_side``), and reading pixels
+(image files, listing and header sizes: image_files.py).
 
 Matching the reference step for step (rounding, split of the padding, interpolation, pad value 114) is what makes
 our detections equal the reference's: the network sees the same pixels.
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from .image_files import IMAGE_SUFFIXES, ImageReadError, image_size  # noqa: F401 - the names callers import here
 
 PAD_VALUE = 114
 
@@ -89,36 +92,6 @@ def scale_boxes_back(boxes: np.ndarray, ratio: tuple[float, float], pad: tuple[i
     out[:, [0, 2]] = out[:, [0, 2]].clip(0, width)
     out[:, [1, 3]] = out[:, [1, 3]].clip(0, height)
     return out
-
-
-class ImageReadError(ValueError):
-    """An image file is missing or cannot be decoded; the message names the file."""
-
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-# EXIF orientations that swap width and height (rotated by 90 or 270 degrees, possibly mirrored).
-_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
-
-
-def image_size(path) -> tuple[int, int]:
-    """(width, height) as displayed (EXIF orientation applied, as ``read_image`` applies it), from the file
-    header; no pixel decode. Raises ImageReadError naming the file when it is not a readable image."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            try:
-                orientation = image.getexif().get(0x0112)
-            except Exception:  # noqa: BLE001 - a broken EXIF block must not make a good image unreadable
-                orientation = None
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise ImageReadError(f"{path}: not a readable image ({exc})") from None
-    if orientation in _TRANSPOSED_ORIENTATIONS:
-        width, height = height, width
-    return int(width), int(height)
 
 
 def read_image(path) -> np.ndarray:
