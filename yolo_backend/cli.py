@@ -37,12 +37,12 @@ def _pick(value, default):
 
 
 def _image_paths(source: str) -> list[Path]:
-    """A single image file, or the image files of a folder (not recursive), sorted by name."""
-    from .yolov7.preprocess import IMAGE_SUFFIXES
+    """A single image file, or the image files of a folder (any depth), sorted by path."""
+    from .yolov7.image_files import IMAGE_SUFFIXES, list_images
 
     path = Path(source)
     if path.is_dir():
-        paths = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        paths = list_images(path)
         if not paths:
             raise CliError(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
         return paths
@@ -56,11 +56,11 @@ def _require_file(weights: str) -> None:
         raise CliError(f"{weights}: no such checkpoint file")
 
 
-def _load(weights: str, device: str):
+def _load(weights: str, device: str, settings):
     _require_file(weights)
     from .yolov7.checkpoint import load_model
 
-    return load_model(weights, device=device)
+    return load_model(weights, device=device, backend=settings.inference_backend, cache_dir=settings.onnx_cache_dir)
 
 
 # --- detect -----------------------------------------------------------------------------------------------------
@@ -318,7 +318,7 @@ def _run_val(args) -> int:
         print(f"note: {args.data} has no validation split; evaluating its {len(samples)} images", file=sys.stderr)
     if not samples:
         raise CliError(f"{args.data}: no images to evaluate")
-    model = _load(args.weights, str(device))
+    model = _load(args.weights, str(device), settings)
     if len(spec.names) != model.nc:
         raise CliError(f"{args.data} has {len(spec.names)} classes but {args.weights} predicts {model.nc}")
     names = list(model.names) if all(n.startswith("class") for n in spec.names) else spec.names

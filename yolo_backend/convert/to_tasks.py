@@ -125,13 +125,16 @@ class DetectOptions:
     device: str = "auto"
     torch_threads: int = 0
     half: bool = False
+    backend: Optional[str] = None     # INFERENCE_BACKEND (None: load_model's default)
+    cache_dir: Optional[str] = None   # ONNX_CACHE_DIR
 
     @classmethod
     def from_settings(cls, settings) -> "DetectOptions":
         return cls(img_size=settings.img_size, threshold=settings.model_score_threshold,
                    score_floor=settings.score_floor, iou=settings.iou_threshold, max_det=settings.max_detections,
                    task_score=settings.task_score, batch_size=settings.predict_batch_size, device=settings.device,
-                   torch_threads=settings.torch_threads, half=settings.half)
+                   torch_threads=settings.torch_threads, half=settings.half, backend=settings.inference_backend,
+                   cache_dir=settings.onnx_cache_dir)
 
 
 def load_checkpoint_detector(weights: Path, options: DetectOptions):
@@ -143,7 +146,8 @@ def load_checkpoint_detector(weights: Path, options: DetectOptions):
         raise ConversionError(f"{weights}: no such checkpoint file")
     try:
         detector = Detector.from_checkpoint(
-            weights, device=options.device, threads=options.torch_threads, img_size=options.img_size,
+            weights, device=options.device, threads=options.torch_threads, backend=options.backend,
+            cache_dir=options.cache_dir, img_size=options.img_size,
             conf=min(options.score_floor, options.threshold), iou=options.iou, max_det=options.max_det,
             half=options.half, batch_size=options.batch_size)
     except CheckpointError as exc:
