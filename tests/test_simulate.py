@@ -183,9 +183,14 @@ def test_cli_simulate_runs_and_refuses_bad_input(tiny, tmp_path, one_thread, cap
     monkeypatch.setenv("DEVICE", "cpu")
     base = ["simulate", "--pool", tiny["data"], "--test", tiny["data"], "--weights", tiny["weights"],
             "--img-size", str(SIZE), "--serve-img-size", str(SIZE), "--epochs", "1", "--progress", "log"]
-    assert main(base + ["--strategies", "random", "--seeds", "0", "--initial", "4", "--step", "2",
-                        "--rounds", "1", "--out", str(tmp_path / "cli")]) == 0
-    assert [r["labels"] for r in _curve(tmp_path / "cli")] == ["4", "6"]
+    assert main(base + ["--strategies", "random,uncertainty", "--seeds", "0", "--initial", "4", "--step", "2",
+                        "--rounds", "1", "--clusters", "source", "--out", str(tmp_path / "cli")]) == 0
+    rows = _curve(tmp_path / "cli")
+    assert [r["labels"] for r in rows if r["strategy"] == "uncertainty"] == ["4", "6"]
+    # Label Studio's cluster rule: the two picks come from source photos with no labelled image yet
+    labelled = _labelled(tmp_path / "cli", "uncertainty", 0)
+    clusters = loop.source_clusters(sorted(p.name for p in (Path(tiny["data"]).parent / "images" / "train").iterdir()))
+    assert not {clusters[i - 1] for i in labelled[4:]} & {clusters[i - 1] for i in labelled[:4]}
     assert main(base + ["--strategies", "oracle", "--out", str(tmp_path / "bad")]) == 2
     assert "strategy 'oracle' is unknown" in capsys.readouterr().err
     assert main(base + ["--initial", "10", "--step", "10", "--rounds", "1", "--out", str(tmp_path / "big")]) == 2
