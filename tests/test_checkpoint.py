@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from yolo_backend.yolov7 import CheckpointError, graphs, load_model
-from yolo_backend.yolov7.checkpoint import (ALLOWED_GLOBALS, FORMAT, PickledRecord, checkpoint_from_object,
-                                            describe, load_checkpoint, model_from_checkpoint, safe_unpickling,
-                                            save_checkpoint)
+from yolo_backend.yolov7.checkpoint import (FORMAT, checkpoint_from_object, describe, load_checkpoint,
+                                            model_from_checkpoint, save_checkpoint)
+from yolo_backend.yolov7.safe_pickle import ALLOWED_GLOBALS, PickledRecord, safe_unpickling
 from yolo_backend.yolov7.model import build_model
 
 
