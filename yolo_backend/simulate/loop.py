@@ -203,7 +203,7 @@ class Simulation:
         train_s = time.monotonic() - started
         if version is not None:
             state.last_version = version.number
-        checkpoint, name = current_model(settings, PROJECT_ID)
+        checkpoint, name = self.served_model(settings)
         metrics = self.evaluate(checkpoint, settings)
         return {"strategy": state.strategy, "seed": state.seed, "round": round_index, "labels": len(examples),
                 "map50": round(float(metrics["map50"]), 5), "map50_95": round(float(metrics["map"]), 5),
@@ -211,6 +211,14 @@ class Simulation:
                 "epochs_run": outcome.get("epochs_run"), "train_images": outcome.get("train_images"),
                 "val_images": outcome.get("val_images"),
                 "positives": sum(1 for e in examples if len(e.boxes)), "score_s": None}
+
+    @staticmethod
+    def served_model(settings: Settings) -> tuple[str, str]:
+        """(checkpoint, version name) the server would serve now: the newest published version, else the start."""
+        checkpoint, name = current_model(settings, PROJECT_ID)
+        if checkpoint is None or name is None:
+            raise ValueError("no model to evaluate: nothing was published and there are no --weights")
+        return checkpoint, name
 
     def evaluate(self, checkpoint: str, settings: Settings) -> dict:
         """mAP on the test split of the served model, at the serving size (the engine's evaluation)."""
@@ -226,7 +234,7 @@ class Simulation:
 
     def score(self, run_dir: Path, progress: Callable[[int], None]) -> ScoredPool:
         settings = self.settings_for(run_dir)
-        checkpoint, _ = current_model(settings, PROJECT_ID)
+        checkpoint, _ = self.served_model(settings)
         loaders = [self.pool.sample(i).load_image for i in self.pool.ids]
         return score_pool(checkpoint, self.pool.ids, loaders, settings, self.out / "cache", progress)
 
