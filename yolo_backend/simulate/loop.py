@@ -16,6 +16,7 @@ which versions were published; versions a killed round published are removed bef
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -28,6 +29,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..atomic import atomic_write
+from ..hashing import file_sha256
 from ..jobs.training import Example, current_model, scale_to, train_and_publish
 from ..registry import Registry
 from ..settings import Settings
@@ -221,16 +223,30 @@ class Simulation:
         return checkpoint, name
 
     def evaluate(self, checkpoint: str, settings: Settings) -> dict:
-        """mAP on the test split of the served model, at the serving size (the engine's evaluation)."""
+        """mAP@0.5 and mAP@0.5:0.95 (``map50``, ``map``) on the test split of the served model, at the serving size
+        (the engine's evaluation). Cached by checkpoint hash: a round that publishes nothing serves the same model
+        as the round before."""
         from ..yolov7.checkpoint import load_checkpoint, model_from_checkpoint
         from ..yolov7.dataset import EvalSet
         from ..yolov7.train import evaluate
 
+        key = json.dumps([file_sha256(checkpoint), settings.img_size, settings.model_score_threshold,
+                          self.config.test])
+        path = self.out / "cache" / f"test-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
         if self._test_set is None:
             self._test_set = EvalSet(self.pool.test, settings.img_size)
         model = model_from_checkpoint(load_checkpoint(checkpoint), device="cpu", fuse=True)
-        return evaluate(model, self._test_set, list(self.pool.names), img_size=settings.img_size,
-                        serve_conf=settings.model_score_threshold)
+        found = evaluate(model, self._test_set, list(self.pool.names), img_size=settings.img_size,
+                         serve_conf=settings.model_score_threshold)
+        metrics = {"map50": float(found["map50"]), "map": float(found["map"])}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path, durable=False) as handle:
+            handle.write(json.dumps(metrics).encode())
+        return metrics
 
     def score(self, run_dir: Path, progress: Callable[[int], None]) -> ScoredPool:
         settings = self.settings_for(run_dir)
