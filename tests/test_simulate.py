@@ -197,6 +197,14 @@ def test_cli_simulate_runs_and_refuses_bad_input(tiny, tmp_path, one_thread, cap
     assert "exceed the pool" in capsys.readouterr().err
 
 
+def test_a_held_out_folder_without_splits_is_all_test(tiny):
+    folder = Path(tiny["data"]).parent / "images" / "val"  # a bare folder of images, labels in ../labels
+    pool = loop.load_pool(SimConfig(pool=tiny["data"], test=str(folder), weights=None, out="unused"))
+    assert len(pool.samples) == POOL_IMAGES and len(pool.test) == TEST_IMAGES
+    with pytest.raises(ValueError, match="no test images"):
+        loop.load_pool(SimConfig(pool=str(folder), test=str(folder), weights=None, out="unused"))
+
+
 # --- pieces on hand-made inputs --------------------------------------------------------------------------------
 
 def test_strategy_names():

@@ -94,11 +94,16 @@ def load_pool(config: SimConfig) -> Pool:
     pool, test = load_data(config.pool), load_data(config.test)
     if not pool.train:
         raise ValueError(f"{config.pool}: the pool (train split) holds no images")
-    if not test.val:
-        raise ValueError(f"{config.test}: the test (val) split holds no images")
+    test_samples = test.val
+    if not test_samples and Path(config.test).resolve() != Path(config.pool).resolve():
+        # A held-out folder of images and labels has one split only: all of it is the test set.
+        log.info("%s has no val split: testing on all its %d images", config.test, len(test.train))
+        test_samples = test.train
+    if not test_samples:
+        raise ValueError(f"{config.test}: no test images (its val split is empty; the pool itself cannot be the test)")
     samples = sorted(pool.train, key=lambda s: s.name)
     clusters = source_clusters([s.name for s in samples]) if config.clusters == "source" else None
-    return Pool(samples, list(test.val), list(pool.names), clusters)
+    return Pool(samples, list(test_samples), list(pool.names), clusters)
 
 
 class ExampleCache:
