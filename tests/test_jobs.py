@@ -106,6 +106,8 @@ class FakeLabelStudio:
 
         @app.route("/api/projects/<int:pid>/", methods=["GET", "PATCH"], strict_slashes=False)
         def project(pid):
+            if pid != self.project["id"]:
+                abort(404)
             if request.method == "PATCH":
                 version = request.get_json()["model_version"]
                 if not any(p["model_version"] == version for p in self.predictions):
@@ -203,27 +205,28 @@ def label_studio():
 class Env:
     """One test's settings, queue and app, wired to the Redis server and the fake Label Studio."""
 
-    def __init__(self, tmp_path: Path, redis_url: str, ls_url: str, checkpoint: Path, queue_name: str):
+    def __init__(self, tmp_path: Path, redis_url: str, ls_url: str, checkpoint: Path, queue_name: str,
+                 lock_ttl: int = 3, **settings: str):
         self.model_dir = tmp_path / "models"
         self.model_dir.mkdir()
         self.env = {
             "MODEL_DIR": str(self.model_dir), "MODEL_PATH": str(checkpoint),
             "IMAGE_CACHE_DIR": str(tmp_path / "cache"), "LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": TOKEN,
             "REDIS_URL": redis_url, "RQ_QUEUE_NAME": queue_name, "IMG_SIZE": "128", "TRAIN_IMG_SIZE": "160",
-            "TORCH_THREADS": "1", "KEEP_VERSIONS": "2", "LOG_LEVEL": "INFO",
+            "TORCH_THREADS": "1", "KEEP_VERSIONS": "2", "LOG_LEVEL": "INFO", **settings,
         }
         self.settings = Settings.from_env(self.env)
-        self.queue = TrainingQueue(self.settings, job_options={"trainer": "tests.test_jobs:fake_train",
-                                                               "settle_s": 0, "lock_ttl": 3},
-                                   retry_interval=0.2)
+        self.job_options = {"trainer": "tests.test_jobs:fake_train", "settle_s": 0, "lock_ttl": lock_ttl}
+        self.queue = TrainingQueue(self.settings, job_options=self.job_options, retry_interval=0.2)
         self.workers: list[subprocess.Popen] = []
 
-    def app(self):
+    def app(self, queue: TrainingQueue | None = None):
+        """A server process's app (its own TrainingQueue when ``queue`` is given: another server process)."""
         from model_backend import YOLOv7Backend
         from yolo_backend.server.app import create_app
         from yolo_backend.server.base import BackendContext
 
-        context = BackendContext.from_settings(self.settings, loader=fake_loader, training=self.queue)
+        context = BackendContext.from_settings(self.settings, loader=fake_loader, training=queue or self.queue)
         context.models.check_interval = 0.0
         return create_app(YOLOv7Backend, context=context).test_client()
 
@@ -528,6 +531,167 @@ def test_a_plain_rq_worker_runs_the_job_too(env):
     assert completed.returncode == 0, completed.stdout + completed.stderr
     status = job_status(client, job_id)
     assert status["status"] == "finished" and status["result"]["published"], (status, completed.stderr[-2000:])
+
+
+def test_queued_projects_are_capped_and_a_project_label_studio_lacks_is_dropped(env, label_studio):
+    from yolo_backend.jobs.queue import TrainingQueue as Queue
+
+    capped = Queue(Settings.from_env({**env.env, "MAX_QUEUED_PROJECTS": "2"}), job_options=env.job_options)
+    try:
+        client = env.app(capped)
+        assert webhook(client, project_id=1)[0]["status"] == "queued"
+        assert webhook(client, project_id=99)[0]["status"] == "queued"  # made up: Label Studio has no project 99
+        refused = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 3}})
+        assert refused.status_code == 429 and "MAX_QUEUED_PROJECTS=2" in refused.get_json()["error"]
+        assert webhook(client, project_id=1)[0]["status"] == "coalesced"  # a waiting project still coalesces
+        assert env.queue.queue().count == 2
+        env.run_burst()
+        jobs = {job_id: job_status(client, job_id) for job_id in env.queue.queue().finished_job_registry.get_job_ids()}
+        dropped = [s for s in jobs.values() if s["project"] == 99]
+        assert len(dropped) == 1 and dropped[0]["status"] == "finished", jobs
+        assert "does not exist in Label Studio" in dropped[0]["result"]["reason"] and not dropped[0]["result"]["trained"]
+        assert env.worker_logs().count("no project 99") == 1  # one log line, no retry
+        assert [s["result"]["published"] for s in jobs.values() if s["project"] == 1] == [True]
+    finally:
+        capped.close()
+
+
+def test_a_killed_horse_releases_its_lock_at_once(tmp_path, redis_server, label_studio, start_checkpoint):
+    """With the default 20 s lock TTL, the next job must not wait it out, and /is_training must not read true."""
+    environment = Env(tmp_path, redis_server.url, label_studio.url, start_checkpoint, "test-jobs-dead-holder",
+                      lock_ttl=60)
+    try:
+        client = environment.app()
+        job_id, worker = start_slow_training(environment, client)
+        second = webhook(client)[0]["job"]                  # waits behind the running job
+        helper = environment.start_worker()                 # a second worker takes it and waits for the lock
+        wait_for(lambda: job_status(client, second)["phase"] == "waiting", 30, "the second job to wait for the lock")
+        os.kill(_job_pid(environment, job_id), signal.SIGKILL)
+        killed = time.monotonic()
+        wait_for(lambda: client.get("/is_training", query_string={"project": 1}).get_json()["status"] != "started"
+                 or None, 10, "the killed job to stop reading as training")
+        (environment.model_dir / "slow").unlink()
+        wait_for(lambda: job_status(client, second)["status"] == "finished", 40, "the second job to train")
+        assert time.monotonic() - killed < 30, "the second job waited out the dead holder's 60 s lock"
+        assert job_status(client, job_id)["status"] == "failed"
+        assert "process is gone: lock released" in environment.worker_logs()
+        assert helper.poll() is None and worker.poll() is None
+    finally:
+        environment.stop_workers()
+        environment.queue.close()
+
+
+def test_two_workers_two_servers_one_training_at_a_time_at_most_one_waiting(tmp_path, redis_server, label_studio,
+                                                                           start_checkpoint):
+    """A burst of triggers through two server processes with two workers: one job trains, one waits (holding
+    the waiting slot while it waits for the project's lock), the rest coalesce; both servers serve the result."""
+    from yolo_backend.jobs.queue import TrainingQueue as Queue
+
+    from tests.e2e import harness
+
+    environment = Env(tmp_path, redis_server.url, label_studio.url, start_checkpoint, "test-jobs-two-workers")
+    other_queue = Queue(environment.settings, job_options=environment.job_options)
+    servers = []
+    try:
+        clients = [environment.app(), environment.app(other_queue)]
+        first, _ = start_slow_training(environment, clients[0])
+        environment.start_worker()  # a second worker
+        second = webhook(clients[1])[0]
+        assert second["status"] == "queued"
+        wait_for(lambda: job_status(clients[0], second["job"])["phase"] == "waiting", 30,
+                 "the second job to be taken by the other worker and wait for the lock")
+        answers = [webhook(clients[i % 2])[0] for i in range(6)]
+        assert all(a == {"job": second["job"], "status": "coalesced", "project": 1} for a in answers), answers
+        status = clients[1].get("/is_training", query_string={"project": 1}).get_json()
+        assert status["job"] == first and status["waiting_job"] == second["job"], status
+        assert environment.queue.queue().count == 0  # nothing else queued behind them
+
+        # Two real server processes on the same MODEL_DIR: both must swap to what the jobs publish.
+        for _ in range(2):
+            port = harness.free_port()
+            env = {**environment.env, "GUNICORN_WORKERS": "1", "GUNICORN_ACCESS_LOG": "", "INFERENCE_BACKEND": "torch"}
+            servers.append(harness.start_backend(tmp_path / f"server-{port}", env, port=port, argv=[
+                sys.executable, "-m", "gunicorn", "-c", str(REPO_ROOT / "gunicorn.conf.py"), "-b", f"127.0.0.1:{port}",
+                "_wsgi:app"], name=f"gunicorn-{port}"))
+        (environment.model_dir / "slow").unlink()
+        wait_for(lambda: job_status(clients[0], second["job"])["status"] == "finished", 60, "the waiting job")
+        assert len(seen_calls(environment.model_dir)) == 2  # the burst trained exactly twice
+        latest = environment.registry().latest().name
+        assert latest.startswith("v2-")
+        import requests
+
+        for _, url in servers:
+            wait_for(lambda: requests.get(f"{url}/versions", params={"project": 1}, timeout=10).json()[
+                "model_version"] == latest, 20, f"{url} to serve {latest}")
+    finally:
+        for process, _ in servers:
+            process.stop()
+        environment.stop_workers()
+        environment.queue.close()
+        other_queue.close()
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str = "8m"):
+    """A real, small file system (tmpfs) at ``path``; skipped where mounting is not allowed."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here to fill a disk for real: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(disk: Path) -> Path:
+    """Write a file until the disk is full; returns it (delete it to free the space)."""
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+    return filler
+
+
+def test_a_full_disk_refuses_the_request_with_a_reason_and_recovers(tmp_path, label_studio, start_checkpoint):
+    with small_disk(tmp_path / "disk") as disk:
+        with RedisServer(disk / "valkey", persist=True) as server:
+            environment = Env(disk, server.url, label_studio.url, start_checkpoint, "test-jobs-disk-full")
+            try:
+                client = environment.app()
+                filler = fill(disk)
+                answers = [client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})
+                           for _ in range(3)]  # Redis takes the first write into memory, then refuses (MISCONF)
+                refused = answers[-1]
+                assert refused.status_code == 503, [a.get_json() for a in answers]
+                assert f"no space left on device in {environment.model_dir / 'pending'}" in refused.get_json()["error"]
+                assert client.get("/health").status_code == 200
+                filler.unlink()
+                wait_for(lambda: webhook(client)[0]["status"] in ("queued", "coalesced"), 20,
+                         "requests to be queued again once there is space")
+            finally:
+                environment.queue.close()
+
+
+def test_training_on_a_full_disk_says_so_and_leaves_the_registry_alone(tmp_path, redis_server, label_studio,
+                                                                      start_checkpoint):
+    with small_disk(tmp_path / "disk", size="16m") as disk:
+        environment = Env(disk, redis_server.url, label_studio.url, start_checkpoint, "test-jobs-disk-full-train")
+        try:
+            client = environment.app()
+            job_id = webhook(client)[0]["job"]
+            fill(disk)
+            environment.run_burst()
+            state = job_status(client, job_id)
+            assert state["status"] == "failed", state
+            assert f"no space left on device in {environment.model_dir}" in state["error"], state
+            assert environment.registry().latest() is None and not list(environment.registry().root.glob(".work/*"))
+        finally:
+            environment.stop_workers()
+            environment.queue.close()
 
 
 def test_publish_decision_and_split_rules():

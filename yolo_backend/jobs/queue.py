@@ -21,9 +21,12 @@ PROJECT_UPDATED, ANNOTATIONS_DELETED, ...) are acknowledged and ignored.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..atomic import atomic_write
+from ..errors import RequestRefused
 from ..settings import Settings, mask_password
 
 log = logging.getLogger(__name__)
@@ -43,9 +47,10 @@ RESULT_TTL_S = 7 * 24 * 3600
 # The job waits this long before reading the annotations: Label Studio sends START_TRAINING while it is still
 # saving the annotation that triggered it.
 SETTLE_S = 2.0
-# A running job refreshes its heartbeat key every LOCK_TTL_S / 4 seconds; without it for LOCK_TTL_S, the worker
-# running it is gone (killed) and the job is reported failed.
-LOCK_TTL_S = 60
+# A running job refreshes its heartbeat key ("<host>:<pid>" of its work horse) every LOCK_TTL_S / 4 seconds;
+# without it for LOCK_TTL_S, the worker running it is gone (killed) and the job is reported failed. On the same
+# machine a dead horse is seen at once (its pid is gone).
+LOCK_TTL_S = 20
 REDIS_CONNECT_TIMEOUT_S = 0.5
 REDIS_TIMEOUT_S = 3.0
 RETRY_INTERVAL_S = 5.0
@@ -159,7 +164,7 @@ class TrainingQueue:
     def _redis_errors() -> tuple[type[BaseException], ...]:
         from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
 
-        return (RedisConnectionError, RedisTimeoutError, OSError)
+        return (RedisConnectionError, RedisTimeoutError, OSError, RedisRefusedWrite)
 
     # --- requests ---------------------------------------------------------------------------------------
     def request(self, project_id: Optional[int], event: str, payload: Optional[dict] = None) -> dict:
@@ -179,8 +184,9 @@ class TrainingQueue:
         self._ensure_retry_thread()
         info = {"event": event, "source": (payload or {}).get("source", "/webhook"), "requested_at": time.time()}
         try:
-            self.flush_pending()
-            result = self._enqueue(project_id, info)
+            with _refused_writes_as_errors():
+                self.flush_pending()
+                result = self._enqueue(project_id, info)
         except self._redis_errors() as exc:
             self._record_pending(project_id, info, exc)
             return {"job": None, "status": "pending", "project": project_id,
@@ -192,6 +198,9 @@ class TrainingQueue:
     def _enqueue(self, project_id: int, info: dict) -> dict:
         connection = self.connection()
         waiting_key = self.keys.waiting(project_id)
+        current = _text(connection.get(waiting_key))
+        if current is None or not self._still_waiting(current, waiting_key):
+            self._check_capacity(project_id)
         new_id = f"train-{project_id}-{uuid.uuid4().hex[:12]}"
         for _ in range(5):
             current, stored = connection.eval(_RESERVE, 1, waiting_key, new_id)
@@ -210,6 +219,19 @@ class TrainingQueue:
         raise RuntimeError(f"could not reserve a training job for project {project_id} (the waiting slot keeps "
                            "changing); try again")
 
+    def _check_capacity(self, project_id: int) -> None:
+        """RequestRefused (429) when MAX_QUEUED_PROJECTS projects already have a job waiting: made-up project ids
+        (the webhook is reachable by anyone who can reach the backend) cannot fill the queue."""
+        cap = self.settings.max_queued_projects
+        waiting = 0
+        for _ in self.connection().scan_iter(match=self.keys.waiting("*"), count=500):
+            waiting += 1
+            if waiting >= cap:
+                self._count("refused")
+                raise RequestRefused(429, f"{waiting} projects already have a training job waiting "
+                                          f"(MAX_QUEUED_PROJECTS={cap}): the request for project {project_id} is "
+                                          "refused; it trains with a later request once the queue has room")
+
     def _still_waiting(self, job_id: str, waiting_key: str) -> bool:
         from rq.exceptions import NoSuchJobError
         from rq.job import Job
@@ -220,7 +242,13 @@ class TrainingQueue:
             # A reservation whose job is being created right now still has its expiry; a persisted id without a
             # job is a leftover.
             return self.connection().ttl(waiting_key) > 0
-        return job.get_status(refresh=False) in NOT_STARTED
+        status = job.get_status(refresh=False)
+        status = getattr(status, "value", status)
+        if status in NOT_STARTED:
+            return True
+        # A started job keeps the slot until it holds the project's lock (another job of the project trains):
+        # it has not read the annotations yet, so a new trigger coalesces into it, while its worker is alive.
+        return status == "started" and holder_alive(self.connection(), self.keys, job_id)
 
     def _create_job(self, project_id: int, job_id: str, info: dict) -> dict:
         connection = self.connection()
@@ -259,10 +287,11 @@ class TrainingQueue:
         try:
             _write_json_atomic(path, record)
         except OSError as write_error:
-            log.error("training request for project %s is LOST: Redis is unreachable (%s) and %s cannot be "
-                      "written (%s); fix MODEL_DIR permissions or start Redis, then press Train in Label Studio",
-                      project_id, exc, path, write_error)
-            return
+            why = (f"no space left on device in {self.pending_dir}" if write_error.errno == errno.ENOSPC
+                   else f"{path} cannot be written ({write_error})")
+            raise RequestRefused(503, f"the training request for project {project_id} cannot be kept: Redis "
+                                      f"cannot take it ({exc}) and {why}; free space or fix MODEL_DIR, then "
+                                      "press Start Training in Label Studio") from None
         self._count("pending_recorded")
         if self._redis_down_since is None:
             self._redis_down_since = time.time()
@@ -334,7 +363,8 @@ class TrainingQueue:
         while not self._stop.wait(self.retry_interval):
             try:
                 if any(self.pending_dir.glob("project-*.json")):
-                    self.flush_pending()
+                    with _refused_writes_as_errors():
+                        self.flush_pending()
                     self._redis_down_since = None
             except self._redis_errors():
                 continue  # still down; logged once when it went down
@@ -386,8 +416,7 @@ class TrainingQueue:
                 "enqueued_at": _iso(job.enqueued_at), "started_at": _iso(job.started_at),
                 "ended_at": _iso(job.ended_at),
                 "coalesced_requests": int(_text(connection.get(self.keys.coalesced(job.id))) or 0)}
-            if status == "started" and not connection.exists(self.keys.alive(job.id)) and job.started_at and \
-                    time.time() - job.started_at.timestamp() > 10:
+            if status == "started" and self._horse_gone(job):
                 info["status"] = "failed"
                 info["error"] = meta.get("error") or (
                     "the worker running this job stopped (killed?) before it finished; nothing it trained was "
@@ -402,6 +431,14 @@ class TrainingQueue:
         except self._redis_errors() as exc:
             return {"job": job_id, "status": "unknown", "error": f"Redis at {self._safe_url()} is unreachable "
                                                                  f"({type(exc).__name__})"}
+
+    def _horse_gone(self, job) -> bool:
+        """A started job whose work horse is dead: its heartbeat names a process of this machine that is gone, or
+        it has no heartbeat 10 s after it started (a worker on another machine that was killed)."""
+        connection = self.connection()
+        if connection.exists(self.keys.alive(job.id)):
+            return not holder_alive(connection, self.keys, job.id)
+        return bool(job.started_at) and time.time() - job.started_at.timestamp() > 10
 
     def metrics(self) -> dict:
         """/metrics: this process's request counters and the queue's job counts."""
@@ -430,6 +467,40 @@ class TrainingQueue:
     def _safe_url(self) -> str:
         """The Redis URL without a password, for messages."""
         return mask_password(self.redis_url)
+
+
+class RedisRefusedWrite(RuntimeError):
+    """Redis answers but refuses to store (MISCONF: its disk is full; READONLY, NOREPLICAS, OOM)."""
+
+
+@contextlib.contextmanager
+def _refused_writes_as_errors():
+    """Redis refusing a write is, for a training request, the same as Redis being away: keep it in pending/."""
+    from redis.exceptions import ResponseError
+
+    try:
+        yield
+    except ResponseError as exc:
+        if str(exc).split(" ", 1)[0] in ("MISCONF", "READONLY", "NOREPLICAS", "OOM", "NOAUTH", "WRONGPASS"):
+            raise RedisRefusedWrite(str(exc)) from exc
+        raise
+
+
+def holder_alive(connection, keys: "Keys", job_id: str) -> bool:
+    """Whether the work horse running ``job_id`` is alive: its heartbeat key exists and, when it runs on this
+    machine, its process too (a killed horse is known dead at once instead of when its heartbeat expires)."""
+    beat = _text(connection.get(keys.alive(job_id)))
+    if not beat:
+        return False
+    host, _, pid = beat.rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+    return True
 
 
 def _worker_count(connection, queue) -> int:

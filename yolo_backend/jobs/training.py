@@ -25,11 +25,13 @@ Nothing here imports torch at module level: CUDA is initialised only inside the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib
 import logging
 import os
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -42,6 +44,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..labelstudio.annotations import latest_annotation
+from ..labelstudio.client import ProjectNotFound
 from ..registry import ModelVersion, Registry, checkpoint_version
 from ..settings import Settings
 
@@ -378,7 +381,13 @@ def train_project(backend, event: str = "START_TRAINING", progress: Optional[Cal
     started = time.monotonic()
 
     report({"phase": "reading annotations"})
-    project = client.get_project(project_id)
+    try:
+        project = client.get_project(project_id)
+    except ProjectNotFound as exc:  # a made-up or deleted project: nothing to retry
+        log.warning("project %s: %s; training request dropped", project_id, exc)
+        report({"phase": "done", "message": f"project {project_id} does not exist in Label Studio"})
+        return {"project": project_id, "event": event, "trained": False, "published": False,
+                "reason": f"project {project_id} does not exist in Label Studio ({exc})"}
     label_config = project.get("label_config") or backend.label_config
     target = find_rectangle_target(parse_label_config(label_config), settings.from_name)
     names = list(target.labels)
@@ -659,7 +668,8 @@ class _Heartbeat:
             self.connection.delete(self.keys.alive(self.job_id))
 
     def beat(self) -> None:
-        self.connection.set(self.keys.alive(self.job_id), str(os.getpid()), ex=self.ttl)
+        # "<host>:<pid>": on the same machine a dead work horse is known at once (jobs.queue.holder_alive).
+        self.connection.set(self.keys.alive(self.job_id), f"{socket.gethostname()}:{os.getpid()}", ex=self.ttl)
         if self.lock_key:
             from .queue import _text
 
@@ -674,14 +684,20 @@ class _Heartbeat:
 
 @contextlib.contextmanager
 def _project_lock(connection, keys, heartbeat: _Heartbeat, project_id: int, job_id: str, ttl: int, reporter):
-    """At most one training job per project at a time: wait for the lock (a killed holder's lock expires)."""
-    from .queue import DELETE_IF_EQUAL, _text
+    """At most one training job per project at a time: wait for the lock. A holder known dead (its work horse is
+    gone, or its heartbeat expired) has its lock released at once, so the next job does not wait out the TTL."""
+    from .queue import DELETE_IF_EQUAL, _text, holder_alive
 
     key = keys.lock(project_id)
     said = False
     while not connection.set(key, job_id, nx=True, ex=max(2, int(ttl))):
+        holder = _text(connection.get(key))
+        if holder and not holder_alive(connection, keys, holder):
+            if connection.eval(DELETE_IF_EQUAL, 1, key, holder):
+                log.info("job %s of project %s held the training lock but its process is gone: lock released",
+                         holder, project_id)
+            continue
         if not said:
-            holder = _text(connection.get(key))
             log.info("job %s of project %s is training; waiting for it to finish", holder, project_id)
             reporter.progress({"phase": "waiting", "message": f"waiting for job {holder} of this project"})
             said = True
@@ -728,14 +744,17 @@ def run_training_job(project_id: int, event: str = "START_TRAINING", payload: Op
         heartbeat = contextlib.nullcontext()
         if job is not None:
             keys = Keys(job.origin)
-            # From now on a new trigger queues a new job (this one may already have read the annotations).
-            job.connection.eval(DELETE_IF_EQUAL, 1, keys.waiting(project_id), job.id)
             heartbeat = _Heartbeat(job.connection, keys, job.id, options["lock_ttl"])
         with heartbeat:
             if job is not None:
                 lock = _project_lock(job.connection, keys, heartbeat, project_id, job.id, options["lock_ttl"],
                                      reporter)
             with lock:
+                if job is not None:
+                    # Only now, holding the project's lock and before reading the annotations, a new trigger
+                    # queues a new job; until here (another job of the project trains) triggers coalesce into
+                    # this one, so a burst never leaves more than one job waiting.
+                    job.connection.eval(DELETE_IF_EQUAL, 1, keys.waiting(project_id), job.id)
                 _clean_leftovers(settings, project_id)
                 time.sleep(max(0.0, float(options["settle_s"])))  # let Label Studio finish saving
                 backend = _backend_class()(project_id=project_id, context=BackendContext.from_settings(settings))
@@ -744,13 +763,41 @@ def run_training_job(project_id: int, event: str = "START_TRAINING", payload: Op
                     result = backend.fit(event, payload or {}, progress=reporter.progress, trainer=trainer,
                                          job_id=job.id if job else None)
                 except Exception as exc:  # kept in the project's run history (dashboard), then the job fails
-                    history.record_failure(settings.model_dir, project_id, exc, event, job.id if job else None,
+                    error = no_space_error(exc, settings.model_dir) or exc
+                    history.record_failure(settings.model_dir, project_id, error, event, job.id if job else None,
                                            time.monotonic() - run_started)
-                    raise
+                    if error is exc:
+                        raise
+                    raise error from exc
                 history.record_run(settings.model_dir, project_id, result, job.id if job else None,
                                    time.monotonic() - run_started)
         reporter.update({"phase": "done", "result_version": result.get("model_version")}, force=True)
         return result
+
+
+# torch's checkpoint writer reports a full disk as "PytorchStreamWriter failed writing file ..." / "[enforce fail at
+# inline_container.cc]" without the OS error: told apart by how little space is left.
+_TORCH_WRITE_FAILURES = ("file write failed", "enforce fail at inline_container", "No space left on device")
+_LOW_SPACE_BYTES = 256 * 1024 * 1024
+
+
+def no_space_error(exc: BaseException, model_dir: str | os.PathLike) -> Optional[TrainingError]:
+    """A TrainingError saying "no space left on device in MODEL_DIR" when ``exc`` is a full disk, else None."""
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    enospc = any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in chain)
+    try:
+        free = shutil.disk_usage(model_dir).free
+    except OSError:
+        free = None
+    torch_write = any(any(text in str(e) for text in _TORCH_WRITE_FAILURES) for e in chain)
+    if not (enospc or (torch_write and free is not None and free < _LOW_SPACE_BYTES)):
+        return None
+    left = f" ({free / 2**20:.0f} MiB free)" if free is not None else ""
+    return TrainingError(f"no space left on device in {model_dir}{left}: nothing was published and the registry is "
+                         f"unchanged; free some space (old versions: KEEP_VERSIONS), then train again ({exc})")
 
 
 def _clean_leftovers(settings: Settings, project_id: int) -> None:

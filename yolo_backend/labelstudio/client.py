@@ -340,6 +340,10 @@ class LabelStudioAPIError(RuntimeError):
     """A Label Studio API call failed; the message names the call and the answer."""
 
 
+class ProjectNotFound(LabelStudioAPIError):
+    """Label Studio has no such project (404); the message names it and the Label Studio URL."""
+
+
 class LabelStudioClient:
     """The few Label Studio API calls the serving side makes (training adds more in its own module)."""
 
@@ -347,7 +351,10 @@ class LabelStudioClient:
         self.session = session
 
     def _json(self, method: str, path: str, **kwargs):
-        response = self.session.request(method, path, **kwargs)
+        return self._checked(method, path, self.session.request(method, path, **kwargs))
+
+    @staticmethod
+    def _checked(method: str, path: str, response):
         if response.status_code >= 400:
             raise LabelStudioAPIError(f"{method} {path} -> HTTP {response.status_code}: {response.text[:300]}")
         try:
@@ -356,7 +363,11 @@ class LabelStudioClient:
             raise LabelStudioAPIError(f"{method} {path} answered non-JSON: {response.text[:200]!r}") from None
 
     def get_project(self, project_id: int) -> dict:
-        return self._json("GET", f"/api/projects/{int(project_id)}/")
+        response = self.session.request("GET", f"/api/projects/{int(project_id)}/")
+        if response.status_code == 404:
+            response.close()
+            raise ProjectNotFound(f"Label Studio at {self.session.base_url} has no project {int(project_id)} (HTTP 404)")
+        return self._checked("GET", f"/api/projects/{int(project_id)}/", response)
 
     def set_project_model_version(self, project_id: int, model_version: str) -> dict:
         return self._json("PATCH", f"/api/projects/{int(project_id)}/", json={"model_version": model_version})

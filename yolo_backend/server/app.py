@@ -28,6 +28,7 @@ from typing import Any, Optional
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from ..errors import RequestRefused
 from ..labelstudio.config import LabelConfigError, find_rectangle_target, parse_label_config
 from ..labelstudio.results import is_failed_prediction
 from ..registry import RegistryError
@@ -194,6 +195,11 @@ def create_app(backend_class: Optional[type[LabelStudioMLBase]] = None, settings
     def _no_model(exc: NoModelError):
         log.error("503 %s %s: %s", request.method, request.path, exc)
         return _error(503, str(exc))
+
+    @app.errorhandler(RequestRefused)
+    def _refused(exc: RequestRefused):
+        log.warning("%d %s %s: %s", exc.status, request.method, request.path, exc)
+        return _error(exc.status, str(exc))
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(exc: RequestEntityTooLarge):
