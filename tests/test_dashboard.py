@@ -268,6 +268,12 @@ def test_job_progress_for_each_phase():
     assert evaluating["fraction"] == 0.5
     assert job_progress({"phase": "publishing", "progress": {}})["fraction"] == 1.0
     assert job_progress({"phase": "done", "status": "finished", "progress": {}})["fraction"] == 1.0
+    published = job_progress({"phase": "done", "status": "finished",
+                              "result": {"published": True, "model_version": "v4-x"}})
+    assert published["message"] == "published v4-x" and published["result_version"] == "v4-x"
+    rejected = job_progress({"phase": "done", "status": "finished",
+                             "result": {"published": False, "model_version": "v3-x", "decision": "worse"}})
+    assert rejected["message"] == "not published: worse" and rejected["result_version"] is None
     assert job_progress({"phase": "reading annotations", "status": "started"})["fraction"] is None
 
 

@@ -337,7 +337,8 @@ problems show up here).</p>
     if (pending) pending.textContent = queue.pending_requests || 0;
   }
   function poll() {
-    fetch("status", {headers: {"Accept": "application/json"}, cache: "no-store", credentials: "same-origin"})
+    // The same projects as the page: /dashboard?project=3 polls status?project=3.
+    fetch("status" + window.location.search, {headers: {"Accept": "application/json"}, cache: "no-store", credentials: "same-origin"})
       .then(function (response) {
         if (!response.ok) throw new Error("HTTP " + response.status);
         return response.json();
@@ -346,7 +347,7 @@ problems show up here).</p>
         var changed = false;
         data.projects.forEach(function (project) {
           var section = document.querySelector('section[data-project="' + project.project + '"]');
-          if (!section) return;
+          if (!section) { changed = true; return; }  // a project new since the page was drawn
           if (section.getAttribute("data-stamp") !== project.stamp) changed = true;
           showJob(section, project.job);
         });

@@ -207,15 +207,19 @@ def job_progress(job: Optional[dict], now: Optional[float] = None) -> Optional[d
     elapsed = progress.get("elapsed")
     if phase == "training" and fraction and 0 < fraction < 1 and isinstance(elapsed, (int, float)):
         eta = elapsed * (1 - fraction) / fraction
+    result = job.get("result") if isinstance(job.get("result"), dict) else {}
+    message = progress.get("message")
+    if status == "finished" and result:  # say what the run ended with
+        message = (f"published {result.get('model_version')}" if result.get("published")
+                   else f"not published: {result.get('decision') or result.get('reason') or 'see the log'}")
     return finite({"job": job.get("job"), "status": status, "phase": phase, "epoch": epoch, "epochs": epochs,
                    "loss": progress.get("loss"), "images": progress.get("images"), "total": progress.get("total"),
-                   "message": progress.get("message"), "fraction": None if fraction is None else min(1.0, fraction),
+                   "message": message, "fraction": None if fraction is None else min(1.0, fraction),
                    "eta_seconds": None if eta is None else round(eta, 1),
                    "started_at": job.get("started_at"), "ended_at": job.get("ended_at"),
                    "enqueued_at": job.get("enqueued_at"), "error": job.get("error"),
                    "coalesced_requests": job.get("coalesced_requests"),
-                   "result_version": (job.get("result") or {}).get("model_version")
-                   if isinstance(job.get("result"), dict) else None})
+                   "result_version": result.get("model_version") if result.get("published") else None})
 
 
 def job_warnings(job: Optional[dict]) -> list[str]:
