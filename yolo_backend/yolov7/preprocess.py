@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .image_files import IMAGE_SUFFIXES, ImageReadError, image_size  # noqa: F401 - the names callers import here
+from .image_files import ImageReadError
 
 PAD_VALUE = 114
 

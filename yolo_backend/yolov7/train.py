@@ -1,5 +1,5 @@
 """Fine-tuning: one ``TrainConfig`` holding every setting, plain ``train_one_epoch`` / ``evaluate`` functions and
-``fine_tune(config, callback) -> TrainResult``.
+``fine_tune(config, callback) -> TrainResult`` (head transfer: transfer.py; evaluation: evaluation.py).
 
 The recipe is the reference's (yolov7-tiny scratch hyper-parameters, facts only, written for this project):
 SGD with Nesterov momentum in three parameter groups (weight decay on conv weights only; BatchNorm weights,
@@ -33,14 +33,14 @@ from . import graphs
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .dataset import (AugmentConfig, DataSpec, DatasetError, EvalSet, Sample, TrainingSet, check_classes, collate,
                       load_data)
-from .detect import Detector
 from .device import configure_threads, select_device
 from .ema import ModelEMA
+from .evaluation import evaluate
 from .layers import ImplicitA, ImplicitM
 from .loss import LossGains, YoloLoss
-from .metrics import DetectionMetrics, fitness
+from .metrics import fitness
 from .model import YOLOv7, build_model
-from .preprocess import Letterboxed, resize_and_pad
+from .transfer import same_names, transfer_weights
 
 log = logging.getLogger(__name__)
 
@@ -171,18 +171,12 @@ def scale_graph_width(graph: Dict[str, Any], factor: float, divisor: int = 8) ->
     return scaled
 
 
-def _same_names(a: Sequence[str], b: Sequence[str]) -> bool:
-    return len(a) == len(b) and all(x.strip().lower() == y.strip().lower() for x, y in zip(a, b))
-
-
 def prepare_model(config: TrainConfig, names: Sequence[str]) -> Tuple[YOLOv7, Dict[str, Any]]:
     """The training-form model to start from, and a description of where it came from (for the metadata).
 
     * no weights: random init of ``config.graph`` (width-scaled by ``config.width``);
     * a training-graph checkpoint with the same classes: loaded as is;
-    * otherwise (deploy graph, other classes): the training graph (IDetect head) of the same architecture,
-      every tensor whose name and shape fit copied; across a change of classes the head keeps its box/objectness
-      rows and the rows of the classes both have (by name), the rest is re-initialised.
+    * otherwise (deploy graph, other classes): ``transfer.transfer_weights`` into the training graph.
     """
     nc = len(names)
     if not config.weights:
@@ -195,77 +189,14 @@ def prepare_model(config: TrainConfig, names: Sequence[str]) -> Tuple[YOLOv7, Di
               "graph": ckpt.graph_name, "head": ckpt.head_type, "names": list(ckpt.names)}
     if ckpt.source == "yolo-backend" and ckpt.metadata.get("name"):
         origin["version"] = ckpt.metadata["name"]
-    if _same_names(ckpt.names, names) and ckpt.head_type == "IDetect":
+    if same_names(ckpt.names, names) and ckpt.head_type == "IDetect":
         model = model_from_checkpoint(ckpt, device="cpu", fuse=False)
         model.names = list(names)
         log.info("starting from %s (%s, same classes)", config.weights, ckpt.graph_name)
         return model, origin
-    graph = copy.deepcopy(ckpt.graph)
-    graph["head"] = "IDetect"  # train the training graph; a Detect head's weights carry over (implicit = identity)
-    model = build_model(graph, nc, anchors=ckpt.anchors, strides=ckpt.strides, names=names)
-    target = model.state_dict()
-    same_classes = _same_names(ckpt.names, names)
-    head_prefix = f"model.{graphs.head_index(graph)}."
-    class_map = _class_index_map(ckpt.names, names)
-    copied, skipped, kept_classes = 0, [], set()
-    with torch.no_grad():
-        for key, value in target.items():
-            source = ckpt.state_dict.get(key)
-            new_head_conv = key.startswith(head_prefix + "m.") and not same_classes
-            if source is not None and tuple(source.shape) == tuple(value.shape) and not new_head_conv:
-                value.copy_(source)
-                copied += 1
-                continue
-            per_output = key.startswith((head_prefix + "m.", head_prefix + "im."))
-            if per_output and source is not None and class_map and \
-                    _copy_head_rows(source, value, len(ckpt.names), nc, class_map, dim=1 if ".im." in key else 0):
-                copied += 1
-                kept_classes.update(names[new] for new in class_map.values())
-            skipped.append(key)  # re-initialised, in part (classes the checkpoint does not have) or whole
-        if ckpt.head_type == "Detect":
-            # The IDetect implicit layers start as the identity so the transferred head computes as before.
-            for module in model.head.modules():
-                if isinstance(module, ImplicitA):
-                    module.implicit.zero_()
-                elif isinstance(module, ImplicitM):
-                    module.implicit.fill_(1.0)
-    model.load_state_dict(target)
-    reinit = sorted({k.rsplit(".", 1)[0] for k in skipped})
-    log.info("starting from %s (%s %s head, %d classes -> %d: %s): %d tensors transferred, re-initialised: %s%s",
-             config.weights, ckpt.graph_name, ckpt.head_type, ckpt.nc, nc, ", ".join(names), copied,
-             ", ".join(reinit) if reinit else "nothing",
-             f" (head rows of {', '.join(sorted(kept_classes))} and the box/objectness rows kept)"
-             if kept_classes else "")
-    origin.update({"transferred": copied, "reinitialised": reinit, "head_classes_kept": sorted(kept_classes)})
+    model, transfer = transfer_weights(ckpt, names)
+    origin.update(transfer)
     return model, origin
-
-
-def _class_index_map(old_names: Sequence[str], new_names: Sequence[str]) -> Dict[int, int]:
-    """old class index -> new class index for the classes both lists have (names compared case-insensitively)."""
-    new_by_name = {str(n).lower(): i for i, n in enumerate(new_names)}
-    return {i: new_by_name[str(n).lower()] for i, n in enumerate(old_names) if str(n).lower() in new_by_name}
-
-
-def _copy_head_rows(source: torch.Tensor, target: torch.Tensor, old_nc: int, new_nc: int,
-                    class_map: Dict[int, int], dim: int) -> bool:
-    """Copy a head tensor's per-output rows across a change of classes: per anchor, the box and objectness rows
-    and the rows of the classes both models have, so adding a label keeps what the model knew of the others
-    (the new classes' rows keep their fresh initialisation). False when the layouts do not correspond."""
-    old_per, new_per = 5 + old_nc, 5 + new_nc
-    if source.dim() != target.dim() or source.shape[dim] % old_per or target.shape[dim] % new_per:
-        return False
-    anchors = source.shape[dim] // old_per
-    if target.shape[dim] // new_per != anchors:
-        return False
-    other = [d for d in range(source.dim()) if d != dim]
-    if any(source.shape[d] != target.shape[d] for d in other):
-        return False
-    for a in range(anchors):
-        pairs = [(a * old_per + k, a * new_per + k) for k in range(5)]
-        pairs += [(a * old_per + 5 + old, a * new_per + 5 + new) for old, new in class_map.items()]
-        for src_row, dst_row in pairs:
-            target.select(dim, dst_row).copy_(source.select(dim, src_row))
-    return True
 
 
 def build_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
@@ -382,7 +313,7 @@ class Progress:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# One epoch, evaluation
+# One epoch (evaluation: evaluation.py)
 # --------------------------------------------------------------------------------------------------------------
 
 def train_one_epoch(model: YOLOv7, loader, optimizer: torch.optim.Optimizer, loss_fn: YoloLoss,
@@ -437,59 +368,6 @@ def train_one_epoch(model: YOLOv7, loader, optimizer: torch.optim.Optimizer, los
         progress.end_epoch()
     means = (sums / max(seen, 1)).tolist()
     return {"box": means[0], "obj": means[1], "cls": means[2], "loss": means[3]}
-
-
-def eval_letterbox(image: np.ndarray, img_size: int, stride: int, pad: float) -> Letterboxed:
-    """Letterbox as the reference test loader does: the input shape is the image's shape at long side
-    ``img_size``, plus ``pad`` strides, rounded up to the stride (a 320 square becomes 352), the image
-    centred in it without resizing up. ``pad=0`` gives the detect pipeline's minimal padding."""
-    h, w = image.shape[:2]
-    long_side = max(h, w)
-    out_h = math.ceil(img_size * h / long_side / stride + pad) * stride
-    out_w = math.ceil(img_size * w / long_side / stride + pad) * stride
-    r = min(out_h / h, out_w / w, 1.0)
-    new_w, new_h = round(w * r), round(h * r)
-    return resize_and_pad(image, new_w, new_h, (out_w - new_w) / 2, (out_h - new_h) / 2)
-
-
-@torch.no_grad()
-def evaluate(model: YOLOv7, data: Union[EvalSet, Sequence[Sample]], names: Optional[Sequence[str]] = None,
-             img_size: int = 640, conf: float = 0.001, iou: float = 0.65, max_det: int = 300,
-             batch_size: int = 8, serve_conf: float = 0.25, multi_label: bool = True,
-             method: str = "coco", pad: float = 0.5) -> Dict[str, Any]:
-    """mAP@0.5, mAP@0.5:0.95 per class and precision/recall at ``serve_conf`` of ``model`` on ``data``.
-
-    Inference as the reference test.py: images at long side ``img_size`` padded by ``pad`` strides
-    (``eval_letterbox``), conf 0.001, class-aware NMS at IoU 0.65, every class above conf per box
-    (``multi_label``). Uses the detector's forward, decode and NMS.
-    The model is put in eval mode and returned to its previous mode.
-    """
-    eval_set = data if isinstance(data, EvalSet) else EvalSet(list(data), img_size)
-    names = list(names) if names is not None else list(model.names)
-    was_training = model.training
-    detector = Detector(model, img_size=img_size, conf=conf, iou=iou, max_det=max_det, batch_size=batch_size)
-    metrics = DetectionMetrics(names, serve_conf=serve_conf, method=method)
-    pending: List[Tuple[Any, np.ndarray, np.ndarray]] = []
-
-    def flush() -> None:
-        for indices in detector.batches([boxed for boxed, _, _ in pending]):
-            predictions = detector.forward(np.stack([pending[k][0].image for k in indices]))
-            for row, k in enumerate(indices):
-                boxed, gt_boxes, gt_classes = pending[k]
-                det = detector.decode(predictions[row], boxed, conf, multi_label=multi_label)
-                metrics.add(det.boxes, det.scores, det.labels, gt_boxes, gt_classes)
-        pending.clear()
-
-    try:
-        for image, gt_boxes, gt_classes in eval_set:
-            pending.append((eval_letterbox(image, img_size, detector.stride, pad), gt_boxes, gt_classes))
-            if len(pending) == batch_size:
-                flush()
-        if pending:
-            flush()
-    finally:
-        model.train(was_training)
-    return metrics.compute()
 
 
 # --------------------------------------------------------------------------------------------------------------
