@@ -23,7 +23,7 @@ from yolo_backend.labelstudio.config import (
     map_classes_to_labels,
     parse_label_map,
 )
-from yolo_backend.labelstudio.images import ImageFetchError
+from yolo_backend.labelstudio.images import ImageFetchError, shown_url
 from yolo_backend.labelstudio.client import LabelStudioAuthError
 from yolo_backend.labelstudio.results import detections_to_regions, failed_task_prediction, task_prediction
 from yolo_backend.registry import Registry, RegistryError
@@ -155,8 +155,8 @@ class YOLOv7Backend(*_base_classes()):
                 log.warning("task %s: image not available, no prediction (Label Studio asks again later): %s",
                             task_id, exc)
             except Exception:  # an unexpected failure for one image must not fail the batch
-                log.exception("task %s: image %r failed unexpectedly; no prediction (Label Studio asks again "
-                              "later)", task_id, url)
+                log.exception("task %s: image %s failed unexpectedly; no prediction (Label Studio asks again "
+                              "later)", task_id, shown_url(str(url)))
             return None
 
         if len(tasks) <= 1:

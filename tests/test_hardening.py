@@ -348,3 +348,26 @@ def test_start_check_covers_model_path_pinned_and_published_versions(tmp_path, m
         ModelHolder(Settings.from_env(env={}, model_dir=str(tmp_path / "x"),
                                       model_path=str(tmp_path / "nope.pt"))).check(validate)
     assert ModelHolder(Settings.from_env(env={}, model_dir=str(tmp_path / "empty"))).check(validate) == []
+
+
+def test_a_png_bomb_is_refused_without_reading_its_pixels_and_logged_briefly(tmp_path, model_file, caplog):
+    """Pillow reads a PNG's EXIF only by decoding it: the header check must not ask for it."""
+    import base64
+
+    from PIL import Image
+
+    calls = []
+    original = Image.Image.load
+    try:
+        Image.Image.load = lambda self, *a, **k: calls.append(self.size) or original(self, *a, **k)
+        with pytest.raises(ImageTooLargeError):
+            checked_size(png_header_only(30000, 30000))
+    finally:
+        Image.Image.load = original
+    assert calls == []
+    client, _, _ = make_client(tmp_path, model_file)
+    bomb = "data:image/png;base64," + base64.b64encode(png_header_only(20000, 20000)).decode()
+    with caplog.at_level(logging.WARNING):
+        client.post("/predict", json={"tasks": [{"id": 7, "data": {"image": bomb}}], "label_config": CONFIG})
+    line = next(r.getMessage() for r in caplog.records if "task 7" in r.getMessage())
+    assert "data:image/png;base64,..." in line and f"({len(bomb)} characters)" in line and len(line) < 600

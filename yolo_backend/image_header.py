@@ -40,10 +40,14 @@ def header_size(source: Union[bytes, str, os.PathLike]) -> tuple[int, int]:
     try:
         with Image.open(stream) as image:
             width, height = image.size
-            try:
-                orientation = image.getexif().get(0x0112)
-            except Exception:  # noqa: BLE001 - a broken EXIF block must not make a good image unreadable
-                orientation = None
+            orientation = None
+            # Pillow finds a PNG's EXIF chunk only by decoding the whole image: read it only where it is in the
+            # header (JPEG, TIFF, WebP; a PNG whose eXIf chunk comes before the pixels).
+            if image.format != "PNG" or "exif" in image.info:
+                try:
+                    orientation = image.getexif().get(0x0112)
+                except Exception:  # noqa: BLE001 - a broken EXIF block must not make a good image unreadable
+                    orientation = None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         raise ImageHeaderError(f"not a readable image ({exc})") from None
     if orientation in TRANSPOSED_ORIENTATIONS:

@@ -181,6 +181,14 @@ def _local_storage_path(url: str) -> Optional[str]:
     return path if path and os.path.isfile(path) else None
 
 
+def shown_url(url: str, limit: int = 200) -> str:
+    """A task's image reference as log lines and errors show it: a data URI by its size (it can be megabytes of
+    base64), anything else cut to ``limit`` characters."""
+    if url.startswith("data:"):
+        return f"{url[:url.find(',') + 1 or 40][:40]}... ({len(url)} characters)"
+    return url if len(url) <= limit else url[:limit] + "..."
+
+
 class _DeadlinePassed(Exception):
     pass
 
@@ -341,7 +349,7 @@ class ImageFetcher:
         try:
             image = decode_image(data, self.max_pixels)
         except ImageFetchError as exc:
-            raise ImageFetchError(f"{url}: {exc}") from None
+            raise ImageFetchError(f"{shown_url(url)}: {exc}") from None
         if key is not None and not cached:
             self.cache.put(key, data)
         return image
