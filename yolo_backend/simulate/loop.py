@@ -361,15 +361,22 @@ class _Progress:
     def __init__(self, total: int, mode: str):
         self.total, self.count = total, 0
         self.bar: Any = None
+        self._redirect: Any = None
         if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self.bar = tqdm(total=total, unit="round", dynamic_ncols=True)
+            self._redirect = logging_redirect_tqdm()  # log lines print above the bar instead of through it
 
     def __enter__(self) -> "_Progress":
+        if self._redirect is not None:
+            self._redirect.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._redirect is not None:
+            self._redirect.__exit__(*exc)
         if self.bar is not None:
             self.bar.close()
 
