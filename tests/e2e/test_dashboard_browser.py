@@ -297,3 +297,33 @@ def test_dashboard_in_chromium_shows_live_progress_versions_and_learning_curve(s
 
     errors = console_errors(browser)
     assert errors == [], f"console errors: {errors}"
+
+
+def test_dashboard_behind_basic_auth_polls_without_errors(tmp_path, browser):
+    """Basic Auth on: without the password the page is refused; with it the page loads and its polling works
+    (the browser sends the credentials with the script's requests too)."""
+    import requests
+    from werkzeug.serving import make_server
+
+    from model_backend import YOLOv7Backend
+    from tests.test_jobs import fake_loader
+    from yolo_backend.server.app import create_app
+    from yolo_backend.server.base import BackendContext
+    from yolo_backend.settings import Settings
+
+    settings = Settings.from_env(env={}, model_dir=str(tmp_path / "models"), image_cache_dir=str(tmp_path / "cache"),
+                                 basic_auth_user="ls", basic_auth_pass="s3cret")
+    context = BackendContext.from_settings(settings, loader=fake_loader)
+    server = make_server("127.0.0.1", 0, create_app(YOLOv7Backend, context=context), threaded=True)
+    threading.Thread(target=server.serve_forever, name="dashboard-auth-app", daemon=True).start()
+    port = server.server_port
+    try:
+        assert requests.get(f"http://127.0.0.1:{port}/", headers={"Accept": "text/html"}, timeout=5).status_code == 401
+        browser.get(f"http://ls:s3cret@127.0.0.1:{port}/")
+        assert browser.title == "YOLOv7 backend – dashboard"
+        first = browser.find_element("id", "updated").text
+        wait_for(lambda: browser.find_element("id", "updated").text != first, 15, "the page to poll /status")
+        assert "not answering" not in browser.find_element("id", "updated").text
+        assert console_errors(browser) == []
+    finally:
+        server.shutdown()

@@ -59,9 +59,11 @@ def line_chart(series: Sequence[Series], title: str, x_label: str, y_label: str,
                note: str = "") -> str:
     """Points of each series joined by a line through its filled points; hollow points are drawn unjoined.
     ``note`` is a line under the legend (e.g. what filled and hollow mean)."""
+    points = [p for s in series for p in s.points]
+    if not points:
+        height = min(height, 90)  # just the title and the message
     left, right, top, bottom = 56, 16, 34, 72 if note else 56
     plot_w, plot_h = width - left - right, height - top - bottom
-    points = [p for s in series for p in s.points]
     parts = [_svg_open(width, height, title)]
     parts.append(f'<text x="{width / 2:.0f}" y="20" text-anchor="middle" style="{FONT};font-size:14px;'
                  f'font-weight:600">{escape(title)}</text>')

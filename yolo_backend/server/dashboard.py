@@ -159,7 +159,7 @@ PAGE = """<!doctype html>
   .facts span { margin-right: 1.4em; white-space: nowrap; }
   .progress { display: flex; align-items: center; gap: 10px; }
   .bar { flex: 0 1 600px; height: 18px; background: #e6e6e6; border-radius: 9px; overflow: hidden; margin: 8px 0; }
-  .bar .fill { height: 100%; background: #1f77b4; transition: width .5s; }
+  .bar .fill { height: 100%; background: #1f77b4; }
   .charts { display: flex; flex-wrap: wrap; gap: 16px; }
   .charts > div { flex: 1 1 480px; }
   .table-wrap { overflow-x: auto; }
@@ -285,7 +285,7 @@ found (recall). Images: annotated images trained and validated on, with boxes (p
 <section id="warnings">
 <h2>Last warnings of this server</h2>
 {% if data.warnings %}
-<ul class="warnings">{% for w in data.warnings %}<li>{{ w.time_iso }} {{ w.level }} {{ w.logger }}: {{ w.message }}</li>{% endfor %}</ul>
+<ul class="warnings">{% for w in data.warnings %}<li>{{ w.time_iso | replace("T", " ") | replace("Z", " UTC") }} {{ w.level }} {{ w.logger }}: {{ w.message }}</li>{% endfor %}</ul>
 {% else %}
 <p class="muted">None since the server started (images that cannot be read, refused Label Studio keys and other
 problems show up here).</p>
@@ -337,8 +337,10 @@ problems show up here).</p>
     if (pending) pending.textContent = queue.pending_requests || 0;
   }
   function poll() {
-    // The same projects as the page: /dashboard?project=3 polls status?project=3.
-    fetch("status" + window.location.search, {headers: {"Accept": "application/json"}, cache: "no-store", credentials: "same-origin"})
+    // The same projects as the page (/dashboard?project=3 polls status?project=3). Built on the origin, which
+    // leaves out user:password@ of the address: fetch refuses URLs with credentials (Basic Auth still applies).
+    var url = new URL("status" + window.location.search, window.location.origin + window.location.pathname);
+    fetch(url.href, {headers: {"Accept": "application/json"}, cache: "no-store", credentials: "same-origin"})
       .then(function (response) {
         if (!response.ok) throw new Error("HTTP " + response.status);
         return response.json();

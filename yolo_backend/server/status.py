@@ -57,12 +57,15 @@ _install_lock = threading.Lock()
 
 
 def recent_warnings() -> RecentWarnings:
-    """The process's one warnings handler, attached to the root logger on first use."""
+    """The process's one warnings handler, attached to the root logger on first use (and again if a logging
+    set-up made later, e.g. a server's, replaced the root logger's handlers)."""
     global _recent_warnings
     with _install_lock:
         if _recent_warnings is None:
             _recent_warnings = RecentWarnings()
-            logging.getLogger().addHandler(_recent_warnings)
+        root = logging.getLogger()
+        if _recent_warnings not in root.handlers:
+            root.addHandler(_recent_warnings)
         return _recent_warnings
 
 
