@@ -98,8 +98,12 @@ def _append(model_dir: str | os.PathLike, project_id: int, record: dict) -> Opti
     record = finite(record)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(record, allow_nan=False, default=str) + "\n"
-        with open(path, "a", encoding="utf-8") as f:
+        line = (json.dumps(record, allow_nan=False, default=str) + "\n").encode("utf-8")
+        with open(path, "ab+") as f:  # appends go to the end whatever the read position
+            if f.seek(0, os.SEEK_END) > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # a line cut short by a crash: start ours on a line of its own
+                    line = b"\n" + line
             f.write(line)
         _trim(path)
     except (OSError, TypeError, ValueError) as exc:
