@@ -13,7 +13,8 @@ import pytest
 
 from yolo_backend.settings import Settings
 from yolo_backend.simulate import SimConfig, Simulation, loop
-from yolo_backend.simulate.report import area_under_curve, labels_to_reach, mean_curve, report_markdown
+from yolo_backend.simulate.report import (area_under_curve, labels_to_reach, mean_curve, points_above,
+                                          report_markdown)
 from yolo_backend.simulate.scoring import neck_embedding
 from yolo_backend.simulate.strategies import parse_strategy
 
@@ -254,3 +255,9 @@ def test_report_numbers():
     text = report_markdown(rows, ["random", "smart"])
     assert "0.1500 ± 0.0707 (2)" in text
     assert "| smart | 50 | 0.50 |" in text
+    assert "2 of 2 points" in text
+    # a seed still running: its lone point at 150 labels is in the table but not in the summary
+    ragged = report_markdown(rows + _rows("random", [(0, (150, 0.9))]), ["random", "smart"])
+    assert "| 150 | 0.9000 ± 0.0000 (1) |" in ragged
+    assert "Target: random's final mean mAP@0.5, 0.3000 at 100 labels." in ragged
+    assert points_above(curve, smart) == (0, 2)

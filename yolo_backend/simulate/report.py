@@ -35,6 +35,12 @@ def mean_curve(rows: Sequence[dict], strategy: str, key: str = "map50") -> list[
     return curve
 
 
+def complete(curve: Sequence[tuple]) -> list[tuple]:
+    """The points of ``curve`` that every seed reached (a stopped or running simulation has ragged ends)."""
+    seeds = max((p[3] for p in curve), default=0)
+    return [p for p in curve if p[3] == seeds]
+
+
 def labels_to_reach(curve: Sequence[tuple], target: float) -> Optional[float]:
     """The first labels count at which the mean curve reaches ``target`` (linear between measured points);
     None when it never does."""
@@ -92,7 +98,8 @@ def report_markdown(rows: Sequence[dict], strategies: Sequence[str]) -> str:
              "mAP on the test split of the model served after each round (mean ± sd over seeds, number of seeds).",
              "", "## mAP@0.5", "", *_table(rows, strategies, "map50"), "",
              "## mAP@0.5:0.95", "", *_table(rows, strategies, "map50_95"), ""]
-    curves = {s: mean_curve(rows, s) for s in strategies}
+    # A run still going has label counts that only some seeds reached: the summary uses those all seeds reached.
+    curves = {s: complete(mean_curve(rows, s)) for s in strategies}
     common = min((c[-1][0] for c in curves.values() if c), default=None)
     lines += ["## Summary", ""]
     baseline = curves.get(BASELINE)
@@ -103,18 +110,28 @@ def report_markdown(rows: Sequence[dict], strategies: Sequence[str]) -> str:
         target_labels = target = None
         lines.append(f"No `{BASELINE}` strategy in this run: no labels-to-target comparison.")
     lines += ["", f"| strategy | labels to reach the target | × {BASELINE}'s | area under the mAP@0.5 curve "
-              f"(mean mAP@0.5 up to {common} labels) | final labels | final mAP@0.5 |", "|---|---|---|---|---|---|"]
+              f"(mean mAP@0.5 up to {common} labels) | mean above {BASELINE}'s at | final labels | final mAP@0.5 |",
+              "|---|---|---|---|---|---|---|"]
     for s in strategies:
         curve = curves[s]
         reached = labels_to_reach(curve, target) if target is not None else None
         ratio = f"{reached / target_labels:.2f}" if reached is not None and target_labels else "–"
         auc = area_under_curve(curve, common)
+        above, shared = points_above(curve, baseline) if baseline and s != BASELINE else (None, None)
         lines.append(f"| {s} | {'not reached' if reached is None and target is not None else _num(reached, 0)} | "
-                     f"{ratio} | {_num(auc, 4)} | {curve[-1][0] if curve else '–'} | "
-                     f"{_num(curve[-1][1] if curve else None, 4)} |")
+                     f"{ratio} | {_num(auc, 4)} | {'–' if above is None else f'{above} of {shared} points'} | "
+                     f"{curve[-1][0] if curve else '–'} | {_num(curve[-1][1] if curve else None, 4)} |")
     lines += ["", "Labels count annotated images, negatives included. Labels to reach the target are interpolated "
-              "linearly between measured points; the first point counts as reached when it is already above.", ""]
+              "linearly between measured points; the first point counts as reached when it is already above. The "
+              "summary uses the label counts every seed of a strategy has reached.", ""]
     return "\n".join(lines)
+
+
+def points_above(curve: Sequence[tuple], baseline: Sequence[tuple]) -> tuple[int, int]:
+    """(label counts where the mean curve lies above the baseline's, label counts both have)."""
+    base = {labels: mean for labels, mean, *_ in baseline}
+    shared = [(mean, base[labels]) for labels, mean, *_ in curve if labels in base]
+    return sum(1 for mine, theirs in shared if mine > theirs), len(shared)
 
 
 def _num(value: Optional[float], digits: int) -> str:
