@@ -99,3 +99,17 @@ def test_roboflow_splits_and_nested_folders(tmp_path):
     assert list_images(tmp_path / "flat") == [tmp_path / "flat" / "deeper" / "x.jpg"]
     assert [e.image.name for e in find_dataset(tmp_path / "flat").entries] == ["x.jpg"]
     assert [s.name for s in load_data(tmp_path / "flat").train] == ["x.jpg"]
+
+
+def test_every_image_listing_is_recursive(tmp_path):
+    # The CLI's detect, the converter's detect and the dataset reader list a folder the same way.
+    from yolo_backend.cli import _image_paths
+    from yolo_backend.convert import iter_image_files
+
+    _image(tmp_path / "b.jpg")
+    _image(tmp_path / "sub" / "a.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    expected = [tmp_path / "b.jpg", tmp_path / "sub" / "a.png"]
+    assert list_images(tmp_path) == expected
+    assert _image_paths(str(tmp_path)) == expected
+    assert iter_image_files(tmp_path) == expected
