@@ -421,3 +421,50 @@ def test_dashboard_imports_no_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
                             env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "MODEL_DIR": "/nonexistent"})
     assert result.returncode == 0, result.stderr
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the training job writes the history (run_training_job in this process: no worker, no Redis)
+# --------------------------------------------------------------------------------------------------------------
+
+def failing_train(data, callback):
+    raise RuntimeError("out of memory while training")
+
+
+def run_job_in_process(tmp_path, monkeypatch, tasks, trainer: str) -> Path:
+    from tests.test_jobs import TOKEN, FakeLabelStudio
+    from yolo_backend.jobs.training import run_training_job
+
+    label_studio = FakeLabelStudio(tasks, project_id=PROJECT)
+    model_path = tmp_path / "start.pt"
+    model_path.write_bytes(b"not loaded: the trainer fails or there is nothing to train")
+    for key, value in {"MODEL_DIR": str(tmp_path / "models"), "MODEL_PATH": str(model_path),
+                       "IMAGE_CACHE_DIR": str(tmp_path / "cache"), "LABEL_STUDIO_URL": label_studio.url,
+                       "LABEL_STUDIO_API_KEY": TOKEN}.items():
+        monkeypatch.setenv(key, value)
+    try:
+        run_training_job(PROJECT, "START_TRAINING", {}, {"settle_s": 0, "trainer": trainer})
+    finally:
+        label_studio.close()
+    return tmp_path / "models"
+
+
+def test_training_job_records_a_run_that_failed(tmp_path, monkeypatch):
+    from tests.test_jobs import make_tasks
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_job_in_process(tmp_path, monkeypatch, make_tasks(), "tests.test_dashboard:failing_train")
+    (run,) = history.read_runs(tmp_path / "models", PROJECT)
+    assert run["outcome"] == "failed" and run["reason"] == "RuntimeError: out of memory while training"
+    assert run["event"] == "START_TRAINING" and run["job_seconds"] >= 0
+
+
+def test_training_job_records_a_run_with_nothing_to_train(tmp_path, monkeypatch):
+    tasks = [{"id": 1, "data": {"image": "/data/upload/1/img1.png"}, "annotations": []}]
+    run_job_in_process(tmp_path, monkeypatch, tasks, "tests.test_dashboard:failing_train")
+    (run,) = history.read_runs(tmp_path / "models", PROJECT)
+    assert run["outcome"] == "skipped" and run["images"] == 0
+    assert "no annotated task" in run["reason"]
+    client, _ = make_app(tmp_path)
+    (project,) = client.get("/status").json["projects"]
+    assert [(v["status"], v["reason"]) for v in project["versions"]] == [("skipped", run["reason"])]

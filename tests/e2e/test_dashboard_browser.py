@@ -294,6 +294,10 @@ def test_dashboard_in_chromium_shows_live_progress_versions_and_learning_curve(s
     page = wait_for(lambda: (p := read_page(browser)).get("phase") == "done" and p, 60, "the job to end")
     assert page["progress"] == 100, page
     browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
+    from yolo_backend.jobs.history import read_runs
+
+    runs = read_runs(stack.model_dir, 1)  # what the worker's jobs recorded
+    assert [(r["outcome"], r["images"]) for r in runs] == [("published", 6), ("published", 12)], runs
 
     errors = console_errors(browser)
     assert errors == [], f"console errors: {errors}"
