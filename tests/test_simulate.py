@@ -223,6 +223,9 @@ def test_strategy_names():
 def test_source_clusters_group_variants_of_one_photo():
     names = ["0050_jpg.rf.aa.jpg", "0050_jpg.rf.bb.jpg", "0052_jpg.rf.cc.jpg", "plain.jpg"]
     assert loop.source_clusters(names) == [0, 0, 1, 2]
+    # task ids are 1-based: 2 repeats labelled 1's photo, 4 is new; picking 3 twice would count once more
+    assert loop.repeated_sources(names, labelled=[1], picked=[2, 4]) == 1
+    assert loop.repeated_sources(names, labelled=[], picked=[3, 4]) == 0
 
 
 def test_neck_embedding_pools_each_level_and_concatenates():

@@ -74,6 +74,10 @@ class Pool:
     clusters: Optional[list[int]]
 
     @property
+    def sample_names(self) -> list[str]:
+        return [s.name for s in self.samples]
+
+    @property
     def ids(self) -> list[int]:
         return list(range(1, len(self.samples) + 1))
 
@@ -86,6 +90,18 @@ def source_clusters(names: list[str]) -> list[int]:
     one (the near-duplicates a real pool holds as consecutive frames)."""
     ids: dict[str, int] = {}
     return [ids.setdefault(name.split(".rf.")[0], len(ids)) for name in names]
+
+
+def repeated_sources(names: list[str], labelled: list[int], picked: list[int]) -> int:
+    """How many of ``picked`` show a source photo (``source_clusters``) that was already labelled or picked
+    earlier in the batch: labels spent on near-duplicates."""
+    clusters = source_clusters(names)
+    seen = {clusters[i - 1] for i in labelled}
+    repeats = 0
+    for i in picked:
+        repeats += clusters[i - 1] in seen
+        seen.add(clusters[i - 1])
+    return repeats
 
 
 def load_pool(config: SimConfig) -> Pool:
@@ -316,6 +332,7 @@ class Simulation:
         trial = RunState(state.strategy, state.seed, state.labelled + picked, list(state.rows), state.last_version)
         row = self.train_round(run_dir, trial, round_index)
         row["score_s"] = score_s
+        row["repeat_photos"] = repeated_sources(self.pool.sample_names, state.labelled, picked)
         trial.rows.append(row)
         trial.save(self.state_path(run_dir))
         state.labelled, state.rows, state.last_version = trial.labelled, trial.rows, trial.last_version

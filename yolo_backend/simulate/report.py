@@ -15,7 +15,7 @@ import numpy as np
 from ..atomic import atomic_write
 
 COLUMNS = ("strategy", "seed", "round", "labels", "map50", "map50_95", "train_s", "score_s", "published",
-           "model_version", "epochs_run", "train_images", "val_images", "positives")
+           "model_version", "epochs_run", "train_images", "val_images", "positives", "repeat_photos")
 BASELINE = "random"
 
 
