@@ -120,3 +120,17 @@ def test_bad_device_and_usage():
     result = run_cli("detect", "--weights", "x.pt", "--source", ".", "--device", "gpu7")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert run_cli().returncode == 2  # no command: argparse usage error
+
+
+def test_detect_leaves_nothing_in_the_folder_it_runs_in(shared_dir, two_valid_images, tmp_path):
+    """ONNX exports go to the user's cache folder (~/.cache/yolo-backend/onnx), not ./data of the current folder."""
+    workdir, home = tmp_path / "work", tmp_path / "home"
+    workdir.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_THREADS="1", HOME=str(home), INFERENCE_BACKEND="onnxruntime")
+    env.pop("ONNX_CACHE_DIR", None)
+    result = subprocess.run([sys.executable, "-m", "yolo_backend", "detect", "--weights", str(shared_dir / REF_TRAINED),
+                             "--source", str(two_valid_images), "--img-size", "320"], cwd=workdir, env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert list(workdir.iterdir()) == []
+    assert list((home / ".cache" / "yolo-backend" / "onnx").glob("*.onnx")), list(home.rglob("*"))

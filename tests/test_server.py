@@ -444,3 +444,41 @@ def test_setup_extra_params_cannot_replace_our_arguments(tmp_path, model_file):
             "extra_params": {"project_id": 99, "hostname": 1, "label_config": "<View/>", "custom": "kept"}}
     response = client.post("/setup", json=body)
     assert response.status_code == 200 and response.json["model_version"] not in (None, "no-model")
+
+
+def test_a_real_model_path_wins_over_the_untrained_placeholder(tmp_path, model_file):
+    """Started once without a model (v0-untrained published for project 5), then restarted with MODEL_PATH: the
+    checkpoint serves and trains; a version trained from the placeholder (it learned something) still wins."""
+    from yolo_backend.jobs.training import current_model
+    from yolo_backend.serve import describe_model
+    from yolo_backend.server.model_holder import resolve_source
+
+    models = tmp_path / "models"
+    placeholder = tmp_path / "untrained.pt"
+    placeholder.write_text("untrained weights")
+    Registry.for_project(models, 5).publish(placeholder, {"untrained": True}, name="v0-untrained")
+    untrained_only = Settings.from_env(env={}, model_dir=str(models))
+    assert resolve_source(untrained_only, 5).version == "v0-untrained"
+    settings = Settings.from_env(env={}, model_dir=str(models), model_path=str(model_file))
+    source = resolve_source(settings, 5)
+    assert source.path == model_file and "instead of the untrained placeholder v0-untrained" in source.origin
+    assert current_model(settings, 5) == (str(model_file), checkpoint_version(model_file))
+    assert "instead of the untrained placeholder" in describe_model(settings)
+    client, _, _ = make_client(tmp_path, model_file)
+    reply = client.post("/setup", json={"project": "5.1", "schema": CONFIG})
+    assert reply.json["model_version"] == checkpoint_version(model_file)
+    trained = tmp_path / "trained.pt"
+    trained.write_text("trained from the placeholder")
+    Registry.for_project(models, 5).publish(trained, {"parent": "v0-untrained"}, name="v1-20260101T000000")
+    assert resolve_source(settings, 5).version == "v1-20260101T000000"
+
+
+def test_versions_without_a_project_lists_project_versions_and_no_placeholder_name(tmp_path):
+    client, _, _ = make_client(tmp_path)
+    assert client.get("/versions").json["model_version"] is None and client.get("/versions").json["versions"] == []
+    placeholder = tmp_path / "untrained.pt"
+    placeholder.write_text("untrained weights")
+    Registry.for_project(tmp_path / "models", 5).publish(placeholder, {"untrained": True}, name="v0-untrained")
+    body = client.get("/versions").json
+    assert body["versions"] == ["v0-untrained"] and body["model_version"] is None
+    assert client.get("/versions", query_string={"project": 5}).json["model_version"] == "v0-untrained"

@@ -195,33 +195,37 @@ def child_environment(settings: Settings, base: Optional[dict] = None, cwd: Opti
 
 
 def describe_model(settings: Settings) -> str:
-    """One line saying which model will be served (resolved the way the model holder does, without loading)."""
+    """Which model serves which project and why (the model holder's rule, ``resolve_source``), without loading
+    anything: one line for projects without a version of their own, then one per project that has versions."""
     from .registry import Registry
+    from .server.model_holder import NoModelError, resolve_source
 
     model_dir = Path(settings.model_dir)
     if settings.model_version:
         return f"model: MODEL_VERSION={settings.model_version} (pinned) from {model_dir}"
-    published = []
-    root_latest = Registry(model_dir).latest()
-    if root_latest is not None:
-        published.append(f"{root_latest.name} (all projects)")
-    for registry in Registry.all_projects(model_dir):
-        latest = registry.latest()
-        if latest is not None:
-            published.append(f"{latest.name} (project {registry.root.name})")
-    if published:
-        shown = ", ".join(published[:5]) + (f" and {len(published) - 5} more" if len(published) > 5 else "")
-        fallback = f"; MODEL_PATH={settings.model_path} for projects without one" if settings.model_path else ""
-        return f"model: the newest published version in {model_dir}: {shown}{fallback}"
-    if settings.model_path:
-        if not Path(settings.model_path).is_file():
-            raise FileNotFoundError(f"MODEL_PATH={settings.model_path} does not exist; point it at a YOLOv7 "
-                                    "checkpoint (.pt), or unset it to start from an untrained model")
-        return (f"model: MODEL_PATH={settings.model_path} (until a version trained from it is published in "
-                f"{model_dir})")
-    return (f"model: none configured (no MODEL_PATH, nothing published in {model_dir}): each project starts from "
-            "an UNTRAINED yolov7-tiny built for its label config (version v0-untrained) that learns from the first "
-            "annotations; its predictions are empty until then. Set MODEL_PATH to serve a trained checkpoint")
+    try:
+        default = resolve_source(settings, None)
+    except NoModelError:
+        raise FileNotFoundError(f"MODEL_PATH={settings.model_path} does not exist; point it at a YOLOv7 "
+                                "checkpoint (.pt), or unset it to start from an untrained model") from None
+    if default is None:
+        lines = [f"model: none configured (no MODEL_PATH, nothing published in {model_dir}): each project starts "
+                 "from an UNTRAINED yolov7-tiny built for its label config (version v0-untrained) that learns from "
+                 "the first annotations; its predictions are empty until then. Set MODEL_PATH to serve a trained "
+                 "checkpoint"]
+    elif default.origin.startswith("MODEL_PATH="):
+        lines = [f"model: MODEL_PATH={settings.model_path} (until a version trained from it is published in "
+                 f"{model_dir})"]
+    else:
+        lines = [f"model: {default.version} for projects without a version of their own ({default.origin})"]
+    projects = Registry.all_projects(model_dir)
+    for registry in projects[:20]:
+        source = resolve_source(settings, int(registry.root.name))
+        if source is not None and source != default:
+            lines.append(f"{source.version} (project {registry.root.name}): {source.origin}")
+    if len(projects) > 20:
+        lines.append(f"and {len(projects) - 20} more projects")
+    return "\n  ".join(lines)
 
 
 # Set for the children once the model is checked (gunicorn.conf.py skips its own check then).

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from .image_header import DEFAULT_MAX_IMAGE_PIXELS  # standard library only, like this module
+from .yolov7.inference_backends import DEFAULT_CACHE_DIR as DEFAULT_ONNX_CACHE_DIR  # standard library only
 
 
 def setting(default: Any, doc: str) -> Any:
@@ -75,7 +76,8 @@ class Settings:
     inference_backend: str = setting(
         "auto", "`auto` (ONNX Runtime on the CPU when it imports, torch on CUDA), `torch` or `onnxruntime`.")
     onnx_cache_dir: str = setting(
-        "./data/onnx-cache", "Where ONNX exports of checkpoints are kept (keyed by file hash) for ONNX Runtime.")
+        DEFAULT_ONNX_CACHE_DIR, "Where ONNX exports of checkpoints are kept (keyed by file hash) for ONNX Runtime; "
+        "in the user's cache folder, shared by every command.")
     # --- predictions -------------------------------------------------------------------------
     model_score_threshold: float = setting(
         0.25, "Boxes at or above this confidence are shown to the annotator.")
@@ -155,6 +157,10 @@ class Settings:
                 f = next(f for f in dataclasses.fields(cls) if f.name == name)
                 value = _convert(name, value, str(f.type))
             values[name] = value
+        for f in dataclasses.fields(cls):  # "~/models" means the user's home in every setting that is a path
+            value = values.get(f.name, f.default)
+            if f.name in PATH_SETTINGS and isinstance(value, str):
+                values[f.name] = os.path.expanduser(value)
         settings = cls(**values)
         settings.validate()
         return settings
@@ -238,6 +244,7 @@ def exposure_warning(host: str, settings: "Settings") -> Optional[str]:
             "password in Label Studio's model connection), or bind to 127.0.0.1 behind a proxy")
 
 
+PATH_SETTINGS = ("model_path", "model_dir", "image_cache_dir", "onnx_cache_dir")
 TASK_SCORE_STRATEGIES = ("uncertainty", "max_confidence", "mean_confidence", "count", "margin_sum", "margin_mean",
                          "entropy_sum", "entropy_mean", "objectness")
 INFERENCE_BACKENDS = ("auto", "torch", "onnxruntime")

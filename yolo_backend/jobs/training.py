@@ -45,7 +45,7 @@ import numpy as np
 
 from ..labelstudio.annotations import latest_annotation
 from ..labelstudio.client import ProjectNotFound
-from ..registry import ModelVersion, Registry, checkpoint_version
+from ..registry import ModelVersion, Registry
 from ..settings import Settings
 
 log = logging.getLogger(__name__)
@@ -249,18 +249,15 @@ def collect_examples(context, project_id: int, target, tasks: list[dict], size: 
 # --------------------------------------------------------------------------------------------------------------
 
 def current_model(settings: Settings, project_id: int) -> tuple[Optional[str], Optional[str]]:
-    """(checkpoint path, version name) of the model the project is served with now, MODEL_VERSION aside: the
-    project's newest version, else MODEL_DIR's newest, else MODEL_PATH; (None, None) when there is none."""
-    for registry in (Registry.for_project(settings.model_dir, project_id), Registry(settings.model_dir)):
-        latest = registry.latest()
-        if latest is not None:
-            return str(latest.checkpoint), latest.name
-    if settings.model_path:
-        if not Path(settings.model_path).is_file():
-            raise TrainingError(f"MODEL_PATH={settings.model_path} does not exist; point it at a YOLOv7 checkpoint "
-                                "or unset it to train from an untrained yolov7-tiny")
-        return settings.model_path, checkpoint_version(settings.model_path)
-    return None, None
+    """(checkpoint path, version name) of the model the project is served with now, MODEL_VERSION aside (the
+    server's rule, ``model_holder.resolve_source``); (None, None) when there is none."""
+    from ..server.model_holder import NoModelError, resolve_source
+
+    try:
+        source = resolve_source(settings, project_id, use_pin=False)
+    except NoModelError as exc:
+        raise TrainingError(f"{exc}, or unset it to train from an untrained yolov7-tiny") from None
+    return (str(source.path), source.version) if source else (None, None)
 
 
 def fitness(metrics: Optional[dict]) -> float:

@@ -328,7 +328,10 @@ def create_app(backend_class: Optional[type[LabelStudioMLBase]] = None, settings
         project = body.get("project", request.args.get("project"))
         backend = make_backend(project_id=_project_id(project))
         names = backend.versions()
-        return jsonify(versions=names, model_version=backend.model_version,
+        # Without a project (Label Studio's model list) and no model for such requests: null, not a version name
+        # that is not in the list.
+        version = None if backend.model_version == NO_MODEL_VERSION else backend.model_version
+        return jsonify(versions=names, model_version=version,
                        details=version_details(settings, backend.project_id, names))
 
     @app.route("/is_training", methods=["GET", "POST"])

@@ -87,6 +87,48 @@ def validate_checkpoint(path: Path) -> None:
     model_from_checkpoint(load_checkpoint(path), device="cpu", fuse=False)
 
 
+def model_path_source(settings: Settings) -> ModelSource:
+    path = Path(settings.model_path)
+    if not path.is_file():
+        raise NoModelError(f"MODEL_PATH={settings.model_path} does not exist or is not a file; "
+                           "point it at a YOLOv7 checkpoint (.pt)")
+    return ModelSource(path, checkpoint_version(path), f"MODEL_PATH={path}")
+
+
+def resolve_source(settings: Settings, project_id: Optional[int], use_pin: bool = True) -> Optional[ModelSource]:
+    """Which checkpoint serves ``project_id`` (the rule in this module's docstring); None: nothing configured.
+
+    The one home of that rule: the server predicts with it, the training job fine-tunes from it (``use_pin``
+    False: MODEL_VERSION pins what is served, training goes on from the newest), ``serve`` describes it. An
+    untrained placeholder (``v0-untrained``) never wins over a real MODEL_PATH: it only stood in while none was
+    set; versions trained from it do.
+    """
+    registries = [Registry.for_project(settings.model_dir, project_id)] if project_id is not None else []
+    registries.append(Registry(settings.model_dir))
+    pinned = settings.model_version if use_pin else None
+    if pinned:
+        for registry in registries:
+            try:
+                version = registry.get(pinned)
+            except RegistryError:
+                continue
+            return ModelSource(version.checkpoint, version.name, f"MODEL_VERSION={pinned} in {registry.root}")
+        raise RegistryError(f"MODEL_VERSION={pinned!r} is not published in "
+                            f"{' or '.join(str(r.root) for r in registries)}; unset it or publish that version")
+    for registry in registries:
+        latest = registry.latest()
+        if latest is None:
+            continue
+        if settings.model_path and latest.meta().get("untrained"):
+            configured = model_path_source(settings)
+            return ModelSource(configured.path, configured.version, f"{configured.origin} (instead of the "
+                               f"untrained placeholder {latest.name} in {registry.root})")
+        return ModelSource(latest.checkpoint, latest.name, f"newest version in {registry.root}")
+    if settings.model_path:
+        return model_path_source(settings)
+    return None
+
+
 class ModelHolder:
     """Per process: resolves which checkpoint serves a project and keeps the loaded models. Thread-safe."""
 
@@ -122,31 +164,10 @@ class ModelHolder:
         return tuple(stamps)
 
     def _resolve(self, project_id: Optional[int]) -> Optional[ModelSource]:
-        registries = self._registries(project_id)
-        pinned = self.settings.model_version
-        if pinned:
-            for registry in registries:
-                try:
-                    version = registry.get(pinned)
-                except RegistryError:
-                    continue
-                return ModelSource(version.checkpoint, version.name, f"MODEL_VERSION={pinned} in {registry.root}")
-            raise RegistryError(f"MODEL_VERSION={pinned!r} is not published in "
-                                f"{' or '.join(str(r.root) for r in registries)}; unset it or publish that version")
-        for registry in registries:
-            latest = registry.latest()
-            if latest is not None:
-                return ModelSource(latest.checkpoint, latest.name, f"newest version in {registry.root}")
-        if self.settings.model_path:
-            return self._resolve_model_path()
-        return None
+        return resolve_source(self.settings, project_id)
 
     def _resolve_model_path(self) -> ModelSource:
-        path = Path(self.settings.model_path)
-        if not path.is_file():
-            raise NoModelError(f"MODEL_PATH={self.settings.model_path} does not exist or is not a file; "
-                               "point it at a YOLOv7 checkpoint (.pt)")
-        return ModelSource(path, checkpoint_version(path), f"MODEL_PATH={path}")
+        return model_path_source(self.settings)
 
     def source(self, project_id: Optional[int] = None) -> Optional[ModelSource]:
         """The checkpoint serving ``project_id`` now (None: nothing configured). Cheap: cached for

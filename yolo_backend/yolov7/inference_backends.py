@@ -12,7 +12,8 @@ from typing import Optional, Union
 
 BACKENDS = ("auto", "torch", "onnxruntime")
 DEFAULT_BACKEND = "auto"
-DEFAULT_CACHE_DIR = "./data/onnx-cache"
+# In the user's cache folder, so `detect`, `info` and `val` leave nothing in the folder they run in.
+DEFAULT_CACHE_DIR = "~/.cache/yolo-backend/onnx"
 
 
 def check_backend(backend: str) -> str:
@@ -32,7 +33,7 @@ def backend_or_default(backend: Optional[str]) -> str:
 
 
 def cache_dir_or_default(cache_dir: Union[None, str, os.PathLike]) -> str:
-    """``cache_dir``, or the ONNX_CACHE_DIR environment variable, or ``./data/onnx-cache``."""
+    """``cache_dir``, or the ONNX_CACHE_DIR environment variable, or DEFAULT_CACHE_DIR (``~`` expanded)."""
     if cache_dir is None:
-        return os.environ.get("ONNX_CACHE_DIR") or DEFAULT_CACHE_DIR
-    return os.fspath(cache_dir)
+        cache_dir = os.environ.get("ONNX_CACHE_DIR") or DEFAULT_CACHE_DIR
+    return os.path.expanduser(os.fspath(cache_dir))
