@@ -4,6 +4,14 @@ detection pipeline. Knows nothing of Label Studio.
 Public API (imported lazily so that ``yolo_backend.yolov7.detections`` stays free of torch):
   load_model(path, device="cpu") -> torch.nn.Module with .names and .stride
   Detector(model, ...).detect(images) -> list[Detections]
+
+Modules, each with one job (no import cycles among them; see [tool.importlinter] in pyproject.toml):
+  the network        graphs, layers, model
+  checkpoints        checkpoint (read, identify, save), safe_pickle (the unpickling allow-list), untrained
+  where it runs      device, inference_backends, ort_runtime, export
+  detection          image_files, preprocess, boxes, detect, detections
+  training           yolo_format (the YOLO dataset format, torch-free), dataset, augment, matching, assign, loss,
+                     ema, metrics, evaluation, transfer, train
 """
 
 from __future__ import annotations
