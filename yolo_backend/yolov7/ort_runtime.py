@@ -133,7 +133,7 @@ def cache_path(checkpoint: PathLike, model: YOLOv7, cache_dir: PathLike, opset: 
     torch_version = ".".join(torch.__version__.split("+")[0].split(".")[:2])
     name = (f"{model.graph_name}-{file_sha256(checkpoint)[:20]}-export{EXPORT_FORMAT_VERSION}"
             f"-opset{opset}-torch{torch_version}.onnx")
-    return Path(cache_dir) / name
+    return Path(cache_dir).expanduser() / name  # the default folder is in the user's home
 
 
 def _verify(ort_model: OrtYOLOv7, model: YOLOv7) -> None:
