@@ -468,3 +468,16 @@ def test_training_job_records_a_run_with_nothing_to_train(tmp_path, monkeypatch)
     client, _ = make_app(tmp_path)
     (project,) = client.get("/status").json["projects"]
     assert [(v["status"], v["reason"]) for v in project["versions"]] == [("skipped", run["reason"])]
+
+
+def test_page_and_status_for_one_project(trained):
+    Registry.for_project(trained / "models", 7).publish(trained / "model.pt", {"annotations": 2, "negatives": 0},
+                                                        name="v1-20261201T120000")
+    client, _ = make_app(trained, training=Training())
+    assert [p["project"] for p in client.get("/status").json["projects"]] == [PROJECT, 7]
+    assert [p["project"] for p in client.get("/status?project=7").json["projects"]] == [7]
+    page = client.get("/dashboard?project=7").get_data(as_text=True)
+    assert 'data-project="7"' in page and f'data-project="{PROJECT}"' not in page
+    assert "2 (2 / 0)" in page and '<td class="n">–</td>' in page  # a version without metrics: dashes
+    response = client.get("/dashboard?project=../etc")
+    assert response.status_code == 400 and "not a project id" in response.json["error"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import secrets
 from typing import Any, Callable, Optional
 
-from flask import Blueprint, Flask, Response, current_app, jsonify, render_template_string, request
+from flask import Blueprint, Flask, Response, abort, current_app, jsonify, render_template_string, request
 
 from . import charts
 from . import status as dashboard_status
@@ -51,7 +51,7 @@ def register_dashboard(app: Flask, context, health_view: Callable[[], Any], pred
     @blueprint.get("/dashboard")
     def page():
         nonce = secrets.token_urlsafe(16)  # lets the page's own inline script run, nothing else
-        html = render_page(dashboard_status.status(context), nonce, request.args.get("project"))
+        html = render_page(dashboard_status.status(context, _project_arg()), nonce)
         response = Response(html, mimetype=HTML_TYPE)
         # Nothing but this page's own inline style and script, and /status: no CDN can sneak in.
         response.headers["Content-Security-Policy"] = (
@@ -62,11 +62,7 @@ def register_dashboard(app: Flask, context, health_view: Callable[[], Any], pred
 
     @blueprint.get("/status")
     def status():
-        project = request.args.get("project")
-        project_id = int(project) if project and project.isdigit() else None
-        if project and project_id is None:
-            return jsonify(error=f"project {project!r} is not a project id (an integer)", status=400), 400
-        return jsonify(dashboard_status.status(context, project_id))
+        return jsonify(dashboard_status.status(context, _project_arg()))
 
     @blueprint.get("/prometheus")
     def prometheus():
@@ -76,16 +72,27 @@ def register_dashboard(app: Flask, context, health_view: Callable[[], Any], pred
     dashboard_status.recent_warnings()  # start keeping warnings from now on
 
 
+def _project_arg() -> Optional[int]:
+    """``?project=<id>`` (None: every project); anything but an integer answers 400."""
+    project = request.args.get("project")
+    if not project:
+        return None
+    if not project.isdigit():
+        abort(400, description=f"project {project[:40]!r} is not a project id (an integer)")
+    return int(project)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The page
 # --------------------------------------------------------------------------------------------------------------
 
-def _num(value: Optional[float], digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
+def _num(value: Any, digits: int = 3) -> str:
+    """A number for the page; "–" for a missing one (None, or a field the version's meta.json lacks)."""
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "–"
 
 
-def _duration(seconds: Optional[float]) -> str:
-    if seconds is None:
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)):
         return "–"
     seconds = int(round(seconds))
     if seconds < 60:
@@ -127,11 +134,9 @@ def per_class_svg(entry: Optional[dict]) -> str:
                             empty_message="No validation metrics for the serving version yet.")
 
 
-def render_page(data: dict, nonce: str, selected: Optional[str] = None) -> str:
-    """The page for ``data`` (what ``status.status`` returns); ``selected``: show only that project."""
+def render_page(data: dict, nonce: str) -> str:
+    """The page for ``data`` (what ``status.status`` returns); ``nonce`` lets its inline script run."""
     projects = data["projects"]
-    if selected and selected.isdigit():
-        projects = [p for p in projects if p["project"] == int(selected)]
     for project in projects:
         serving = next((e for e in project["versions"] if e.get("serving")), None)
         project["curve_svg"] = learning_curve_svg(project["learning_curve"])
