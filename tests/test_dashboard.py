@@ -481,3 +481,13 @@ def test_page_and_status_for_one_project(trained):
     assert "2 (2 / 0)" in page and '<td class="n">–</td>' in page  # a version without metrics: dashes
     response = client.get("/dashboard?project=../etc")
     assert response.status_code == 400 and "not a project id" in response.json["error"]
+
+
+def test_a_hand_written_meta_json_does_not_break_the_page(trained):
+    version = Registry.for_project(trained / "models", PROJECT).publish(trained / "model.pt", name="v3-20261201T130000")
+    (version.path / "meta.json").write_text(json.dumps({"created": "yesterday", "annotations": "many",
+                                                        "metrics": {"map50": "high", "per_class": ["x"]}}))
+    client, _ = make_app(trained, training=Training())
+    response = client.get("/dashboard")
+    assert response.status_code == 200 and "v3-20261201T130000" in response.get_data(as_text=True)
+    assert len(client.get("/status").json["projects"][0]["learning_curve"]) == 3  # the bad one is left out

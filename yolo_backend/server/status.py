@@ -73,6 +73,11 @@ def recent_warnings() -> RecentWarnings:
 # Versions and runs
 # --------------------------------------------------------------------------------------------------------------
 
+def _number(value: Any) -> Any:
+    """``value`` when it is a number, else None (meta.json and history lines may be written by hand)."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def metrics_summary(metrics: Optional[dict]) -> Optional[dict]:
     """The validation numbers of a run: mAP@0.5, mAP@0.5:0.95, precision and recall at the serving threshold,
     overall and per class (a class without validation boxes has None, not 0)."""
@@ -81,15 +86,16 @@ def metrics_summary(metrics: Optional[dict]) -> Optional[dict]:
     per_class = []
     for item in metrics.get("per_class") or []:
         if isinstance(item, dict):
-            per_class.append({"name": item.get("name"), "instances": item.get("instances"),
-                              "map50": item.get("ap50"), "map": item.get("ap"),
-                              "precision": item.get("precision"), "recall": item.get("recall")})
-    return finite({"map50": metrics.get("map50"), "map": metrics.get("map"), "precision": metrics.get("precision"),
-                   "recall": metrics.get("recall"), "serve_conf": metrics.get("serve_conf"),
-                   "images": metrics.get("images"), "instances": metrics.get("instances"), "per_class": per_class})
+            per_class.append({"name": str(item.get("name")), "instances": _number(item.get("instances")),
+                              "map50": _number(item.get("ap50")), "map": _number(item.get("ap")),
+                              "precision": _number(item.get("precision")), "recall": _number(item.get("recall"))})
+    numbers = {k: _number(metrics.get(k)) for k in ("map50", "map", "precision", "recall", "serve_conf", "images",
+                                                     "instances")}
+    return finite({**numbers, "per_class": per_class})
 
 
-def _images(count: Optional[int], negatives: Optional[int]) -> dict:
+def _images(count: Any, negatives: Any) -> dict:
+    count, negatives = _number(count), _number(negatives)
     positives = count - negatives if isinstance(count, int) and isinstance(negatives, int) else None
     return {"images": count, "positives": positives, "negatives": negatives}
 
@@ -106,10 +112,10 @@ def version_entry(version: ModelVersion, project_id: Optional[int]) -> dict:
     untrained = bool(meta.get("untrained"))
     return {"name": version.name, "project": project_id, "status": "published", "in_registry": True,
             "reason": meta.get("note") if untrained else meta.get("decision"), "parent": meta.get("parent"),
-            "created": meta.get("created"), "created_iso": _iso(meta.get("created")), "job": meta.get("job"),
+            "created": _number(meta.get("created")), "created_iso": _iso(meta.get("created")), "job": meta.get("job"),
             **_images(meta.get("annotations"), meta.get("negatives")),
-            "train_images": meta.get("train_images"), "val_images": meta.get("val_images"),
-            "train_seconds": meta.get("train_seconds"), "untrained": untrained,
+            "train_images": _number(meta.get("train_images")), "val_images": _number(meta.get("val_images")),
+            "train_seconds": _number(meta.get("train_seconds")), "untrained": untrained,
             "metrics": metrics_summary(meta.get("metrics")),
             "baseline_metrics": metrics_summary(meta.get("baseline_metrics"))}
 
@@ -117,11 +123,12 @@ def version_entry(version: ModelVersion, project_id: Optional[int]) -> dict:
 def run_entry(run: dict, project_id: int) -> dict:
     """One run from the history (a rejected, failed or skipped run, or a published version since pruned)."""
     return {"name": run.get("version"), "project": project_id, "status": run.get("outcome"), "in_registry": False,
-            "reason": run.get("reason"), "parent": run.get("parent"), "created": run.get("time"),
+            "reason": run.get("reason"), "parent": run.get("parent"), "created": _number(run.get("time")),
             "created_iso": _iso(run.get("time")), "job": run.get("job"),
             **_images(run.get("images"), run.get("negatives")),
-            "train_images": run.get("train_images"), "val_images": run.get("val_images"),
-            "train_seconds": run.get("train_seconds") or run.get("job_seconds"), "untrained": False,
+            "train_images": _number(run.get("train_images")), "val_images": _number(run.get("val_images")),
+            "train_seconds": _number(run.get("train_seconds")) or _number(run.get("job_seconds")),
+            "untrained": False,
             "metrics": metrics_summary(run.get("metrics")),
             "baseline_metrics": metrics_summary(run.get("baseline_metrics"))}
 
@@ -158,9 +165,10 @@ def learning_curve(entries: list[dict]) -> list[dict]:
     points = []
     for entry in sorted(entries, key=lambda e: e.get("created") or 0):
         metrics = entry.get("metrics") or {}
-        if entry.get("images") is None or metrics.get("map50") is None:
-            continue
-        points.append({"images": entry["images"], "map50": metrics["map50"], "map": metrics.get("map"),
+        if not all(isinstance(v, (int, float)) for v in (entry.get("images"), metrics.get("map50"))):
+            continue  # not trained, or a meta.json written by hand
+        mean = metrics.get("map") if isinstance(metrics.get("map"), (int, float)) else None
+        points.append({"images": entry["images"], "map50": metrics["map50"], "map": mean,
                        "status": entry["status"], "name": entry.get("name"), "created_iso": entry["created_iso"]})
     return points
 
