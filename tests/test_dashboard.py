@@ -264,6 +264,12 @@ def test_job_progress_for_each_phase():
     first = job_progress({"phase": "training", "progress": {"epoch": 1, "epochs": 4, "iteration": 1,
                                                             "iterations": 4, "elapsed": 10.0}})
     assert first["fraction"] == pytest.approx(0.125) and first["eta_seconds"] == pytest.approx(70.0)
+    # 30 epochs planned but a 300 s budget: after 60 s of the first epoch, 20 % done and at most 240 s left
+    budgeted = job_progress({"phase": "training", "progress": {"epoch": 1, "epochs": 30, "iteration": 2,
+                                                               "iterations": 10, "elapsed": 60.0}}, time_budget=300)
+    assert budgeted["fraction"] == pytest.approx(0.2) and budgeted["eta_seconds"] == pytest.approx(240.0)
+    assert job_progress({"phase": "training", "progress": {"epoch": 20, "epochs": 30, "elapsed": 60.0}},
+                        time_budget=300)["eta_seconds"] == pytest.approx(60 * 11 / 19, abs=0.1)  # epochs: less left
     evaluating = job_progress({"phase": "evaluating", "progress": {"epoch": 2, "epochs": 4}})
     assert evaluating["fraction"] == 0.5
     assert job_progress({"phase": "publishing", "progress": {}})["fraction"] == 1.0

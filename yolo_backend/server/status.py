@@ -188,12 +188,13 @@ def version_details(settings: Settings, project_id: Optional[int], names: list[s
 # The current job
 # --------------------------------------------------------------------------------------------------------------
 
-def job_progress(job: Optional[dict], now: Optional[float] = None) -> Optional[dict]:
+def job_progress(job: Optional[dict], time_budget: Optional[float] = None) -> Optional[dict]:
     """A job's state for people: phase, epoch of total, loss, a fraction done (0..1, None when unknown), ETA.
 
     Training is the part that takes time, so the fraction is epochs (and iterations inside the current epoch)
     done of those planned; while images download it is images of total. The ETA extrapolates the time the
-    training phase has taken so far.
+    training phase has taken so far. ``time_budget`` (TRAIN_TIME_BUDGET_S) bounds both: training stops there
+    even when epochs are left (the engine re-plans its epochs to the budget only after the first one).
     """
     if not job:
         return None
@@ -216,8 +217,13 @@ def job_progress(job: Optional[dict], now: Optional[float] = None) -> Optional[d
         fraction = 1.0
     eta = None
     elapsed = progress.get("elapsed")
-    if phase == "training" and fraction and 0 < fraction < 1 and isinstance(elapsed, (int, float)):
-        eta = elapsed * (1 - fraction) / fraction
+    if phase == "training" and fraction is not None and fraction < 1 and isinstance(elapsed, (int, float)):
+        if time_budget:
+            fraction = max(fraction, min(1.0, elapsed / time_budget))
+        if fraction > 0:
+            eta = elapsed * (1 - fraction) / fraction
+            if time_budget:
+                eta = min(eta, max(0.0, time_budget - elapsed))
     result = job.get("result") if isinstance(job.get("result"), dict) else {}
     message = progress.get("message")
     if status == "finished" and result:  # say what the run ended with
@@ -287,7 +293,8 @@ def project_status(context, project_id: int) -> dict:
     stamp = f"{len(entries)}:{entries[0].get('created') if entries else 0}:{serving}"
     return {"project": project_id, "serving_version": serving, "serving_note": why, "stamp": stamp,
             "versions": entries,
-            "learning_curve": learning_curve(entries), "job": job_progress(job),
+            "learning_curve": learning_curve(entries),
+            "job": job_progress(job, context.settings.train_time_budget_s),
             "job_warnings": job_warnings(job), "is_training": bool(training.get("is_training")),
             "waiting_job": training.get("waiting_job"), "pending_requests": training.get("pending_requests", 0),
             "redis": training.get("redis", "up" if context.training is not None else None)}
