@@ -163,7 +163,7 @@ def test_page_shows_versions_runs_metrics_and_the_job(trained):
     # the job: phase, epoch of total, loss, progress (epoch 1 done + 5/10 of epoch 2 = 1.5 of 5 = 30 %), ETA
     job = page[page.index('<div class="card job"'):page.index('<div class="charts">')]
     assert "train-3-abc" in job and ">training<" in job and ">2 of 5<" in job and ">0.1234<" in job
-    assert 'aria-valuenow="30.0"' in job and 'style="width: 30.0%"' in job
+    assert 'aria-valuenow="30"' in job and 'style="width: 30%"' in job and ">30 %<" in job
     assert "about 1 min 38 s" in job  # 42 s for 30 % -> 98 s more
     assert "image not available" in page  # the job's warning
     # the queue
@@ -320,6 +320,12 @@ def test_line_chart_is_valid_svg_with_scaled_points_and_escaped_text():
 
 def test_line_chart_axis_ends_and_empty_state():
     assert [charts.nice_ceiling(v) for v in (0.37, 0.5, 0.51, 7, 42, 120)] == [0.5, 0.5, 1.0, 10, 50, 200]
+    tiny = charts.line_chart([charts.Series("m", [charts.Point(17, 0.019)])], "c", "x", "y", y_min_top=0.1)
+    labels = [t.text for t in ET.fromstring(tiny).iter(f"{SVG}text") if t.get("text-anchor") == "end"]
+    assert labels == ["0", "0.02", "0.04", "0.06", "0.08", "0.1"]  # y ticks: distinct, and not zoomed in on 0.019
+    zoomed = charts.line_chart([charts.Series("m", [charts.Point(17, 0.019)])], "c", "x", "y")
+    labels = [t.text for t in ET.fromstring(zoomed).iter(f"{SVG}text") if t.get("text-anchor") == "end"]
+    assert labels == ["0", "0.005", "0.01", "0.015", "0.02", "0.025"]
     svg = charts.line_chart([], "curve", "x", "y", empty_message="nothing yet")
     root = ET.fromstring(svg)
     assert root.findall(f"{SVG}circle") == [] and "nothing yet" in svg

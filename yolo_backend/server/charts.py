@@ -51,14 +51,17 @@ def ticks(top: float, count: int = 5) -> list[float]:
 
 
 def _number(value: float) -> str:
-    return f"{value:g}" if abs(value) >= 1 or value == 0 else f"{value:.2f}".rstrip("0").rstrip(".")
+    """A tick label: 4, 250, 1000; 0.1, 0.025 (three significant digits below 1, so small steps stay apart)."""
+    return f"{value:g}" if abs(value) >= 1 or value == 0 else f"{value:.3g}"
 
 
 def line_chart(series: Sequence[Series], title: str, x_label: str, y_label: str, width: int = 640,
-               height: int = 320, y_top: Optional[float] = None, empty_message: str = "no data yet",
-               note: str = "") -> str:
+               height: int = 320, y_top: Optional[float] = None, y_min_top: float = 0.0,
+               empty_message: str = "no data yet", note: str = "") -> str:
     """Points of each series joined by a line through its filled points; hollow points are drawn unjoined.
-    ``note`` is a line under the legend (e.g. what filled and hollow mean)."""
+    The y axis ends at ``y_top``, else at a round number above the data, at least ``y_min_top`` (so that tiny
+    differences do not fill the chart) and at most 1. ``note`` is a line under the legend (e.g. what filled and
+    hollow mean)."""
     points = [p for s in series for p in s.points]
     if not points:
         height = min(height, 90)  # just the title and the message
@@ -72,7 +75,8 @@ def line_chart(series: Sequence[Series], title: str, x_label: str, y_label: str,
                      f'style="{FONT}" class="chart-empty">{escape(empty_message)}</text></svg>')
         return "".join(parts)
     x_max = nice_ceiling(max(p.x for p in points) * 1.05)
-    y_max = y_top if y_top is not None else min(1.0, nice_ceiling(max(p.y for p in points) * 1.1)) or 1.0
+    y_max = y_top if y_top is not None else \
+        min(1.0, max(y_min_top, nice_ceiling(max(p.y for p in points) * 1.1))) or 1.0
 
     def sx(x: float) -> float:
         return left + plot_w * x / x_max
@@ -157,7 +161,7 @@ def bar_chart(categories: Sequence[str], series: Sequence[tuple[str, Sequence[Op
             w = plot_w * max(0.0, min(value, x_top)) / x_top
             parts.append(f'<rect class="bar" x="{left}" y="{y}" width="{w:.1f}" height="{bar_h - 2}" '
                          f'fill="{color}"><title>{escape(category)} {escape(name)}: {value:.3f}</title></rect>'
-                         f'<text x="{left + w + 4:.1f}" y="{y + bar_h - 3}" style="{FONT}">{value:.2f}</text>')
+                         f'<text x="{left + w + 4:.1f}" y="{y + bar_h - 3}" style="{FONT}">{value:.3f}</text>')
     legend_x = left
     for index, (name, _) in enumerate(series):
         color = PALETTE[index % len(PALETTE)]

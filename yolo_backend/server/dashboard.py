@@ -117,7 +117,7 @@ def learning_curve_svg(points: list[dict]) -> str:
                                        for p in points if p.get("map") is not None]),
     ]
     return charts.line_chart(series, "Learning curve: validation mAP as annotations grow", "annotated images",
-                             "validation mAP (0–1, higher is better)",
+                             "validation mAP (0–1, higher is better)", y_min_top=0.1,
                              empty_message="No trained version yet: the curve starts with the first training.",
                              note="● published version   ○ trained but not published (not better than the "
                                   "version serving)")
@@ -236,10 +236,10 @@ here after their first prediction or training.</p>
     <span>loss: <b class="job-loss">{{ num(j.loss, 4) if j else "–" }}</b></span>
     <span>time left: <b class="job-eta">{{ ("about " ~ duration(j.eta_seconds)) if j and j.eta_seconds is not none else "–" }}</b></span>
   </div>
-  {% set pct = ((j.fraction or 0) * 100) if j else 0 %}
+  {% set pct = "%g" | format((((j.fraction or 0) * 100) if j else 0) | round(1)) %}
   <div class="progress"><div class="bar" role="progressbar" aria-label="training progress" aria-valuemin="0"
-       aria-valuemax="100" aria-valuenow="{{ pct | round(1) }}"><div class="fill" style="width: {{ pct | round(1) }}%"></div></div>
-    <b class="job-percent">{{ pct | round(1) }} %</b></div>
+       aria-valuemax="100" aria-valuenow="{{ pct }}"><div class="fill" style="width: {{ pct }}%"></div></div>
+    <b class="job-percent">{{ pct }} %</b></div>
   <div class="muted job-message">{% if j and j.error %}error: {{ j.error }}{% elif j and j.message %}{{ j.message }}{% elif not j %}Training starts when an annotation is submitted in Label Studio with “Start model training on annotation submission” on (or with “Start Training”).{% endif %}</div>
 </div>
 

@@ -151,7 +151,7 @@ class StateCollector:
             return None
         if not training.get("is_training"):
             return None
-        state = dashboard_status.job_progress(job) or {}
+        state = dashboard_status.job_progress(job, self.context.settings.train_time_budget_s) or {}
         return state.get("fraction")
 
     def _queue(self):
