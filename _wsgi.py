@@ -25,10 +25,10 @@ def _configure_logging(level: str) -> None:
 
 
 def build_app(settings: Settings | None = None, **backend_kwargs):
-    from model_backend import YOLOv7Backend
+    from yolo_backend.backend import YOLOv7Backend
     from yolo_backend.jobs.queue import TrainingQueue
     from yolo_backend.server.app import create_app
-    from yolo_backend.server.base import BackendContext
+    from yolo_backend.runtime import BackendContext
 
     settings = settings or Settings.from_env()
     # Training requests go to the RQ queue (answered at once; a worker trains). No Redis connection is made here.
@@ -40,8 +40,8 @@ def check_model(settings: Settings, quiet: bool = False) -> int:
     """Load-check every checkpoint that would serve (MODEL_PATH, MODEL_VERSION, each newest published version);
     0 when they load, else 2 with the loader's one-line message on stderr."""
     from yolo_backend.registry import RegistryError
-    from yolo_backend.server.base import BackendContext
-    from yolo_backend.server.model_holder import NoModelError
+    from yolo_backend.model_holder import NoModelError
+    from yolo_backend.runtime import BackendContext
 
     models = BackendContext.from_settings(settings).models
     try:

@@ -23,7 +23,7 @@ from yolo_backend.jobs import history
 from yolo_backend.registry import Registry
 from yolo_backend.server import charts
 from yolo_backend.server.app import create_app
-from yolo_backend.server.base import BackendContext
+from yolo_backend.runtime import BackendContext
 from yolo_backend.server.status import job_progress
 from yolo_backend.settings import Settings
 from yolo_backend.yolov7.detections import Detections

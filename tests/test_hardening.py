@@ -305,7 +305,7 @@ def test_request_limits(tmp_path, model_file):
 # --------------------------------------------------------------------------------------------------------------
 
 def test_a_model_damaged_after_start_answers_503_without_a_traceback(tmp_path, model_file, caplog):
-    from yolo_backend.server.model_holder import ModelLoadError
+    from yolo_backend.model_holder import ModelLoadError
 
     client, context, loader = make_client(tmp_path, model_file)
 
@@ -324,7 +324,7 @@ def test_a_model_damaged_after_start_answers_503_without_a_traceback(tmp_path, m
 
 def test_start_check_covers_model_path_pinned_and_published_versions(tmp_path, model_file):
     from yolo_backend.registry import Registry, RegistryError
-    from yolo_backend.server.model_holder import ModelLoadError, ModelHolder, NoModelError
+    from yolo_backend.model_holder import ModelLoadError, ModelHolder, NoModelError
     from yolo_backend.settings import Settings
 
     checked = []

@@ -224,7 +224,7 @@ class Env:
         """A server process's app (its own TrainingQueue when ``queue`` is given: another server process)."""
         from model_backend import YOLOv7Backend
         from yolo_backend.server.app import create_app
-        from yolo_backend.server.base import BackendContext
+        from yolo_backend.runtime import BackendContext
 
         context = BackendContext.from_settings(self.settings, loader=fake_loader, training=queue or self.queue)
         context.models.check_interval = 0.0

@@ -22,7 +22,8 @@ from werkzeug.serving import make_server
 from model_backend import YOLOv7Backend
 from yolo_backend.registry import Registry, checkpoint_version
 from yolo_backend.server.app import create_app
-from yolo_backend.server.base import BackendContext, LabelStudioMLBase, parse_project_id
+from yolo_backend.runtime import BackendContext
+from yolo_backend.server.base import LabelStudioMLBase, parse_project_id
 from yolo_backend.settings import Settings
 from yolo_backend.yolov7.detections import Detections
 
@@ -418,7 +419,7 @@ def test_real_checkpoint_on_valid_images(shared_dir, tmp_path):
 
 
 def test_model_holder_loads_once_under_concurrent_requests(tmp_path, model_file):
-    from yolo_backend.server.model_holder import ModelHolder
+    from yolo_backend.model_holder import ModelHolder
 
     calls = []
 
@@ -451,7 +452,7 @@ def test_a_real_model_path_wins_over_the_untrained_placeholder(tmp_path, model_f
     checkpoint serves and trains; a version trained from the placeholder (it learned something) still wins."""
     from yolo_backend.jobs.training import current_model
     from yolo_backend.serve import describe_model
-    from yolo_backend.server.model_holder import resolve_source
+    from yolo_backend.model_holder import resolve_source
 
     models = tmp_path / "models"
     placeholder = tmp_path / "untrained.pt"

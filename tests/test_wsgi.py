@@ -32,7 +32,7 @@ def _wsgi(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A small real checkpoint in our format (an untrained yolov7-tiny with two classes)."""
-    from yolo_backend.server.model_holder import build_untrained_checkpoint
+    from yolo_backend.yolov7.untrained import build_untrained_checkpoint
 
     return build_untrained_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", ["fire", "smoke"])
 

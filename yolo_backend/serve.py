@@ -198,7 +198,7 @@ def describe_model(settings: Settings) -> str:
     """Which model serves which project and why (the model holder's rule, ``resolve_source``), without loading
     anything: one line for projects without a version of their own, then one per project that has versions."""
     from .registry import Registry
-    from .server.model_holder import NoModelError, resolve_source
+    from .model_holder import NoModelError, resolve_source
 
     model_dir = Path(settings.model_dir)
     if settings.model_version:

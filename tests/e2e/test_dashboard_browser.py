@@ -133,7 +133,7 @@ class Stack:
         from tests.test_jobs import TOKEN, FakeLabelStudio, fake_loader, make_tasks
         from yolo_backend.jobs.queue import TrainingQueue
         from yolo_backend.server.app import create_app
-        from yolo_backend.server.base import BackendContext
+        from yolo_backend.runtime import BackendContext
         from yolo_backend.settings import Settings
 
         self.label_studio = FakeLabelStudio(make_tasks())
@@ -312,7 +312,7 @@ def test_dashboard_behind_basic_auth_polls_without_errors(tmp_path, browser):
     from model_backend import YOLOv7Backend
     from tests.test_jobs import fake_loader
     from yolo_backend.server.app import create_app
-    from yolo_backend.server.base import BackendContext
+    from yolo_backend.runtime import BackendContext
     from yolo_backend.settings import Settings
 
     settings = Settings.from_env(env={}, model_dir=str(tmp_path / "models"), image_cache_dir=str(tmp_path / "cache"),

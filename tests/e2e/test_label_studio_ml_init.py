@@ -87,7 +87,7 @@ def _our_predictions(tmp_path: Path, tasks: list[dict], env: dict[str, str]) -> 
     """What our own server predicts for the same request, in this process."""
     from model_backend import YOLOv7Backend
     from yolo_backend.server.app import create_app
-    from yolo_backend.server.base import BackendContext
+    from yolo_backend.runtime import BackendContext
     from yolo_backend.settings import Settings
 
     settings = Settings.from_env(env=env)

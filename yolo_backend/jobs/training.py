@@ -32,7 +32,6 @@ import logging
 import os
 import shutil
 import socket
-import sys
 import threading
 import time
 from collections import deque
@@ -251,7 +250,7 @@ def collect_examples(context, project_id: int, target, tasks: list[dict], size: 
 def current_model(settings: Settings, project_id: int) -> tuple[Optional[str], Optional[str]]:
     """(checkpoint path, version name) of the model the project is served with now, MODEL_VERSION aside (the
     server's rule, ``model_holder.resolve_source``); (None, None) when there is none."""
-    from ..server.model_holder import NoModelError, resolve_source
+    from ..model_holder import NoModelError, resolve_source
 
     try:
         source = resolve_source(settings, project_id, use_pin=False)
@@ -346,15 +345,18 @@ def fine_tune_trainer(data: TrainingData, callback: Callable[[dict], None]) -> d
             "stopped_by_budget": result.stopped_by_budget, "seconds": round(result.seconds, 1)}
 
 
-def load_trainer(spec: Optional[str]) -> Trainer:
-    """``"package.module:function"`` -> that function; None -> the fine-tuning engine."""
-    if not spec:
-        return fine_tune_trainer
+def import_by_path(spec: str, what: str, default_attr: str) -> Any:
+    """``"package.module:name"`` -> that object (the seams a job is configured with); TrainingError otherwise."""
     module_name, _, attr = spec.partition(":")
     try:
-        return getattr(importlib.import_module(module_name), attr or "train")
+        return getattr(importlib.import_module(module_name), attr or default_attr)
     except (ImportError, AttributeError) as exc:
-        raise TrainingError(f"trainer {spec!r} cannot be imported: {exc}") from None
+        raise TrainingError(f"{what} {spec!r} cannot be imported: {exc}") from None
+
+
+def load_trainer(spec: Optional[str]) -> Trainer:
+    """``"package.module:function"`` -> that function; None -> the fine-tuning engine."""
+    return import_by_path(spec, "trainer", "train") if spec else fine_tune_trainer
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -523,7 +525,7 @@ def sync_label_studio(backend_class, context, client, project_id: int, label_con
     tasks = tasks_to_predict(context.session, project_id, settings.repredict_unlabeled)
     if not tasks:
         return {"skipped": "the project has no tasks"}
-    from ..server.model_holder import ModelHolder
+    from ..model_holder import ModelHolder
 
     # A fresh holder: the job's one may still have the previous version cached for a couple of seconds.
     context.models = ModelHolder(settings, loader=context.models.loader)
@@ -708,16 +710,8 @@ def _project_lock(connection, keys, heartbeat: _Heartbeat, project_id: int, job_
             connection.eval(DELETE_IF_EQUAL, 1, key, job_id)
 
 
-def _backend_class():
-    """``model_backend.YOLOv7Backend`` (the repository-root script), importable from a worker started anywhere."""
-    try:
-        module = importlib.import_module("model_backend")
-    except ImportError:
-        root = str(Path(__file__).resolve().parents[2])
-        if root not in sys.path:
-            sys.path.insert(0, root)
-        module = importlib.import_module("model_backend")
-    return module.YOLOv7Backend
+# The backend whose fit() a job runs, named by path: the job layer imports no backend (nor the server it builds on).
+DEFAULT_BACKEND = "yolo_backend.backend:YOLOv7Backend"
 
 
 def run_training_job(project_id: int, event: str = "START_TRAINING", payload: Optional[dict] = None,
@@ -725,11 +719,12 @@ def run_training_job(project_id: int, event: str = "START_TRAINING", payload: Op
     """The RQ job (``yolo_backend.jobs.training.run_training_job``): train one project and publish."""
     from rq import get_current_job
 
-    from ..server.base import BackendContext
+    from ..runtime import BackendContext
     from . import history
     from .queue import DELETE_IF_EQUAL, LOCK_TTL_S, SETTLE_S, Keys
 
-    options = {"settle_s": SETTLE_S, "lock_ttl": LOCK_TTL_S, "trainer": None, **(options or {})}
+    options = {"settle_s": SETTLE_S, "lock_ttl": LOCK_TTL_S, "trainer": None, "backend": DEFAULT_BACKEND,
+               **(options or {})}
     job = get_current_job()
     settings = Settings.from_env()
     project_id = int(project_id)
@@ -754,7 +749,8 @@ def run_training_job(project_id: int, event: str = "START_TRAINING", payload: Op
                     job.connection.eval(DELETE_IF_EQUAL, 1, keys.waiting(project_id), job.id)
                 _clean_leftovers(settings, project_id)
                 time.sleep(max(0.0, float(options["settle_s"])))  # let Label Studio finish saving
-                backend = _backend_class()(project_id=project_id, context=BackendContext.from_settings(settings))
+                backend_class = import_by_path(options["backend"], "backend class", "YOLOv7Backend")
+                backend = backend_class(project_id=project_id, context=BackendContext.from_settings(settings))
                 run_started = time.monotonic()
                 try:
                     result = backend.fit(event, payload or {}, progress=reporter.progress, trainer=trainer,

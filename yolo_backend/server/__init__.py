@@ -1,13 +1,13 @@
 """The classic Label Studio ML-backend HTTP contract: ``LabelStudioMLBase`` and the Flask app.
 
-  base.py          LabelStudioMLBase (classic class API) and BackendContext (what a process shares)
-  app.py           create_app(backend_class, settings) -> Flask: /health /setup /predict /webhook /train ...
-  model_holder.py  which checkpoint serves a project; loaded once, swapped atomically on a new version
+  base.py        LabelStudioMLBase (classic class API); what a process shares is ``yolo_backend.runtime``
+  app.py         create_app(backend_class, settings) -> Flask: /health /setup /predict /webhook /train ...
+  dashboard.py   the page at / for browsers, /status, /prometheus (status.py, charts.py, prometheus.py)
 """
 
-from .base import BackendContext, LabelStudioMLBase, parse_project_id
+from .base import LabelStudioMLBase, parse_project_id
 
-__all__ = ["BackendContext", "LabelStudioMLBase", "create_app", "parse_project_id"]
+__all__ = ["LabelStudioMLBase", "create_app", "parse_project_id"]
 
 
 def create_app(*args, **kwargs):

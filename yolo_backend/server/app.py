@@ -33,8 +33,9 @@ from ..labelstudio.config import LabelConfigError, find_rectangle_target, parse_
 from ..labelstudio.results import is_failed_prediction
 from ..registry import RegistryError
 from ..settings import Settings
-from .base import NO_MODEL_VERSION, BackendContext, LabelStudioMLBase, parse_project_id
-from .model_holder import NoModelError
+from ..runtime import BackendContext
+from .base import NO_MODEL_VERSION, LabelStudioMLBase, parse_project_id
+from ..model_holder import NoModelError
 
 log = logging.getLogger(__name__)
 
@@ -123,15 +124,16 @@ _SETUP_ARGUMENTS = frozenset({"project_id", "label_config", "hostname", "access_
                               "train_output", "model_version"})
 
 
-def create_app(backend_class: Optional[type[LabelStudioMLBase]] = None, settings: Optional[Settings] = None,
+def create_app(backend_class: type[LabelStudioMLBase], settings: Optional[Settings] = None,
                context: Optional[BackendContext] = None, **backend_kwargs: Any) -> Flask:
-    """The Flask app serving ``backend_class`` (default: ``model_backend.YOLOv7Backend``).
+    """The Flask app serving ``backend_class`` (handed in, as the classic ``init_app(model_class=...)`` is: e.g.
+    ``yolo_backend.backend.YOLOv7Backend``; the server layer knows no backend of its own).
 
     Creating it loads no model and touches no CUDA (gunicorn imports it in the master). ``backend_kwargs`` go to
     every backend instance (``_wsgi.py --with KEY=VALUE``).
     """
-    if backend_class is None:
-        from model_backend import YOLOv7Backend as backend_class  # the repository-root backend script
+    if not isinstance(backend_class, type) or not issubclass(backend_class, LabelStudioMLBase):
+        raise TypeError(f"create_app needs the backend class (a LabelStudioMLBase subclass), got {backend_class!r}")
     if context is None:
         context = BackendContext.from_settings(settings)
     settings = context.settings

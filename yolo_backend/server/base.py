@@ -2,7 +2,8 @@
 
 A backend subclasses it and implements ``predict(tasks, **kwargs)`` (and ``fit`` for training). The server makes
 one instance per request with the classic constructor kwargs; what must live longer than a request (the loaded
-model, the image cache, Label Studio credentials) sits in a ``BackendContext`` shared by the process.
+model, the image cache, Label Studio credentials) sits in a ``BackendContext`` shared by the process
+(``yolo_backend.runtime``).
 
 Classic attributes: ``project_id``, ``label_config``, ``parsed_label_config``, ``train_output``, ``hostname``,
 ``access_token``, ``model_version``; methods ``setup()``, ``predict()``, ``fit()``, ``get_local_path()``.
@@ -14,15 +15,10 @@ Seams for training (the queue/worker plugs in through ``BackendContext.training`
 from __future__ import annotations
 
 import logging
-import threading
-from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol
+from typing import Any, Optional
 
-from ..labelstudio.client import LabelStudioClient, LabelStudioSession, ProjectVersionSync
 from ..labelstudio.config import parse_label_config
-from ..labelstudio.images import ImageCache, ImageFetcher
-from ..settings import Settings
-from .model_holder import Loader, ModelHolder
+from ..runtime import BackendContext, default_context
 
 log = logging.getLogger(__name__)
 
@@ -53,61 +49,6 @@ def parse_project_id(project: Any) -> Optional[int]:
         raise ValueError(f"project {str(project)[:40]!r} is not a project id (expected a positive integer below "
                          "2^31, or \"<id>.<epoch>\" as Label Studio sends it)")
     return value
-
-
-class TrainingHooks(Protocol):
-    """What the training queue provides to the server (issue: active-learning loop)."""
-
-    def request(self, project_id: Optional[int], event: str, payload: dict) -> dict: ...
-    def status(self, project_id: Optional[int]) -> dict: ...
-    def job_status(self, job_id: str) -> dict: ...
-    def metrics(self) -> dict: ...
-
-
-@dataclass
-class BackendContext:
-    """What a server process shares between requests."""
-
-    settings: Settings
-    models: ModelHolder
-    session: LabelStudioSession
-    images: ImageFetcher
-    version_sync: ProjectVersionSync
-    training: Optional[TrainingHooks] = None
-    label_configs: dict = field(default_factory=dict)  # project id -> last label config seen (from /setup)
-
-    @classmethod
-    def from_settings(cls, settings: Optional[Settings] = None, loader: Optional[Loader] = None,
-                      training: Optional[TrainingHooks] = None) -> "BackendContext":
-        settings = settings or Settings.from_env()
-        session = LabelStudioSession(settings.label_studio_url, settings.label_studio_api_key,
-                                     timeout=settings.image_timeout)
-        cache = ImageCache(settings.image_cache_dir, settings.image_cache_mb * 1024 * 1024)
-        context = cls(settings=settings, models=ModelHolder(settings, loader=loader), session=session,
-                      images=ImageFetcher(session, cache, timeout=settings.image_timeout,
-                                          max_pixels=settings.max_image_pixels),
-                      version_sync=ProjectVersionSync(lambda: None), training=training)
-        context.version_sync = ProjectVersionSync(context.client)
-        return context
-
-    def client(self) -> Optional[LabelStudioClient]:
-        """A Label Studio API client when a URL and a key are known, else None."""
-        if self.session.base_url and self.session.credentials():
-            return LabelStudioClient(self.session)
-        return None
-
-
-_default_context: Optional[BackendContext] = None
-_default_lock = threading.Lock()
-
-
-def default_context() -> BackendContext:
-    """The process-wide context from the environment (used when a backend is made without one)."""
-    global _default_context
-    with _default_lock:
-        if _default_context is None:
-            _default_context = BackendContext.from_settings()
-        return _default_context
 
 
 class LabelStudioMLBase:

@@ -19,7 +19,7 @@ from ..jobs.history import finite, read_runs
 from ..labelstudio.config import LabelConfigError, find_rectangle_target, parse_label_config
 from ..registry import ModelVersion, Registry, RegistryError
 from ..settings import Settings
-from .model_holder import NoModelError
+from ..model_holder import NoModelError
 
 log = logging.getLogger(__name__)
 

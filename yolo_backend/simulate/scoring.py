@@ -70,7 +70,7 @@ class EmbeddingTap:
 
 
 def serving_detector(checkpoint: str, settings: Settings):
-    """The server's detector for ``checkpoint`` (see ``server.model_holder.load_detector``), on torch."""
+    """The server's detector for ``checkpoint`` (see ``model_holder.load_detector``), on torch."""
     from ..yolov7 import Detector
 
     return Detector.from_checkpoint(

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from ..registry import Registry, RegistryError, checkpoint_version
-from ..settings import Settings
-from ..yolov7.untrained import UNTRAINED_GRAPH, UNTRAINED_VERSION, build_untrained_checkpoint
+from .registry import Registry, RegistryError, checkpoint_version
+from .settings import Settings
+from .yolov7.untrained import UNTRAINED_GRAPH, UNTRAINED_VERSION, build_untrained_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ Loader = Callable[[Path, Settings], tuple[Any, Sequence[str]]]
 
 def load_detector(path: Path, settings: Settings) -> tuple[Any, Sequence[str]]:
     """The default loader: our YOLOv7 implementation on the configured device."""
-    from ..yolov7 import Detector
+    from .yolov7 import Detector
 
     detector = Detector.from_checkpoint(
         path, device=settings.device, threads=settings.torch_threads, backend=settings.inference_backend,
@@ -82,7 +82,7 @@ def load_detector(path: Path, settings: Settings) -> tuple[Any, Sequence[str]]:
 
 def validate_checkpoint(path: Path) -> None:
     """Read the checkpoint and build its model, as loading it to serve would (CheckpointError when it cannot)."""
-    from ..yolov7.checkpoint import load_checkpoint, model_from_checkpoint
+    from .yolov7.checkpoint import load_checkpoint, model_from_checkpoint
 
     model_from_checkpoint(load_checkpoint(path), device="cpu", fuse=False)
 
