@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..labelstudio import regions
 from ..labelstudio.annotations import latest_annotation, latest_prediction
+from ..labelstudio.regions import BadRegion, RegionBox, is_box_region
 from .problems import ConversionError, ProblemLog
 from .targets import ImageSources, image_name_from_ref
-from .yolo_files import EDGE_TOLERANCE, YoloBox, write_data_yaml, write_label_file
+from .yolo_files import YoloBox, write_data_yaml, write_label_file
 
 log = logging.getLogger("yolo_backend.convert")
 
@@ -95,65 +96,25 @@ def fetch_export(url: str, api_key: str, project: int, with_predictions: bool = 
     return check_tasks(tasks, f"project {project} export"), label_config
 
 
-# --- regions -> boxes -----------------------------------------------------------------------------------------------
+# --- regions -> boxes (the rule: labelstudio/regions.py) ------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Region:
-    label: str
-    cx: float
-    cy: float
-    w: float
-    h: float
-
-
-def region_box(region: dict, where: str, problems: ProblemLog) -> Optional[Region]:
-    """A rectanglelabels region as a normalised box; rotated boxes become their axis-aligned bounding box."""
-    value = region.get("value") or {}
-    labels = value.get("rectanglelabels") or []
-    if not labels:
-        problems.report("region without label", where, f"region {region.get('id')} has no rectanglelabels")
+def region_box(region: dict, where: str, problems: ProblemLog) -> Optional[RegionBox]:
+    """The region's box, with what is noteworthy about it reported; None (reported) for a bad region."""
+    box = regions.region_box(region)
+    if isinstance(box, BadRegion):
+        problems.report(box.kind, where, box.message)
         return None
-    if len(labels) > 1:
-        problems.report("several labels", where, f"region {region.get('id')} has labels {labels}; YOLO keeps one "
-                        "per box", skipped=f"kept {labels[0]!r}")
-    try:
-        x, y, w, h = (float(value[k]) for k in ("x", "y", "width", "height"))
-        rotation = float(value.get("rotation") or 0.0)
-    except (KeyError, TypeError, ValueError):
-        problems.report("bad region", where, f"region {region.get('id')} lacks numeric x/y/width/height")
-        return None
-    if not all(math.isfinite(v) for v in (x, y, w, h, rotation)) or w <= 0 or h <= 0:
-        problems.report("bad region", where, f"region {region.get('id')} has no area or non-finite values")
-        return None
-    x1, y1, x2, y2 = x / 100, y / 100, (x + w) / 100, (y + h) / 100
-    if abs(rotation) % 360 > 1e-9:
-        # Label Studio rotates the rectangle clockwise about its top-left corner, in pixels.
-        ow, oh = region.get("original_width"), region.get("original_height")
-        if not ow or not oh:
-            problems.report("bad region", where, f"region {region.get('id')} is rotated but has no "
-                            "original_width/original_height")
-            return None
-        problems.report("rotated box", where, f"region {region.get('id')} is rotated {rotation:g} degrees",
+    name = f"region {region.get('id')}"
+    if box.extra_labels:
+        labels = [box.label, *box.extra_labels]
+        problems.report("several labels", where, f"{name} has labels {labels}; YOLO keeps one per box",
+                        skipped=f"kept {box.label!r}")
+    if box.rotated:
+        problems.report("rotated box", where, f"{name} is rotated {box.rotation:g} degrees",
                         skipped="kept its axis-aligned bounding box")
-        a = math.radians(rotation)
-        px, py, pw, ph = x1 * ow, y1 * oh, (x2 - x1) * ow, (y2 - y1) * oh
-        corners = [(px + dx * math.cos(a) - dy * math.sin(a), py + dx * math.sin(a) + dy * math.cos(a))
-                   for dx, dy in ((0, 0), (pw, 0), (pw, ph), (0, ph))]
-        x1, x2 = min(c[0] for c in corners) / ow, max(c[0] for c in corners) / ow
-        y1, y2 = min(c[1] for c in corners) / oh, max(c[1] for c in corners) / oh
-    if min(x1, y1) < -EDGE_TOLERANCE or max(x2, y2) > 1 + EDGE_TOLERANCE:
-        problems.report("clipped box", where, f"region {region.get('id')} passes the image border",
-                        skipped="clipped to the image")
-    x1, y1, x2, y2 = max(x1, 0.0), max(y1, 0.0), min(x2, 1.0), min(y2, 1.0)
-    if x2 <= x1 or y2 <= y1:
-        problems.report("bad region", where, f"region {region.get('id')} lies outside the image")
-        return None
-    return Region(str(labels[0]), (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1)
-
-
-def is_box_region(region: Any, from_name: Optional[str]) -> bool:
-    return (isinstance(region, dict) and str(region.get("type", "")).lower() == "rectanglelabels"
-            and (from_name is None or region.get("from_name") == from_name))
+    if box.clipped:
+        problems.report("clipped box", where, f"{name} passes the image border", skipped="clipped to the image")
+    return box
 
 
 # --- the conversion ------------------------------------------------------------------------------------------------
@@ -246,7 +207,7 @@ def export_to_yolo(tasks: Sequence[dict], out_dir: Path, problems: ProblemLog, n
                 problems.report("unknown label", where, f"label {box.label!r} is not a class "
                                 f"({', '.join(names)})")
                 continue
-            boxes.append(YoloBox(class_id, box.cx, box.cy, box.w, box.h))
+            boxes.append(YoloBox(class_id, *box.center_size()))
         name = _unique_name(image_name_from_ref(ref), task_id, used)
         write_label_file(out_dir / "labels" / (os.path.splitext(name)[0] + ".txt"), boxes)
         result.written += 1

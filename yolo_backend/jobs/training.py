@@ -44,6 +44,7 @@ import numpy as np
 
 from ..labelstudio.annotations import latest_annotation
 from ..labelstudio.client import ProjectNotFound
+from ..labelstudio.regions import BadRegion, is_box_region, region_box
 from ..registry import ModelVersion, Registry
 from ..settings import Settings
 
@@ -130,47 +131,27 @@ def annotated_tasks(session, project_id: int) -> list[dict]:
     return found
 
 
-def annotation_boxes(annotation: dict, target, width: int, height: int) -> tuple[np.ndarray, np.ndarray, list]:
-    """The annotation's rectangles for ``target`` in pixels of a ``width`` x ``height`` image: (boxes xyxy,
-    class ids by the config's label order, labels that match no config label)."""
+def annotation_boxes(annotation: dict, target, width: int, height: int) \
+        -> tuple[np.ndarray, np.ndarray, list, list[BadRegion]]:
+    """The annotation's rectangles for ``target`` in pixels of a ``width`` x ``height`` image (the rule:
+    labelstudio/regions.py): (boxes xyxy, class ids by the config's label order, labels that match no config
+    label, bad regions skipped)."""
     index = {label.lower(): i for i, label in enumerate(target.labels)}
-    boxes, classes, unknown = [], [], []
-    for item in annotation.get("result") or []:
-        if not isinstance(item, dict) or item.get("type") != "rectanglelabels":
+    boxes, classes, unknown, bad = [], [], [], []
+    for region in annotation.get("result") or []:
+        if not is_box_region(region, target.from_name):
             continue
-        if item.get("from_name") not in (None, target.from_name):
+        box = region_box(region, (width, height))
+        if isinstance(box, BadRegion):
+            bad.append(box)
             continue
-        value = item.get("value") or {}
-        labels = value.get("rectanglelabels") or []
-        if not labels:
-            continue
-        cls = index.get(str(labels[0]).lower())
+        cls = index.get(box.label.lower())
         if cls is None:
-            unknown.append(labels[0])
+            unknown.append(box.label)
             continue
-        try:
-            x, y, w, h = (float(value[k]) for k in ("x", "y", "width", "height"))
-        except (KeyError, TypeError, ValueError):
-            continue
-        if not all(np.isfinite((x, y, w, h))):
-            continue  # a NaN/inf coordinate would turn the loss into NaN
-        corners = np.array([[x, y], [x + w, y], [x + w, y + h], [x, y + h]], np.float64)
-        angle = float(value.get("rotation") or 0.0)
-        if angle:
-            # Label Studio rotates a rectangle about its top-left corner (in pixels); keep its bounding box.
-            theta = np.deg2rad(angle)
-            px = (corners - corners[0]) * [width / 100.0, height / 100.0]
-            rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
-            px = px @ rot.T + corners[0] * [width / 100.0, height / 100.0]
-        else:
-            px = corners * [width / 100.0, height / 100.0]
-        x1, y1 = np.clip(px.min(0), 0, [width, height])
-        x2, y2 = np.clip(px.max(0), 0, [width, height])
-        if x2 - x1 < 1 or y2 - y1 < 1:
-            continue
-        boxes.append([x1, y1, x2, y2])
+        boxes.append(box.pixels(width, height))
         classes.append(cls)
-    return (np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(classes, np.int64), unknown)
+    return (np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(classes, np.int64), unknown, bad)
 
 
 def is_validation(project_id: int, task_id: int) -> bool:
@@ -198,7 +179,7 @@ def collect_examples(context, project_id: int, target, tasks: list[dict], size: 
                      report: Callable[[dict], None]) -> tuple[list[Example], dict]:
     """Tasks -> examples (images downloaded through the shared cache); counts of what was used and skipped."""
     counts = {"annotated_tasks": len(tasks), "cancelled_only": 0, "image_failed": 0, "negatives": 0, "boxes": 0,
-              "unknown_labels": 0}
+              "unknown_labels": 0, "bad_regions": 0}
     chosen = []
     for task in tasks:
         annotation = latest_annotation(task)
@@ -222,9 +203,11 @@ def collect_examples(context, project_id: int, target, tasks: list[dict], size: 
                 done[0] += 1
                 report({"phase": "downloading", "images": done[0], "total": len(chosen)})
         height, width = image.shape[:2]
-        boxes, classes, unknown = annotation_boxes(annotation, target, width, height)
+        boxes, classes, unknown, bad = annotation_boxes(annotation, target, width, height)
+        for region in bad:
+            log.warning("task %s: %s; skipped", task.get("id"), region.message)
         small, r = scale_to(image, size)
-        return Example(int(task["id"]), np.ascontiguousarray(small), boxes * r, classes), unknown
+        return Example(int(task["id"]), np.ascontiguousarray(small), boxes * r, classes), unknown, bad
 
     examples = []
     with ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS, thread_name_prefix="train-download") as pool:
@@ -232,8 +215,9 @@ def collect_examples(context, project_id: int, target, tasks: list[dict], size: 
             if item is None:
                 counts["image_failed"] += 1
                 continue
-            example, unknown = item
+            example, unknown, bad = item
             counts["unknown_labels"] += len(unknown)
+            counts["bad_regions"] += len(bad)
             counts["boxes"] += len(example.boxes)
             counts["negatives"] += int(len(example.boxes) == 0)
             examples.append(example)
