@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from pathlib import Path
 import struct
 import threading
 import time
@@ -371,3 +372,40 @@ def test_a_png_bomb_is_refused_without_reading_its_pixels_and_logged_briefly(tmp
         client.post("/predict", json={"tasks": [{"id": 7, "data": {"image": bomb}}], "label_config": CONFIG})
     line = next(r.getMessage() for r in caplog.records if "task 7" in r.getMessage())
     assert "data:image/png;base64,..." in line and f"({len(bomb)} characters)" in line and len(line) < 600
+
+
+def test_the_same_pixel_cap_in_training_folders_and_conversion(tmp_path, monkeypatch, caplog):
+    """A YOLO dataset with one bomb: training leaves it out with a log line, conversion reports it and converts
+    the rest, reading a file refuses it; MAX_IMAGE_PIXELS moves the cap for readers without the app's settings."""
+    import json
+    import subprocess
+    import sys
+
+    from yolo_backend.image_header import default_max_pixels
+    from yolo_backend.yolov7.dataset import load_data
+    from yolo_backend.yolov7.image_files import ImageTooLargeError as FileTooLarge
+    from yolo_backend.yolov7.preprocess import read_image
+
+    root = tmp_path / "dataset"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "images" / "bomb.png").write_bytes(png_header_only(20000, 20000))
+    (root / "images" / "good.png").write_bytes(png_bytes(64, 48))
+    for name in ("bomb", "good"):
+        (root / "labels" / f"{name}.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    with caplog.at_level(logging.WARNING):
+        spec = load_data(root)
+    assert [s.name for s in spec.train + spec.val] == ["good.png"]
+    assert "bomb.png" in caplog.text and "MAX_IMAGE_PIXELS" in caplog.text
+    with pytest.raises(FileTooLarge, match="bomb.png.*MAX_IMAGE_PIXELS"):
+        read_image(root / "images" / "bomb.png")
+    done = subprocess.run([sys.executable, "YoloToLabelStudio.py", "dataset", str(root), "--out", str(tmp_path / "t.json"),
+                           "--labels", "fire", "--no-progress", "--url-prefix", "http://files.example/"],
+                          cwd=str(Path(__file__).resolve().parents[1]), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    tasks = json.loads((tmp_path / "t.json").read_text())
+    assert len(tasks) == 1 and "good.png" in json.dumps(tasks)
+    assert "bomb.png" in done.stderr and "MAX_IMAGE_PIXELS" in done.stderr
+    monkeypatch.setenv("MAX_IMAGE_PIXELS", "500000000")
+    assert default_max_pixels() == 500_000_000
+    assert load_data(root).train[0].name in ("bomb.png", "good.png") and len(load_data(root).train) == 2

@@ -20,6 +20,16 @@ DEFAULT_MAX_IMAGE_PIXELS = 120_000_000
 TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 
+def default_max_pixels() -> int:
+    """The cap for readers that are not handed the app's settings (the detector's file readers, the converter):
+    the MAX_IMAGE_PIXELS environment variable, else DEFAULT_MAX_IMAGE_PIXELS."""
+    raw = os.environ.get("MAX_IMAGE_PIXELS", "").strip()
+    try:
+        return int(raw) if raw else DEFAULT_MAX_IMAGE_PIXELS
+    except ValueError:
+        return DEFAULT_MAX_IMAGE_PIXELS
+
+
 class ImageHeaderError(ValueError):
     """The file is not an image whose size can be read; the message says which and why."""
 

@@ -12,6 +12,7 @@ augmentations of an ``AugmentConfig``; ``EvalSet`` holds the validation images r
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
@@ -20,9 +21,11 @@ import numpy as np
 import torch
 
 from . import augment
-from .image_files import image_size, list_images
+from .image_files import ImageTooLargeError, image_size, list_images
 from .preprocess import read_image, resize_long_side
 from .yolo_format import DatasetError, ImageEntry, find_dataset, label_file_for, read_label_file
+
+log = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
 
@@ -81,14 +84,21 @@ def _image_size(path: Path) -> Tuple[int, int]:
     tell; else decode."""
     try:
         return image_size(path)
+    except ImageTooLargeError:
+        raise
     except Exception:  # noqa: BLE001 - fall back to a full decode
         image = read_image(path)
         return image.shape[1], image.shape[0]
 
 
-def _sample(entry: ImageEntry) -> Sample:
-    """The entry's image (path kept; pixels read later) and its boxes in pixels; no label file: a negative."""
-    width, height = _image_size(entry.image)
+def _sample(entry: ImageEntry) -> Optional[Sample]:
+    """The entry's image (path kept; pixels read later) and its boxes in pixels; no label file: a negative.
+    None (with a log line) for an image above MAX_IMAGE_PIXELS: it is left out, like a bad label line."""
+    try:
+        width, height = _image_size(entry.image)
+    except ImageTooLargeError as exc:
+        log.warning("%s; image left out of the dataset", exc)
+        return None
     boxes = read_label_file(entry.label_file) if entry.label_file is not None else []
     xyxy = [[(b.cx - b.w / 2) * width, (b.cy - b.h / 2) * height, (b.cx + b.w / 2) * width,
              (b.cy + b.h / 2) * height] for b in boxes]
@@ -97,7 +107,8 @@ def _sample(entry: ImageEntry) -> Sample:
 
 def samples_from_folder(images_root: Path) -> List[Sample]:
     """Every image under ``images_root`` with its labels."""
-    return [_sample(ImageEntry(image, label_file_for(image))) for image in list_images(images_root)]
+    samples = (_sample(ImageEntry(image, label_file_for(image))) for image in list_images(images_root))
+    return [sample for sample in samples if sample is not None]
 
 
 def load_data(path: PathLike) -> DataSpec:
@@ -112,7 +123,9 @@ def load_data(path: PathLike) -> DataSpec:
     splits: dict[str, List[Sample]] = {"train": [], "val": [], "test": []}
     for entry in layout.entries:
         split = "val" if entry.split in VAL_SPLITS else "test" if entry.split == "test" else "train"
-        splits[split].append(_sample(entry))
+        sample = _sample(entry)
+        if sample is not None:
+            splits[split].append(sample)
     names = layout.names if layout.names is not None else _numbered_names(splits["train"] + splits["val"])
     return DataSpec(names, splits["train"], splits["val"], layout.source, splits["test"])
 

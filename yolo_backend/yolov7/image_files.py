@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
+
+from ..image_header import ImageHeaderError, checked_size, default_max_pixels
+from ..image_header import ImageTooLargeError as HeaderTooLarge
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-# EXIF orientations that swap width and height (rotated by 90 or 270 degrees, possibly mirrored).
-_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
 
 PathLike = Union[str, os.PathLike]
 
 
 class ImageReadError(ValueError):
     """An image file is missing or cannot be decoded; the message names the file."""
+
+
+class ImageTooLargeError(ImageReadError):
+    """An image file has more pixels than MAX_IMAGE_PIXELS: refused before decoding; the message names it."""
 
 
 def is_image(path: Path) -> bool:
@@ -31,20 +35,13 @@ def list_images(folder: PathLike) -> list[Path]:
     return sorted(p for p in Path(folder).rglob("*") if is_image(p))
 
 
-def image_size(path: PathLike) -> tuple[int, int]:
+def image_size(path: PathLike, max_pixels: Optional[int] = None) -> tuple[int, int]:
     """(width, height) as displayed (EXIF orientation applied, as ``preprocess.read_image`` applies it), from the
-    file header; no pixel decode. Raises ImageReadError naming the file when it is not a readable image."""
-    from PIL import Image, UnidentifiedImageError
-
+    file header; no pixel decode. Raises ImageReadError naming the file when it is not a readable image, and
+    ImageTooLargeError when it has more than ``max_pixels`` (default: MAX_IMAGE_PIXELS, see image_header)."""
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-            try:
-                orientation = image.getexif().get(0x0112)
-            except Exception:  # noqa: BLE001 - a broken EXIF block must not make a good image unreadable
-                orientation = None
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise ImageReadError(f"{path}: not a readable image ({exc})") from None
-    if orientation in _TRANSPOSED_ORIENTATIONS:
-        width, height = height, width
-    return int(width), int(height)
+        return checked_size(path, default_max_pixels() if max_pixels is None else max_pixels)
+    except HeaderTooLarge as exc:
+        raise ImageTooLargeError(f"{path}: {exc}") from None
+    except ImageHeaderError as exc:
+        raise ImageReadError(f"{path}: {exc}") from None

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import cv2
 import numpy as np
 
-from .image_files import ImageReadError
+from .image_files import ImageReadError, ImageTooLargeError, image_size
 
 PAD_VALUE = 114
 
@@ -94,11 +95,18 @@ def scale_boxes_back(boxes: np.ndarray, ratio: tuple[float, float], pad: tuple[i
     return out
 
 
-def read_image(path) -> np.ndarray:
-    """Read an image file as HxWx3 uint8 RGB, like the reference (cv2.imread, EXIF orientation applied)."""
+def read_image(path, max_pixels: Optional[int] = None) -> np.ndarray:
+    """Read an image file as HxWx3 uint8 RGB, like the reference (cv2.imread, EXIF orientation applied). An image
+    with more than ``max_pixels`` (default MAX_IMAGE_PIXELS) is refused from its header, before decoding."""
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: no such image file")
+    try:
+        image_size(path, max_pixels)
+    except ImageTooLargeError:
+        raise
+    except ImageReadError:
+        pass  # a format Pillow cannot size: OpenCV decides below (and applies its own pixel cap)
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise ImageReadError(f"{path}: not a readable image (corrupt file or unsupported format)")
