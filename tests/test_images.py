@@ -4,122 +4,15 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import logging
 import os
-import threading
-import time
 
-import cv2
 import numpy as np
 import pytest
-from flask import Flask, Response, redirect, request
-from werkzeug.serving import make_server
 
+from tests.support import LEGACY, PAT, FakeLabelStudio, png_bytes
 from yolo_backend.labelstudio.client import LabelStudioSession, is_personal_access_token
 from yolo_backend.labelstudio.images import ImageCache, ImageFetchError, ImageFetcher, decode_image
-
-LEGACY = "0123456789abcdef0123456789abcdef01234567"
-
-
-def fake_jwt(payload: dict) -> str:
-    def part(obj):
-        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
-    return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(payload)}.c2lnbmF0dXJl"
-
-
-PAT = fake_jwt({"token_type": "refresh", "user_id": 1, "exp": 4102444800})
-
-
-def png_bytes(width=40, height=20, color=(255, 0, 0)) -> bytes:
-    image = np.zeros((height, width, 3), np.uint8)
-    image[:] = color[::-1]  # cv2 writes BGR
-    ok, data = cv2.imencode(".png", image)
-    assert ok
-    return data.tobytes()
-
-
-class FakeLabelStudio:
-    """Just enough of Label Studio: token refresh, uploads, local files, presign, auth modes."""
-
-    def __init__(self, legacy_enabled=True):
-        self.legacy_enabled = legacy_enabled
-        self.generation = 0  # bump to revoke every access token issued so far
-        self.refreshes = 0
-        self.hits: dict[str, int] = {}
-        self.auth_seen: list = []
-        app = Flask("fake-ls")
-        self.app = app
-
-        def authorised():
-            header = request.headers.get("Authorization", "")
-            if header == f"Token {LEGACY}":
-                return self.legacy_enabled
-            if header.startswith("Bearer "):
-                payload = json.loads(base64.urlsafe_b64decode(header[7:].split(".")[1] + "=="))
-                return payload.get("gen") == self.generation and payload.get("token_type") == "access"
-            return False
-
-        def guarded(body, mimetype="image/png"):
-            self.hits[request.full_path] = self.hits.get(request.full_path, 0) + 1
-            self.auth_seen.append(request.headers.get("Authorization"))
-            if not authorised():
-                return Response('{"detail":"Authentication credentials were not provided."}', 401,
-                                mimetype="application/json")
-            return Response(body, mimetype=mimetype)
-
-        @app.post("/api/token/refresh/")
-        def refresh():
-            self.refreshes += 1
-            if (request.get_json(silent=True) or {}).get("refresh") != PAT:
-                return Response('{"detail":"Token is invalid"}', 401, mimetype="application/json")
-            access = fake_jwt({"token_type": "access", "gen": self.generation, "exp": time.time() + 300})
-            return {"access": access}
-
-        @app.get("/data/upload/<int:project>/<name>")
-        def upload(project, name):
-            if name == "missing.png":
-                self.hits[request.full_path] = self.hits.get(request.full_path, 0) + 1
-                return Response("not found", 404)
-            if name == "page.png":
-                return guarded(b"<!DOCTYPE html><html>login</html>", "text/html")
-            if name == "slow.png":
-                time.sleep(1.5)
-            return guarded(png_bytes(64, 48))
-
-        @app.get("/data/local-files/")
-        def local_files():
-            return guarded(png_bytes(30, 10) if request.args.get("d") == "photos/a.png" else b"", "image/png")
-
-        @app.get("/tasks/<int:task>/presign/")
-        def presign(task):
-            uri = base64.urlsafe_b64decode(request.args["fileuri"]).decode()
-            if not authorised():
-                return Response("unauthorised", 401)
-            assert uri == "s3://bucket/dir/c.png"
-            return redirect(f"/signed/{task}/c.png?sig=xyz", 302)
-
-        @app.get("/signed/<int:task>/c.png")
-        def signed(task):
-            return Response(png_bytes(20, 20), mimetype="image/png")
-
-        @app.get("/public/<name>")
-        def public(name):
-            self.auth_seen.append(request.headers.get("Authorization"))
-            return Response(png_bytes(12, 34), mimetype="image/png")
-
-    def __enter__(self):
-        self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        self.other_host_url = f"http://localhost:{self.server.server_port}"  # same server, another host name
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.thread.join(5)
 
 
 @pytest.fixture
