@@ -16,12 +16,8 @@ import logging
 import os
 import sys
 
+from yolo_backend.logs import configure_logging
 from yolo_backend.settings import Settings, SettingsError, exposure_warning
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, str(level).upper(), logging.INFO),
-                        format="[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s")
 
 
 def build_app(settings: Settings | None = None, **backend_kwargs):
@@ -104,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level)
 
     if args.check:
         return check_model(settings)
@@ -124,5 +120,5 @@ if __name__ == "__main__":
 else:
     # gunicorn _wsgi:app
     _settings = Settings.from_env()
-    _configure_logging(_settings.log_level)
+    configure_logging(_settings.log_level)
     app = build_app(_settings)

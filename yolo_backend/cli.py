@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from .logs import configure_logging
+
 EXIT_USAGE = 2
 
 
@@ -90,16 +92,14 @@ def _add_detect(subparsers) -> None:
 
 def _run_detect(args) -> int:
     settings = _settings()
-    from .yolov7.detect import Detector
+    from .detector_settings import detector_from_settings
 
     _require_file(args.weights)
     paths = _image_paths(args.source)
-    detector = Detector.from_checkpoint(
-        args.weights, device=_pick(args.device, settings.device), threads=_pick(args.threads, settings.torch_threads),
-        backend=_pick(args.backend, settings.inference_backend), cache_dir=settings.onnx_cache_dir,
-        img_size=_pick(args.img_size, settings.img_size), conf=_pick(args.conf, settings.model_score_threshold),
-        iou=_pick(args.iou, settings.iou_threshold), max_det=_pick(args.max_det, settings.max_detections),
-        half=_pick(args.half, settings.half), batch_size=_pick(args.batch_size, settings.predict_batch_size))
+    detector = detector_from_settings(
+        args.weights, settings, conf=_pick(args.conf, settings.model_score_threshold), device=args.device,
+        threads=args.threads, backend=args.backend, img_size=args.img_size, iou=args.iou, max_det=args.max_det,
+        half=args.half, batch_size=args.batch_size)
     records = []
     for path, det in detector.iter_files(paths):
         record = {
@@ -214,10 +214,8 @@ def _add_worker(subparsers) -> None:
 
 def _run_worker(args) -> int:
     from .jobs.worker import run_worker
-    from .serve import _configure_logging
-
     settings = _settings()
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level)
     run_worker(settings, redis_url=args.url, queue_name=args.queue, burst=args.burst, simple=args.simple,
                name=args.name)
     return 0
@@ -270,7 +268,7 @@ def _run_train(args) -> int:
         config.validate()
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    _log_to_stderr()
+    configure_logging()
     result = fine_tune(config)
     if result.metrics:
         print(format_table(result.metrics))
@@ -331,13 +329,6 @@ def _run_val(args) -> int:
     return 0
 
 
-def _log_to_stderr() -> None:
-    import logging
-
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-
-
 # --- simulate ---------------------------------------------------------------------------------------------------
 
 def _csv_list(text: str) -> list[str]:
@@ -376,7 +367,7 @@ def _add_simulate(subparsers) -> None:
 
 def _run_simulate(args) -> int:
     settings = _settings()
-    _log_to_stderr()
+    configure_logging()
     weights = args.weights or settings.model_path
     if weights:
         _require_file(weights)

@@ -69,14 +69,10 @@ Loader = Callable[[Path, Settings], tuple[Any, Sequence[str]]]
 
 
 def load_detector(path: Path, settings: Settings) -> tuple[Any, Sequence[str]]:
-    """The default loader: our YOLOv7 implementation on the configured device."""
-    from .yolov7 import Detector
+    """The default loader: our YOLOv7 implementation configured by the settings (``detector_settings``)."""
+    from .detector_settings import detector_from_settings
 
-    detector = Detector.from_checkpoint(
-        path, device=settings.device, threads=settings.torch_threads, backend=settings.inference_backend,
-        cache_dir=settings.onnx_cache_dir, img_size=settings.img_size, conf=settings.score_floor,
-        iou=settings.iou_threshold, max_det=settings.max_detections, half=settings.half,
-        batch_size=settings.predict_batch_size)
+    detector = detector_from_settings(path, settings)
     return detector, detector.names
 
 

@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .logs import configure_logging
 from .settings import Settings, exposure_warning, mask_password
 
 log = logging.getLogger("yolo_backend.serve")
@@ -415,12 +416,6 @@ class Supervisor:
             _reap(self._own_pids())
 
 
-def _configure_logging(level: str) -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=getattr(logging, str(level).upper(), logging.INFO), stream=sys.stderr,
-                            format="[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s")
-
-
 def serve(host: str, port: int) -> int:
     """Run the broker (unless REDIS_URL/REDIS_HOST is set), one worker and the server until a stop signal.
     Returns 0 after a requested stop, 1 when a child died on its own."""
@@ -428,7 +423,7 @@ def serve(host: str, port: int) -> int:
         raise FileNotFoundError(f"{PROJECT_ROOT / '_wsgi.py'} is missing: run `serve` from a checkout of the "
                                 f"project (the server entry point lives beside the yolo_backend package)")
     settings = Settings.from_env()
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level)
     env = child_environment(settings)
     settings = Settings.from_env(env=env)  # the absolute paths the children will see
     log.info(describe_model(settings))

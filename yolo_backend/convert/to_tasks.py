@@ -16,7 +16,7 @@ empty prediction/annotation (a labelled negative).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -24,6 +24,7 @@ import numpy as np
 
 from ..labelstudio.config import LabelConfigError, LabelMapping, RectangleTarget, map_classes_to_labels
 from ..labelstudio.results import detections_to_regions, task_prediction
+from ..settings import Settings
 from ..yolov7.detections import Detections
 from .problems import ConversionError, ProblemLog
 from .targets import ImageRefs
@@ -111,45 +112,55 @@ def _progress(items: Sequence, enabled: bool, desc: str):
 
 # --- detections ---------------------------------------------------------------------------------------------------
 
+def _default(name: str):
+    return Settings.__dataclass_fields__[name].default
+
+
 @dataclass
 class DetectOptions:
-    """How to run the checkpoint (defaults: the backend's settings, so imported predictions match served ones)."""
+    """How to run the checkpoint: the backend's settings (their defaults here, ``from_settings`` for the configured
+    ones), so imported predictions match served ones; each field may be changed."""
 
-    img_size: int = 640
-    threshold: float = 0.25       # boxes shown (MODEL_SCORE_THRESHOLD)
-    score_floor: float = 0.05     # detections feeding the task score (SCORE_FLOOR)
-    iou: float = 0.45
-    max_det: int = 300
-    task_score: str = "uncertainty"
-    batch_size: int = 8
-    device: str = "auto"
-    torch_threads: int = 0
-    half: bool = False
-    backend: Optional[str] = None     # INFERENCE_BACKEND (None: load_model's default)
-    cache_dir: Optional[str] = None   # ONNX_CACHE_DIR
+    img_size: int = _default("img_size")
+    threshold: float = _default("model_score_threshold")   # boxes shown
+    score_floor: float = _default("score_floor")            # detections feeding the task score
+    iou: float = _default("iou_threshold")
+    max_det: int = _default("max_detections")
+    task_score: str = _default("task_score")
+    batch_size: int = _default("predict_batch_size")
+    device: str = _default("device")
+    torch_threads: int = _default("torch_threads")
+    half: bool = _default("half")
+    backend: str = _default("inference_backend")
+    cache_dir: str = _default("onnx_cache_dir")
 
     @classmethod
-    def from_settings(cls, settings) -> "DetectOptions":
+    def from_settings(cls, settings: Settings) -> "DetectOptions":
         return cls(img_size=settings.img_size, threshold=settings.model_score_threshold,
                    score_floor=settings.score_floor, iou=settings.iou_threshold, max_det=settings.max_detections,
                    task_score=settings.task_score, batch_size=settings.predict_batch_size, device=settings.device,
                    torch_threads=settings.torch_threads, half=settings.half, backend=settings.inference_backend,
                    cache_dir=settings.onnx_cache_dir)
 
+    def settings(self) -> Settings:
+        """These options as the settings they stand for."""
+        return replace(Settings(), img_size=self.img_size, model_score_threshold=self.threshold,
+                       score_floor=self.score_floor, iou_threshold=self.iou, max_detections=self.max_det,
+                       task_score=self.task_score, predict_batch_size=self.batch_size, device=self.device,
+                       torch_threads=self.torch_threads, half=self.half, inference_backend=self.backend,
+                       onnx_cache_dir=self.cache_dir)
+
 
 def load_checkpoint_detector(weights: Path, options: DetectOptions):
     """(Detector, class names, model_version) for a checkpoint; torch is imported here, not at module import."""
+    from ..detector_settings import detector_from_settings
     from ..registry import checkpoint_version
-    from ..yolov7 import CheckpointError, Detector
+    from ..yolov7 import CheckpointError
 
     if not Path(weights).is_file():
         raise ConversionError(f"{weights}: no such checkpoint file")
     try:
-        detector = Detector.from_checkpoint(
-            weights, device=options.device, threads=options.torch_threads, backend=options.backend,
-            cache_dir=options.cache_dir, img_size=options.img_size,
-            conf=min(options.score_floor, options.threshold), iou=options.iou, max_det=options.max_det,
-            half=options.half, batch_size=options.batch_size)
+        detector = detector_from_settings(weights, options.settings(), conf=min(options.score_floor, options.threshold))
     except CheckpointError as exc:
         raise ConversionError(str(exc)) from None
     return detector, detector.names, checkpoint_version(weights)

@@ -45,6 +45,7 @@ import numpy as np
 from ..labelstudio.annotations import latest_annotation
 from ..labelstudio.client import ProjectNotFound
 from ..labelstudio.regions import BadRegion, is_box_region, region_box
+from ..logs import LOG_FORMAT
 from ..registry import ModelVersion, Registry
 from ..settings import Settings
 
@@ -566,7 +567,7 @@ class JobReporter:
 
     def __enter__(self) -> "JobReporter":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        formatter = logging.Formatter("[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s")
+        formatter = logging.Formatter(LOG_FORMAT)
         self._handler = logging.FileHandler(self.log_path)
         self._handler.setFormatter(formatter)
         self._handler.setLevel(logging.INFO)
