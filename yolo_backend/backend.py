@@ -121,13 +121,14 @@ class YOLOv7Backend(*_base_classes()):
             predictions.append(task_prediction(regions, score, model.version))
         return predictions
 
-    def fit(self, event_or_annotations: Any, data: Optional[dict] = None, **kwargs: Any) -> dict:
-        """Train on every annotation of the project (read from Label Studio, not from ``data``), publish a new
-        version when it is not worse, and switch Label Studio to it. Runs in the RQ worker (see
-        yolo_backend/jobs/training.py); returns the run's summary (metrics, version, paths)."""
+    def fit(self, tasks: Any = (), workdir: Optional[str] = None, **kwargs: Any) -> dict:
+        """Train on every annotation of the project (read from Label Studio, not from ``tasks`` or ``data``),
+        publish a new version when it is not worse, and switch Label Studio to it. Runs in the RQ worker (see
+        yolo_backend/jobs/training.py); returns the run's summary (metrics, version, paths). Called the classic
+        ways (``fit((), event=..., data=..., job_id=...)``, ``fit(tasks, workdir)``) or as ``fit(event, data)``."""
         from .jobs.training import train_project
 
-        event = event_or_annotations if isinstance(event_or_annotations, str) else "START_TRAINING"
+        event, _ = self.training_event(tasks, workdir, kwargs.get("event"), kwargs.get("data"))
         return train_project(self, event, progress=kwargs.get("progress"), trainer=kwargs.get("trainer"),
                              job_id=kwargs.get("job_id"))
 

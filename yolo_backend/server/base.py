@@ -1,8 +1,11 @@
 """``LabelStudioMLBase``: the classic ML-backend class API, so classic backends port over.
 
-A backend subclasses it and implements ``predict(tasks, **kwargs)`` (and ``fit`` for training). The server makes
-one instance per request with the classic constructor kwargs; what must live longer than a request (the loaded
-model, the image cache, Label Studio credentials) sits in a ``BackendContext`` shared by the process
+A backend subclasses it and implements ``predict(tasks, **kwargs)`` (and ``fit`` for training); see
+``examples/minimal_backend.py``. The signatures are label-studio-ml 1.0.x's: ``LabelStudioMLBase(label_config=None,
+train_output=None, **kwargs)``, ``fit(tasks, workdir=None, **kwargs)`` (``event``/``data``/``job_id`` as keywords for
+a webhook event), ``get_local_path(url, project_dir=None)``. The server makes one instance per request, passing
+``project_id``, ``hostname``, ``access_token`` and ``context`` by name; what must live longer than a request (the
+loaded model, the image cache, Label Studio credentials) sits in a ``BackendContext`` shared by the process
 (``yolo_backend.runtime``).
 
 Classic attributes: ``project_id``, ``label_config``, ``parsed_label_config``, ``train_output``, ``hostname``,
@@ -18,6 +21,8 @@ import logging
 from typing import Any, Optional
 
 from ..labelstudio.config import parse_label_config
+from ..model_holder import NoModelError
+from ..registry import Registry, RegistryError
 from ..runtime import BackendContext, default_context
 
 log = logging.getLogger(__name__)
@@ -56,22 +61,48 @@ class LabelStudioMLBase:
 
     INITIAL_MODEL_VERSION = "0.0.1"
 
-    def __init__(self, project_id: Any = None, label_config: Optional[str] = None,
-                 train_output: Optional[dict] = None, hostname: Optional[str] = None,
-                 access_token: Optional[str] = None, model_version: Optional[str] = None,
-                 context: Optional[BackendContext] = None, **kwargs: Any):
+    def __init__(self, label_config: Optional[str] = None, train_output: Optional[dict] = None, *,
+                 project_id: Any = None, hostname: Optional[str] = None, access_token: Optional[str] = None,
+                 model_version: Optional[str] = None, context: Optional[BackendContext] = None, **kwargs: Any):
+        """The classic constructor: ``label_config`` and ``train_output`` by position (label-studio-ml 1.0.x
+        order), the rest by name. ``train_output`` None: the summary of the version serving the project."""
         self.context = context or default_context()
         settings = self.context.settings
         self.project = project_id                      # as Label Studio sent it ("<id>.<epoch>")
         self.project_id = parse_project_id(project_id)
         self.label_config = label_config or ""
         self.parsed_label_config = parse_label_config(self.label_config)
-        self.train_output = train_output or {}
+        self._train_output = train_output
         self.hostname = hostname or settings.label_studio_url or ""
         self.access_token = access_token or settings.label_studio_api_key or ""
         self.model_version = model_version or self.INITIAL_MODEL_VERSION
         self.extra_params = kwargs
         self.setup()
+
+    @property
+    def train_output(self) -> dict:
+        """What training left for this project (classic): the dict given to the constructor, else the meta.json of
+        the registry version serving the project (read on first use); {} when none serves from the registry."""
+        if self._train_output is None:
+            self._train_output = self._serving_version_meta()
+        return self._train_output
+
+    @train_output.setter
+    def train_output(self, value: Optional[dict]) -> None:
+        self._train_output = value or {}
+
+    def _serving_version_meta(self) -> dict:
+        try:
+            source = self.context.models.source(self.project_id)
+        except (NoModelError, RegistryError):
+            return {}
+        # A registry version is <registry>/<version name>/model.pt; a MODEL_PATH checkpoint has no summary.
+        if source is None or source.path.parent.name != source.version:
+            return {}
+        try:
+            return Registry(source.path.parent.parent).get(source.version).meta()
+        except RegistryError:
+            return {}
 
     # --- to override ----------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -81,15 +112,31 @@ class LabelStudioMLBase:
         """One prediction per task, in task order: ``{"result": [...], "score": float, "model_version": str}``."""
         raise NotImplementedError(f"{type(self).__name__} does not implement predict()")
 
-    def fit(self, event_or_annotations: Any, data: Optional[dict] = None, **kwargs: Any) -> dict:
-        """Train on the project's annotations; returns a dict (stored as ``train_output``). The base class does
-        not train."""
+    def fit(self, tasks: Any = (), workdir: Optional[str] = None, **kwargs: Any) -> dict:
+        """Train; returns a dict (the next ``train_output``). The classic signature: label-studio-ml's ``/train``
+        calls ``fit(tasks, workdir)``, its ``process_event`` calls ``fit((), event=..., data=..., job_id=...)``
+        for a webhook event (``training_event`` reads either). The base class does not train."""
         return {}
 
     # --- helpers --------------------------------------------------------------------------------------------
-    def get_local_path(self, url: str, task_id: Optional[int] = None, **kwargs: Any) -> str:
-        """A local file with the content of a task's URL (uploads, local files, http(s), cloud via presign),
-        downloaded with the Label Studio key and cached."""
+    @staticmethod
+    def training_event(tasks: Any = (), workdir: Any = None, event: Optional[str] = None,
+                       data: Optional[dict] = None) -> tuple[str, dict]:
+        """The webhook action and payload a ``fit()`` call is for: ``event``/``data`` as the classic
+        ``process_event`` passes them, or our worker's ``fit(event, data)`` by position; a plain classic
+        ``fit(tasks, workdir)`` is START_TRAINING with no payload."""
+        if isinstance(tasks, str):
+            event = event or tasks
+        if isinstance(workdir, dict):
+            data = data if data is not None else workdir
+        return event or "START_TRAINING", data if isinstance(data, dict) else {}
+
+    def get_local_path(self, url: str, project_dir: Optional[str] = None, task_id: Optional[int] = None,
+                       **kwargs: Any) -> str:
+        """A local file with the content of a task's URL (uploads, local files, http(s), cloud via presign, which
+        needs ``task_id``), downloaded with the Label Studio key and cached. The classic signature;
+        ``project_dir`` is accepted and not needed (Label Studio serves uploads, LOCAL_FILES_DOCUMENT_ROOT
+        locates local files)."""
         return self.context.images.local_path(url, task_id)
 
     def versions(self) -> list[str]:
