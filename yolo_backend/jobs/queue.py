@@ -4,14 +4,15 @@
 ``metrics``). A request costs one or two Redis round trips, so ``/webhook`` and ``/train`` answer in milliseconds.
 
 Per project at most one job runs and one waits:
-- ``waiting`` key (per project) names the job that has not started yet. A trigger while it exists *coalesces*
-  into it (the job reads every annotation when it starts, so it covers the trigger). The job deletes the key,
-  atomically, the moment it starts; the next trigger then queues a new waiting job.
-- the job holds a per-project lock while it trains, so two workers never train one project at once.
+- ``waiting`` key (per project) names the job that has not read the annotations yet. A trigger while it exists
+  *coalesces* into it (the job reads every annotation when it trains, so it covers the trigger). The job deletes
+  the key, atomically, once it holds the project's lock; the next trigger then queues a new waiting job. So with
+  any number of workers a burst leaves one job training and at most one waiting.
+- the job holds a per-project lock while it trains, so two workers never train one project at once (keys.py).
+- at most MAX_QUEUED_PROJECTS projects wait at once (429 beyond): made-up project ids cannot fill the queue.
 
-Redis unreachable: Label Studio never resends a webhook, so the request is written to ``MODEL_DIR/pending/
-<project>.json`` (one file per project: a burst coalesces there too) and enqueued when Redis answers again, on
-the next request or by a light background thread that retries every few seconds.
+Redis unreachable or refusing writes: the request is kept in ``MODEL_DIR/pending/`` (pending.py) and enqueued when
+Redis answers again, on the next request or by a light background thread that retries every few seconds.
 
 Which webhook actions train is the ``TRAINING_ACTIONS`` setting (default ``START_TRAINING``). Label Studio 1.23
 sends START_TRAINING before ANNOTATION_CREATED / ANNOTATION_UPDATED when "start training on annotation submission"
@@ -22,20 +23,19 @@ PROJECT_UPDATED, ANNOTATIONS_DELETED, ...) are acknowledged and ignored.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-from ..atomic import atomic_write
 from ..errors import RequestRefused
 from ..settings import Settings, mask_password
+from .pending import PendingRequests
+from .keys import CONFIRM, DELETE_IF_EQUAL, LOCK_TTL_S, REPLACE, RESERVE, SETTLE_S, Keys, holder_alive, text
 
 log = logging.getLogger(__name__)
 
@@ -44,66 +44,9 @@ JOB_FUNCTION = "yolo_backend.jobs.training.run_training_job"
 NOT_STARTED = {"queued", "deferred", "scheduled", "created"}
 # How long finished/failed jobs (and their results) stay readable in Redis.
 RESULT_TTL_S = 7 * 24 * 3600
-# The job waits this long before reading the annotations: Label Studio sends START_TRAINING while it is still
-# saving the annotation that triggered it.
-SETTLE_S = 2.0
-# A running job refreshes its heartbeat key ("<host>:<pid>" of its work horse) every LOCK_TTL_S / 4 seconds;
-# without it for LOCK_TTL_S, the worker running it is gone (killed) and the job is reported failed. On the same
-# machine a dead horse is seen at once (its pid is gone).
-LOCK_TTL_S = 20
 REDIS_CONNECT_TIMEOUT_S = 0.5
 REDIS_TIMEOUT_S = 3.0
 RETRY_INTERVAL_S = 5.0
-
-
-class Keys:
-    """Redis key names of the training queue (shared by the server and the job)."""
-
-    def __init__(self, queue_name: str):
-        self.prefix = f"yolo-backend:{queue_name}"
-
-    def waiting(self, project_id: int) -> str:
-        return f"{self.prefix}:project:{project_id}:waiting"
-
-    def lock(self, project_id: int) -> str:
-        return f"{self.prefix}:project:{project_id}:lock"
-
-    def last(self, project_id: int) -> str:
-        return f"{self.prefix}:project:{project_id}:last"
-
-    def alive(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}:alive"
-
-    def coalesced(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}:coalesced"
-
-    @property
-    def stats(self) -> str:
-        return f"{self.prefix}:stats"
-
-
-# Reserve the waiting slot: returns {job id, 1} when ours was stored, {existing id, 0} otherwise.
-_RESERVE = """
-local current = redis.call('GET', KEYS[1])
-if current then return {current, 0} end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', 30)
-return {ARGV[1], 1}
-"""
-# Replace a stale waiting id (its job started or vanished without clearing the key) only if it is still there.
-_REPLACE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2], 'EX', 30) return 1 end
-return 0
-"""
-# The job exists now: the reservation no longer expires (until the job starts and deletes it).
-_CONFIRM = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PERSIST', KEYS[1]) end
-return 0
-"""
-# Delete a key only if it holds our value (a job clearing its waiting slot or releasing its lock).
-DELETE_IF_EQUAL = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 def training_actions(settings: Settings) -> set[str]:
@@ -126,6 +69,7 @@ class TrainingQueue:
         self.redis_url = redis_url or settings.effective_redis_url
         self.queue_name = queue_name or settings.rq_queue_name
         self.pending_dir = Path(pending_dir) if pending_dir else Path(settings.model_dir) / "pending"
+        self.pending_store = PendingRequests(self.pending_dir)
         # Passed to every job: settle_s, lock_ttl, trainer (a "module:function" seam for tests).
         self.job_options = {"settle_s": SETTLE_S, "lock_ttl": LOCK_TTL_S, **(job_options or {})}
         self.retry_interval = retry_interval
@@ -198,12 +142,12 @@ class TrainingQueue:
     def _enqueue(self, project_id: int, info: dict) -> dict:
         connection = self.connection()
         waiting_key = self.keys.waiting(project_id)
-        current = _text(connection.get(waiting_key))
+        current = text(connection.get(waiting_key))
         if current is None or not self._still_waiting(current, waiting_key):
             self._check_capacity(project_id)
         new_id = f"train-{project_id}-{uuid.uuid4().hex[:12]}"
         for _ in range(5):
-            current, stored = connection.eval(_RESERVE, 1, waiting_key, new_id)
+            current, stored = connection.eval(RESERVE, 1, waiting_key, new_id)
             current = current.decode() if isinstance(current, bytes) else current
             if stored:
                 return self._create_job(project_id, new_id, info)
@@ -214,7 +158,7 @@ class TrainingQueue:
                          project_id, current)
                 return {"job": current, "status": "coalesced", "project": project_id}
             # The waiting id is stale (its job started or vanished without clearing the key): take its place.
-            if connection.eval(_REPLACE, 1, waiting_key, current, new_id):
+            if connection.eval(REPLACE, 1, waiting_key, current, new_id):
                 return self._create_job(project_id, new_id, info)
         raise RuntimeError(f"could not reserve a training job for project {project_id} (the waiting slot keeps "
                            "changing); try again")
@@ -265,33 +209,15 @@ class TrainingQueue:
             except Exception:  # Redis went away: the id has no job, and is replaced as stale later
                 pass
             raise
-        connection.eval(_CONFIRM, 1, self.keys.waiting(project_id), job_id)
+        connection.eval(CONFIRM, 1, self.keys.waiting(project_id), job_id)
         connection.set(self.keys.last(project_id), job.id)
         self._count("enqueued")
         log.info("training job %s queued for project %s (%s)", job.id, project_id, info["event"])
         return {"job": job.id, "status": "queued", "project": project_id}
 
     # --- Redis down: durable pending requests -----------------------------------------------------------
-    def _pending_path(self, project_id: int) -> Path:
-        return self.pending_dir / f"project-{int(project_id)}.json"
-
     def _record_pending(self, project_id: int, info: dict, exc: BaseException) -> None:
-        path = self._pending_path(project_id)
-        try:
-            previous = json.loads(path.read_text())
-        except (OSError, ValueError):
-            previous = {}
-        record = {"project": project_id, "event": info["event"], "source": info["source"],
-                  "first_requested_at": previous.get("first_requested_at", info["requested_at"]),
-                  "last_requested_at": info["requested_at"], "requests": int(previous.get("requests", 0)) + 1}
-        try:
-            _write_json_atomic(path, record)
-        except OSError as write_error:
-            why = (f"no space left on device in {self.pending_dir}" if write_error.errno == errno.ENOSPC
-                   else f"{path} cannot be written ({write_error})")
-            raise RequestRefused(503, f"the training request for project {project_id} cannot be kept: Redis "
-                                      f"cannot take it ({exc}) and {why}; free space or fix MODEL_DIR, then "
-                                      "press Start Training in Label Studio") from None
+        path = self.pending_store.record(project_id, info, exc)
         self._count("pending_recorded")
         if self._redis_down_since is None:
             self._redis_down_since = time.time()
@@ -300,53 +226,16 @@ class TrainingQueue:
                         project_id, path)
 
     def pending(self) -> list[dict]:
-        records = []
-        for path in sorted(self.pending_dir.glob("project-*.json")):
-            try:
-                records.append(json.loads(path.read_text()))
-            except (OSError, ValueError):
-                continue
-        return records
+        return self.pending_store.records()
 
     def flush_pending(self) -> int:
         """Queue every saved request (Redis is back). Returns how many were queued. Raises the Redis error when
         Redis is still unreachable (the files stay)."""
-        try:
-            paths = sorted(self.pending_dir.glob("project-*.json"))
-        except OSError:
-            return 0
-        done = 0
-        for path in paths:
-            # Claim the file by renaming it, so several server processes do not queue it twice.
-            claim = path.with_name(f"{path.name}.claim-{uuid.uuid4().hex[:8]}")
-            try:
-                os.rename(path, claim)
-            except OSError:
-                continue
-            try:
-                record = json.loads(claim.read_text())
-                project_id = int(record["project"])
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.error("unreadable pending training request %s (%s): removed", claim, exc)
-                claim.unlink(missing_ok=True)
-                continue
-            try:
-                self._enqueue(project_id, {"event": record.get("event", "START_TRAINING"),
-                                           "source": "pending", "requested_at": record.get("last_requested_at",
-                                                                                           time.time())})
-            except BaseException:
-                if not path.exists():
-                    os.rename(claim, path)  # still pending
-                else:
-                    claim.unlink(missing_ok=True)  # a newer request for the project is already saved
-                raise
-            claim.unlink(missing_ok=True)
-            done += 1
+        def enqueue(project_id: int, info: dict) -> None:
+            self._enqueue(project_id, info)
             self._count("pending_enqueued")
-            log.info("queued the training request for project %s saved while Redis was unreachable "
-                     "(%d request(s) since %s)", project_id, record.get("requests", 1),
-                     time.strftime("%H:%M:%S", time.localtime(record.get("first_requested_at", time.time()))))
-        return done
+
+        return self.pending_store.flush(enqueue)
 
     def _ensure_retry_thread(self) -> None:
         """Start (once per process, after any fork) the thread that queues saved requests when Redis is back."""
@@ -362,7 +251,7 @@ class TrainingQueue:
     def _retry_loop(self) -> None:
         while not self._stop.wait(self.retry_interval):
             try:
-                if any(self.pending_dir.glob("project-*.json")):
+                if self.pending_store.any():
                     with _refused_writes_as_errors():
                         self.flush_pending()
                     self._redis_down_since = None
@@ -384,9 +273,9 @@ class TrainingQueue:
         try:
             self._ensure_retry_thread()
             connection = self.connection()
-            waiting = _text(connection.get(self.keys.waiting(project_id)))
-            last = _text(connection.get(self.keys.last(project_id)))
-            running = _text(connection.get(self.keys.lock(project_id)))
+            waiting = text(connection.get(self.keys.waiting(project_id)))
+            last = text(connection.get(self.keys.last(project_id)))
+            running = text(connection.get(self.keys.lock(project_id)))
             job_id = running or last
             job = self.job_status(job_id) if job_id else None
         except self._redis_errors() as exc:
@@ -415,7 +304,7 @@ class TrainingQueue:
                 "phase": meta.get("phase"), "progress": meta.get("progress"), "log_file": meta.get("log_file"),
                 "enqueued_at": _iso(job.enqueued_at), "started_at": _iso(job.started_at),
                 "ended_at": _iso(job.ended_at),
-                "coalesced_requests": int(_text(connection.get(self.keys.coalesced(job.id))) or 0)}
+                "coalesced_requests": int(text(connection.get(self.keys.coalesced(job.id))) or 0)}
             if status == "started" and self._horse_gone(job):
                 info["status"] = "failed"
                 info["error"] = meta.get("error") or (
@@ -486,23 +375,6 @@ def _refused_writes_as_errors():
         raise
 
 
-def holder_alive(connection, keys: "Keys", job_id: str) -> bool:
-    """Whether the work horse running ``job_id`` is alive: its heartbeat key exists and, when it runs on this
-    machine, its process too (a killed horse is known dead at once instead of when its heartbeat expires)."""
-    beat = _text(connection.get(keys.alive(job_id)))
-    if not beat:
-        return False
-    host, _, pid = beat.rpartition(":")
-    if host == socket.gethostname() and pid.isdigit():
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-    return True
-
-
 def _worker_count(connection, queue) -> int:
     from rq import Worker
 
@@ -510,12 +382,6 @@ def _worker_count(connection, queue) -> int:
         return len(Worker.all(queue=queue, connection=connection))
     except Exception:  # informational only
         return -1
-
-
-def _text(value) -> Optional[str]:
-    if value is None:
-        return None
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _iso(value) -> Optional[str]:
@@ -542,8 +408,3 @@ def _jsonable(value):
         return json.loads(json.dumps(value, default=str))
     except (TypeError, ValueError):
         return str(value)
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    with atomic_write(path, "w") as f:
-        json.dump(data, f)

@@ -652,12 +652,12 @@ class _Heartbeat:
             self.connection.delete(self.keys.alive(self.job_id))
 
     def beat(self) -> None:
-        # "<host>:<pid>": on the same machine a dead work horse is known at once (jobs.queue.holder_alive).
+        # "<host>:<pid>": on the same machine a dead work horse is known at once (jobs.keys.holder_alive).
         self.connection.set(self.keys.alive(self.job_id), f"{socket.gethostname()}:{os.getpid()}", ex=self.ttl)
         if self.lock_key:
-            from .queue import _text
+            from .keys import text
 
-            if _text(self.connection.get(self.lock_key)) == self.job_id:
+            if text(self.connection.get(self.lock_key)) == self.job_id:
                 self.connection.expire(self.lock_key, self.ttl)
 
     def _run(self) -> None:
@@ -670,12 +670,12 @@ class _Heartbeat:
 def _project_lock(connection, keys, heartbeat: _Heartbeat, project_id: int, job_id: str, ttl: int, reporter):
     """At most one training job per project at a time: wait for the lock. A holder known dead (its work horse is
     gone, or its heartbeat expired) has its lock released at once, so the next job does not wait out the TTL."""
-    from .queue import DELETE_IF_EQUAL, _text, holder_alive
+    from .keys import DELETE_IF_EQUAL, holder_alive, text
 
     key = keys.lock(project_id)
     said = False
     while not connection.set(key, job_id, nx=True, ex=max(2, int(ttl))):
-        holder = _text(connection.get(key))
+        holder = text(connection.get(key))
         if holder and not holder_alive(connection, keys, holder):
             if connection.eval(DELETE_IF_EQUAL, 1, key, holder):
                 log.info("job %s of project %s held the training lock but its process is gone: lock released",
@@ -706,7 +706,7 @@ def run_training_job(project_id: int, event: str = "START_TRAINING", payload: Op
 
     from ..runtime import BackendContext
     from . import history
-    from .queue import DELETE_IF_EQUAL, LOCK_TTL_S, SETTLE_S, Keys
+    from .keys import DELETE_IF_EQUAL, LOCK_TTL_S, SETTLE_S, Keys
 
     options = {"settle_s": SETTLE_S, "lock_ttl": LOCK_TTL_S, "trainer": None, "backend": DEFAULT_BACKEND,
                **(options or {})}
