@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from yolo_backend.registry import Registry
-from yolo_backend.serve import child_environment, descendants, describe_model
+from yolo_backend.processes import descendants
+from yolo_backend.serve import child_environment, describe_model
 from yolo_backend.settings import Settings
 from tests.support import FIRE_SMOKE_CONFIG as CONFIG, wait_for
 

@@ -32,7 +32,6 @@ whatever function a queued job names, so an open broker would let any local proc
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import secrets
@@ -44,6 +43,7 @@ from pathlib import Path
 from typing import Optional
 
 from .logs import configure_logging
+from .processes import PR_SET_CHILD_SUBREAPER, Child, children_of, descendants, prctl, reap
 from .settings import Settings, exposure_warning, mask_password
 
 log = logging.getLogger("yolo_backend.serve")
@@ -57,10 +57,6 @@ STOP_TIMEOUT_S = 45.0          # after that, a child that still runs is killed
 RESTART_BACKOFF_MAX_S = 60.0
 POLL_S = 0.2
 
-_PR_SET_PDEATHSIG = 1
-_PR_SET_CHILD_SUBREAPER = 36
-
-
 def gunicorn_command(host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "gunicorn", "-c", str(PROJECT_ROOT / "gunicorn.conf.py"),
             "--chdir", str(PROJECT_ROOT), "--bind", f"{host}:{port}", "_wsgi:app"]
@@ -68,115 +64,6 @@ def gunicorn_command(host: str, port: int) -> list[str]:
 
 def worker_command() -> list[str]:
     return [sys.executable, "-m", "yolo_backend", "worker"]
-
-
-# --- small process helpers ---------------------------------------------------------------------------------------
-
-def _prctl(option: int, value: int) -> bool:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(option, value, 0, 0, 0) == 0
-    except (OSError, AttributeError):  # not Linux
-        return False
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM if `serve` itself is killed (SIGKILL leaves it no other chance)."""
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _children_of(pid: int) -> list[int]:
-    """Direct children of ``pid`` (from /proc; empty where /proc is missing)."""
-    found = []
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return found
-    for name in entries:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(name))
-    return found
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` in the process tree."""
-    found, frontier = [], [pid]
-    while frontier:
-        for child in _children_of(frontier.pop()):
-            if child not in found:
-                found.append(child)
-                frontier.append(child)
-    return found
-
-
-def _reap(keep: set) -> None:
-    """Collect exited processes that were re-parented to us (we are a subreaper), so none stays a zombie. Our own
-    children (``keep``: their Popen objects collect them, with their exit codes) are left alone."""
-    for pid in _children_of(os.getpid()):
-        if pid in keep:
-            continue
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-
-
-class Child:
-    """One supervised child process, in its own session, output to our stdout/stderr."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], cwd: Path):
-        self.name, self.argv, self.env, self.cwd = name, argv, env, cwd
-        self.proc: Optional[subprocess.Popen] = None
-        self.started_at = 0.0
-
-    def start(self) -> "Child":
-        self.proc = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
-        self.started_at = time.monotonic()
-        log.info("started %s (pid %d): %s", self.name, self.proc.pid, " ".join(self.argv[1:]))
-        return self
-
-    @property
-    def pid(self) -> Optional[int]:
-        return self.proc.pid if self.proc else None
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def signal(self, signum: int) -> None:
-        if self.running():
-            try:
-                self.proc.send_signal(signum)
-            except ProcessLookupError:
-                pass
-
-    def wait(self, timeout: float) -> bool:
-        """True when the child has exited within ``timeout`` seconds."""
-        if self.proc is None:
-            return True
-        try:
-            self.proc.wait(timeout=max(0.0, timeout))
-            return True
-        except subprocess.TimeoutExpired:
-            return False
-
-    def kill_tree(self) -> None:
-        """SIGKILL the child and everything below it (by PID: only processes we started)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return  # reaped: its PID may belong to someone else now (leftovers are our orphans, killed by PID)
-        for pid in descendants(self.proc.pid) + [self.proc.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        self.wait(5.0)
 
 
 # --- what runs -------------------------------------------------------------------------------------------------
@@ -329,7 +216,7 @@ class Supervisor:
         """Until a stop signal or a fatal child death."""
         while self.stop_signal is None and self.failed is None:
             time.sleep(POLL_S)
-            _reap(self._own_pids())
+            reap(self._own_pids())
             if not self.server.running():
                 self.failed = f"the server (gunicorn, pid {self.server.pid}) exited with code " \
                               f"{self.server.proc.returncode}"
@@ -400,10 +287,10 @@ class Supervisor:
         live = {c.pid for c in (self.server, self.worker) if c is not None and c.running()}
         if self.broker is not None and self.broker.running():
             live.add(self.broker.process.pid)
-        leftovers = [pid for pid in _children_of(os.getpid()) if pid not in live]
+        leftovers = [pid for pid in children_of(os.getpid()) if pid not in live]
         leftovers += [d for pid in leftovers for d in descendants(pid)]
         if not leftovers:
-            _reap(self._own_pids())
+            reap(self._own_pids())
             return
         log.warning("stopping %d leftover process(es): %s", len(leftovers), ", ".join(map(str, leftovers)))
         for signum in (signal.SIGTERM, signal.SIGKILL):
@@ -413,7 +300,7 @@ class Supervisor:
                 except (ProcessLookupError, PermissionError):
                     pass
             time.sleep(0.5)
-            _reap(self._own_pids())
+            reap(self._own_pids())
 
 
 def serve(host: str, port: int) -> int:
@@ -432,7 +319,7 @@ def serve(host: str, port: int) -> int:
         log.warning(warning)
     check_model(env)
     env[MODEL_CHECKED_ENV] = "1"  # gunicorn need not check again
-    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
 
     supervisor = Supervisor(host, port, settings, env)
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

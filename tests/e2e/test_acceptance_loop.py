@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from yolo_backend.serve import descendants
+from yolo_backend.processes import descendants
 
 from . import harness
 from .conftest import REFERENCE_CHECKPOINT, SHARED, require_shared_data
