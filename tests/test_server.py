@@ -483,3 +483,29 @@ def test_versions_without_a_project_lists_project_versions_and_no_placeholder_na
     body = client.get("/versions").json
     assert body["versions"] == ["v0-untrained"] and body["model_version"] is None
     assert client.get("/versions", query_string={"project": 5}).json["model_version"] == "v0-untrained"
+
+
+def test_a_large_predict_answers_what_is_done_by_the_deadline(tmp_path, model_file, caplog):
+    """Label Studio stores nothing when /predict takes more than 100 s: the backend works in chunks and answers
+    by PREDICT_DEADLINE_S; tasks not reached get an item without result (asked for again later)."""
+    client, context, loader = make_client(tmp_path, model_file, predict_deadline_s=0.5, predict_batch_size=2)
+    tasks = [{"id": i, "data": {"image": png_uri(40, 30)}} for i in range(40)]
+    original = FakeDetector.detect
+
+    def slow_detect(self, images, conf=None):
+        time.sleep(0.2)
+        return original(self, images, conf)
+
+    FakeDetector.detect = slow_detect
+    try:
+        with caplog.at_level(logging.WARNING):
+            reply = client.post("/predict", json={"tasks": tasks, "label_config": CONFIG})
+    finally:
+        FakeDetector.detect = original
+    results = reply.json["results"]
+    assert reply.status_code == 200 and len(results) == 40
+    done = [r for r in results if "result" in r]
+    assert 4 <= len(done) < 40 and all(len(r["result"]) == 1 for r in done)
+    assert all("result" in r for r in results[:len(done)]) and all("result" not in r for r in results[len(done):])
+    assert all(calls <= 4 for calls in loader.detectors[0].calls)  # chunks of 2 x PREDICT_BATCH_SIZE images
+    assert "PREDICT_DEADLINE_S=0.5" in caplog.text

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
@@ -101,11 +102,29 @@ class YOLOv7Backend(*_base_classes()):
         mapping = map_classes_to_labels(model.names, target.labels, parse_label_map(settings.label_map))
         self._log_skipped_classes(model.names, mapping, model.version)
 
+        # Label Studio sends every selected task in one request and stores nothing if the answer takes longer than
+        # its 100 s: work in chunks (bounded memory too) and answer what is done by PREDICT_DEADLINE_S; the rest get
+        # an item without "result", which Label Studio skips and asks for again.
+        deadline = time.monotonic() + settings.predict_deadline_s
+        chunk = max(1, settings.predict_batch_size) * 2
+        predictions: list[dict] = []
+        for start in range(0, len(tasks), chunk):
+            if start and time.monotonic() > deadline:
+                left = len(tasks) - start
+                log.warning("predicted %d of %d tasks within PREDICT_DEADLINE_S=%g s; the other %d get no prediction "
+                            "now (Label Studio asks for them again when predictions are retrieved)", start,
+                            len(tasks), settings.predict_deadline_s, left)
+                predictions += [failed_task_prediction(model.version)] * left
+                break
+            predictions += self._predict_chunk(tasks[start:start + chunk], start, model, target, mapping)
+        return predictions
+
+    def _predict_chunk(self, tasks: list[dict], offset: int, model, target, mapping) -> list[dict]:
+        settings = self.context.settings
         images = self._load_images(tasks, target.data_key)
         ok = [i for i, image in enumerate(images) if isinstance(image, np.ndarray)]
         detections = model.detector.detect([images[i] for i in ok], conf=settings.score_floor) if ok else []
         by_task = dict(zip(ok, detections))
-
         predictions = []
         for i, task in enumerate(tasks):
             found = by_task.get(i)
@@ -116,7 +135,7 @@ class YOLOv7Backend(*_base_classes()):
                 predictions.append(failed_task_prediction(model.version))
                 continue
             shown = found.above(settings.model_score_threshold)
-            regions = detections_to_regions(shown, target, mapping, model.version, task.get("id", i))
+            regions = detections_to_regions(shown, target, mapping, model.version, task.get("id", offset + i))
             score = task_score(found, settings.task_score, settings.model_score_threshold, settings.score_floor)
             predictions.append(task_prediction(regions, score, model.version))
         return predictions

@@ -90,6 +90,10 @@ class Settings:
         "Task score strategy: `uncertainty` (low = most informative, label first), `max_confidence`, "
         "`mean_confidence`, `count`.")
     predict_batch_size: int = setting(8, "Images per forward pass when predicting a request's tasks.")
+    predict_deadline_s: float = setting(
+        60.0, "A /predict answers within about this many seconds: Label Studio sends every selected task in one "
+        "request and stores nothing when the answer takes more than its 100 s; tasks not reached by then get no "
+        "prediction in that answer (Label Studio asks for them again).")
     from_name: Optional[str] = setting(
         None, "Name of the RectangleLabels control to predict for when the label config has several.")
     label_map: Optional[str] = setting(
@@ -172,7 +176,7 @@ class Settings:
                 raise SettingsError(f"{name.upper()}={value} must be a positive multiple of 32 (e.g. 320, 640)")
         for name in ("predict_batch_size", "train_batch_size", "max_detections", "image_timeout",
                      "train_time_budget_s", "train_epochs", "max_request_mb", "max_concurrent_predicts",
-                     "max_queued_projects"):
+                     "max_queued_projects", "predict_deadline_s"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must be greater than 0")
         for name in ("image_cache_mb", "keep_versions", "torch_threads", "max_image_pixels"):
