@@ -67,13 +67,9 @@ def line_chart(series: Sequence[Series], title: str, x_label: str, y_label: str,
         height = min(height, 90)  # just the title and the message
     left, right, top, bottom = 56, 16, 34, 72 if note else 56
     plot_w, plot_h = width - left - right, height - top - bottom
-    parts = [_svg_open(width, height, title)]
-    parts.append(f'<text x="{width / 2:.0f}" y="20" text-anchor="middle" style="{FONT};font-size:14px;'
-                 f'font-weight:600">{escape(title)}</text>')
+    parts = _titled(width, height, title)
     if not points:
-        parts.append(f'<text x="{width / 2:.0f}" y="{height / 2:.0f}" text-anchor="middle" fill="{AXIS}" '
-                     f'style="{FONT}" class="chart-empty">{escape(empty_message)}</text></svg>')
-        return "".join(parts)
+        return _empty(parts, width, height, empty_message)
     x_max = nice_ceiling(max(p.x for p in points) * 1.05)
     y_max = y_top if y_top is not None else \
         min(1.0, max(y_min_top, nice_ceiling(max(p.y for p in points) * 1.1))) or 1.0
@@ -132,13 +128,9 @@ def bar_chart(categories: Sequence[str], series: Sequence[tuple[str, Sequence[Op
     group_h = bar_h * max(1, len(series)) + gap
     height = top + group_h * max(1, len(categories)) + 40
     plot_w = width - left - right
-    parts = [_svg_open(width, height, title)]
-    parts.append(f'<text x="{width / 2:.0f}" y="20" text-anchor="middle" style="{FONT};font-size:14px;'
-                 f'font-weight:600">{escape(title)}</text>')
+    parts = _titled(width, height, title)
     if not categories:
-        parts.append(f'<text x="{width / 2:.0f}" y="{height / 2:.0f}" text-anchor="middle" fill="{AXIS}" '
-                     f'style="{FONT}" class="chart-empty">{escape(empty_message)}</text></svg>')
-        return "".join(parts)
+        return _empty(parts, width, height, empty_message)
     bottom = top + group_h * len(categories)
     for value in ticks(x_top):
         x = left + plot_w * value / x_top
@@ -169,6 +161,20 @@ def bar_chart(categories: Sequence[str], series: Sequence[tuple[str, Sequence[Op
                      f'<text x="{legend_x + 20}" y="{height - 9}" style="{FONT}">{escape(name)}</text>')
         legend_x += 40 + 7 * len(name)
     parts.append("</svg>")
+    return "".join(parts)
+
+
+def _titled(width: int, height: int, title: str) -> list[str]:
+    """The opening of a chart: the svg element and its title line."""
+    return [_svg_open(width, height, title),
+            f'<text x="{width / 2:.0f}" y="20" text-anchor="middle" style="{FONT};font-size:14px;'
+            f'font-weight:600">{escape(title)}</text>']
+
+
+def _empty(parts: list[str], width: int, height: int, message: str) -> str:
+    """A chart with nothing to draw: its title and ``message``."""
+    parts.append(f'<text x="{width / 2:.0f}" y="{height / 2:.0f}" text-anchor="middle" fill="{AXIS}" '
+                 f'style="{FONT}" class="chart-empty">{escape(message)}</text></svg>')
     return "".join(parts)
 
 
