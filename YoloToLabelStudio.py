@@ -29,6 +29,7 @@ file and line and skipped; --strict stops at the first. A summary line ends ever
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -102,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dataset", help="YOLO dataset -> Label Studio tasks JSON")
     p.add_argument("source", help="dataset folder (images/ + labels/, Roboflow splits, or images with .txt "
                    "beside) or a data.yaml")
+    p.add_argument("--split", help="only this split (train, val/valid, test, or a folder name the dataset uses); "
+                   "default: every split")
     add_output_args(p)
     add_ref_args(p)
     add_label_args(p, "; class i is the i-th label unless the dataset names its classes")
@@ -229,9 +232,22 @@ def check_refs(refs: ImageRefs, images) -> None:
 
 # --- commands ---------------------------------------------------------------------------------------------------------
 
+def only_split(layout, split: str):
+    """The layout with the entries of ``split`` only ("val" and "valid" name the same split); CliError naming the
+    splits there are when it has none."""
+    wanted = {"val", "valid"} if split in ("val", "valid") else {split}
+    entries = [e for e in layout.entries if e.split in wanted]
+    if not entries:
+        found = ", ".join(sorted({e.split or "(none)" for e in layout.entries})) or "none"
+        raise CliError(f"{layout.source}: no images in split {split!r} (splits there: {found})")
+    return dataclasses.replace(layout, entries=entries)
+
+
 def cmd_dataset(args) -> int:
     check_output_args(args)
     layout = find_dataset(Path(args.source))
+    if args.split:
+        layout = only_split(layout, args.split)
     refs = ImageRefs.choose(args.document_root, args.url_prefix, args.upload, layout.root)
     check_refs(refs, (entry.image for entry in layout.entries))
     target, labels = resolve_target(args, layout.names)

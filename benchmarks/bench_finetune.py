@@ -1,13 +1,13 @@
 """Fine-tuning benchmark: train on ../shared/data/fire-smoke (train split) for a fixed budget, report the valid
 mAP@0.5 after each epoch and the seconds per epoch.
 
-    python benchmarks/bench_finetune.py                          # random init, img 320, 35 epochs at most
-    python benchmarks/bench_finetune.py --epochs 3 --time-budget 900
-    python benchmarks/bench_finetune.py --weights ../shared/data/yolov7-checkpoints/yolov7-tiny_coco_deploy.pt
-    python benchmarks/bench_finetune.py --device cuda --img-size 640 --epochs 100
-    python benchmarks/bench_finetune.py --set warmup_min_iters=1000 --set mosaic=0.5   # any TrainConfig field
+    .venv/bin/python benchmarks/bench_finetune.py                 # random init, img 320, 35 epochs at most
+    .venv/bin/python benchmarks/bench_finetune.py --epochs 3 --time-budget 900
+    .venv/bin/python benchmarks/bench_finetune.py --weights path/to/best.pt   # fine-tune a checkpoint instead
+    .venv/bin/python benchmarks/bench_finetune.py --device cuda --img-size 640 --epochs 100
+    .venv/bin/python benchmarks/bench_finetune.py --set warmup_min_iters=1000 --set mosaic=0.5   # any TrainConfig field
 
-The bar (../shared/README.md): the reference trained yolov7-tiny from scratch on the same 877 images for 35
+What to compare with: the reference implementation trained yolov7-tiny from scratch on the same 877 images for 35
 epochs at 320 on 2 CPU cores (about 110 s per epoch) to mAP@0.5 0.768 on the valid split. That number is from
 the reference train.py's per-epoch test, which runs NMS at IoU 0.6 (our evaluator gives 0.766 on that checkpoint
 there, 0.747 at test.py's 0.65, our default): compare with `--set eval_iou=0.6`, or re-evaluate the written

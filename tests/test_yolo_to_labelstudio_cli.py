@@ -163,3 +163,14 @@ def test_detect_with_reference_checkpoint(shared_dir, tmp_path):
     for region in wide["predictions"][0]["result"]:
         assert (region["original_width"], region["original_height"]) == (480, 240)
     assert boxes > 0
+
+
+def test_split_converts_one_split_only(dataset, tmp_path):
+    out = tmp_path / "val.json"
+    run("dataset", dataset, "--split", "valid", "--out", out, "--url-prefix", "http://files.example/", "--no-progress")
+    tasks = json.loads(out.read_text())
+    assert [t["data"]["image"].rsplit("/", 1)[-1] for t in tasks] == ["neg.jpg"]
+    run("dataset", dataset, "--split", "train", "--out", out, "--url-prefix", "http://files.example/", "--no-progress")
+    assert sorted(t["data"]["image"].rsplit("/", 1)[-1] for t in json.loads(out.read_text())) == ["tall.png", "wide.jpg"]
+    assert_one_line_error(run("dataset", dataset, "--split", "test", "--out", out, "--url-prefix", "x",
+                              check_rc=None), "no images in split 'test'", "train, val")
