@@ -22,6 +22,11 @@ FIRE_SMOKE_CONFIG = """<View>
 </View>"""
 
 
+# A bound for "answers at once" in unit tests: generous for a loaded CI machine, far below what the work it rules
+# out takes there (training, or waiting for Label Studio / a dead Redis); the benchmarks measure real latencies.
+ANSWERS_AT_ONCE_S = 5.0
+
+
 def wait_for(predicate, timeout: float, message: str, interval: float = 0.1):
     """Poll ``predicate()`` until it returns something truthy and return that; fail the test after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -73,21 +78,22 @@ def _encode_png(bgr: np.ndarray) -> bytes:
 # --------------------------------------------------------------------------------------------------------------
 
 class FakeLabelStudio:
-    """Label Studio 1.23 on loopback (Flask in a thread), as much of it as the tests use. Use it with ``with``.
+    """Label Studio 1.23 on loopback (Flask in a thread), as much of it as the tests use. Serving from creation
+    (routes added to ``app`` before the first request count) until ``close()`` or the end of a ``with``.
 
     Auth: ``Token <token>`` (refused when ``legacy_enabled`` is False, as in a JWT-only organisation) or
     ``Bearer <access token>`` from ``POST /api/token/refresh/`` with ``PAT``; bump ``generation`` to revoke the
     access tokens issued so far. Everything but the token refresh, ``/signed/`` and ``/public/`` needs it.
 
-    Images: ``/data/upload/<project>/<name>`` serves ``uploads[name]``; any other name is a 64x48 red PNG, except
-    ``missing.png`` (404), ``page.png`` (an HTML page) and ``slow.png`` (1.5 s late). ``/data/local-files/?d=
-    photos/a.png`` (30x10), ``/tasks/<id>/presign/?fileuri=`` for ``s3://bucket/dir/c.png`` (a redirect to a
-    20x20 PNG), ``/public/<name>`` (12x34, no key needed).
+    Images: ``/data/upload/<project>/<name>`` serves ``images[name]`` (each task's ``img<id>.png``, 200x100
+    noise); any other name is a 64x48 red PNG, except ``missing.png`` (404), ``page.png`` (an HTML page) and
+    ``slow.png`` (1.5 s late). ``/data/local-files/?d=photos/a.png`` (30x10), ``/tasks/<id>/presign/?fileuri=``
+    for ``s3://bucket/dir/c.png`` (a redirect to a 20x20 PNG), ``/public/<name>`` (12x34, no key needed).
 
     API: one project (``project``); ``tasks`` (with their ``annotations``) listed by ``/api/tasks`` and exported
     by ``/api/projects/<id>/export``; ``POST /api/predictions`` kept in ``predictions``; PATCHing the project's
     ``model_version`` is refused until a prediction of that version is stored (``patch_attempts``: every PATCH
-    asked, ``patches``: the accepted ones).
+    asked, ``patches``: the accepted ones); clearing ``api_open`` holds the project API's answers until it is set.
 
     Recorded: ``hits`` (per path and query), ``auth_seen`` (the Authorization header of each image request),
     ``refreshes``.
@@ -103,11 +109,14 @@ class FakeLabelStudio:
         self.auth_seen: list = []
         self.project = {"id": project_id, "label_config": FIRE_SMOKE_CONFIG, "model_version": model_version}
         self.tasks = list(tasks)
-        self.uploads = {f"img{t['id']}.png": noise_png_bytes(200, 100, t["id"]) for t in self.tasks}
+        self.images = {f"img{t['id']}.png": noise_png_bytes(200, 100, t["id"]) for t in self.tasks}
         self.predictions: list[dict] = []
         self.patch_attempts: list[str] = []
         self.patches: list[str] = []
+        self.api_open = threading.Event()  # clear it to hold the project API's answers (a slow Label Studio)
+        self.api_open.set()
         self.app = self._build_app()
+        self._start()
 
     # --- auth -----------------------------------------------------------------------------------------------
     def authorised(self) -> bool:
@@ -149,8 +158,8 @@ class FakeLabelStudio:
 
         @app.get("/data/upload/<int:project>/<name>")
         def upload(project, name):
-            if name in self.uploads:
-                return Response(self.uploads[name], mimetype="image/png")
+            if name in self.images:
+                return Response(self.images[name], mimetype="image/png")
             if name == "missing.png":
                 return Response("not found", 404)
             if name == "page.png":
@@ -181,6 +190,7 @@ class FakeLabelStudio:
 
         @app.route("/api/projects/<int:pid>/", methods=["GET", "PATCH"], strict_slashes=False)
         def project(pid):
+            self.api_open.wait(30)
             if pid != self.project["id"]:
                 abort(404)
             if request.method == "PATCH":
@@ -212,15 +222,20 @@ class FakeLabelStudio:
         return app
 
     # --- running --------------------------------------------------------------------------------------------
-    def __enter__(self) -> "FakeLabelStudio":
+    def _start(self) -> None:
         self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         self.other_host_url = f"http://localhost:{self.server.server_port}"  # the same server, another host name
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
                                        daemon=True)
         self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.thread.join(5)
+
+    def __enter__(self) -> "FakeLabelStudio":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.thread.join(5)
+        self.close()

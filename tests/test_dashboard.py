@@ -444,7 +444,7 @@ def failing_train(data, callback):
 
 
 def run_job_in_process(tmp_path, monkeypatch, tasks, trainer: str) -> Path:
-    from tests.test_jobs import TOKEN, FakeLabelStudio
+    from tests.support import LEGACY as TOKEN, FakeLabelStudio
     from yolo_backend.jobs.training import run_training_job
 
     label_studio = FakeLabelStudio(tasks, project_id=PROJECT)

@@ -16,10 +16,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from flask import Flask, request
-from werkzeug.serving import make_server
 
 from model_backend import YOLOv7Backend
+from tests.support import ANSWERS_AT_ONCE_S, FakeLabelStudio
 from yolo_backend.registry import Registry, checkpoint_version
 from yolo_backend.server.app import create_app
 from yolo_backend.runtime import BackendContext
@@ -124,7 +123,7 @@ def test_health_and_setup_never_load_the_model(tmp_path, model_file):
     assert response.status_code == 200
     assert response.json == {"model_version": checkpoint_version(model_file)}
     assert response.json["model_version"].startswith("best-")
-    assert elapsed < 0.1, f"/setup took {elapsed:.3f} s"
+    assert elapsed < ANSWERS_AT_ONCE_S, f"/setup took {elapsed:.3f} s"
     assert loader.loaded == [] and context.models.loads == 0
 
 
@@ -310,56 +309,31 @@ def test_pinned_version(tmp_path, model_file):
     assert client.post("/setup", json={"schema": CONFIG}).json == {"model_version": v1.name}
 
 
-class FakeProjects:
-    """Label Studio's project API: PATCH model_version is refused until a prediction of it is 'stored'."""
-
-    def __init__(self):
-        self.model_version = "My YOLO backend"  # LS sets the project's version to the backend title
-        self.stored_versions: set = set()
-        self.patches = []
-        app = Flask("fake-projects")
-
-        @app.route("/api/projects/<int:pid>/", methods=["GET", "PATCH"])
-        def project(pid):
-            if request.headers.get("Authorization") != "Token " + "a" * 40:
-                return {"detail": "no"}, 401
-            if request.method == "PATCH":
-                wanted = request.get_json()["model_version"]
-                self.patches.append(wanted)
-                if wanted not in self.stored_versions:
-                    return {"model_version": ["Model version doesn't exist"]}, 400
-                self.model_version = wanted
-            return {"id": pid, "model_version": self.model_version}
-
-        self.server = make_server("127.0.0.1", 0, app, threaded=True)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-
 def test_project_model_version_is_synced_in_the_background(tmp_path, model_file):
-    ls = FakeProjects()
-    try:
+    # Label Studio sets the project's version to the backend title, and refuses a PATCH to a version until a
+    # prediction of it is stored.
+    with FakeLabelStudio(project_id=9, model_version="My YOLO backend", token="a" * 40) as ls:
         client, context, _ = make_client(tmp_path, model_file, label_studio_url=ls.url,
                                          label_studio_api_key="a" * 40)
         context.version_sync.first_delay = 0.05
         context.version_sync.backoff = 1.0
         version = checkpoint_version(model_file)
+        ls.api_open.clear()  # Label Studio answers nothing about the project for now
         started = time.perf_counter()
         assert client.post("/setup", json={"project": "9.1", "schema": CONFIG}).status_code == 200
-        assert time.perf_counter() - started < 0.1  # the sync never blocks /setup
+        assert time.perf_counter() - started < ANSWERS_AT_ONCE_S  # the sync never blocks /setup
+        ls.api_open.set()
         context.version_sync.wait()
-        assert ls.model_version == "My YOLO backend" and ls.patches  # refused: no prediction stored yet
+        assert ls.project["model_version"] == "My YOLO backend" and ls.patch_attempts  # refused: none stored
         tasks = [{"id": 1, "data": {"image": png_uri(10, 10)}}]
         client.post("/predict", json={"tasks": tasks, "label_config": CONFIG, "project": "9.1"})
-        ls.stored_versions.add(version)  # Label Studio stores the predictions after our reply
+        ls.predictions.append({"task": 1, "model_version": version})  # stored by Label Studio after our reply
         context.version_sync.wait()
-        assert ls.model_version == version
-        patches = len(ls.patches)
+        assert ls.project["model_version"] == version
+        patches = len(ls.patch_attempts)
         client.post("/predict", json={"tasks": tasks, "label_config": CONFIG, "project": "9.1"})
         context.version_sync.wait()
-        assert len(ls.patches) == patches  # already in sync: nothing more to do
-    finally:
-        ls.server.shutdown()
+        assert len(ls.patch_attempts) == patches  # already in sync: nothing more to do
 
 
 def test_wsgi_import_loads_no_model_and_no_torch(tmp_path):

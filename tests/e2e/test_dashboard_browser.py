@@ -130,7 +130,8 @@ class Stack:
         from werkzeug.serving import make_server
 
         from model_backend import YOLOv7Backend
-        from tests.test_jobs import TOKEN, FakeLabelStudio, fake_loader, make_tasks
+        from tests.support import LEGACY as TOKEN, FakeLabelStudio
+        from tests.test_jobs import fake_loader, make_tasks
         from yolo_backend.jobs.queue import TrainingQueue
         from yolo_backend.server.app import create_app
         from yolo_backend.runtime import BackendContext
@@ -162,10 +163,11 @@ class Stack:
                                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def add_annotated_tasks(self, ids) -> None:
-        from tests.test_jobs import box, png_bytes
+        from tests.support import noise_png_bytes
+        from tests.test_jobs import box
 
         for task_id in ids:
-            self.label_studio.images[f"img{task_id}.png"] = png_bytes(200, 100, task_id)
+            self.label_studio.images[f"img{task_id}.png"] = noise_png_bytes(200, 100, task_id)
             self.label_studio.tasks.append({"id": task_id, "data": {"image": f"/data/upload/1/img{task_id}.png"},
                                             "annotations": [{"id": 100 + task_id, "result": [box(10, 10, 30, 30)],
                                                              "was_cancelled": False,
