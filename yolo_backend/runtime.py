@@ -14,7 +14,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
-from .labelstudio.client import LabelStudioClient, LabelStudioSession, ProjectVersionSync
+from .labelstudio.api import LabelStudioClient
+from .labelstudio.client import LabelStudioSession, ProjectVersionSync
 from .labelstudio.images import ImageCache, ImageFetcher
 from .model_holder import Loader, ModelHolder
 from .settings import Settings
@@ -56,10 +57,9 @@ class BackendContext:
         return context
 
     def client(self) -> Optional[LabelStudioClient]:
-        """A Label Studio API client when a URL and a key are known, else None."""
-        if self.session.base_url and self.session.credentials():
-            return LabelStudioClient(self.session)
-        return None
+        """A Label Studio API client (label-studio-sdk) when LABEL_STUDIO_URL is set and a key may go there, else
+        None (a /setup hostname alone gets no API calls)."""
+        return LabelStudioClient.for_session(self.session)
 
 
 _default_context: Optional[BackendContext] = None

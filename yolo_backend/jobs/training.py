@@ -43,7 +43,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..labelstudio.annotations import latest_annotation
-from ..labelstudio.client import ProjectNotFound
+from ..labelstudio.client import LabelStudioAPIError, ProjectNotFound
 from ..labelstudio.regions import BadRegion, is_box_region, region_box
 from ..logs import LOG_FORMAT
 from ..registry import ModelVersion, Registry
@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 VALIDATION_PERCENT = 20           # share of tasks (by hash of the task id) used for validation
 MIN_VALIDATION_IMAGES = 4         # fewer: the comparison with the current model is noise, publish
 DOWNLOAD_THREADS = 4
-PAGE_SIZE = 100
 DEFAULT_GRAPH = "yolov7-tiny"
 
 
@@ -93,43 +92,26 @@ class TrainingData:
 Trainer = Callable[[TrainingData, Callable[[dict], None]], dict]
 
 
-def annotated_tasks(session, project_id: int) -> list[dict]:
+def annotated_tasks(client, project_id: int) -> list[dict]:
     """Every task of the project that has at least one annotation, with its annotations.
 
-    Label Studio's JSON export (``/api/projects/<id>/export?exportType=JSON``) lists exactly those; when a
-    server refuses it, the paged task list (``/api/tasks``) is read instead.
+    Label Studio's JSON export lists exactly those; when a server refuses it, the task list is read page by page
+    instead (a task listed without its annotations is read on its own).
     """
-    response = session.get(f"/api/projects/{int(project_id)}/export", params={"exportType": "JSON"},
-                           timeout=max(60.0, session.timeout))
-    if response.status_code == 200:
-        try:
-            tasks = response.json()
-        except ValueError:
-            tasks = None
-        if isinstance(tasks, list):
-            return [t for t in tasks if t.get("annotations")]
-    log.info("project export answered HTTP %s; reading the task list page by page instead", response.status_code)
-    found, page = [], 1
-    while True:
-        response = session.get("/api/tasks", params={"project": int(project_id), "page": page,
-                                                     "page_size": PAGE_SIZE, "fields": "all"})
-        if response.status_code == 404 and page > 1:
-            break
-        if response.status_code >= 400:
-            raise TrainingError(f"Label Studio answered HTTP {response.status_code} to GET /api/tasks for project "
-                                f"{project_id}: {response.text[:200]}")
-        body = response.json()
-        tasks = body.get("tasks", []) if isinstance(body, dict) else body
-        for task in tasks:
+    try:
+        return [t for t in client.export_tasks(project_id) if isinstance(t, dict) and t.get("annotations")]
+    except LabelStudioAPIError as exc:
+        log.info("project %s: the export failed (%s); reading the task list page by page instead", project_id, exc)
+    try:
+        found = []
+        for task in client.tasks(project_id, with_annotations=True):
             if task.get("annotations") is None and task.get("total_annotations"):
-                task = session.get(f"/api/tasks/{task['id']}").json()
+                task = client.get_task(task["id"])
             if task.get("annotations"):
                 found.append(task)
-        total = body.get("total") if isinstance(body, dict) else None
-        if not tasks or len(tasks) < PAGE_SIZE or (total is not None and page * PAGE_SIZE >= total):
-            break
-        page += 1
-    return found
+        return found
+    except LabelStudioAPIError as exc:
+        raise TrainingError(str(exc)) from None
 
 
 def annotation_boxes(annotation: dict, target, width: int, height: int) \
@@ -375,7 +357,7 @@ def train_project(backend, event: str = "START_TRAINING", progress: Optional[Cal
     label_config = project.get("label_config") or backend.label_config
     target = find_rectangle_target(parse_label_config(label_config), settings.from_name)
     names = list(target.labels)
-    tasks = annotated_tasks(context.session, project_id)
+    tasks = annotated_tasks(client, project_id)
     examples, counts = collect_examples(context, project_id, target, tasks, settings.train_img_size, report)
     log.info("project %s: %d annotated task(s), %d usable (%d negative, %d boxes); %d with only cancelled "
              "annotations, %d image(s) failed", project_id, len(tasks), len(examples), counts["negatives"],
@@ -476,29 +458,14 @@ def _training_progress(event: dict) -> dict:
 # Label Studio in sync with the new version
 # --------------------------------------------------------------------------------------------------------------
 
-def tasks_to_predict(session, project_id: int, everything: bool) -> list[dict]:
+def tasks_to_predict(client, project_id: int, everything: bool) -> list[dict]:
     """Unlabelled tasks of the project (all of them, or the first one); any task when none is unlabelled."""
-    found, first_any, page = [], None, 1
-    while True:
-        response = session.get("/api/tasks", params={"project": int(project_id), "page": page,
-                                                     "page_size": PAGE_SIZE, "fields": "task_only"})
-        if response.status_code >= 400:
-            if page > 1 and response.status_code == 404:
-                break
-            raise TrainingError(f"GET /api/tasks for project {project_id}: HTTP {response.status_code} "
-                                f"{response.text[:200]}")
-        body = response.json()
-        tasks = body.get("tasks", []) if isinstance(body, dict) else body
-        for task in tasks:
-            first_any = first_any or task
-            if not task.get("is_labeled") and not task.get("total_annotations"):
-                found.append(task)
-                if not everything:
-                    return found
-        if not tasks or len(tasks) < PAGE_SIZE:
-            break
-        page += 1
-    return found or ([first_any] if first_any else [])
+    try:
+        tasks = client.tasks(project_id, with_annotations=False)
+    except LabelStudioAPIError as exc:
+        raise TrainingError(str(exc)) from None
+    unlabelled = [t for t in tasks if not t.get("is_labeled") and not t.get("total_annotations")]
+    return (unlabelled if everything else unlabelled[:1]) or tasks[:1]
 
 
 def sync_label_studio(backend_class, context, client, project_id: int, label_config: str, version: str) -> dict:
@@ -507,7 +474,7 @@ def sync_label_studio(backend_class, context, client, project_id: int, label_con
     settings = context.settings
     if settings.model_version and settings.model_version != version:
         return {"skipped": f"MODEL_VERSION={settings.model_version} is pinned: the servers keep serving it"}
-    tasks = tasks_to_predict(context.session, project_id, settings.repredict_unlabeled)
+    tasks = tasks_to_predict(client, project_id, settings.repredict_unlabeled)
     if not tasks:
         return {"skipped": "the project has no tasks"}
     from ..model_holder import ModelHolder
@@ -524,12 +491,10 @@ def sync_label_studio(backend_class, context, client, project_id: int, label_con
             if prediction.get("model_version") != version:
                 raise TrainingError(f"predicted with {prediction.get('model_version')} instead of {version}; is "
                                     "MODEL_DIR the same for the worker and the servers?")
-            response = context.session.request("POST", "/api/predictions", json={
-                "task": task["id"], "result": prediction.get("result", []), "score": prediction.get("score"),
-                "model_version": version})
-            if response.status_code >= 400:
-                raise TrainingError(f"POST /api/predictions for task {task['id']}: HTTP {response.status_code} "
-                                    f"{response.text[:200]}")
+            try:
+                client.create_prediction(task["id"], prediction.get("result", []), prediction.get("score"), version)
+            except LabelStudioAPIError as exc:
+                raise TrainingError(str(exc)) from None
             stored += 1
     client.set_project_model_version(project_id, version)
     log.info("project %s: stored %d prediction(s) of %s and set the project's model_version to it", project_id,

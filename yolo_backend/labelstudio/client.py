@@ -1,4 +1,5 @@
-"""Talking to Label Studio: credentials, one authenticated session, and the few API calls the backend makes.
+"""Talking to Label Studio: credentials and one authenticated session (image bytes, the key rules); the API calls
+go through label-studio-sdk in ``api.py``, with the keys of this session.
 
 Label Studio accepts two kinds of API key:
 - a legacy token (40 hex characters): sent as ``Authorization: Token <key>``;
@@ -23,7 +24,7 @@ import json
 import logging
 import threading
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import urljoin, urlparse
 
 import requests
@@ -213,6 +214,11 @@ class LabelStudioSession:
                     self._setup.pop(next(iter(self._setup)))
 
     @property
+    def configured_url(self) -> Optional[str]:
+        """LABEL_STUDIO_URL (normalised), the only place API calls go; None when it is not set."""
+        return self._configured_url
+
+    @property
     def base_url(self) -> Optional[str]:
         """Where relative URLs (/data/upload/...) and API calls go: LABEL_STUDIO_URL, else /setup's hostname."""
         return self._configured_url or self._setup_url
@@ -310,6 +316,10 @@ class LabelStudioSession:
                 kwargs = {k: v for k, v in kwargs.items() if k not in ("json", "data", "files")}
         raise LabelStudioAuthError(f"more than {MAX_REDIRECTS} redirects from {urlparse(url).netloc}")
 
+    def mark_refused(self, cred: Credential, why: str) -> None:
+        """Remember that Label Studio refused ``cred`` (it is tried last from now on); logs the fallback once."""
+        self._mark_refused(cred, why)
+
     def _mark_refused(self, cred: Credential, why: str) -> None:
         others = [c for c in self.credentials(cred.base_url) if c is not cred and not c.refused]
         cred.refused = True
@@ -337,40 +347,15 @@ class LabelStudioSession:
 
 
 class LabelStudioAPIError(RuntimeError):
-    """A Label Studio API call failed; the message names the call and the answer."""
+    """A Label Studio API call failed; the message names the call, the answer and what to do."""
+
+    def __init__(self, message: str, status_code: Optional[int] = None):
+        super().__init__(message)
+        self.status_code = status_code
 
 
 class ProjectNotFound(LabelStudioAPIError):
     """Label Studio has no such project (404); the message names it and the Label Studio URL."""
-
-
-class LabelStudioClient:
-    """The few Label Studio API calls the serving side makes (training adds more in its own module)."""
-
-    def __init__(self, session: LabelStudioSession):
-        self.session = session
-
-    def _json(self, method: str, path: str, **kwargs):
-        return self._checked(method, path, self.session.request(method, path, **kwargs))
-
-    @staticmethod
-    def _checked(method: str, path: str, response):
-        if response.status_code >= 400:
-            raise LabelStudioAPIError(f"{method} {path} -> HTTP {response.status_code}: {response.text[:300]}")
-        try:
-            return response.json()
-        except ValueError:
-            raise LabelStudioAPIError(f"{method} {path} answered non-JSON: {response.text[:200]!r}") from None
-
-    def get_project(self, project_id: int) -> dict:
-        response = self.session.request("GET", f"/api/projects/{int(project_id)}/")
-        if response.status_code == 404:
-            response.close()
-            raise ProjectNotFound(f"Label Studio at {self.session.base_url} has no project {int(project_id)} (HTTP 404)")
-        return self._checked("GET", f"/api/projects/{int(project_id)}/", response)
-
-    def set_project_model_version(self, project_id: int, model_version: str) -> dict:
-        return self._json("PATCH", f"/api/projects/{int(project_id)}/", json={"model_version": model_version})
 
 
 class ProjectVersionSync:
@@ -381,10 +366,10 @@ class ProjectVersionSync:
     carrying it is stored. So after answering /predict (Label Studio stores the predictions after our reply)
     and on /setup, a background thread checks the project and PATCHes it, retrying a few times with a growing
     delay. Never blocks a request; at most one thread per project (a request arriving while it runs restarts
-    its retries).
+    its retries). ``client_factory`` gives an ``api.LabelStudioClient`` (or None when there is none).
     """
 
-    def __init__(self, client_factory: Callable[[], Optional[LabelStudioClient]], attempts: int = 5,
+    def __init__(self, client_factory: Callable[[], Optional[Any]], attempts: int = 5,
                  first_delay: float = 1.0, backoff: float = 2.0):
         self._client_factory = client_factory
         self.attempts = attempts
