@@ -123,6 +123,42 @@ def test_detector_pipeline_on_onnxruntime_matches_torch(ckpt_dir, onnx_cache_dir
         np.testing.assert_allclose(ours.scores, theirs.scores, atol=1e-5)
 
 
+def test_image_embeddings_come_from_the_same_pass_on_both_backends(ckpt_dir, onnx_cache_dir):
+    """detect(embed=True): one embedding per image, in input order across shape groups, equal to the neck's maps
+    averaged (one image at a time), the same detections as without it, and the same on ONNX Runtime as on torch."""
+    from yolo_backend.yolov7.detect import Detector
+    from yolo_backend.yolov7.model import neck_embedding
+    from yolo_backend.yolov7.preprocess import read_image
+
+    photos = sorted((SHARED / "data/fire-smoke/images/valid").glob("*.jpg"))[:2]
+    if not photos:
+        pytest.skip("no shared validation photos")
+    first, second = (read_image(p) for p in photos)
+    images = [first, second[:400], second, first[:, :500]]  # two shapes, interleaved: batches regroup them
+    path = ckpt_dir / f"{TINY}.pt"
+    torch_model = load_model(path, backend="torch")
+    found = {}
+    for backend in ("torch", "onnxruntime"):
+        detector = Detector(load_model(path, backend=backend, cache_dir=onnx_cache_dir), img_size=320, conf=0.1)
+        found[backend] = detector.detect(images, embed=True)
+        plain = detector.detect(images)
+        for with_embedding, without in zip(found[backend], plain):
+            np.testing.assert_array_equal(with_embedding.boxes, without.boxes)
+            assert without.embedding is None and with_embedding.embedding.shape == (torch_model.head.m[0].in_channels
+                                                                                     + torch_model.head.m[1].in_channels
+                                                                                     + torch_model.head.m[2].in_channels,)
+        assert found[backend][0].above(0.5).embedding is found[backend][0].embedding
+    single = Detector(torch_model, img_size=320, conf=0.1)
+    for image, detections in zip(images, found["torch"]):
+        x = single._tensor(single.letterbox(image).image[None])
+        with torch.inference_mode():
+            expected = neck_embedding(torch_model.head_inputs(x))[0].numpy()
+        np.testing.assert_allclose(detections.embedding, expected, rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip(found["onnxruntime"], found["torch"]):
+        np.testing.assert_allclose(ours.embedding, theirs.embedding, atol=1e-4 * float(np.abs(theirs.embedding).max()))
+    assert not np.allclose(found["torch"][0].embedding, found["torch"][1].embedding)  # different images differ
+
+
 # ---- which backend load_model picks ------------------------------------------------------------------------
 
 def test_auto_is_onnxruntime_on_cpu_and_the_setting_chooses(ckpt_dir, monkeypatch):

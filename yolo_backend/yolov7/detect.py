@@ -27,6 +27,12 @@ log = logging.getLogger(__name__)
 MAX_NMS_CANDIDATES = 30000
 
 
+def _predictions(out) -> torch.Tensor:
+    if isinstance(out, (tuple, list)):  # a module that also returns per-level raw maps
+        out = out[0]
+    return out.float()
+
+
 def _as_rgb_uint8(image: np.ndarray, index: int) -> np.ndarray:
     """Accept HxWx3 uint8 RGB (also grey HxW and RGBA, converted); refuse anything else with a clear message."""
     if not isinstance(image, np.ndarray):
@@ -98,15 +104,20 @@ class Detector:
 
     # --- public -------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def detect(self, images: Sequence[np.ndarray], conf: Optional[float] = None) -> list[Detections]:
-        """Detections for each HxWx3 uint8 RGB image, in order. ``conf`` overrides the detector's threshold."""
+    def detect(self, images: Sequence[np.ndarray], conf: Optional[float] = None,
+               embed: bool = False) -> list[Detections]:
+        """Detections for each HxWx3 uint8 RGB image, in order. ``conf`` overrides the detector's threshold.
+        ``embed``: each also carries its image embedding (``Detections.embedding``), from the same forward pass."""
         conf = self.conf if conf is None else conf
         boxed = [self.letterbox(_as_rgb_uint8(image, i)) for i, image in enumerate(images)]
         results: list[Optional[Detections]] = [None] * len(boxed)
         for indices in self.batches(boxed):
-            predictions = self.forward(np.stack([boxed[i].image for i in indices]))
+            batch = np.stack([boxed[i].image for i in indices])
+            predictions, embeddings = self.forward_with_embedding(batch) if embed else (self.forward(batch), None)
             for row, i in enumerate(indices):
                 results[i] = self.decode(predictions[row], boxed[i], conf)
+                if embeddings is not None:
+                    results[i].embedding = embeddings[row]
         return results  # type: ignore[return-value]
 
     def detect_files(self, paths: Iterable[Union[str, Path]], conf: Optional[float] = None) -> list[Detections]:
@@ -132,12 +143,18 @@ class Detector:
 
     def forward(self, batch: np.ndarray) -> torch.Tensor:
         """(B, H, W, 3) uint8 RGB -> (B, N, 5+nc) float32 predictions in letterboxed pixels."""
+        return _predictions(self.model(self._tensor(batch)))
+
+    def forward_with_embedding(self, batch: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """``forward`` plus each image's embedding (B, E) float32 from the same pass (``model.neck_embedding``)."""
+        if not hasattr(self.model, "forward_with_embedding"):
+            raise TypeError(f"{type(self.model).__name__} gives no image embedding (use load_model's module)")
+        out, embedding = self.model.forward_with_embedding(self._tensor(batch))
+        return _predictions(out), embedding.float().cpu().numpy()
+
+    def _tensor(self, batch: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).contiguous()
-        x = (x.half() if self.half else x.float()) / 255.0
-        out = self.model(x)
-        if isinstance(out, (tuple, list)):  # a module that also returns per-level raw maps
-            out = out[0]
-        return out.float()
+        return (x.half() if self.half else x.float()) / 255.0
 
     def decode(self, prediction: torch.Tensor, boxed: Letterboxed, conf: float,
                multi_label: bool = False) -> Detections:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -19,6 +19,7 @@ class Detections:
     class_probs:  (n, nc) float32, the full class-probability vector (active learning needs it)
     width/height: the original image size in pixels
     names:        class names, index = class id
+    embedding:    (E,) float32 image embedding from the same forward pass (``Detector.detect(embed=True)``), or None
     """
 
     boxes: np.ndarray
@@ -29,6 +30,7 @@ class Detections:
     width: int
     height: int
     names: Sequence[str] = field(default_factory=tuple)
+    embedding: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
@@ -37,7 +39,7 @@ class Detections:
         """Only the detections whose score is at least ``threshold``."""
         keep = self.scores >= threshold
         return Detections(self.boxes[keep], self.scores[keep], self.labels[keep], self.objectness[keep],
-                          self.class_probs[keep], self.width, self.height, self.names)
+                          self.class_probs[keep], self.width, self.height, self.names, self.embedding)
 
     @classmethod
     def empty(cls, width: int, height: int, names: Sequence[str]) -> "Detections":

@@ -25,16 +25,17 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_write
-from .model import YOLOv7
+from .model import YOLOv7, neck_embedding
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
 # Bump when the exported graph changes (this file, or fusing in model.py / layers.py): cached exports are keyed
 # by it (ort_runtime.cache_path), so old files are not reused.
-EXPORT_FORMAT_VERSION = 1
+EXPORT_FORMAT_VERSION = 2  # 2: a second output, the image embedding
 INPUT_NAME = "images"
 OUTPUT_NAME = "predictions"
+EMBEDDING_NAME = "embedding"
 
 PathLike = Union[str, os.PathLike]
 
@@ -66,7 +67,9 @@ class ExportGraph(nn.Module):
             else:
                 raw = head.m[level](feature)
             outputs.append(self._decode_level(raw, level) if self.decode else raw)
-        return torch.cat(outputs, 1) if self.decode else tuple(outputs)
+        if not self.decode:
+            return tuple(outputs)
+        return torch.cat(outputs, 1), neck_embedding(features)
 
     def _decode_level(self, raw: torch.Tensor, level: int) -> torch.Tensor:
         head = self.model.head
@@ -114,13 +117,16 @@ def export_onnx(model: YOLOv7, path: PathLike, opset: int = DEFAULT_OPSET, *, de
     model.eval()
     wrapper = ExportGraph(model, decode=decode).eval()
     dummy = _dummy_input(model, img_size)
-    output_names = [OUTPUT_NAME] if decode else [f"level{i}" for i in range(model.head.nl)]
+    output_names = [OUTPUT_NAME, EMBEDDING_NAME] if decode else [f"level{i}" for i in range(model.head.nl)]
     dynamic_axes = None
     if dynamic:
         dynamic_axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}}
-        for name in output_names:
-            dynamic_axes[name] = {0: "batch", 1: "anchors_x_cells"} if decode else \
-                {0: "batch", 2: f"{name}_height", 3: f"{name}_width"}
+        if decode:
+            dynamic_axes[OUTPUT_NAME] = {0: "batch", 1: "anchors_x_cells"}
+            dynamic_axes[EMBEDDING_NAME] = {0: "batch"}
+        else:
+            for name in output_names:
+                dynamic_axes[name] = {0: "batch", 2: f"{name}_height", 3: f"{name}_width"}
     start = time.perf_counter()
     try:
         # The exporter prints tracer warnings about shape-dependent Python values; the graph is checked instead.

@@ -114,6 +114,11 @@ class YOLOv7(nn.Module):
     def forward(self, x: torch.Tensor):
         return self._run(x, len(self.model))
 
+    def forward_with_embedding(self, x: torch.Tensor):
+        """(what ``forward`` returns, the images' embeddings (B, E)) from one pass: see ``neck_embedding``."""
+        features = self.head_inputs(x)
+        return self.head(features), neck_embedding(features)
+
     def head_inputs(self, x: torch.Tensor) -> List[torch.Tensor]:
         """The feature maps the head reads, one per level (the network without its head; used by the ONNX export)."""
         return self._run(x, len(self.model) - 1)
@@ -148,6 +153,13 @@ class YOLOv7(nn.Module):
 
     def extra_repr(self) -> str:
         return f"graph={self.graph_name}, head={self.head_type}, nc={self.nc}, fused={self.fused}"
+
+
+def neck_embedding(features: Sequence[torch.Tensor]) -> torch.Tensor:
+    """An image embedding from the feature maps the head reads (the neck's outputs, one per level): each map
+    averaged over height and width, the levels concatenated -> (B, sum of their channels), float32. It costs no
+    second pass, and images the detector sees alike land close together (clusters, diversity)."""
+    return torch.cat([f.float().mean(dim=(2, 3)) for f in features], dim=1)
 
 
 def build_model(graph: Dict[str, Any], nc: int, anchors: Optional[Sequence[Sequence[float]]] = None,

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..hashing import file_sha256
 from .device import model_device
-from .export import DEFAULT_OPSET, EXPORT_FORMAT_VERSION, INPUT_NAME, OUTPUT_NAME, export_onnx
+from .export import DEFAULT_OPSET, EMBEDDING_NAME, EXPORT_FORMAT_VERSION, INPUT_NAME, OUTPUT_NAME, export_onnx
 from .inference_backends import DEFAULT_CACHE_DIR, check_backend
 from .model import YOLOv7
 
@@ -39,6 +39,7 @@ PathLike = Union[str, os.PathLike]
 # An exported graph must reproduce the torch module to float32 rounding before it is used.
 _VERIFY_BOX_ATOL = 1e-2      # pixels (fp32 reordering in a 640² decode stays far below this)
 _VERIFY_PROB_ATOL = 1e-4
+_VERIFY_EMBEDDING_RTOL = 1e-4
 
 CACHE_KEEP = 8  # exports kept in the cache folder, most recently used first
 
@@ -102,14 +103,21 @@ class OrtYOLOv7(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run([OUTPUT_NAME], {INPUT_NAME: self._input(x)})[0]
+        return torch.from_numpy(out).to(x.device)
+
+    def forward_with_embedding(self, x: torch.Tensor):
+        """(predictions, embeddings (B, E)) from one run of the graph (see ``model.neck_embedding``)."""
+        out, embedding = self.session.run([OUTPUT_NAME, EMBEDDING_NAME], {INPUT_NAME: self._input(x)})
+        return torch.from_numpy(out).to(x.device), torch.from_numpy(embedding).to(x.device)
+
+    def _input(self, x: torch.Tensor):
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a (B, 3, H, W) image tensor, got shape {tuple(x.shape)}")
         step = int(self.stride.max())
         if x.shape[2] % step or x.shape[3] % step:
             raise ValueError(f"height and width must be multiples of {step}, got {x.shape[2]}x{x.shape[3]}")
-        array = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        out = self.session.run([OUTPUT_NAME], {INPUT_NAME: array})[0]
-        return torch.from_numpy(out).to(x.device)
+        return x.detach().to("cpu", torch.float32).contiguous().numpy()
 
     def extra_repr(self) -> str:
         return (f"graph={self.graph_name}, head={self.head_type}, nc={self.nc}, onnx={self.onnx_path}, "
@@ -140,15 +148,20 @@ def _verify(ort_model: OrtYOLOv7, model: YOLOv7) -> None:
     """The exported graph must compute what the torch module computes (checked once, right after export)."""
     x = torch.rand(2, 3, 96, 128, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        expected = model(x)
-        got = ort_model(x)
-    if got.shape != expected.shape:
-        raise RuntimeError(f"exported graph returns shape {tuple(got.shape)}, torch {tuple(expected.shape)}")
+        expected, expected_embedding = model.forward_with_embedding(x)
+        if isinstance(expected, (tuple, list)):
+            expected = expected[0]
+        got, embedding = ort_model.forward_with_embedding(x)
+    if got.shape != expected.shape or embedding.shape != expected_embedding.shape:
+        raise RuntimeError(f"exported graph returns shapes {tuple(got.shape)} / {tuple(embedding.shape)}, torch "
+                           f"{tuple(expected.shape)} / {tuple(expected_embedding.shape)}")
     diff = (got - expected).abs()
     box, prob = float(diff[..., :4].max()), float(diff[..., 4:].max())
-    if box > _VERIFY_BOX_ATOL or prob > _VERIFY_PROB_ATOL:
+    spread = float(expected_embedding.abs().max()) or 1.0
+    embedded = float((embedding - expected_embedding).abs().max()) / spread
+    if box > _VERIFY_BOX_ATOL or prob > _VERIFY_PROB_ATOL or embedded > _VERIFY_EMBEDDING_RTOL:
         raise RuntimeError(f"exported graph differs from the torch model (boxes {box:.2e} px, "
-                           f"probabilities {prob:.2e})")
+                           f"probabilities {prob:.2e}, embedding {embedded:.2e} of its range)")
 
 
 def load_onnx_model(model: YOLOv7, checkpoint: PathLike, cache_dir: PathLike, opset: int = DEFAULT_OPSET,
