@@ -16,8 +16,7 @@ import zlib
 import pytest
 from flask import redirect, request
 
-from tests.support import wait_for
-from tests.test_images import LEGACY, PAT, FakeLabelStudio, png_bytes
+from tests.support import LEGACY, PAT, FakeLabelStudio, png_bytes, wait_for
 from tests.test_server import CONFIG, make_client
 from yolo_backend.image_header import ImageTooLargeError, checked_size
 from yolo_backend.labelstudio.client import LabelStudioAuthError, LabelStudioSession, origin_of
