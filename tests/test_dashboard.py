@@ -445,7 +445,7 @@ def failing_train(data, callback):
 
 def run_job_in_process(tmp_path, monkeypatch, tasks, trainer: str) -> Path:
     from tests.support import LEGACY as TOKEN, FakeLabelStudio
-    from yolo_backend.jobs.training import run_training_job
+    from yolo_backend.jobs.job import run_training_job
 
     label_studio = FakeLabelStudio(tasks, project_id=PROJECT)
     model_path = tmp_path / "start.pt"

@@ -314,7 +314,7 @@ def test_worker_trains_publishes_and_syncs_label_studio(env, label_studio):
     assert call["boxes"]["1"] == [[16.0, 16.0, 64.0, 48.0]]  # 200x100 image at 160: percent -> pixels (x0.8)
     assert call["sizes"]["1"] == [80, 160, 3]                            # scaled to TRAIN_IMG_SIZE on the long side
     # The split is by task id: the same in every job.
-    from yolo_backend.jobs.training import is_validation
+    from yolo_backend.jobs.dataset import is_validation
     assert call["val"] == [t for t in (1, 2, 3, 4, 6, 7) if is_validation(1, t)]
 
     # Published in the project's registry with its metadata.
@@ -619,7 +619,8 @@ def test_training_on_a_full_disk_says_so_and_leaves_the_registry_alone(tmp_path,
 
 
 def test_publish_decision_and_split_rules():
-    from yolo_backend.jobs.training import is_validation, publish_decision, split_examples, Example
+    from yolo_backend.jobs.dataset import Example, is_validation, split_examples
+    from yolo_backend.jobs.publish import publish_decision
 
     settings = Settings.from_env({})
     good, bad = {"map50": 0.8, "map": 0.4}, {"map50": 0.5, "map": 0.2}

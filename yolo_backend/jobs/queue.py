@@ -39,7 +39,7 @@ from .keys import CONFIRM, DELETE_IF_EQUAL, LOCK_TTL_S, REPLACE, RESERVE, SETTLE
 
 log = logging.getLogger(__name__)
 
-JOB_FUNCTION = "yolo_backend.jobs.training.run_training_job"
+JOB_FUNCTION = "yolo_backend.jobs.job.run_training_job"
 # Statuses in which a job has not started yet (a trigger can still coalesce into it).
 NOT_STARTED = {"queued", "deferred", "scheduled", "created"}
 # How long finished/failed jobs (and their results) stay readable in Redis.

@@ -1,7 +1,7 @@
 """The RQ worker that runs training jobs: ``python -m yolo_backend worker``.
 
 A plain ``rq worker -u $REDIS_URL $RQ_QUEUE_NAME`` (started in the repository root) works as well: the job
-function is ``yolo_backend.jobs.training.run_training_job``.
+function is ``yolo_backend.jobs.job.run_training_job``.
 
 The default worker forks a work horse per job, so each training runs in a fresh process: CUDA is initialised
 inside the job (never before a fork), and a horse killed mid-training is reported failed by the worker. This

@@ -30,7 +30,9 @@ import numpy as np
 
 from ..atomic import atomic_write
 from ..hashing import file_sha256
-from ..jobs.training import Example, current_model, scale_to, train_and_publish
+from ..jobs.dataset import Example, scale_to
+from ..jobs.publish import current_model
+from ..jobs.training import train_and_publish
 from ..registry import Registry
 from ..settings import Settings
 from .report import write_outputs

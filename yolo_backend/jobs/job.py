@@ -1,0 +1,273 @@
+"""The RQ job (``yolo_backend.jobs.job.run_training_job``, importable by path for a plain ``rq worker``): report
+progress to the job's meta and log file, keep a heartbeat, take the project's lock (releasing one whose holder is
+known dead), free the project's waiting slot, and run the backend's ``fit()``; a full disk is said as such.
+
+Nothing here imports torch at module level: CUDA is initialised only inside the job (after the worker's fork).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Optional
+
+from ..logs import LOG_FORMAT
+from ..registry import Registry
+from ..settings import Settings
+from . import TrainingError
+from .trainer import import_by_path, load_trainer
+
+log = logging.getLogger(__name__)
+
+class JobReporter:
+    """Job progress into the RQ job's meta (throttled) and the job's log into MODEL_DIR/jobs/<id>.log."""
+
+    MIN_INTERVAL_S = 1.0
+
+    def __init__(self, job, settings: Settings):
+        self.job = job
+        self.log_path = Path(settings.model_dir) / "jobs" / f"{job.id if job else 'local'}.log"
+        self.tail: deque[str] = deque(maxlen=30)
+        self._last_save = 0.0
+        self._phase = None
+        self._handler: Optional[logging.Handler] = None
+        self._tail_handler: Optional[logging.Handler] = None
+        self._lock = threading.Lock()
+        self._dirty = False
+        self._stop = threading.Event()
+        # Saves what throttling held back (the last progress before a long epoch would otherwise wait for it).
+        self._flusher = threading.Thread(target=self._flush_loop, name="job-meta-flush", daemon=True)
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(self.MIN_INTERVAL_S):
+            if self._dirty:
+                self.update({}, force=True)
+
+    def __enter__(self) -> "JobReporter":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        formatter = logging.Formatter(LOG_FORMAT)
+        self._handler = logging.FileHandler(self.log_path)
+        self._handler.setFormatter(formatter)
+        self._handler.setLevel(logging.INFO)
+        tail = self.tail
+
+        class _Tail(logging.Handler):
+            def emit(self, record):
+                try:
+                    tail.append(formatter.format(record))
+                except Exception:
+                    pass
+
+        self._tail_handler = _Tail(logging.INFO)
+        root = logging.getLogger()
+        root.addHandler(self._handler)
+        root.addHandler(self._tail_handler)
+        if root.level > logging.INFO or root.level == logging.NOTSET:
+            root.setLevel(logging.INFO)
+        self.update({"log_file": str(self.log_path), "pid": os.getpid(), "phase": "started"}, force=True)
+        if self.job is not None:
+            self._flusher.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._stop.set()
+        if exc is not None:
+            log.error("training job failed: %s: %s", type(exc).__name__, exc)
+            self.update({"phase": "failed", "error": f"{type(exc).__name__}: {exc}"}, force=True)
+        root = logging.getLogger()
+        for handler in (self._handler, self._tail_handler):
+            if handler is not None:
+                root.removeHandler(handler)
+                handler.close()
+
+    def progress(self, event: dict) -> None:
+        phase = event.get("phase")
+        fields = {"phase": phase} if phase else {}
+        details = {k: v for k, v in event.items() if k != "phase"}
+        if details:
+            fields["progress"] = details
+        self.update(fields, force=phase != self._phase)
+        self._phase = phase or self._phase
+
+    def update(self, fields: dict, force: bool = False) -> None:
+        if self.job is None:
+            return
+        with self._lock:
+            if "progress" in fields and isinstance(self.job.meta.get("progress"), dict) and \
+                    fields.get("phase", self.job.meta.get("phase")) == self.job.meta.get("phase"):
+                fields = {**fields, "progress": {**self.job.meta["progress"], **fields["progress"]}}
+            self.job.meta.update(fields)
+            now = time.monotonic()
+            if not force and now - self._last_save < self.MIN_INTERVAL_S:
+                self._dirty = True
+                return
+            self._last_save, self._dirty = now, False
+            self.job.meta["log_tail"] = list(self.tail)[-15:]
+            try:
+                self.job.save_meta()
+            except Exception as exc:  # reporting must never kill training
+                log.debug("could not save job meta: %s", exc)
+
+
+class _Heartbeat:
+    """Refreshes the job's alive key (and the project lock it holds) so servers can tell a killed worker."""
+
+    def __init__(self, connection, keys, job_id: str, ttl: int):
+        self.connection, self.keys, self.job_id, self.ttl = connection, keys, job_id, max(2, int(ttl))
+        self.lock_key: Optional[str] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="training-heartbeat", daemon=True)
+
+    def __enter__(self):
+        self.beat()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with contextlib.suppress(Exception):
+            self.connection.delete(self.keys.alive(self.job_id))
+
+    def beat(self) -> None:
+        # "<host>:<pid>": on the same machine a dead work horse is known at once (jobs.keys.holder_alive).
+        self.connection.set(self.keys.alive(self.job_id), f"{socket.gethostname()}:{os.getpid()}", ex=self.ttl)
+        if self.lock_key:
+            from .keys import text
+
+            if text(self.connection.get(self.lock_key)) == self.job_id:
+                self.connection.expire(self.lock_key, self.ttl)
+
+    def _run(self) -> None:
+        while not self._stop.wait(max(0.5, self.ttl / 4)):
+            with contextlib.suppress(Exception):
+                self.beat()
+
+
+@contextlib.contextmanager
+def _project_lock(connection, keys, heartbeat: _Heartbeat, project_id: int, job_id: str, ttl: int, reporter):
+    """At most one training job per project at a time: wait for the lock. A holder known dead (its work horse is
+    gone, or its heartbeat expired) has its lock released at once, so the next job does not wait out the TTL."""
+    from .keys import DELETE_IF_EQUAL, holder_alive, text
+
+    key = keys.lock(project_id)
+    said = False
+    while not connection.set(key, job_id, nx=True, ex=max(2, int(ttl))):
+        holder = text(connection.get(key))
+        if holder and not holder_alive(connection, keys, holder):
+            if connection.eval(DELETE_IF_EQUAL, 1, key, holder):
+                log.info("job %s of project %s held the training lock but its process is gone: lock released",
+                         holder, project_id)
+            continue
+        if not said:
+            log.info("job %s of project %s is training; waiting for it to finish", holder, project_id)
+            reporter.progress({"phase": "waiting", "message": f"waiting for job {holder} of this project"})
+            said = True
+        time.sleep(1.0)
+    heartbeat.lock_key = key
+    try:
+        yield
+    finally:
+        heartbeat.lock_key = None
+        with contextlib.suppress(Exception):
+            connection.eval(DELETE_IF_EQUAL, 1, key, job_id)
+
+
+# The backend whose fit() a job runs, named by path: the job layer imports no backend (nor the server it builds on).
+DEFAULT_BACKEND = "yolo_backend.backend:YOLOv7Backend"
+
+
+def run_training_job(project_id: int, event: str = "START_TRAINING", payload: Optional[dict] = None,
+                     options: Optional[dict] = None) -> dict:
+    """The RQ job (``yolo_backend.jobs.job.run_training_job``): train one project and publish."""
+    from rq import get_current_job
+
+    from ..runtime import BackendContext
+    from . import history
+    from .keys import DELETE_IF_EQUAL, LOCK_TTL_S, SETTLE_S, Keys
+
+    options = {"settle_s": SETTLE_S, "lock_ttl": LOCK_TTL_S, "trainer": None, "backend": DEFAULT_BACKEND,
+               **(options or {})}
+    job = get_current_job()
+    settings = Settings.from_env()
+    project_id = int(project_id)
+    with JobReporter(job, settings) as reporter:
+        log.info("training job %s for project %s (%s) in process %d", job.id if job else "-", project_id, event,
+                 os.getpid())
+        trainer = load_trainer(options.get("trainer"))
+        lock = contextlib.nullcontext()
+        heartbeat = contextlib.nullcontext()
+        if job is not None:
+            keys = Keys(job.origin)
+            heartbeat = _Heartbeat(job.connection, keys, job.id, options["lock_ttl"])
+        with heartbeat:
+            if job is not None:
+                lock = _project_lock(job.connection, keys, heartbeat, project_id, job.id, options["lock_ttl"],
+                                     reporter)
+            with lock:
+                if job is not None:
+                    # Only now, holding the project's lock and before reading the annotations, a new trigger
+                    # queues a new job; until here (another job of the project trains) triggers coalesce into
+                    # this one, so a burst never leaves more than one job waiting.
+                    job.connection.eval(DELETE_IF_EQUAL, 1, keys.waiting(project_id), job.id)
+                _clean_leftovers(settings, project_id)
+                time.sleep(max(0.0, float(options["settle_s"])))  # let Label Studio finish saving
+                backend_class = import_by_path(options["backend"], "backend class", "YOLOv7Backend")
+                backend = backend_class(project_id=project_id, context=BackendContext.from_settings(settings))
+                run_started = time.monotonic()
+                try:
+                    result = backend.fit(event, payload or {}, progress=reporter.progress, trainer=trainer,
+                                         job_id=job.id if job else None)
+                except Exception as exc:  # kept in the project's run history (dashboard), then the job fails
+                    error = no_space_error(exc, settings.model_dir) or exc
+                    history.record_failure(settings.model_dir, project_id, error, event, job.id if job else None,
+                                           time.monotonic() - run_started)
+                    if error is exc:
+                        raise
+                    raise error from exc
+                history.record_run(settings.model_dir, project_id, result, job.id if job else None,
+                                   time.monotonic() - run_started)
+        reporter.update({"phase": "done", "result_version": result.get("model_version")}, force=True)
+        return result
+
+
+# torch's checkpoint writer reports a full disk as "PytorchStreamWriter failed writing file ..." / "[enforce fail at
+# inline_container.cc]" without the OS error: told apart by how little space is left.
+_TORCH_WRITE_FAILURES = ("file write failed", "enforce fail at inline_container", "No space left on device")
+_LOW_SPACE_BYTES = 256 * 1024 * 1024
+
+
+def no_space_error(exc: BaseException, model_dir: str | os.PathLike) -> Optional[TrainingError]:
+    """A TrainingError saying "no space left on device in MODEL_DIR" when ``exc`` is a full disk, else None."""
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    enospc = any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in chain)
+    try:
+        free = shutil.disk_usage(model_dir).free
+    except OSError:
+        free = None
+    torch_write = any(any(text in str(e) for text in _TORCH_WRITE_FAILURES) for e in chain)
+    if not (enospc or (torch_write and free is not None and free < _LOW_SPACE_BYTES)):
+        return None
+    left = f" ({free / 2**20:.0f} MiB free)" if free is not None else ""
+    return TrainingError(f"no space left on device in {model_dir}{left}: nothing was published and the registry is "
+                         f"unchanged; free some space (old versions: KEEP_VERSIONS), then train again ({exc})")
+
+
+def _clean_leftovers(settings: Settings, project_id: int) -> None:
+    """Remove what a killed job of this project left (its work folder, a half-copied publish). Never served:
+    the registry only lists whole version folders."""
+    root = Registry.for_project(settings.model_dir, project_id).root
+    for pattern in (".work", ".publish-*", ".trash-*"):
+        for path in root.glob(pattern):
+            shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,69 @@
+"""Which model a run starts from, whether its result is published, and which old versions go."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Optional
+
+from ..registry import Registry
+from ..settings import Settings
+from . import TrainingError
+
+log = logging.getLogger(__name__)
+
+MIN_VALIDATION_IMAGES = 4         # fewer: the comparison with the current model is noise, publish
+
+
+def current_model(settings: Settings, project_id: int) -> tuple[Optional[str], Optional[str]]:
+    """(checkpoint path, version name) of the model the project is served with now, MODEL_VERSION aside (the
+    server's rule, ``model_holder.resolve_source``); (None, None) when there is none."""
+    from ..model_holder import NoModelError, resolve_source
+
+    try:
+        source = resolve_source(settings, project_id, use_pin=False)
+    except NoModelError as exc:
+        raise TrainingError(f"{exc}, or unset it to train from an untrained yolov7-tiny") from None
+    return (str(source.path), source.version) if source else (None, None)
+
+
+def fitness(metrics: Optional[dict]) -> float:
+    """The engine's model-selection number (yolov7.metrics.fitness: 0.1 mAP@.5 + 0.9 mAP@.5:.95)."""
+    from ..yolov7.metrics import fitness as engine_fitness
+
+    return engine_fitness(metrics)
+
+
+def publish_decision(settings: Settings, metrics: Optional[dict], baseline: Optional[dict],
+                     val_images: int) -> tuple[bool, str]:
+    if settings.force_publish:
+        return True, "FORCE_PUBLISH is on"
+    if val_images < MIN_VALIDATION_IMAGES:
+        return True, f"only {val_images} validation image(s): too few to compare (need {MIN_VALIDATION_IMAGES})"
+    if baseline is None:
+        return True, "no current model with these labels to compare with"
+    new, old = fitness(metrics), fitness(baseline)
+    if new >= old:
+        return True, f"validation fitness {new:.4f} >= current {old:.4f}"
+    return False, f"validation fitness {new:.4f} < current {old:.4f} (set FORCE_PUBLISH=true to publish anyway)"
+
+
+def prune_versions(registry: Registry, keep: int, protect: set[str]) -> list[str]:
+    """Delete the oldest versions beyond ``keep`` (never the newest or a protected one). Returns their names."""
+    if keep <= 0:
+        return []
+    versions = registry.versions()
+    latest = registry.latest()
+    removed = []
+    for version in versions[:-keep] if len(versions) > keep else []:
+        if version.name in protect or (latest is not None and version.name == latest.name):
+            continue
+        trash = version.path.with_name(f".trash-{version.name}")
+        try:
+            os.rename(version.path, trash)  # gone for readers at once, then deleted
+            shutil.rmtree(trash, ignore_errors=True)
+            removed.append(version.name)
+        except OSError as exc:
+            log.warning("could not remove old version %s: %s", version.path, exc)
+    return removed

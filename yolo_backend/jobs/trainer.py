@@ -1,0 +1,72 @@
+"""The trainer seam: ``trainer(data: TrainingData, callback) -> dict``. The default is the fine-tuning engine
+(``yolo_backend.yolov7.train``), which also evaluates the current model on the same validation set; tests plug in
+a fast fake by ``"module:function"`` path.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any, Callable, Optional
+
+from . import TrainingError
+from .dataset import DEFAULT_GRAPH, Trainer, TrainingData
+
+log = logging.getLogger(__name__)
+
+def fine_tune_trainer(data: TrainingData, callback: Callable[[dict], None]) -> dict:
+    """Fine-tune with ``yolo_backend.yolov7.train`` and evaluate the current model on the same validation set."""
+    from ..yolov7.checkpoint import load_checkpoint, model_from_checkpoint
+    from ..yolov7.dataset import Sample
+    from ..yolov7.train import TrainConfig, evaluate, fine_tune
+
+    settings = data.settings
+
+    def samples(examples):
+        return [Sample(e.image, e.boxes, e.classes, name=f"task-{e.task_id}") for e in examples]
+
+    train, val = samples(data.train), samples(data.val)
+    # Few images: step the optimiser every batch (accumulating to 64 images would leave a handful of steps).
+    batch = max(1, min(settings.train_batch_size, len(train)))
+    nominal = batch if len(train) <= 64 else max(batch, 64)
+    config = TrainConfig(
+        weights=data.start_checkpoint, graph=DEFAULT_GRAPH, out=str(data.out_path),
+        parent_version=data.parent_version, epochs=max(1, settings.train_epochs), img_size=settings.train_img_size,
+        batch_size=batch, nominal_batch=nominal,
+        device=settings.device, threads=settings.torch_threads, time_budget=settings.train_time_budget_s,
+        progress="log", names=list(data.names), train_samples=train, val_samples=val or None,
+        serve_conf=settings.model_score_threshold, seed=int(data.extra.get("seed", 0)))
+    result = fine_tune(config, callback)
+    baseline = None
+    if val and data.start_checkpoint:
+        callback({"phase": "evaluating", "message": "evaluating the current model on the validation set"})
+        try:
+            current = model_from_checkpoint(load_checkpoint(data.start_checkpoint), device="cpu", fuse=True)
+            if [n.lower() for n in current.names] == [n.lower() for n in data.names]:
+                baseline = evaluate(current, val, list(data.names), img_size=settings.train_img_size,
+                                    serve_conf=settings.model_score_threshold)
+            else:
+                log.info("the current model's classes (%s) differ from the label config's (%s): not compared",
+                         ", ".join(current.names), ", ".join(data.names))
+        except Exception as exc:  # the comparison is advisory; training succeeded
+            log.warning("could not evaluate the current model %s: %s", data.start_checkpoint, exc)
+    return {"path": str(result.path), "metrics": result.metrics, "baseline_metrics": baseline,
+            "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+            "stopped_by_budget": result.stopped_by_budget, "seconds": round(result.seconds, 1)}
+
+
+def import_by_path(spec: str, what: str, default_attr: str) -> Any:
+    """``"package.module:name"`` -> that object (the seams a job is configured with); TrainingError otherwise."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr or default_attr)
+    except (ImportError, AttributeError) as exc:
+        raise TrainingError(f"{what} {spec!r} cannot be imported: {exc}") from None
+
+
+def load_trainer(spec: Optional[str]) -> Trainer:
+    """``"package.module:function"`` -> that function; None -> the fine-tuning engine."""
+    return import_by_path(spec, "trainer", "train") if spec else fine_tune_trainer
+
+
+# --------------------------------------------------------------------------------------------------------------
