@@ -150,3 +150,10 @@ def _training_progress(event: dict) -> dict:
     mapped = {"setup": "training", "train": "training", "epoch": "training", "eval": "evaluating",
               "done": "trained"}.get(phase, phase or "training")
     return {"phase": mapped, **progress}
+
+
+def run_training_job(*args, **kwargs) -> dict:
+    """Jobs queued before the RQ job moved to ``jobs.job`` (a broker keeps them across an upgrade) name this path."""
+    from .job import run_training_job as run
+
+    return run(*args, **kwargs)
