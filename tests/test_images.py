@@ -154,13 +154,31 @@ def test_data_uri_and_local_storage_root(tmp_path, monkeypatch):
     uri = "data:image/png;base64," + base64.b64encode(png_bytes(5, 7)).decode()
     assert fetcher.load(uri).shape == (7, 5, 3)
     # With LOCAL_FILES_DOCUMENT_ROOT set here, Local Storage files are read from disk (no Label Studio needed).
-    from label_studio_sdk._extensions.label_studio_tools.core.utils import io as sdk_io
-
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "b.png").write_bytes(png_bytes(9, 3))
-    monkeypatch.setattr(sdk_io, "LOCAL_FILES_DOCUMENT_ROOT", str(tmp_path))
+    monkeypatch.setenv("LOCAL_FILES_DOCUMENT_ROOT", str(tmp_path))
     assert fetcher.load("/data/local-files/?d=photos/b.png").shape == (3, 9, 3)
     assert fetcher.local_path("/data/local-files/?d=photos/b.png") == str(tmp_path / "photos" / "b.png")
+
+
+def test_local_storage_stays_inside_its_root_and_cloud_uris_are_presigned(tmp_path, monkeypatch):
+    from yolo_backend.labelstudio.storage import is_cloud_storage_uri, local_storage_path, presign_path
+
+    root = tmp_path / "root"
+    (root / "photos").mkdir(parents=True)
+    (root / "photos" / "a.png").write_bytes(png_bytes(4, 4))
+    (tmp_path / "secret.png").write_bytes(png_bytes(4, 4))
+    assert local_storage_path("/data/local-files/?d=photos/a.png") is None  # no root: fetched from Label Studio
+    monkeypatch.setenv("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", str(root))
+    assert local_storage_path("/data/local-files/?d=photos/a.png") == str(root / "photos" / "a.png")
+    assert local_storage_path("/data/local-files/?d=%2Fphotos%2Fa.png") == str(root / "photos" / "a.png")
+    for outside in ("../secret.png", "photos/../../secret.png", "/../secret.png"):
+        assert local_storage_path(f"/data/local-files/?d={outside}") is None, outside
+    assert local_storage_path("/data/local-files/?d=photos/missing.png") is None
+    assert local_storage_path("/data/local-files/?x=1") is None
+    assert presign_path(5, "s3://bucket/dir/c.png") == "/tasks/5/presign/?fileuri=czM6Ly9idWNrZXQvZGlyL2MucG5n"
+    assert all(is_cloud_storage_uri(u) for u in ("s3://b/k.png", "gs://b/k.png", "azure-blob://c/k.png"))
+    assert not any(is_cloud_storage_uri(u) for u in ("http://x/s3://", "/data/upload/1/a.png", None))
 
 
 def test_exif_orientation_is_applied():

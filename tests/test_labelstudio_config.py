@@ -104,3 +104,25 @@ def test_label_map_errors_name_the_problem():
         map_classes_to_labels(["fire"], ["Fire"], {"dog": "Fire"})
     with pytest.raises(LabelConfigError, match="'Flame', which is not a label"):
         map_classes_to_labels(["fire"], ["Fire"], {"fire": "Flame"})
+
+
+def test_parsed_label_config_has_the_classic_shape():
+    from yolo_backend.labelstudio.config import parse_label_config
+
+    parsed = parse_label_config("""<View>
+      <Image name="image" value="$image"/>
+      <RectangleLabels name="label" toName="image,image2">
+        <Label value="fire" background="red"/><Label value="smoke" alias="Smoke"/>
+      </RectangleLabels>
+      <Image name="image2" value="$other"/>
+      <View><Text name="t" value="$text"/><TextArea name="ta" toName="t"/></View>
+    </View>""")
+    assert set(parsed) == {"label", "ta"}
+    assert parsed["label"] == {
+        "type": "RectangleLabels", "to_name": ["image", "image2"],
+        "inputs": [{"type": "Image", "valueType": None, "value": "image"},
+                   {"type": "Image", "valueType": None, "value": "other"}],
+        "labels": ["fire", "Smoke"],
+        "labels_attrs": {"fire": {"value": "fire", "background": "red"}, "Smoke": {"value": "smoke", "alias": "Smoke"}}}
+    assert parsed["ta"]["inputs"] == [{"type": "Text", "valueType": None, "value": "text"}] and parsed["ta"]["labels"] == []
+    assert parse_label_config("") == {} and parse_label_config(None) == {}

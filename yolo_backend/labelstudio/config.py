@@ -36,15 +36,31 @@ class RectangleTarget:
 
 
 def parse_label_config(label_config: Optional[str]) -> dict:
-    """The classic parsed label config (empty dict for an empty config); malformed XML -> LabelConfigError."""
+    """The classic parsed label config (empty dict for an empty config); malformed XML -> LabelConfigError.
+
+    One entry per control tag (a tag with ``toName``), as label-studio-ml's ``parsed_label_config`` has it:
+    ``{name: {"type", "to_name": [...], "inputs": [{"type", "valueType", "value"}], "labels": [...],
+    "labels_attrs": {label: attributes}}}``, read through label-studio-sdk's public ``LabelInterface``.
+    """
     if not label_config or not label_config.strip():
         return {}
-    from label_studio_sdk._extensions.label_studio_tools.core.label_config import parse_config
+    from label_studio_sdk.label_interface import LabelInterface
 
     try:
-        return parse_config(label_config)
-    except Exception as exc:  # lxml syntax errors, tags without value=...
+        interface = LabelInterface(label_config)
+    except Exception as exc:  # XML syntax errors, tags without value=...
         raise LabelConfigError(f"the label config is not valid XML / Label Studio config: {exc}") from None
+    parsed = {}
+    for control in interface.controls:
+        parsed[control.name] = {
+            "type": control.tag,
+            "to_name": list(control.to_name or []),
+            "inputs": [{"type": obj.tag, "valueType": obj.attr.get("valueType"),
+                        "value": str(obj.value or "").lstrip("$")} for obj in control.objects],
+            "labels": list(control.labels or []),
+            "labels_attrs": {label: dict(tag.attr) for label, tag in (control.labels_attrs or {}).items()},
+        }
+    return parsed
 
 
 def find_rectangle_target(parsed: Mapping[str, dict], from_name: Optional[str] = None) -> RectangleTarget:

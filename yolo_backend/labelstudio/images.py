@@ -38,6 +38,7 @@ import requests
 from ..atomic import atomic_write
 from ..image_header import DEFAULT_MAX_IMAGE_PIXELS, ImageHeaderError, ImageTooLargeError, checked_size
 from .client import LabelStudioAuthError, LabelStudioSession
+from .storage import is_cloud_storage_uri, local_storage_path, presign_path
 
 log = logging.getLogger(__name__)
 
@@ -170,17 +171,6 @@ class ImageCache:
 
 # --- fetching ---------------------------------------------------------------------------------------------
 
-def _local_storage_path(url: str) -> Optional[str]:
-    """The file on this machine for a Local Storage URL, when LOCAL_FILES_DOCUMENT_ROOT allows it."""
-    from label_studio_sdk._extensions.label_studio_tools.core.utils.io import resolve_local_storage_file
-
-    try:
-        path = resolve_local_storage_file(url)
-    except (FileNotFoundError, ValueError):
-        return None
-    return path if path and os.path.isfile(path) else None
-
-
 def shown_url(url: str, limit: int = 200) -> str:
     """A task's image reference as log lines and errors show it: a data URI by its size (it can be megabytes of
     base64), anything else cut to ``limit`` characters."""
@@ -253,11 +243,6 @@ class ImageFetcher:
 
     def _source(self, url: str, task_id: Optional[int]) -> tuple[str, str]:
         """(how, what): ("file", path) | ("data", url) | ("ls", url-or-path) | ("web", url)."""
-        from label_studio_sdk._extensions.label_studio_tools.core.utils.io import (
-            encode_presign_fileuri,
-            is_cloud_storage_uri,
-        )
-
         url = url.strip()
         if url.startswith("data:"):
             return "data", url
@@ -265,14 +250,14 @@ class ImageFetcher:
             url = "/data/" + url.lstrip("/")
         if url.startswith("/data/"):
             if "?d=" in url:
-                local = _local_storage_path(url)
+                local = local_storage_path(url)
                 if local:
                     return "file", local
             return "ls", url
         if is_cloud_storage_uri(url):
             if task_id is None:
                 raise ImageFetchError(f"{url}: a cloud storage URI needs the task id to be presigned by Label Studio")
-            return "ls", f"/tasks/{int(task_id)}/presign/?fileuri={encode_presign_fileuri(url)}"
+            return "ls", presign_path(task_id, url)
         if url.startswith(("http://", "https://")):
             return ("ls" if self.session.is_label_studio_url(url) else "web"), url
         raise ImageFetchError(f"{url[:200]!r} is not an image URL this backend understands (expected "
