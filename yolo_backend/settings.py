@@ -87,8 +87,9 @@ class Settings:
         0.05, "Detections above this confidence (shown or not) feed the task's uncertainty score.")
     task_score: str = setting(
         "uncertainty",
-        "Task score strategy: `uncertainty` (low = most informative, label first), `max_confidence`, "
-        "`mean_confidence`, `count`.")
+        "Task score strategy (low = most informative, label first): `uncertainty` (the most uncertain box), "
+        "`entropy_sum`, `entropy_mean`, `margin_sum`, `margin_mean` (over all boxes), `objectness`, "
+        "`max_confidence`, `mean_confidence`, `count`. docs/active-learning.md compares them.")
     predict_batch_size: int = setting(8, "Images per forward pass when predicting a request's tasks.")
     predict_deadline_s: float = setting(
         60.0, "A /predict answers within about this many seconds: Label Studio sends every selected task in one "
