@@ -15,7 +15,7 @@ from yolo_backend.settings import Settings
 from yolo_backend.simulate import SimConfig, Simulation, loop
 from yolo_backend.simulate.report import (area_under_curve, labels_to_reach, mean_curve, points_above,
                                           report_markdown)
-from yolo_backend.simulate.scoring import neck_embedding
+from yolo_backend.yolov7.model import neck_embedding
 from yolo_backend.simulate.strategies import parse_strategy
 
 SIZE = 64          # image side: training, scoring and test all at 64 px keep a round to about a second
@@ -232,7 +232,7 @@ def test_neck_embedding_pools_each_level_and_concatenates():
     import torch
 
     maps = [torch.ones(2, 3, 8, 8), torch.arange(2 * 5 * 4 * 4, dtype=torch.float32).reshape(2, 5, 4, 4)]
-    emb = neck_embedding(maps)
+    emb = neck_embedding(maps).numpy()
     assert emb.shape == (2, 8)
     assert np.allclose(emb[:, :3], 1.0)
     assert emb[0, 3] == pytest.approx(float(maps[1][0, 0].mean()))

@@ -1,10 +1,9 @@
-"""Scoring the unlabelled pool as the server would: the same ``Detector`` settings (IMG_SIZE, SCORE_FLOOR as the
-detection floor, IOU_THRESHOLD, MAX_DETECTIONS, PREDICT_BATCH_SIZE), plus an image embedding taken in the same
-forward pass: the head's input feature maps (the neck's outputs, one per level), averaged over space, concatenated.
+"""Scoring the unlabelled pool as the server would: the same ``Detector`` (backend, IMG_SIZE, SCORE_FLOOR as the
+detection floor, IOU_THRESHOLD, MAX_DETECTIONS, PREDICT_BATCH_SIZE), plus each image's embedding from the same
+forward pass (``yolov7.model.neck_embedding``: the neck's output maps averaged over space, concatenated).
 
-The torch backend is used (ONNX Runtime gives the same detections, but the embedding needs the torch module's
-head input). Results are cached on disk by (checkpoint hash, image set), so strategies that share a model (every
-strategy of a seed after round 0) score the pool once.
+Results are cached on disk by (checkpoint hash, image set), so strategies that share a model (every strategy of a
+seed after round 0) score the pool once.
 """
 
 from __future__ import annotations
@@ -41,61 +40,35 @@ class ScoredPool:
                          for d in self.detections], np.float64)
 
 
-def neck_embedding(feature_maps: Sequence) -> np.ndarray:
-    """(B, sum of channels): each level's map averaged over height and width, levels concatenated."""
-    import torch
-
-    pooled = [torch.as_tensor(f).float().mean(dim=(2, 3)) for f in feature_maps]
-    return torch.cat(pooled, dim=1).cpu().numpy()
-
-
-class EmbeddingTap:
-    """Records the head's inputs on every forward of ``model`` (a forward pre-hook: nothing in the detector
-    changes, and the embedding costs no second pass)."""
-
-    def __init__(self, model):
-        self.rows: list[np.ndarray] = []
-        self._handle = model.head.register_forward_pre_hook(self._record)
-
-    def _record(self, module, inputs) -> None:
-        maps = inputs[0] if len(inputs) == 1 else inputs
-        self.rows.append(neck_embedding(maps))
-
-    def take(self) -> np.ndarray:
-        rows, self.rows = self.rows, []
-        return np.concatenate(rows, axis=0) if rows else np.zeros((0, 0), np.float32)
-
-    def close(self) -> None:
-        self._handle.remove()
-
-
 def serving_detector(checkpoint: str, settings: Settings):
-    """The server's detector for ``checkpoint`` (see ``model_holder.load_detector``), on torch."""
-    from ..yolov7 import Detector
+    """The server's detector for ``checkpoint`` (``detector_settings.detector_from_settings``, as the model holder
+    builds it): the same backend, size and thresholds."""
+    from ..detector_settings import detector_from_settings
 
-    return Detector.from_checkpoint(
-        checkpoint, device=settings.device, threads=settings.torch_threads, backend="torch",
-        img_size=settings.img_size, conf=settings.score_floor, iou=settings.iou_threshold,
-        max_det=settings.max_detections, half=settings.half, batch_size=settings.predict_batch_size)
+    return detector_from_settings(checkpoint, settings)
 
 
 def score_images(detector, images: Sequence[Callable[[], np.ndarray]],
                  progress: Optional[Callable[[int], None]] = None) -> tuple[list[Detections], np.ndarray]:
-    """Detections and embeddings of each image (``images``: loaders of HxWx3 uint8 RGB). One image per forward:
-    the tap's rows then follow the input order exactly (a batch groups images by shape), and the detections are
-    the same as batched ones."""
-    tap = EmbeddingTap(detector.model)
+    """Detections and embeddings of each image (``images``: loaders of HxWx3 uint8 RGB), the embedding from the
+    same forward pass (``Detector.detect(embed=True)``), a batch of the detector's batch size at a time."""
     found: list[Detections] = []
-    rows: list[np.ndarray] = []
-    try:
-        for load in images:
-            found.extend(detector.detect([load()]))
-            rows.append(tap.take())
-            if progress:
-                progress(1)
-    finally:
-        tap.close()
-    return found, (np.concatenate(rows, axis=0) if rows else np.zeros((0, 0), np.float32))
+    batch: list[np.ndarray] = []
+
+    def flush() -> None:
+        found.extend(detector.detect(batch, embed=True))
+        if progress:
+            progress(len(batch))
+        batch.clear()
+
+    for load in images:
+        batch.append(load())
+        if len(batch) >= max(1, detector.batch_size):
+            flush()
+    if batch:
+        flush()
+    embeddings = np.stack([d.embedding for d in found]).astype(np.float32) if found else np.zeros((0, 0), np.float32)
+    return found, embeddings
 
 
 # --- the cache ----------------------------------------------------------------------------------------------------
