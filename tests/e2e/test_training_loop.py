@@ -62,14 +62,6 @@ def loop_images(tmp_path_factory):
     return chosen
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    from yolo_backend.jobs.redis_server import RedisServer
-
-    with RedisServer(tmp_path_factory.mktemp("valkey")) as server:
-        yield server
-
-
 @pytest.mark.parametrize("label_studio", ["jwt"], indirect=True)
 def test_annotations_train_publish_and_switch_label_studio(label_studio, redis_server, loop_images,
                                                            tmp_path_factory):
