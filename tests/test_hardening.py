@@ -164,8 +164,8 @@ def test_a_bomb_task_gets_no_prediction_and_a_log_line_naming_it(tmp_path, model
 class DrippingServer:
     """Answers every request with headers, then one body byte every ``interval`` seconds (for ``seconds``)."""
 
-    def __init__(self, interval: float = 0.2, seconds: float = 30.0):
-        self.interval, self.seconds = interval, seconds
+    def __init__(self, interval: float = 0.2, seconds: float = 30.0, in_headers: bool = False):
+        self.interval, self.seconds, self.in_headers = interval, seconds, in_headers
         self.connections = 0
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -187,7 +187,9 @@ class DrippingServer:
         with conn:
             try:
                 conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n")
+                # Headers and all, or one never-ending header line: each byte comes well within a read timeout.
+                conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: " if self.in_headers else
+                             b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n")
                 end = time.monotonic() + self.seconds
                 while time.monotonic() < end and not self._stop.is_set():
                     conn.sendall(b"\0")
@@ -214,6 +216,19 @@ def test_a_dripping_server_is_cut_off_at_the_deadline(dripping):
         fetcher.load(f"{dripping.url}/slow.png")
     # Each byte comes well within the per-read timeout; only a deadline for the whole download ends it.
     assert time.monotonic() - started < 5.0
+
+
+@pytest.mark.parametrize("key", [None, LEGACY], ids=["web-url", "label-studio-url"])
+def test_a_server_dripping_its_headers_is_cut_off_at_the_deadline(key):
+    server = DrippingServer(in_headers=True)
+    try:
+        fetcher = ImageFetcher(LabelStudioSession(server.url if key else None, key), None, timeout=1.0)
+        started = time.monotonic()
+        with pytest.raises(ImageFetchError, match=r"timed out after 1 s|download failed"):
+            fetcher.load(f"{server.url}/slow.png" if key is None else "/data/upload/1/slow.png")
+        assert time.monotonic() - started < 5.0
+    finally:
+        server.close()
 
 
 def test_health_and_setup_answer_while_predictions_wait(tmp_path, model_file, dripping):
@@ -408,3 +423,36 @@ def test_the_same_pixel_cap_in_training_folders_and_conversion(tmp_path, monkeyp
     monkeypatch.setenv("MAX_IMAGE_PIXELS", "500000000")
     assert default_max_pixels() == 500_000_000
     assert load_data(root).train[0].name in ("bomb.png", "good.png") and len(load_data(root).train) == 2
+
+
+def test_a_token_refresh_never_follows_a_redirect():
+    """requests would re-send a 307's body (the refresh token: the key itself) to wherever it points."""
+    from flask import Flask
+    from werkzeug.serving import make_server
+
+    seen = []
+    foreign = Flask("foreign")
+
+    @foreign.post("/steal")
+    def steal():
+        seen.append(request.get_data())
+        return {"access": "x"}
+
+    ls = Flask("ls")
+    foreign_server = make_server("127.0.0.1", 0, foreign, threaded=True)
+    ls_server = make_server("127.0.0.1", 0, ls, threaded=True)
+
+    @ls.post("/api/token/refresh/")
+    def refresh():
+        return redirect(f"http://127.0.0.1:{foreign_server.server_port}/steal", 307)
+
+    for server in (foreign_server, ls_server):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        session = LabelStudioSession(f"http://127.0.0.1:{ls_server.server_port}", PAT, timeout=5)
+        with pytest.raises(LabelStudioAuthError, match="token refresh refused"):
+            session.request("GET", "/api/projects/1/")
+        assert seen == []
+    finally:
+        foreign_server.shutdown()
+        ls_server.shutdown()

@@ -617,3 +617,48 @@ def test_publish_decision_and_split_rules():
     assert [e.task_id for e in val] == [t for t in range(1, 501) if is_validation(7, t)]
     only = [e for e in examples if is_validation(7, e.task_id)][:1]
     assert split_examples(7, only) == (only, [])
+
+
+def test_review_fixes_leftover_reservation_expired_lock_process_space_and_a_refused_flush(env, tmp_path):
+    """A reservation without a job is not coalesced into once it is older than the grace; a heartbeat takes back
+    an expired lock; a PID is only checked in the same process space; one refused pending request does not stop
+    the others."""
+    from yolo_backend.errors import RequestRefused
+    from yolo_backend.jobs.job import _Heartbeat
+    from yolo_backend.jobs.keys import RESERVE_GRACE_S, RESERVE_TTL_S, holder_alive, process_space
+    from yolo_backend.jobs.pending import PendingRequests
+
+    client = env.app()
+    connection = env.queue.connection()
+    keys = env.queue.keys
+    connection.set(keys.waiting(7), "train-7-leftover", ex=RESERVE_TTL_S - RESERVE_GRACE_S - 1)  # no such job
+    answer = webhook(client, project_id=7)[0]
+    assert answer["status"] == "queued" and answer["job"] != "train-7-leftover", answer
+
+    beat = _Heartbeat(connection, keys, "job-a", ttl=20)
+    beat.lock_key = keys.lock(8)
+    beat.beat()
+    assert connection.get(keys.lock(8)) == b"job-a"  # the lock had expired (Redis away): taken back
+    connection.set(keys.lock(8), "job-b")
+    beat.beat()
+    assert connection.get(keys.lock(8)) == b"job-b"  # held by another job: not stolen
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    connection.set(keys.alive("job-c"), f"{process_space()}:{dead.pid}", ex=20)
+    assert not holder_alive(connection, keys, "job-c")  # its process is gone, here
+    connection.set(keys.alive("job-c"), f"another-container/boot/123:{dead.pid}", ex=20)
+    assert holder_alive(connection, keys, "job-c")      # another process table: only the heartbeat's TTL says
+
+    store = PendingRequests(tmp_path / "pending")
+    for project in (1, 2):
+        store.record(project, {"event": "START_TRAINING", "source": "/webhook", "requested_at": 1.0}, OSError("down"))
+    queued = []
+
+    def enqueue(project_id, info):
+        if project_id == 1:
+            raise RequestRefused(429, "the queue is full")
+        queued.append(project_id)
+
+    assert store.flush(enqueue) == 1 and queued == [2]
+    assert [r["project"] for r in store.records()] == [1]  # kept for later

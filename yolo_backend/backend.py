@@ -95,6 +95,7 @@ class YOLOv7Backend(*_base_classes()):
         return names
 
     def predict(self, tasks: list[dict], **kwargs: Any) -> list[dict]:
+        started = time.monotonic()  # the deadline counts from the request, model loading included
         settings = self.context.settings
         target = find_rectangle_target(self.parsed_label_config, settings.from_name)
         model = self.context.models.get(self.project_id, target.labels)
@@ -105,7 +106,7 @@ class YOLOv7Backend(*_base_classes()):
         # Label Studio sends every selected task in one request and stores nothing if the answer takes longer than
         # its 100 s: work in chunks (bounded memory too) and answer what is done by PREDICT_DEADLINE_S; the rest get
         # an item without "result", which Label Studio skips and asks for again.
-        deadline = time.monotonic() + settings.predict_deadline_s
+        deadline = started + settings.predict_deadline_s
         chunk = max(1, settings.predict_batch_size) * 2
         predictions: list[dict] = []
         for start in range(0, len(tasks), chunk):

@@ -12,7 +12,6 @@ import errno
 import logging
 import os
 import shutil
-import socket
 import threading
 import time
 from collections import deque
@@ -138,13 +137,20 @@ class _Heartbeat:
             self.connection.delete(self.keys.alive(self.job_id))
 
     def beat(self) -> None:
-        # "<host>:<pid>": on the same machine a dead work horse is known at once (jobs.keys.holder_alive).
-        self.connection.set(self.keys.alive(self.job_id), f"{socket.gethostname()}:{os.getpid()}", ex=self.ttl)
-        if self.lock_key:
-            from .keys import text
+        from .keys import heartbeat_value, text
 
-            if text(self.connection.get(self.lock_key)) == self.job_id:
+        # "<process space>:<pid>": where it is ours, a dead work horse is known at once (jobs.keys.holder_alive).
+        self.connection.set(self.keys.alive(self.job_id), heartbeat_value(), ex=self.ttl)
+        if self.lock_key:
+            holder = text(self.connection.get(self.lock_key))
+            if holder == self.job_id:
                 self.connection.expire(self.lock_key, self.ttl)
+            elif holder is None:  # expired while Redis was away (or restarted empty): take it back
+                if not self.connection.set(self.lock_key, self.job_id, nx=True, ex=self.ttl):
+                    log.warning("job %s lost the project's training lock to job %s", self.job_id,
+                                text(self.connection.get(self.lock_key)))
+            else:
+                log.warning("job %s lost the project's training lock to job %s", self.job_id, holder)
 
     def _run(self) -> None:
         while not self._stop.wait(max(0.5, self.ttl / 4)):

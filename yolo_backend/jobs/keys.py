@@ -20,6 +20,10 @@ SETTLE_S = 2.0
 # without it for LOCK_TTL_S, the worker running it is gone (killed) and the job is reported failed. On the same
 # machine a dead horse is seen at once (its pid is gone).
 LOCK_TTL_S = 20
+# A waiting-slot reservation lives this long until its job exists; one older than RESERVE_GRACE_S without a job is
+# a leftover (a server that died between reserving and enqueueing), never a job to coalesce into.
+RESERVE_TTL_S = 30
+RESERVE_GRACE_S = 2
 class Keys:
     """Redis key names of the training queue (shared by the server and the job)."""
 
@@ -50,7 +54,7 @@ class Keys:
 RESERVE = """
 local current = redis.call('GET', KEYS[1])
 if current then return {current, 0} end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', 30)
+redis.call('SET', KEYS[1], ARGV[1], 'EX', 30)  -- RESERVE_TTL_S
 return {ARGV[1], 1}
 """
 # Replace a stale waiting id (its job started or vanished without clearing the key) only if it is still there.
@@ -77,14 +81,31 @@ def text(value) -> Optional[str]:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def process_space() -> str:
+    """Names the process table this process lives in: host name, boot and PID namespace (containers sharing a host
+    name, or a host network, still differ), so a PID is only ever checked where it means the same process."""
+    parts = [socket.gethostname()]
+    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(open(path).read().strip() if path.endswith("boot_id") else str(os.stat(path).st_ino))
+        except OSError:
+            parts.append("-")
+    return "/".join(parts)
+
+
+def heartbeat_value() -> str:
+    """What a running job's ``alive`` key holds: ``<process space>:<pid>`` of its work horse."""
+    return f"{process_space()}:{os.getpid()}"
+
+
 def holder_alive(connection, keys: Keys, job_id: str) -> bool:
-    """Whether the work horse running ``job_id`` is alive: its heartbeat key exists and, when it runs on this
-    machine, its process too (a killed horse is known dead at once instead of when its heartbeat expires)."""
+    """Whether the work horse running ``job_id`` is alive: its heartbeat key exists and, when it runs in this
+    process table, its process too (a killed horse is known dead at once instead of when its heartbeat expires)."""
     beat = text(connection.get(keys.alive(job_id)))
     if not beat:
         return False
-    host, _, pid = beat.rpartition(":")
-    if host == socket.gethostname() and pid.isdigit():
+    space, _, pid = beat.rpartition(":")
+    if space == process_space() and pid.isdigit():
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:

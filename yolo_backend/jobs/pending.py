@@ -89,6 +89,13 @@ class PendingRequests:
             try:
                 enqueue(project_id, {"event": record.get("event", "START_TRAINING"), "source": "pending",
                                      "requested_at": record.get("last_requested_at", time.time())})
+            except RequestRefused as exc:  # e.g. the queue is full: this one waits, the others (and the caller) go on
+                log.info("saved training request for project %s stays pending: %s", project_id, exc)
+                if not path.exists():
+                    os.rename(claim, path)
+                else:
+                    claim.unlink(missing_ok=True)
+                continue
             except BaseException:
                 if not path.exists():
                     os.rename(claim, path)  # still pending

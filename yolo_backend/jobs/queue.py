@@ -35,7 +35,8 @@ from typing import Any, Optional
 from ..errors import RequestRefused
 from ..settings import Settings, mask_password
 from .pending import PendingRequests
-from .keys import CONFIRM, DELETE_IF_EQUAL, LOCK_TTL_S, REPLACE, RESERVE, SETTLE_S, Keys, holder_alive, text
+from .keys import (CONFIRM, DELETE_IF_EQUAL, LOCK_TTL_S, REPLACE, RESERVE, RESERVE_GRACE_S, RESERVE_TTL_S, SETTLE_S,
+                   Keys, holder_alive, text)
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +184,9 @@ class TrainingQueue:
         try:
             job = Job.fetch(job_id, connection=self.connection())
         except NoSuchJobError:
-            # A reservation whose job is being created right now still has its expiry; a persisted id without a
-            # job is a leftover.
-            return self.connection().ttl(waiting_key) > 0
+            # A reservation whose job is being created right now is seconds old; an older one (or a persisted id)
+            # without a job is a leftover: never coalesce a request into a job that does not exist.
+            return self.connection().ttl(waiting_key) > RESERVE_TTL_S - RESERVE_GRACE_S
         status = job.get_status(refresh=False)
         status = getattr(status, "value", status)
         if status in NOT_STARTED:

@@ -29,6 +29,8 @@ from urllib.parse import urljoin, urlparse
 
 import requests
 
+from .deadline import deadline_session
+
 log = logging.getLogger(__name__)
 
 # Refresh a JWT access token this many seconds before it says it expires.
@@ -111,7 +113,8 @@ class Credential:
     def _refresh(self) -> None:
         url = f"{self.base_url}/api/token/refresh/"
         # Network errors propagate as they are: Label Studio being down is not a refused key.
-        response = self._http.post(url, json={"refresh": self.key}, timeout=self.timeout)
+        # Never follow a redirect: requests would re-send the refresh token (the key itself) wherever it points.
+        response = self._http.post(url, json={"refresh": self.key}, timeout=self.timeout, allow_redirects=False)
         if response.status_code != 200:
             raise LabelStudioAuthError(
                 f"Label Studio refused the personal access token from {self.source} at {url} "
@@ -174,7 +177,7 @@ class LabelStudioSession:
     def __init__(self, url: Optional[str] = None, api_key: Optional[str] = None, timeout: float = 10.0,
                  http: Optional[requests.Session] = None):
         self.timeout = timeout
-        self._http = http or requests.Session()
+        self._http = http or deadline_session()
         self._lock = threading.Lock()
         self._configured: Optional[Credential] = None
         self._configured_url = normalise_url(url)

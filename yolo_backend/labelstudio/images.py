@@ -27,7 +27,6 @@ import hashlib
 import io
 import logging
 import os
-import socket
 import threading
 from pathlib import Path
 from typing import Optional
@@ -38,6 +37,7 @@ import requests
 from ..atomic import atomic_write
 from ..image_header import DEFAULT_MAX_IMAGE_PIXELS, ImageHeaderError, ImageTooLargeError, checked_size
 from .client import LabelStudioAuthError, LabelStudioSession
+from .deadline import Deadline, DeadlinePassed
 from .storage import is_cloud_storage_uri, local_storage_path, presign_path
 
 log = logging.getLogger(__name__)
@@ -179,58 +179,6 @@ def shown_url(url: str, limit: int = 200) -> str:
     return url if len(url) <= limit else url[:limit] + "..."
 
 
-class _DeadlinePassed(Exception):
-    pass
-
-
-class _Deadline:
-    """Cuts a streamed download off at a deadline: requests' timeout applies to each socket read, so a server
-    sending one byte every few seconds would otherwise hold a request (and a server thread) for minutes. At the
-    deadline a timer shuts the response's socket down, which ends a read that is blocked on it."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.passed = False
-        self._response: Optional[requests.Response] = None
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
-
-    def __enter__(self) -> "_Deadline":
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._timer.cancel()
-
-    def watch(self, response: requests.Response) -> None:
-        self._response = response
-        if self.passed:
-            self._expire()
-
-    def check(self) -> None:
-        if self.passed:
-            raise _DeadlinePassed()
-
-    def _expire(self) -> None:
-        self.passed = True
-        sock = _socket_of(self._response) if self._response is not None else None
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
-def _socket_of(response: requests.Response):
-    """The socket under a streamed response (urllib3 2.x keeps the connection on the response), or None."""
-    raw = getattr(response, "raw", None)
-    sock = getattr(getattr(raw, "_connection", None), "sock", None)
-    if sock is None:  # older layouts: the socket behind the file object http.client reads from
-        fp = getattr(getattr(raw, "_fp", None), "fp", None)
-        sock = getattr(getattr(fp, "raw", None), "_sock", None)
-    return sock
-
-
 class ImageFetcher:
     """Fetches task images from wherever the task points, through ``session`` (auth, fallback between keys)."""
 
@@ -283,6 +231,8 @@ class ImageFetcher:
         how, what = self._source(url, task_id)
         if how == "file":
             try:
+                if os.path.getsize(what) > MAX_IMAGE_BYTES:
+                    raise ImageFetchError(f"{url}: {what} is larger than {MAX_IMAGE_BYTES >> 20} MiB; refused")
                 return Path(what).read_bytes(), None, False
             except OSError as exc:
                 raise ImageFetchError(f"{url}: cannot read {what}: {exc}") from None
@@ -300,7 +250,7 @@ class ImageFetcher:
 
     def _download(self, how: str, what: str, original: str) -> bytes:
         """The whole download within ``timeout`` seconds: a server dripping bytes is cut off at the deadline."""
-        deadline = _Deadline(self.timeout)
+        deadline = Deadline(self.timeout)
         try:
             with deadline:
                 if how == "ls":
@@ -308,6 +258,7 @@ class ImageFetcher:
                 else:
                     response = self.session.fetch_plain(what, timeout=self.timeout, stream=True)
                 deadline.watch(response)
+                deadline.check()  # cut off while the headers came: what was read of them is not an answer
                 with response:
                     if response.status_code >= 400:
                         hint = {404: "not found", 401: "unauthorised", 403: "forbidden"}.get(response.status_code,
@@ -320,9 +271,10 @@ class ImageFetcher:
                             raise ImageFetchError(f"{original}: larger than {MAX_IMAGE_BYTES >> 20} MiB; refused")
                         chunks.append(chunk)
                         deadline.check()
+                    deadline.check()
         except LabelStudioAuthError as exc:
             raise ImageFetchError(f"{original}: {exc}") from None
-        except (requests.RequestException, OSError, _DeadlinePassed) as exc:
+        except (requests.RequestException, OSError, DeadlinePassed) as exc:
             if deadline.passed or isinstance(exc, requests.Timeout):
                 raise ImageFetchError(f"{original}: timed out after {self.timeout:g} s (IMAGE_TIMEOUT)") from None
             raise ImageFetchError(f"{original}: download failed: {exc}") from None

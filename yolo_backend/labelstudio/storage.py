@@ -43,9 +43,9 @@ def local_storage_path(url: str) -> Optional[str]:
     relative = values[-1] if values else ""
     if root is None or not relative:
         return None
-    path = (root / posixpath.normpath("/" + relative).lstrip("/")).resolve()
     try:
+        path = (root / posixpath.normpath("/" + relative).lstrip("/")).resolve()
         path.relative_to(root.resolve())
-    except ValueError:
+    except (ValueError, OSError):  # outside the root, or not a path at all (a NUL byte)
         return None
     return str(path) if path.is_file() else None
