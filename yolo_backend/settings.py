@@ -139,6 +139,13 @@ class Settings:
         300.0, "Seconds one training job may train (evaluation and saving included); bounds a job on CPU.")
     train_img_size: int = setting(320, "Training image size (multiple of 32); 320 keeps CPU training quick.")
     train_batch_size: int = setting(8, "Training batch size.")
+    train_nominal_batch: int = setting(
+        0, "Images per optimizer step (gradients accumulated over batches up to this many); 0 steps after every "
+        "batch. A job on a few hundred images and a CPU budget fits a few hundred batches: accumulating to the "
+        "reference's 64 would leave a few dozen steps, too few to learn from the new labels.")
+    train_warmup_epochs: float = setting(
+        1.0, "Epochs of learning-rate warm-up per job. Jobs start from a trained model, so one epoch is enough; "
+        "the reference's 3 were most of a CPU job.")
     keep_versions: int = setting(5, "Published versions kept per project; older ones are deleted (0 keeps all).")
     force_publish: bool = setting(
         False, "Publish every trained model, even when it is worse on the validation split than the current one.")
@@ -180,7 +187,8 @@ class Settings:
                      "max_queued_projects", "predict_deadline_s"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must be greater than 0")
-        for name in ("image_cache_mb", "keep_versions", "torch_threads", "max_image_pixels"):
+        for name in ("image_cache_mb", "keep_versions", "torch_threads", "max_image_pixels", "train_nominal_batch",
+                     "train_warmup_epochs"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must not be negative")
         for name in ("model_score_threshold", "iou_threshold", "score_floor"):

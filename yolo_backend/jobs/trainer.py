@@ -26,13 +26,17 @@ def fine_tune_trainer(data: TrainingData, callback: Callable[[dict], None]) -> d
         return [Sample(e.image, e.boxes, e.classes, name=f"task-{e.task_id}") for e in examples]
 
     train, val = samples(data.train), samples(data.val)
-    # Few images: step the optimiser every batch (accumulating to 64 images would leave a handful of steps).
     batch = max(1, min(settings.train_batch_size, len(train)))
-    nominal = batch if len(train) <= 64 else max(batch, 64)
+    # Step after every batch unless TRAIN_NOMINAL_BATCH asks for accumulation: a CPU job sees each image a few
+    # times, and every optimizer step counts.
+    nominal = max(batch, settings.train_nominal_batch)
     config = TrainConfig(
         weights=data.start_checkpoint, graph=DEFAULT_GRAPH, out=str(data.out_path),
         parent_version=data.parent_version, epochs=max(1, settings.train_epochs), img_size=settings.train_img_size,
-        batch_size=batch, nominal_batch=nominal,
+        batch_size=batch, nominal_batch=nominal, warmup_epochs=settings.train_warmup_epochs,
+        # The start model is trained: no high bias learning rate at the start to jolt it (the reference's 0.1
+        # suits a random init).
+        warmup_bias_lr=TrainConfig.lr0 if data.start_checkpoint else TrainConfig.warmup_bias_lr,
         device=settings.device, threads=settings.torch_threads, time_budget=settings.train_time_budget_s,
         progress="log", names=list(data.names), train_samples=train, val_samples=val or None,
         serve_conf=settings.model_score_threshold, seed=int(data.extra.get("seed", 0)))
