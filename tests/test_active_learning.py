@@ -175,6 +175,18 @@ def test_select_lowest_with_clusters_takes_the_least_solved_cluster_first():
     # clusters 1 and 2 already hold 2 labels each: cluster 0 first until it holds 2, then the tie goes to the
     # lower score (cluster 0's 0.3 before cluster 1's 0.8)
     assert select_lowest(candidates, scores, 4, clusters, {1: 2, 2: 2}) == [1, 2, 3, 4]
+    # equal counts and scores: the earlier candidate, whatever the cluster ids
+    assert select_lowest([7, 8, 9], [0.5, 0.5, 0.5], 3, [2, 1, 0], {}) == [7, 8, 9]
+
+
+def test_select_lowest_with_clusters_is_clusters_serve_sequence():
+    from yolo_backend.clusters import serve_sequence
+
+    rng = np.random.default_rng(1)
+    candidates = list(range(100, 160))
+    scores, clusters = rng.random(60).round(1), rng.integers(0, 6, size=60).tolist()
+    expected = [candidates[j] for j in serve_sequence(scores, clusters, {0: 3, 4: 1}, 20)]
+    assert select_lowest(candidates, scores, 20, clusters, {0: 3, 4: 1}) == expected
 
 
 def test_select_random_is_deterministic_per_seed_and_never_repeats():

@@ -196,6 +196,55 @@ def test_cli_simulate_runs_and_refuses_bad_input(tiny, tmp_path, one_thread, cap
     assert "strategy 'oracle' is unknown" in capsys.readouterr().err
     assert main(base + ["--initial", "10", "--step", "10", "--rounds", "1", "--out", str(tmp_path / "big")]) == 2
     assert "exceed the pool" in capsys.readouterr().err
+    assert main(base + ["--clusters", "source", "--cluster-count", "3", "--out", str(tmp_path / "count")]) == 2
+    assert "--cluster-count (at least 1) goes only with --clusters kmeans" in capsys.readouterr().err
+
+
+def test_kmeans_clusters_follow_label_studios_rule_and_leave_random_alone(tiny, reference_run, tmp_path,
+                                                                         one_thread):
+    from yolo_backend.clusters import next_task_order, solved_counts
+
+    out = tmp_path / "kmeans"
+    config = _config(tiny, out, strategies=["random", "uncertainty"], rounds=1, clusters="kmeans")
+    simulation = Simulation(config, _settings())
+    simulation.run()
+    # random ignores clusters: the same labels as the reference run's (no clusters) for the same seed
+    assert _labelled(out, "random", 0) == _labelled(reference_run, "random", 0)[:7]
+    # uncertainty's 3 picks are what Label Studio serves one annotator, one after another: with the round-0
+    # model's scores and k-means clusters of the pool (3 = auto_cluster_count(14)), each pick is the first of
+    # next_task_order given what was labelled before it
+    labelled = _labelled(out, "uncertainty", 0)
+    initial, picked = labelled[:4], labelled[4:]
+    scored = simulation.score(out / "runs" / "_round0-s0", lambda n: None)   # the round-0 model, from the cache
+    ids = simulation.cluster_ids(scored, 0, 0)
+    assert len(set(ids)) == 3 and ids == simulation.cluster_ids(scored, 0, 0)   # deterministic per seed
+    scores = scored.scores("uncertainty", simulation.base_settings)
+    done = list(initial)
+    for task_id in picked:
+        candidates = [i for i in simulation.pool.ids if i not in done]
+        order = next_task_order(scores[[i - 1 for i in candidates]], [ids[i - 1] for i in candidates],
+                                solved_counts(ids[i - 1] for i in done))
+        assert task_id == candidates[order[0]]
+        done.append(task_id)
+    with pytest.raises(ValueError, match="cluster count"):
+        Simulation(dataclasses.replace(config, clusters="none", cluster_count=3), _settings())
+    with pytest.raises(ValueError, match="unknown"):
+        Simulation(dataclasses.replace(config, clusters="photos"), _settings())
+
+
+def test_kmeans_cluster_ids_of_the_pool(tiny):
+    from yolo_backend.simulate.scoring import ScoredPool
+
+    config = _config(tiny, Path("unused"), clusters="kmeans", cluster_count=2)
+    simulation = Simulation(config, _settings())
+    # two far apart groups of embeddings: the odd and the even task ids
+    embeddings = np.array([[1.0, 0.1 * i, 0.0] if i % 2 else [0.0, 0.1 * i, 1.0] for i in range(POOL_IMAGES)])
+    scored = ScoredPool(simulation.pool.ids, [], embeddings)
+    ids = simulation.cluster_ids(scored, seed=0, round_index=1)
+    assert ids == [i % 2 for i in range(POOL_IMAGES)] or ids == [1 - i % 2 for i in range(POOL_IMAGES)]
+    assert simulation.cluster_ids(scored, seed=0, round_index=1) == ids
+    with pytest.raises(ValueError, match="task-id order"):
+        simulation.cluster_ids(ScoredPool(simulation.pool.ids[::-1], [], embeddings), seed=0, round_index=1)
 
 
 def test_a_held_out_folder_without_splits_is_all_test(tiny):

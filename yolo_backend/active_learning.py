@@ -48,9 +48,9 @@ images with no box first.
     ignoring the class), scored ``1 / (1 + sum)``.
 
 Batch selection (the simulator's, not a per-task score): ``select_lowest`` is Label Studio's order (lowest score
-first; with cluster ids, the least-solved cluster first), ``select_random``, and ``select_k_center`` /
-``select_diverse_lowest``, a k-center greedy pick on image embeddings (pooled neck features, see
-``yolo_backend.simulate``) that keeps a batch from being spent on near-duplicates.
+first; with cluster ids, the least-solved cluster first: ``clusters.next_task_order``), ``select_random``, and
+``select_k_center`` / ``select_diverse_lowest``, a k-center greedy pick on image embeddings (pooled neck features,
+see ``yolo_backend.simulate``) that keeps a batch from being spent on near-duplicates.
 
 Numpy only: works on the detector's ``Detections`` (scores, class_probs).
 """
@@ -61,6 +61,7 @@ import numpy as np
 
 from typing import Optional, Sequence
 
+from .clusters import serve_sequence
 from .settings import TASK_SCORE_STRATEGIES as STRATEGIES  # one list: the setting validates against it
 
 _EPS = 1e-6
@@ -195,30 +196,20 @@ def select_lowest(candidates: Sequence[int], scores: Sequence[float], k: int,
                   solved: Optional[dict[int, int]] = None) -> list[int]:
     """The next ``k`` as Label Studio serves them: lowest score first (ties: lower index first).
 
-    With ``clusters`` (a cluster id per candidate, aligned with ``scores``) Label Studio's rule applies: each
-    pick comes from the cluster with the fewest labelled images so far (``solved``: cluster id -> count,
-    updated as picks are made; ties go to the cluster holding the lower score), and within it the lowest score.
+    With ``clusters`` (a cluster id per candidate, aligned with ``scores``) Label Studio's uncertainty-sampling
+    rule applies, as one annotator labelling each task as it is served meets it: each pick is the first of
+    ``clusters.next_task_order`` (the fewest labelled images in its cluster, ``solved``: cluster id -> count,
+    updated as picks are made; then the lowest score; ties: the earlier candidate); see
+    ``clusters.serve_sequence``.
     """
     candidates = [int(c) for c in candidates]
     scores = np.asarray(scores, np.float64)
     if len(candidates) != scores.size:
         raise ValueError(f"{len(candidates)} candidates but {scores.size} scores")
-    order = sorted(range(len(candidates)), key=lambda j: (scores[j], candidates[j]))
     if clusters is None:
+        order = sorted(range(len(candidates)), key=lambda j: (scores[j], candidates[j]))
         return [candidates[j] for j in order[:k]]
-    queues: dict[int, list[int]] = {}
-    for j in order:  # each cluster's members, lowest score first
-        queues.setdefault(int(clusters[j]), []).append(j)
-    counts = dict(solved or {})
-    picked: list[int] = []
-    while len(picked) < k and queues:
-        cluster = min(queues, key=lambda c: (counts.get(c, 0), scores[queues[c][0]], c))
-        j = queues[cluster].pop(0)
-        if not queues[cluster]:
-            del queues[cluster]
-        counts[cluster] = counts.get(cluster, 0) + 1
-        picked.append(candidates[j])
-    return picked
+    return [candidates[j] for j in serve_sequence(scores, clusters, solved or {}, k)]
 
 
 def _normalised(vectors: np.ndarray) -> np.ndarray:

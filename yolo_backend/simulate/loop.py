@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..atomic import atomic_write
+from ..clusters import assign_clusters, auto_cluster_count, fit_centroids, solved_counts
 from ..hashing import file_sha256
 from ..jobs.dataset import Example, scale_to
 from ..jobs.publish import current_model
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 PROJECT_ID = 1          # the simulated Label Studio project (its id seeds the train/validation split)
 STATE_VERSION = 1
+CLUSTER_MODES = ("none", "source", "kmeans")
 
 
 @dataclass
@@ -61,6 +63,8 @@ class SimConfig:
     img_size: Optional[int] = None        # training size; None: TRAIN_IMG_SIZE
     serve_img_size: Optional[int] = None  # scoring and test size; None: IMG_SIZE
     clusters: str = "none"                # none | source (Roboflow source photo: near-duplicates share a cluster)
+    #                                       | kmeans (each round: k-means on the pool's embeddings, see clusters.py)
+    cluster_count: Optional[int] = None   # kmeans: k; None: clusters.auto_cluster_count(pool size)
     progress: str = "auto"                # auto | bar | log
 
 
@@ -183,6 +187,10 @@ def drop_unfinished_versions(model_dir: Path, last_version: int) -> None:
 
 class Simulation:
     def __init__(self, config: SimConfig, settings: Optional[Settings] = None):
+        if config.clusters not in CLUSTER_MODES:
+            raise ValueError(f"clusters {config.clusters!r} is unknown; use one of {', '.join(CLUSTER_MODES)}")
+        if config.cluster_count is not None and (config.clusters != "kmeans" or config.cluster_count < 1):
+            raise ValueError("a cluster count (at least 1) goes only with kmeans clusters")
         self.config = config
         self.out = Path(config.out)
         self.base_settings = settings or Settings.from_env()
@@ -291,12 +299,28 @@ class Simulation:
         embeddings = scored.embeddings[cand_rows]
         labelled_embeddings = scored.embeddings[[row[i] for i in state.labelled]]
         clusters = solved = None
-        if self.pool.clusters is not None:
-            clusters = [self.pool.clusters[i - 1] for i in candidates]
-            solved = {}
-            for i in state.labelled:
-                solved[self.pool.clusters[i - 1]] = solved.get(self.pool.clusters[i - 1], 0) + 1
+        pool_clusters = self.cluster_ids(scored, state.seed, round_index) if strategy.uses_clusters else None
+        if pool_clusters is not None:
+            clusters = [pool_clusters[i - 1] for i in candidates]
+            solved = solved_counts(pool_clusters[i - 1] for i in state.labelled)
         return choose(strategy, candidates, k, rng, scores, embeddings, labelled_embeddings, clusters, solved)
+
+    def cluster_ids(self, scored: ScoredPool, seed: int, round_index: int) -> Optional[list[int]]:
+        """A cluster id per pool image (task id - 1) as the predictions of this round's model would carry them:
+        ``source`` photos, or ``kmeans`` on the pool's embeddings from this round's scoring (the model version's
+        clusters, refitted each round; seeded by the run's seed and the round); None without clusters."""
+        if self.config.clusters == "source":
+            return self.pool.clusters
+        if self.config.clusters != "kmeans":
+            return None
+        if list(scored.ids) != self.pool.ids:
+            raise ValueError("the scored pool is not the pool in task-id order")
+        k = self.config.cluster_count or auto_cluster_count(len(scored.ids))
+        centroids = fit_centroids(scored.embeddings, k, seed=seed * 1000 + round_index)
+        ids = assign_clusters(scored.embeddings, centroids)
+        log.info("round %d: %d k-means clusters of the pool's %d images (largest %d)", round_index + 1,
+                 len(centroids), len(ids), int(np.bincount(ids).max()))
+        return [int(c) for c in ids]
 
     # --- round 0, shared by a seed's strategies ---------------------------------------------------------------
     def base_round(self, seed: int) -> tuple[Path, RunState]:

@@ -7,8 +7,9 @@
 ``kcenter``                 k-center greedy on the pooled neck embeddings (pure diversity, core-set)
 ``<score>+kcenter``         the 3k lowest scores, k-center greedy among them (uncertainty, then diversity)
 
-With cluster ids (``--clusters``), score strategies follow Label Studio's cluster rule instead (least-solved
-cluster first, then lowest score); see ``active_learning.select_lowest``.
+With cluster ids (``--clusters source`` or ``kmeans``), score strategies (not ``random``, not the ``kcenter``
+ones) follow Label Studio's cluster rule instead (least-solved cluster first, then lowest score; one pick at a
+time, as one annotator is served): ``clusters.next_task_order`` via ``active_learning.select_lowest``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ class Strategy:
     @property
     def needs_scoring(self) -> bool:
         return self.score is not None or self.diverse
+
+    @property
+    def uses_clusters(self) -> bool:
+        """Whether cluster ids change its picks (Label Studio's rule applies to score-ranked strategies only)."""
+        return self.score is not None and not self.diverse
 
 
 def parse_strategy(name: str, settings: Settings) -> Strategy:
