@@ -299,3 +299,52 @@ def test_p6_and_headless_reference_models_are_refused_with_reasons(tmp_path):
     assert "P6 model" in _refusal(tmp_path / "p6.pt")
     _save_with_fake_reference_classes(tmp_path / "headless.pt", headless)
     assert "no detection head" in _refusal(tmp_path / "headless.pt")
+
+
+# ---- the size a checkpoint was trained at ---------------------------------------------------------------
+
+def _shapes(n: int, size: int, seed: int):
+    """Grey images with one filled rectangle each (class 0 or 1) at a known box."""
+    from yolo_backend.yolov7.dataset import Sample
+
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(n):
+        image = np.full((size, size, 3), 120, np.uint8)
+        x, y = (int(v) for v in rng.integers(0, size // 2, 2))
+        image[y:y + size // 3, x:x + size // 3] = (230, 40, 40) if i % 2 else (40, 40, 230)
+        samples.append(Sample(image, [[x, y, x + size // 3, y + size // 3]], [i % 2]))
+    return samples
+
+
+def test_fine_tune_records_its_size_and_serving_follows_it(tmp_path):
+    from yolo_backend.yolov7.checkpoint import serving_img_size, trained_img_size
+    from yolo_backend.yolov7.train import TrainConfig, fine_tune
+
+    out = tmp_path / "best.pt"
+    fine_tune(TrainConfig(train_samples=_shapes(4, 96, 0), names=["a", "b"], img_size=96, epochs=1, batch_size=4,
+                          nominal_batch=4, width=0.25, device="cpu", progress="none", out=str(out)))
+    copied = tmp_path / "elsewhere" / "renamed.pt"    # the checkpoint alone carries it: no meta.json beside it
+    copied.parent.mkdir()
+    copied.write_bytes(out.read_bytes())
+    assert trained_img_size(copied) == 96
+    assert trained_img_size(load_checkpoint(copied)) == 96
+    assert serving_img_size(copied) == (96, "trained at 96")
+    assert serving_img_size(copied, 640, "IMG_SIZE") == (640, "IMG_SIZE=640")   # an explicit size wins
+
+
+def test_checkpoints_without_a_recorded_size_serve_at_640(ckpt_dir, tmp_path):
+    from yolo_backend.yolov7.checkpoint import DEFAULT_IMG_SIZE, serving_img_size, trained_img_size
+
+    official = ckpt_dir / "yolov7-tiny_fire-smoke_ref-trained.pt"   # trained at 320, but records no size
+    assert trained_img_size(official) is None
+    assert DEFAULT_IMG_SIZE == 640
+    assert serving_img_size(official) == (640, "official checkpoint: 640")
+    assert serving_img_size(official, 320, "--img-size") == (320, "--img-size=320")
+    model = build_model(graphs.get_graph("yolov7-tiny", head="Detect"), nc=1).eval()
+    for metadata in ({}, {"training": {"img_size": 300}}, {"training": {"img_size": "320"}}, {"training": 320}):
+        path = save_checkpoint(tmp_path / "m.pt", model, metadata=metadata)   # untrained, or nothing usable
+        assert trained_img_size(path) is None, metadata
+        assert serving_img_size(path) == (640, "no training size recorded: 640")
+    path = save_checkpoint(tmp_path / "m.pt", model, metadata={"training": {"img_size": 416}})
+    assert serving_img_size(path) == (416, "trained at 416")

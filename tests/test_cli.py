@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -16,10 +17,11 @@ CHECKPOINTS = "data/yolov7-checkpoints"
 REF_TRAINED = f"{CHECKPOINTS}/yolov7-tiny_fire-smoke_ref-trained.pt"
 
 
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 120, env_extra: Optional[dict] = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_THREADS="1")
     for key in ("IMG_SIZE", "MODEL_SCORE_THRESHOLD", "IOU_THRESHOLD", "DEVICE", "MAX_DETECTIONS"):
         env.pop(key, None)
+    env.update(env_extra or {})
     return subprocess.run([sys.executable, "-m", "yolo_backend", *args], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -87,6 +89,9 @@ def test_info(shared_dir):
     assert as_json["nc"] == 2 and list(as_json["names"]) == ["fire", "smoke"]
     assert [int(s) for s in as_json["strides"]] == [8, 16, 32]
     assert as_json["parameters"] > 5_000_000
+    # an official checkpoint records no training size: it serves at 640
+    assert "trained at: not recorded" in out and "serves at:  640 (official checkpoint: 640)" in out, out
+    assert as_json["trained_img_size"] is None and as_json["serve_img_size"] == 640
 
 
 def test_info_on_truncated_checkpoint_is_a_clean_error(shared_dir):
@@ -134,3 +139,67 @@ def test_detect_leaves_nothing_in_the_folder_it_runs_in(shared_dir, two_valid_im
     assert result.returncode == 0, result.stderr
     assert list(workdir.iterdir()) == []
     assert list((home / ".cache" / "yolo-backend" / "onnx").glob("*.onnx")), list(home.rglob("*"))
+
+
+# ---- the size a checkpoint of ours was trained at -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ref_trained_as_ours(shared_dir, tmp_path_factory) -> Path:
+    """The reference-trained weights (trained at 320) saved in our format, which records that size, like a
+    best.pt from our training copied somewhere."""
+    from yolo_backend.yolov7.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+
+    model = model_from_checkpoint(load_checkpoint(shared_dir / REF_TRAINED), fuse=False)
+    return save_checkpoint(tmp_path_factory.mktemp("ours") / "best.pt", model,
+                           metadata={"kind": "fine-tuned", "training": {"img_size": 320}})
+
+
+def test_info_shows_the_training_size_and_the_serving_size(ref_trained_as_ours):
+    result = run_cli("info", "--weights", str(ref_trained_as_ours))
+    assert result.returncode == 0, result.stderr
+    assert "trained at: 320" in result.stdout and "serves at:  320 (trained at 320)" in result.stdout, result.stdout
+    as_json = json.loads(run_cli("info", "--weights", str(ref_trained_as_ours), "--json").stdout)
+    assert as_json["trained_img_size"] == 320 and as_json["serve_img_size"] == 320
+    assert as_json["serve_img_size_reason"] == "trained at 320"
+    as_json = json.loads(run_cli("info", "--weights", str(ref_trained_as_ours), "--json",
+                                 env_extra={"IMG_SIZE": "640"}).stdout)
+    assert as_json["trained_img_size"] == 320 and as_json["serve_img_size"] == 640
+    assert as_json["serve_img_size_reason"] == "IMG_SIZE=640"
+
+
+def test_detect_without_img_size_runs_at_the_training_size(shared_dir, ref_trained_as_ours, two_valid_images,
+                                                           tmp_path):
+    """The issue: a checkpoint trained at 320 found half its boxes at the default 640. Now it finds the boxes the
+    reference finds at 320."""
+    out = tmp_path / "detections.json"
+    result = run_cli("detect", "--weights", str(ref_trained_as_ours), "--source", str(two_valid_images),
+                     "--device", "cpu", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    reference = json.loads((shared_dir / CHECKPOINTS /
+                            "yolov7-tiny_fire-smoke_ref-trained.valid_detections_320.json").read_text())
+    expected = {item["file"]: len(item["boxes"]) for item in reference["images"][:2]}
+    assert {r["file"]: len(r["boxes"]) for r in json.loads(out.read_text())} == expected
+
+
+def test_val_without_img_size_follows_the_same_rule(shared_dir, ref_trained_as_ours, two_valid_images, tmp_path,
+                                                    monkeypatch, capsys):
+    from yolo_backend.cli import main
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "labels").mkdir()
+    for image in two_valid_images.iterdir():
+        shutil.copy(image, data / "images" / image.name)
+        shutil.copy(shared_dir / "data/fire-smoke/labels/valid" / f"{image.stem}.txt", data / "labels")
+    (data / "data.yaml").write_text("names: [fire, smoke]\ntrain: images\n")
+    monkeypatch.delenv("IMG_SIZE", raising=False)
+    args = ["val", "--data", str(data / "data.yaml"), "--device", "cpu", "--threads", "1", "--json"]
+    assert main([*args, "--weights", str(ref_trained_as_ours)]) == 0
+    assert "evaluating at img_size 320 (trained at 320)" in capsys.readouterr().err
+    assert main([*args, "--weights", str(shared_dir / REF_TRAINED)]) == 0
+    assert "evaluating at img_size 640 (official checkpoint: 640)" in capsys.readouterr().err
+    monkeypatch.setenv("IMG_SIZE", "416")
+    assert main([*args, "--weights", str(ref_trained_as_ours)]) == 0
+    assert "evaluating at img_size 416 (IMG_SIZE=416)" in capsys.readouterr().err
+    assert main([*args, "--weights", str(ref_trained_as_ours), "--img-size", "256"]) == 0
+    assert "evaluating at img_size 256 (--img-size=256)" in capsys.readouterr().err

@@ -58,13 +58,6 @@ def _require_file(weights: str) -> None:
         raise CliError(f"{weights}: no such checkpoint file")
 
 
-def _load(weights: str, device: str, settings):
-    _require_file(weights)
-    from .yolov7.checkpoint import load_model
-
-    return load_model(weights, device=device, backend=settings.inference_backend, cache_dir=settings.onnx_cache_dir)
-
-
 # --- detect -----------------------------------------------------------------------------------------------------
 
 def _add_detect(subparsers) -> None:
@@ -76,7 +69,9 @@ def _add_detect(subparsers) -> None:
                                           "MAX_DETECTIONS, DEVICE, HALF, TORCH_THREADS, PREDICT_BATCH_SIZE).")
     p.add_argument("--weights", required=True, help="checkpoint (.pt), official YOLOv7 or ours")
     p.add_argument("--source", required=True, help="an image file or a folder of images")
-    p.add_argument("--img-size", type=int, help="inference size, long side (default 640)")
+    p.add_argument("--img-size", type=int,
+                   help="inference size, long side (default: IMG_SIZE, else the size the checkpoint was trained at "
+                        "when it records one, else 640)")
     p.add_argument("--conf", type=float, help="confidence threshold (default 0.25)")
     p.add_argument("--iou", type=float, help="NMS IoU threshold (default 0.45)")
     p.add_argument("--max-det", type=int, help="most boxes per image (default 300)")
@@ -98,7 +93,8 @@ def _run_detect(args) -> int:
     paths = _image_paths(args.source)
     detector = detector_from_settings(
         args.weights, settings, conf=_pick(args.conf, settings.model_score_threshold), device=args.device,
-        threads=args.threads, backend=args.backend, img_size=args.img_size, iou=args.iou, max_det=args.max_det,
+        threads=args.threads, backend=args.backend, img_size=args.img_size,
+        img_size_setting="--img-size" if args.img_size is not None else None, iou=args.iou, max_det=args.max_det,
         half=args.half, batch_size=args.batch_size)
     records = []
     for path, det in detector.iter_files(paths):
@@ -136,7 +132,8 @@ def _print_summary(record: dict) -> None:
 # --- info -------------------------------------------------------------------------------------------------------
 
 def _add_info(subparsers) -> None:
-    p = subparsers.add_parser("info", help="describe a checkpoint (graph, head, classes, anchors, strides)")
+    p = subparsers.add_parser("info", help="describe a checkpoint (graph, head, classes, anchors, strides, the "
+                                           "size it was trained at and serves at)")
     p.add_argument("--weights", required=True, help="checkpoint (.pt), official YOLOv7 or ours")
     p.add_argument("--json", action="store_true", help="print the description as JSON")
     p.set_defaults(handler=_run_info)
@@ -144,10 +141,15 @@ def _add_info(subparsers) -> None:
 
 def _run_info(args) -> int:
     _require_file(args.weights)
-    from .yolov7.checkpoint import describe, load_checkpoint, model_from_checkpoint
+    settings = _settings()
+    from .detector_settings import img_size_for
+    from .yolov7.checkpoint import describe, load_checkpoint, model_from_checkpoint, trained_img_size
 
+    ckpt = load_checkpoint(args.weights)
     # Describe the training-form graph: its parameter count is the one users know (fusing folds BN away).
-    info = describe(model_from_checkpoint(load_checkpoint(args.weights), device="cpu", fuse=False))
+    info = describe(model_from_checkpoint(ckpt, device="cpu", fuse=False))
+    info["trained_img_size"] = trained_img_size(ckpt)  # None: not recorded (official YOLOv7 checkpoints)
+    info["serve_img_size"], info["serve_img_size_reason"] = img_size_for(ckpt, settings)
     if args.json:
         print(json.dumps(info, indent=1, default=str))
         return 0
@@ -161,6 +163,12 @@ def _run_info(args) -> int:
             value = ", ".join(f"{float(s):g}" for s in value)
         elif key == "anchors" and isinstance(value, (list, tuple)):
             value = _format_anchors(value, info.get("strides"))
+        elif key == "trained_img_size":
+            key, value = "trained at", value if value is not None else "not recorded"
+        elif key == "serve_img_size":
+            key, value = "serves at", f"{value} ({info['serve_img_size_reason']})"
+        elif key == "serve_img_size_reason":
+            continue
         print(f"{key + ':':<11} {value}")
     return 0
 
@@ -284,7 +292,9 @@ def _add_val(subparsers) -> None:
                                           "threshold.")
     p.add_argument("--data", required=True, help="data.yaml, dataset folder, or a folder of images (labels beside)")
     p.add_argument("--weights", required=True, help="checkpoint (.pt), official YOLOv7 or ours")
-    p.add_argument("--img-size", type=int, default=640)
+    p.add_argument("--img-size", type=int, default=None,
+                   help="evaluation size, long side (default: as detect and the server: IMG_SIZE, else the size the "
+                        "checkpoint was trained at when it records one, else 640)")
     p.add_argument("--split", choices=["val", "train"], default="val",
                    help="which split of a dataset with both (a folder of images is used as is)")
     p.add_argument("--conf", type=float, default=0.001)
@@ -316,11 +326,18 @@ def _run_val(args) -> int:
         print(f"note: {args.data} has no validation split; evaluating its {len(samples)} images", file=sys.stderr)
     if not samples:
         raise CliError(f"{args.data}: no images to evaluate")
-    model = _load(args.weights, str(device), settings)
+    from .detector_settings import img_size_for
+    from .yolov7.checkpoint import inference_model, load_checkpoint
+
+    ckpt = load_checkpoint(args.weights)
+    img_size, why = img_size_for(ckpt, settings, args.img_size)
+    print(f"evaluating at img_size {img_size} ({why})", file=sys.stderr)
+    model = inference_model(ckpt, device=str(device), backend=settings.inference_backend,
+                            cache_dir=settings.onnx_cache_dir)
     if len(spec.names) != model.nc:
         raise CliError(f"{args.data} has {len(spec.names)} classes but {args.weights} predicts {model.nc}")
     names = list(model.names) if all(n.startswith("class") for n in spec.names) else spec.names
-    metrics = evaluate(model, samples, names, args.img_size, args.conf, args.iou, batch_size=args.batch_size,
+    metrics = evaluate(model, samples, names, img_size, args.conf, args.iou, batch_size=args.batch_size,
                        serve_conf=_pick(args.serve_conf, settings.model_score_threshold))
     if args.json:
         print(json.dumps(metrics, indent=1))
@@ -356,12 +373,9 @@ def _add_simulate(subparsers) -> None:
     p.add_argument("--epochs", type=int, help="most epochs per round (default TRAIN_EPOCHS)")
     p.add_argument("--img-size", type=int, help="training size (default TRAIN_IMG_SIZE)")
     p.add_argument("--serve-img-size", type=int, help="scoring and test size (default IMG_SIZE)")
-    p.add_argument("--clusters", choices=("none", "source", "kmeans"), default="none",
-                   help="score strategies pick by Label Studio's cluster rule: source: the images of one Roboflow "
-                        "source photo form a cluster; kmeans: k-means on the pool's embeddings each round "
-                        "(default none)")
-    p.add_argument("--cluster-count", type=int,
-                   help="kmeans: the number of clusters (default round(sqrt(pool / 2)) within [2, 100])")
+    p.add_argument("--clusters", choices=("none", "source"), default="none",
+                   help="source: images of one Roboflow source photo form a cluster, picked by Label Studio's "
+                        "cluster rule (default none)")
     p.add_argument("--progress", choices=("auto", "bar", "log"), default="auto",
                    help="auto: a bar in a terminal, log lines otherwise")
     p.add_argument("--out", required=True, help="output folder (state, models, curves.csv, report.md, curves.png)")
@@ -380,15 +394,12 @@ def _run_simulate(args) -> int:
         raise CliError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
     if min(args.initial, args.step) < 1 or args.rounds < 0:
         raise CliError("--initial and --step must be at least 1, --rounds at least 0")
-    if args.cluster_count is not None and (args.clusters != "kmeans" or args.cluster_count < 1):
-        raise CliError("--cluster-count (at least 1) goes only with --clusters kmeans")
     from .simulate import SimConfig, Simulation
 
     config = SimConfig(pool=args.pool, test=args.test, weights=weights, out=args.out,
                        strategies=_csv_list(args.strategies), seeds=seeds, initial=args.initial, step=args.step,
                        rounds=args.rounds, epochs=args.epochs, time_budget=args.time_budget, img_size=args.img_size,
-                       serve_img_size=args.serve_img_size, clusters=args.clusters,
-                       cluster_count=args.cluster_count, progress=args.progress)
+                       serve_img_size=args.serve_img_size, clusters=args.clusters, progress=args.progress)
     try:
         simulation = Simulation(config, settings)
     except ValueError as exc:

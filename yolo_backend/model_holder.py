@@ -63,6 +63,16 @@ class LoadedModel:
     def version(self) -> str:
         return self.source.version
 
+    @property
+    def img_size(self) -> Optional[int]:
+        """The inference size the detector runs at (None for a loader whose detector does not say)."""
+        return getattr(self.detector, "img_size", None)
+
+    @property
+    def img_size_reason(self) -> Optional[str]:
+        """Why it runs at that size: "trained at 320", "IMG_SIZE=640", "official checkpoint: 640"."""
+        return getattr(self.detector, "img_size_reason", None)
+
 
 # (checkpoint path, settings) -> (detector, class names)
 Loader = Callable[[Path, Settings], tuple[Any, Sequence[str]]]
@@ -272,8 +282,9 @@ class ModelHolder:
                 raise ModelLoadError(f"model {source.version} ({source.origin}) cannot be loaded: {exc}") from exc
             model = LoadedModel(source, detector, tuple(names))
             self.loads += 1
-            log.info("loaded model %s (%s; classes: %s) in %.2f s", source.version, source.origin,
-                     ", ".join(model.names), time.perf_counter() - started)
+            size = f"img_size {model.img_size} ({model.img_size_reason})" if model.img_size else "img_size unknown"
+            log.info("loaded model %s (%s; classes: %s; %s) in %.2f s", source.version, source.origin,
+                     ", ".join(model.names), size, time.perf_counter() - started)
             with self._lock:
                 self._models[key] = model
                 while len(self._models) > self.keep_models:

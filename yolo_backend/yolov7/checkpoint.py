@@ -10,7 +10,8 @@ is called.
 
 Our own format (written by ``save_checkpoint``) is a plain dict of data and tensors:
 ``{"format": "yolo-backend-checkpoint", "format_version": 1, "graph": {...}, "nc": int, "names": [...],
-"state_dict": {...}, "version": {...}}``.
+"state_dict": {...}, "version": {...}}``. ``version.training`` holds the training settings of a fine-tuned model,
+among them ``img_size``, the size it serves at by default (``serving_img_size``).
 """
 
 from __future__ import annotations
@@ -425,11 +426,57 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", fuse: b
     either falls back to the INFERENCE_BACKEND / ONNX_CACHE_DIR environment variables (inference_backends.py).
     A fused module's parameters do not require gradients; load with ``fuse=False`` to train.
     """
+    return inference_model(load_checkpoint(path), device=device, fuse=fuse, backend=backend, cache_dir=cache_dir)
+
+
+def inference_model(ckpt: LoadedCheckpoint, device: Union[str, torch.device] = "cpu", fuse: bool = True,
+                    backend: Optional[str] = None, cache_dir: Optional[PathLike] = None) -> torch.nn.Module:
+    """``load_model`` for a checkpoint already read (``load_checkpoint``): for a caller that also needs its metadata
+    (e.g. ``trained_img_size``) without reading the file twice. The ONNX export is keyed by ``ckpt.path``'s hash."""
     backend, cache_dir = backend_or_default(backend), cache_dir_or_default(cache_dir)
-    model = model_from_checkpoint(load_checkpoint(path), device=device, fuse=fuse)
+    model = model_from_checkpoint(ckpt, device=device, fuse=fuse)
     if fuse:  # an inference module: model(x) outside no_grad must not build an autograd graph (memory, time)
         model.requires_grad_(False)
-    return with_backend(model, path, backend, cache_dir)
+    return with_backend(model, ckpt.path, backend, cache_dir)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The size to run inference at
+# --------------------------------------------------------------------------------------------------------------
+
+# The inference size of a checkpoint that records no training size (official YOLOv7 checkpoints: the reference's
+# own default, and the size its COCO weights were trained at).
+DEFAULT_IMG_SIZE = 640
+
+
+def trained_img_size(checkpoint: Union[LoadedCheckpoint, PathLike]) -> Optional[int]:
+    """The image size ``checkpoint`` (a path or a ``LoadedCheckpoint``) was trained at, when it records one: ours
+    written by ``fine_tune`` keep their TrainConfig under ``version.training`` (``img_size``). None for official
+    YOLOv7 checkpoints (they record none), an untrained model, or a value that is not a positive multiple of 32."""
+    ckpt = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint)
+    if ckpt.source != "yolo-backend":
+        return None
+    training = ckpt.metadata.get("training")
+    size = training.get("img_size") if isinstance(training, Mapping) else None
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 32:
+        return None
+    return size
+
+
+def serving_img_size(checkpoint: Union[LoadedCheckpoint, PathLike], img_size: Optional[int] = None,
+                     setting: str = "img_size") -> Tuple[int, str]:
+    """(size, why): the inference size for ``checkpoint`` and the reason, for logs. The one rule: an explicit
+    ``img_size`` (named ``setting`` in the reason, e.g. ``IMG_SIZE`` or ``--img-size``) wins; else the size the
+    checkpoint was trained at when it records one; else DEFAULT_IMG_SIZE (640)."""
+    if img_size is not None:
+        return int(img_size), f"{setting}={int(img_size)}"
+    ckpt = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint)
+    trained = trained_img_size(ckpt)
+    if trained is not None:
+        return trained, f"trained at {trained}"
+    if ckpt.source == "reference":
+        return DEFAULT_IMG_SIZE, f"official checkpoint: {DEFAULT_IMG_SIZE}"
+    return DEFAULT_IMG_SIZE, f"no training size recorded: {DEFAULT_IMG_SIZE}"
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -79,6 +79,7 @@ class Detector:
         self.names: tuple[str, ...] = tuple(model.names)
         self.stride = int(max(int(s) for s in torch.as_tensor(model.stride).flatten().tolist()))
         self.img_size = int(math.ceil(img_size / self.stride) * self.stride)
+        self.img_size_reason = f"img_size={img_size}"  # why this size (from_checkpoint says more)
         if self.img_size != img_size:
             log.warning("img_size %d is not a multiple of the model stride %d; using %d",
                         img_size, self.stride, self.img_size)
@@ -89,18 +90,28 @@ class Detector:
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], *, device: Union[str, torch.device] = "auto",
                         threads: int = 0, backend: Optional[str] = None, cache_dir: Union[None, str, Path] = None,
+                        img_size: Optional[int] = None, img_size_setting: Optional[str] = None,
                         **options) -> "Detector":
         """Load ``path`` on ``device`` (``auto``: CUDA when available) and wrap it. ``threads`` sets the CPU thread
         count (0 = automatic), ``backend``/``cache_dir`` choose the inference backend (see ``load_model``); the
-        other keyword arguments go to ``Detector`` (img_size, conf, iou, max_det, half, batch_size)."""
-        from .checkpoint import load_model
+        other keyword arguments go to ``Detector`` (conf, iou, max_det, half, batch_size).
+
+        ``img_size`` None runs at the size the checkpoint was trained at when it records one, else 640
+        (``checkpoint.serving_img_size``); an explicit size always wins, and ``img_size_setting`` names where it
+        came from (``IMG_SIZE``, ``--img-size``) in the log line and ``img_size_reason``."""
+        from .checkpoint import inference_model, load_checkpoint, serving_img_size
         from .device import configure_threads
 
         device = device if isinstance(device, torch.device) else select_device(device)
         if device.type == "cpu":
             configure_threads(threads)
-        model = load_model(str(path), device=str(device), backend=backend, cache_dir=cache_dir)
-        return cls(model, device=device, **options)
+        ckpt = load_checkpoint(str(path))
+        size, reason = serving_img_size(ckpt, img_size, img_size_setting or "img_size")
+        model = inference_model(ckpt, device=str(device), backend=backend, cache_dir=cache_dir)
+        detector = cls(model, device=device, img_size=size, **options)
+        detector.img_size_reason = reason
+        log.info("%s serves at img_size %d (%s)", Path(path).name, detector.img_size, reason)
+        return detector
 
     # --- public -------------------------------------------------------------------------------------------------
     @torch.inference_mode()
