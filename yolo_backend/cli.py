@@ -373,9 +373,12 @@ def _add_simulate(subparsers) -> None:
     p.add_argument("--epochs", type=int, help="most epochs per round (default TRAIN_EPOCHS)")
     p.add_argument("--img-size", type=int, help="training size (default TRAIN_IMG_SIZE)")
     p.add_argument("--serve-img-size", type=int, help="scoring and test size (default IMG_SIZE)")
-    p.add_argument("--clusters", choices=("none", "source"), default="none",
-                   help="source: images of one Roboflow source photo form a cluster, picked by Label Studio's "
-                        "cluster rule (default none)")
+    p.add_argument("--clusters", choices=("none", "source", "kmeans"), default="none",
+                   help="score strategies pick by Label Studio's cluster rule: source: the images of one Roboflow "
+                        "source photo form a cluster; kmeans: k-means on the pool's embeddings each round "
+                        "(default none)")
+    p.add_argument("--cluster-count", type=int,
+                   help="kmeans: the number of clusters (default round(sqrt(pool / 2)) within [2, 100])")
     p.add_argument("--progress", choices=("auto", "bar", "log"), default="auto",
                    help="auto: a bar in a terminal, log lines otherwise")
     p.add_argument("--out", required=True, help="output folder (state, models, curves.csv, report.md, curves.png)")
@@ -394,12 +397,15 @@ def _run_simulate(args) -> int:
         raise CliError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
     if min(args.initial, args.step) < 1 or args.rounds < 0:
         raise CliError("--initial and --step must be at least 1, --rounds at least 0")
+    if args.cluster_count is not None and (args.clusters != "kmeans" or args.cluster_count < 1):
+        raise CliError("--cluster-count (at least 1) goes only with --clusters kmeans")
     from .simulate import SimConfig, Simulation
 
     config = SimConfig(pool=args.pool, test=args.test, weights=weights, out=args.out,
                        strategies=_csv_list(args.strategies), seeds=seeds, initial=args.initial, step=args.step,
                        rounds=args.rounds, epochs=args.epochs, time_budget=args.time_budget, img_size=args.img_size,
-                       serve_img_size=args.serve_img_size, clusters=args.clusters, progress=args.progress)
+                       serve_img_size=args.serve_img_size, clusters=args.clusters,
+                       cluster_count=args.cluster_count, progress=args.progress)
     try:
         simulation = Simulation(config, settings)
     except ValueError as exc:
