@@ -7,7 +7,7 @@ from yolo_backend.settings import Settings, SettingsError
 
 def test_defaults_are_valid_and_documented():
     settings = Settings.from_env({})
-    assert settings.img_size == 640
+    assert settings.img_size is None  # the size the checkpoint was trained at, else 640
     assert settings.model_score_threshold == 0.25
     table = Settings.table()
     # every field shows up in the documentation table with its environment variable

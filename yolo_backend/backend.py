@@ -94,6 +94,8 @@ class YOLOv7Backend(*_base_classes()):
             names.append(self.model_version)
         return names
 
+    deadline_leftovers = 0  # tasks the last predict() left without a prediction at PREDICT_DEADLINE_S
+
     def predict(self, tasks: list[dict], **kwargs: Any) -> list[dict]:
         started = time.monotonic()  # the deadline counts from the request, model loading included
         settings = self.context.settings
@@ -116,29 +118,47 @@ class YOLOv7Backend(*_base_classes()):
                             "now (Label Studio asks for them again when predictions are retrieved)", start,
                             len(tasks), settings.predict_deadline_s, left)
                 predictions += [failed_task_prediction(model.version)] * left
+                self.deadline_leftovers = left
                 break
-            predictions += self._predict_chunk(tasks[start:start + chunk], start, model, target, mapping)
+            predictions += [p for p, _ in self._predict_chunk(tasks[start:start + chunk], start, model, target,
+                                                              mapping)]
         return predictions
 
-    def _predict_chunk(self, tasks: list[dict], offset: int, model, target, mapping) -> list[dict]:
+    def score_tasks(self, tasks: list[dict]) -> tuple[str, list[tuple[dict, Optional[np.ndarray]]]]:
+        """Pool scoring (``jobs.pool``): (the serving version, per task its prediction as ``predict`` makes it and
+        the image embedding from the same forward pass, None when the image could not be had)."""
+        settings = self.context.settings
+        target = find_rectangle_target(self.parsed_label_config, settings.from_name)
+        model = self.context.models.get(self.project_id, target.labels)
+        mapping = map_classes_to_labels(model.names, target.labels, parse_label_map(settings.label_map))
+        chunk = max(1, settings.predict_batch_size) * 2  # streamed: a few batches of images in memory at a time
+        scored: list[tuple[dict, Optional[np.ndarray]]] = []
+        for start in range(0, len(tasks), chunk):
+            scored += self._predict_chunk(tasks[start:start + chunk], start, model, target, mapping, embed=True)
+        return model.version, scored
+
+    def _predict_chunk(self, tasks: list[dict], offset: int, model, target, mapping,
+                       embed: bool = False) -> list[tuple[dict, Optional[np.ndarray]]]:
         settings = self.context.settings
         images = self._load_images(tasks, target.data_key)
         ok = [i for i, image in enumerate(images) if isinstance(image, np.ndarray)]
-        detections = model.detector.detect([images[i] for i in ok], conf=settings.score_floor) if ok else []
+        # ``embed`` only when asked: a loader's detector need not know it (it then cannot score a pool).
+        extra = {"embed": True} if embed else {}
+        detections = model.detector.detect([images[i] for i in ok], conf=settings.score_floor, **extra) if ok else []
         by_task = dict(zip(ok, detections))
-        predictions = []
+        predictions: list[tuple[dict, Optional[np.ndarray]]] = []
         for i, task in enumerate(tasks):
             found = by_task.get(i)
             if images[i] is NO_IMAGE_FIELD:  # nothing to ask again for: an empty prediction
-                predictions.append(task_prediction([], None, model.version))
+                predictions.append((task_prediction([], None, model.version), None))
                 continue
             if found is None:  # the image could not be had: Label Studio asks again later
-                predictions.append(failed_task_prediction(model.version))
+                predictions.append((failed_task_prediction(model.version), None))
                 continue
             shown = found.above(settings.model_score_threshold)
             regions = detections_to_regions(shown, target, mapping, model.version, task.get("id", offset + i))
             score = task_score(found, settings.task_score, settings.model_score_threshold, settings.score_floor)
-            predictions.append(task_prediction(regions, score, model.version))
+            predictions.append((task_prediction(regions, score, model.version), found.embedding))
         return predictions
 
     def fit(self, tasks: Any = (), workdir: Optional[str] = None, **kwargs: Any) -> dict:

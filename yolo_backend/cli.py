@@ -229,6 +229,37 @@ def _run_worker(args) -> int:
     return 0
 
 
+# --- score-pool -------------------------------------------------------------------------------------------------
+
+def _add_score_pool(subparsers) -> None:
+    p = subparsers.add_parser(
+        "score-pool", help="store a prediction of the serving version for every task of a project",
+        description="Score every task of a Label Studio project with the version serving it and store one "
+                    "prediction per task (regions, task score, image cluster), for sorting and uncertainty "
+                    "sampling. Tasks that already have one of this version are skipped. Queues the run for the "
+                    "workers (chunk jobs on RQ_QUEUE_NAME), or runs it here with --here.")
+    p.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    p.add_argument("--here", action="store_true", help="score in this process instead of queueing for workers")
+    p.set_defaults(handler=_run_score_pool)
+
+
+def _run_score_pool(args) -> int:
+    settings = _settings()
+    configure_logging(settings.log_level)
+    if args.here:
+        from .jobs.pool import score_project
+
+        summary = score_project(settings, args.project, "score-pool --here")
+    else:
+        from .jobs.queue import TrainingQueue
+
+        summary = TrainingQueue.from_settings(settings).request_pool_scoring(args.project, "score-pool command")
+        if not summary.get("job"):
+            raise CliError(summary.get("message") or f"pool scoring not queued: {summary}")
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
 # --- train / val ----------------------------------------------------------------------------------------------
 
 def _add_train(subparsers) -> None:
@@ -417,7 +448,7 @@ def _run_simulate(args) -> int:
 
 # --- entry point ------------------------------------------------------------------------------------------------
 
-COMMANDS: list[Callable] = [_add_detect, _add_info, _add_serve, _add_worker, _add_train, _add_val,
+COMMANDS: list[Callable] = [_add_detect, _add_info, _add_serve, _add_worker, _add_score_pool, _add_train, _add_val,
                              _add_simulate]
 
 

@@ -28,6 +28,8 @@ class TrainingHooks(Protocol):
     def status(self, project_id: Optional[int]) -> dict: ...
     def job_status(self, job_id: str) -> dict: ...
     def metrics(self) -> dict: ...
+    def request_pool_scoring(self, project_id: Optional[int], reason: str = "requested") -> dict: ...
+    def pool_status(self, project_id: int) -> dict: ...
 
 
 @dataclass
@@ -53,7 +55,7 @@ class BackendContext:
                       images=ImageFetcher(session, cache, timeout=settings.image_timeout,
                                           max_pixels=settings.max_image_pixels),
                       version_sync=ProjectVersionSync(lambda: None), training=training)
-        context.version_sync = ProjectVersionSync(context.client)
+        context.version_sync = ProjectVersionSync(context.client, uncertainty_sampling=settings.uncertainty_sampling)
         return context
 
     def client(self) -> Optional[LabelStudioClient]:

@@ -152,9 +152,24 @@ class Settings:
     keep_versions: int = setting(5, "Published versions kept per project; older ones are deleted (0 keeps all).")
     force_publish: bool = setting(
         False, "Publish every trained model, even when it is worse on the validation split than the current one.")
-    repredict_unlabeled: bool = setting(
-        False, "After a publish, re-predict every unlabelled task and store the predictions in Label Studio "
-        "(else only one, enough to switch the project's model_version).")
+    # --- pool scoring (every task scored by the serving version, stored in Label Studio) ---------------------
+    pool_scoring: bool = setting(
+        True, "After every published version the worker scores every task of the project with it and stores one "
+        "prediction per task (regions, task score, cluster), in chunk jobs on the training queue; also on demand "
+        "(`score-pool`, POST /score_pool). Off: only one prediction, enough to switch the project's model_version.")
+    pool_clusters: int = setting(
+        0, "Image clusters per version for Label Studio's uncertainty sampling (k-means on the detector's neck "
+        "embedding); 0: about sqrt(tasks / 2), 2 to 100; 1: one cluster (plain lowest-score-first order).")
+    pool_chunk_size: int = setting(
+        200, "Tasks per pool-scoring chunk job: several workers share a large pool chunk by chunk.")
+    keep_old_predictions: bool = setting(
+        False, "Keep older versions' pool predictions. Off, they are deleted once the new one is stored: Label "
+        "Studio counts an annotator's solved clusters over all of a task's predictions, so old clusters would mix "
+        "in. Predictions without a cluster from elsewhere (imported) are never deleted.")
+    uncertainty_sampling: bool = setting(
+        False, "Set the project's sampling to Label Studio's \"Uncertainty sampling\" when it connects and on every "
+        "new version (the next task: least-labelled cluster first, then lowest score). Off: the project's own "
+        "sampling is left alone.")
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides: Any) -> "Settings":
@@ -189,11 +204,11 @@ class Settings:
                 raise SettingsError(f"{name.upper()}={value} must be a positive multiple of 32 (e.g. 320, 640)")
         for name in ("predict_batch_size", "train_batch_size", "max_detections", "image_timeout",
                      "train_time_budget_s", "train_epochs", "max_request_mb", "max_concurrent_predicts",
-                     "max_queued_projects", "predict_deadline_s"):
+                     "max_queued_projects", "predict_deadline_s", "pool_chunk_size"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must be greater than 0")
         for name in ("image_cache_mb", "keep_versions", "torch_threads", "max_image_pixels", "train_nominal_batch",
-                     "train_warmup_epochs"):
+                     "train_warmup_epochs", "pool_clusters"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must not be negative")
         for name in ("model_score_threshold", "iou_threshold", "score_floor"):

@@ -596,11 +596,15 @@ def uploaded_file_name(image_ref: str) -> str:
     return rest if rest and len(prefix) == 8 else base
 
 
+UPLOAD_BATCH = 50  # Django's DATA_UPLOAD_MAX_NUMBER_FILES is 100
+
+
 def import_images(api: LabelStudioAPI, project_id: int, upload: list[Path], server: StaticFileServer | None = None,
                   url_names: list[str] = ()) -> dict[int, Path]:
     """Upload `upload` files and import `url_names` (files under `server.root`) by URL; {task_id: local file}."""
-    if upload:
-        api.import_files(project_id, list(upload))
+    upload = list(upload)
+    for start in range(0, len(upload), UPLOAD_BATCH):  # Label Studio refuses more files in one request
+        api.import_files(project_id, upload[start:start + UPLOAD_BATCH])
     if url_names:
         api.import_tasks(project_id, [{"image": server.url_for(name)} for name in url_names])
     by_name = {Path(p).name: Path(p) for p in upload}

@@ -13,7 +13,7 @@ Settings changed from the defaults: only IMAGE_CACHE_DIR and ONNX_CACHE_DIR, mov
 written into the checkout. Training runs on its defaults (TRAIN_EPOCHS 30, TRAIN_TIME_BUDGET_S 300, TRAIN_IMG_SIZE
 320, TRAIN_BATCH_SIZE 8): on a dozen annotations the epoch limit ends a job in well under a minute on 2 cores, so
 the CI time stays bounded without touching them. Inference too (IMG_SIZE 640, TORCH_THREADS auto), and gunicorn,
-TRAINING_ACTIONS, FORCE_PUBLISH (off), REPREDICT_UNLABELED (off).
+TRAINING_ACTIONS, FORCE_PUBLISH (off), POOL_SCORING (on: the worker also scores every task after each publish).
 """
 from __future__ import annotations
 

@@ -45,6 +45,18 @@ class Keys:
     def coalesced(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:coalesced"
 
+    def pool(self, project_id: int) -> str:
+        """Hash: the project's newest pool-scoring run (version, total, done, failed, chunks, state, times)."""
+        return f"{self.prefix}:project:{project_id}:pool"
+
+    def pool_waiting(self, project_id: int) -> str:
+        """The pool-scoring coordinator job of the project that has not started yet (requests coalesce into it)."""
+        return f"{self.prefix}:project:{project_id}:pool-waiting"
+
+    def pool_stored(self, project_id: int, version: str) -> str:
+        """Set: task ids whose prediction of ``version`` is stored (a retried chunk stores no second one)."""
+        return f"{self.prefix}:project:{project_id}:pool-stored:{version}"
+
     @property
     def stats(self) -> str:
         return f"{self.prefix}:stats"

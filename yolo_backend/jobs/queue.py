@@ -198,8 +198,9 @@ class TrainingQueue:
     def _create_job(self, project_id: int, job_id: str, info: dict) -> dict:
         connection = self.connection()
         try:
+            # At the front: a training request never waits behind the chunk jobs of a large pool's scoring.
             job = self.queue().enqueue(
-                JOB_FUNCTION, project_id, info["event"], {"source": info["source"]}, self.job_options,
+                JOB_FUNCTION, project_id, info["event"], {"source": info["source"]}, self.job_options, at_front=True,
                 job_id=job_id, job_timeout=job_timeout(self.settings), result_ttl=RESULT_TTL_S,
                 failure_ttl=RESULT_TTL_S, description=f"train project {project_id} ({info['event']})",
                 meta={"project": project_id, "event": info["event"], "requested_at": info["requested_at"],
@@ -263,6 +264,32 @@ class TrainingQueue:
 
     def close(self) -> None:
         self._stop.set()
+
+    # --- pool scoring -----------------------------------------------------------------------------------
+    def request_pool_scoring(self, project_id: Optional[int], reason: str = "requested") -> dict:
+        """Queue the project's pool scoring (``jobs.pool``), or join the one waiting. Redis away: said, not kept
+        (the next publish or request scores the pool; nothing is lost but time)."""
+        if project_id is None:
+            raise RequestRefused(400, "send the project id: {\"project\": <id>}")
+        from .pool import enqueue_pool_run
+
+        try:
+            with _refused_writes_as_errors():
+                return enqueue_pool_run(self.connection(), self.queue_name, project_id, reason,
+                                        self.settings.max_queued_projects)
+        except self._redis_errors() as exc:
+            return {"job": None, "status": "unavailable", "project": project_id,
+                    "message": f"Redis at {self._safe_url()} is unreachable ({type(exc).__name__}): pool scoring "
+                               "is not queued; ask again when Redis is back"}
+
+    def pool_status(self, project_id: int) -> dict:
+        """The project's pool-scoring progress (``pool.read_status``); {} when it never ran or Redis is away."""
+        from .pool import read_status
+
+        try:
+            return read_status(self.connection(), self.keys, project_id)
+        except self._redis_errors():
+            return {}
 
     # --- status -----------------------------------------------------------------------------------------
     def status(self, project_id: Optional[int]) -> dict:

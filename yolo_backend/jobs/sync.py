@@ -1,6 +1,6 @@
-"""Label Studio in step with a new version: store predictions carrying it (one, or every unlabelled task with
-REPREDICT_UNLABELED), then switch the project's model_version to it (Label Studio refuses a version that no stored
-prediction carries)."""
+"""Label Studio in step with a new version: store one prediction carrying it, then switch the project's
+model_version to it (Label Studio refuses a version that no stored prediction carries) and, with
+UNCERTAINTY_SAMPLING, its sampling. Pool scoring (``pool``) then stores one for every task."""
 
 from __future__ import annotations
 
@@ -11,23 +11,23 @@ from . import TrainingError
 
 log = logging.getLogger(__name__)
 
-def tasks_to_predict(client, project_id: int, everything: bool) -> list[dict]:
-    """Unlabelled tasks of the project (all of them, or the first one); any task when none is unlabelled."""
+def tasks_to_predict(client, project_id: int) -> list[dict]:
+    """The project's first unlabelled task; any task when none is unlabelled."""
     try:
         tasks = client.tasks(project_id, with_annotations=False)
     except LabelStudioAPIError as exc:
         raise TrainingError(str(exc)) from None
     unlabelled = [t for t in tasks if not t.get("is_labeled") and not t.get("total_annotations")]
-    return (unlabelled if everything else unlabelled[:1]) or tasks[:1]
+    return unlabelled[:1] or tasks[:1]
 
 
 def sync_label_studio(backend_class, context, client, project_id: int, label_config: str, version: str) -> dict:
-    """Store predictions of ``version`` in Label Studio (one task, or every unlabelled task with
-    REPREDICT_UNLABELED), then set the project's model_version to it."""
+    """Store one prediction of ``version`` in Label Studio, then set the project's model_version to it (and its
+    sampling with UNCERTAINTY_SAMPLING)."""
     settings = context.settings
     if settings.model_version and settings.model_version != version:
         return {"skipped": f"MODEL_VERSION={settings.model_version} is pinned: the servers keep serving it"}
-    tasks = tasks_to_predict(client, project_id, settings.repredict_unlabeled)
+    tasks = tasks_to_predict(client, project_id)
     if not tasks:
         return {"skipped": "the project has no tasks"}
     from ..model_holder import ModelHolder
@@ -50,6 +50,8 @@ def sync_label_studio(backend_class, context, client, project_id: int, label_con
                 raise TrainingError(str(exc)) from None
             stored += 1
     client.set_project_model_version(project_id, version)
+    if settings.uncertainty_sampling:
+        client.ensure_uncertainty_sampling(project_id)
     log.info("project %s: stored %d prediction(s) of %s and set the project's model_version to it", project_id,
              stored, version)
     return {"predictions_stored": stored, "model_version": version}

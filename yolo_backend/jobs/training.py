@@ -3,7 +3,7 @@
 1. read every annotated task through the Label Studio API and its images (``dataset``);
 2. split train / validation by task id, fine-tune from the model serving the project, bounded by
    TRAIN_TIME_BUDGET_S (``trainer``), publish when not worse on validation and prune (``publish``);
-3. switch Label Studio to the new version (``sync``).
+3. switch Label Studio to the new version (``sync``) and queue the scoring of every task with it (``pool``).
 
 The RQ job that runs it is ``job.run_training_job``. Progress goes to the ``progress`` callback (the job's meta).
 """
@@ -81,9 +81,33 @@ def train_project(backend, event: str = "START_TRAINING", progress: Optional[Cal
     except Exception as exc:  # published anyway; the server syncs the project on its next /setup or /predict
         log.warning("project %s: could not switch Label Studio to %s yet: %s", project_id, version.name, exc)
         summary["label_studio"] = {"error": str(exc)}
+    summary["pool_scoring"] = queue_pool_scoring(settings, project_id, version.name)
     summary["seconds"] = round(time.monotonic() - started, 1)
     report({"phase": "done", "model_version": version.name, "metrics": outcome.get("metrics")})
     return summary
+
+
+def queue_pool_scoring(settings: Settings, project_id: int, version: str) -> dict:
+    """After a publish, in an RQ job: queue the project's pool scoring on the same queue (POOL_SCORING)."""
+    if not settings.pool_scoring:
+        return {"skipped": "POOL_SCORING is off"}
+    if settings.model_version and settings.model_version != version:
+        return {"skipped": f"MODEL_VERSION={settings.model_version} is pinned"}
+    from rq import get_current_job
+
+    from .pool import enqueue_pool_run
+
+    job = get_current_job()
+    if job is None:
+        log.info("project %s: not in a worker job, pool scoring not queued (run `python -m yolo_backend score-pool "
+                 "--project %s`)", project_id, project_id)
+        return {"skipped": "not in a worker job"}
+    try:
+        return enqueue_pool_run(job.connection, job.origin, project_id, f"published {version}",
+                                max_waiting=settings.max_queued_projects)
+    except Exception as exc:  # published anyway: the next publish or `score-pool` scores the pool
+        log.warning("project %s: could not queue pool scoring: %s", project_id, exc)
+        return {"error": str(exc)}
 
 
 def train_and_publish(settings: Settings, project_id: int, examples: list[Example], names: list[str],

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 100
+# The project sampling that serves the next task by cluster and prediction score (open-source 1.23 implements it).
+UNCERTAINTY_SAMPLING = "Uncertainty sampling"
 T = TypeVar("T")
 
 
@@ -89,9 +91,45 @@ class LabelStudioClient:
     def get_task(self, task_id: int) -> dict:
         return self._call(f"GET task {int(task_id)}", lambda sdk: _as_dict(sdk.tasks.get(id=str(int(task_id)))))
 
-    def create_prediction(self, task_id: int, result: list, score: Optional[float], model_version: str) -> dict:
+    def create_prediction(self, task_id: int, result: list, score: Optional[float], model_version: str,
+                          cluster: Optional[int] = None) -> dict:
+        """One prediction (``/api/predictions`` keeps ``cluster``; the bulk import and ``/predict`` replies drop
+        it)."""
+        extra = {} if cluster is None else {"cluster": int(cluster)}
         return self._call(f"POST prediction for task {int(task_id)}", lambda sdk: _as_dict(sdk.predictions.create(
-            task=int(task_id), result=result, score=score, model_version=model_version)))
+            task=int(task_id), result=result, score=score, model_version=model_version, **extra)))
+
+    def predictions(self, project_id: int) -> list[dict]:
+        """Every prediction of the project as ``{"id", "task", "model_version", "cluster"}`` (results left out)."""
+        def listing(sdk: "LabelStudio") -> list[dict]:
+            return [{"id": p.id, "task": p.task, "model_version": p.model_version, "cluster": p.cluster}
+                    for p in sdk.predictions.list(project=int(project_id))]
+
+        return self._call(f"GET predictions of project {int(project_id)}", listing)
+
+    def delete_prediction(self, prediction_id: int) -> None:
+        def delete(sdk: "LabelStudio") -> None:
+            try:
+                sdk.predictions.delete(id=int(prediction_id))
+            except ApiError as exc:
+                if exc.status_code != 404:  # already gone: what we wanted
+                    raise
+
+        self._call(f"DELETE prediction {int(prediction_id)}", delete)
+
+    def set_project_sampling(self, project_id: int, sampling: str) -> dict:
+        return self._call(f"PATCH project {int(project_id)} sampling={sampling!r}",
+                          lambda sdk: _as_dict(sdk.projects.update(id=int(project_id), sampling=sampling)))
+
+    def ensure_uncertainty_sampling(self, project_id: int, project: Optional[dict] = None) -> bool:
+        """Set the project's sampling to uncertainty sampling unless it is; True when it was changed."""
+        project = project if project is not None else self.get_project(project_id)
+        if project.get("sampling") == UNCERTAINTY_SAMPLING:
+            return False
+        self.set_project_sampling(project_id, UNCERTAINTY_SAMPLING)
+        log.info("project %s sampling %r -> %r (UNCERTAINTY_SAMPLING is on)", project_id, project.get("sampling"),
+                 UNCERTAINTY_SAMPLING)
+        return True
 
     # --- keys and errors ------------------------------------------------------------------------------------
     def _call(self, what: str, call: Callable[["LabelStudio"], T]) -> T:

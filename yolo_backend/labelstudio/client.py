@@ -373,8 +373,9 @@ class ProjectVersionSync:
     """
 
     def __init__(self, client_factory: Callable[[], Optional[Any]], attempts: int = 5,
-                 first_delay: float = 1.0, backoff: float = 2.0):
+                 first_delay: float = 1.0, backoff: float = 2.0, uncertainty_sampling: bool = False):
         self._client_factory = client_factory
+        self.uncertainty_sampling = uncertainty_sampling  # also set the project's sampling (UNCERTAINTY_SAMPLING)
         self.attempts = attempts
         self.first_delay = first_delay
         self.backoff = backoff
@@ -435,7 +436,10 @@ class ProjectVersionSync:
                 attempt += 1
                 delay *= self.backoff
                 try:
-                    current = client.get_project(project_id).get("model_version")
+                    project = client.get_project(project_id)
+                    if self.uncertainty_sampling:
+                        client.ensure_uncertainty_sampling(project_id, project)
+                    current = project.get("model_version")
                     if current != version:
                         client.set_project_model_version(project_id, version)
                         log.info("project %s model_version %r -> %r (so sorting by prediction score sees our "

@@ -294,7 +294,28 @@ def create_app(backend_class: type[LabelStudioMLBase], settings: Optional[Settin
         # Label Studio stores these after our reply; then the project's version can be switched to ours.
         if version != NO_MODEL_VERSION and failed < len(tasks):
             context.version_sync.request(project_id, version)
+        # Tasks left at PREDICT_DEADLINE_S: pool scoring stores their predictions (it skips what is stored).
+        if getattr(backend, "deadline_leftovers", 0) and context.training is not None and project_id is not None:
+            try:
+                queued = context.training.request_pool_scoring(project_id, "predict deadline")
+                log.info("%d task(s) past PREDICT_DEADLINE_S: pool scoring of project %s %s (job %s)",
+                         backend.deadline_leftovers, project_id, queued.get("status"), queued.get("job"))
+            except RequestRefused as exc:
+                log.warning("tasks past PREDICT_DEADLINE_S not queued for pool scoring: %s", exc)
         return jsonify(results=results, model_version=version)
+
+    @app.post("/score_pool")
+    def score_pool():
+        """Score every task of the project with the serving version and store the predictions (``jobs.pool``)."""
+        body = _json_body()
+        project_id = _project_id(body.get("project"))
+        if project_id is None:
+            raise BadRequest("send the project id: {\"project\": <id>}")
+        if context.training is None:
+            return _error(503, "this server has no training queue (Redis): run `python -m yolo_backend score-pool "
+                               f"--project {project_id} --here` instead")
+        result = context.training.request_pool_scoring(project_id, "requested over HTTP")
+        return jsonify(result), (202 if result.get("job") else 503)
 
     @app.post("/webhook")
     def webhook():

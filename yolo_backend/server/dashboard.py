@@ -243,6 +243,24 @@ here after their first prediction or training.</p>
   <div class="muted job-message">{% if j and j.error %}error: {{ j.error }}{% elif j and j.message %}{{ j.message }}{% elif not j %}Training starts when an annotation is submitted in Label Studio with “Start model training on annotation submission” on (or with “Start Training”).{% endif %}</div>
 </div>
 
+<h3>Pool scoring</h3>
+{% set q = p.pool %}
+<div class="card pool" id="pool-{{ p.project }}">
+  <div class="facts">
+    <span>version: <b class="pool-version">{{ q.version if q else "–" }}</b></span>
+    <span>state: <b class="pool-state">{{ q.state if q else "not run yet" }}</b></span>
+    <span>tasks scored: <b class="pool-done">{% if q %}{{ q.done }} of {{ q.total }}{% else %}–{% endif %}</b></span>
+    <span>failed: <b class="pool-failed">{{ q.failed if q else "–" }}</b></span>
+    <span>rate: <b class="pool-rate">{{ (num(q.rate, 1) ~ " tasks/s") if q and q.rate else "–" }}</b></span>
+    <span>time left: <b class="pool-eta">{{ ("about " ~ duration(q.eta_s)) if q and q.eta_s is not none else "–" }}</b></span>
+  </div>
+  {% set ppct = "%g" | format((((q.fraction or 0) * 100) if q else 0) | round(1)) %}
+  <div class="progress"><div class="bar" role="progressbar" aria-label="pool scoring progress" aria-valuemin="0"
+       aria-valuemax="100" aria-valuenow="{{ ppct }}"><div class="fill" style="width: {{ ppct }}%"></div></div>
+    <b class="pool-percent">{{ ppct }} %</b></div>
+  <div class="muted pool-message">{% if q and q.error %}error: {{ q.error }}{% elif not q %}After each new version every task of the project gets a prediction of it, with its task score and image cluster, so Label Studio sorts and samples the whole project by the newest model.{% endif %}</div>
+</div>
+
 <div class="charts">
   <div>{{ p.curve_svg | safe }}</div>
   <div>{{ p.per_class_svg | safe }}</div>
@@ -332,6 +350,22 @@ problems show up here).</p>
     bar.querySelector(".fill").style.width = pct + "%";
     set(card, ".job-percent", pct + " %");
   }
+  function showPool(section, pool) {
+    var card = section.querySelector(".pool");
+    if (!card || !pool) return;
+    set(card, ".pool-version", pool.version || "–");
+    set(card, ".pool-state", pool.state || "–");
+    set(card, ".pool-done", pool.done + " of " + pool.total);
+    set(card, ".pool-failed", pool.failed);
+    set(card, ".pool-rate", pool.rate ? num(pool.rate, 1) + " tasks/s" : "–");
+    set(card, ".pool-eta", pool.eta_s === null ? "–" : "about " + duration(pool.eta_s));
+    set(card, ".pool-message", pool.error ? "error: " + pool.error : "");
+    var pct = Math.round((pool.fraction || 0) * 1000) / 10;
+    var bar = card.querySelector(".bar");
+    bar.setAttribute("aria-valuenow", String(pct));
+    bar.querySelector(".fill").style.width = pct + "%";
+    set(card, ".pool-percent", pct + " %");
+  }
   function showQueue(queue) {
     if (!queue) return;
     ["redis", "workers", "started", "queued", "coalesced", "finished", "failed"].forEach(function (key) {
@@ -357,6 +391,7 @@ problems show up here).</p>
           if (!section) { changed = true; return; }  // a project new since the page was drawn
           if (section.getAttribute("data-stamp") !== project.stamp) changed = true;
           showJob(section, project.job);
+          showPool(section, project.pool);
         });
         showQueue(data.queue);
         document.getElementById("updated").textContent =

@@ -125,8 +125,22 @@ class StateCollector:
                                  labels=["project", "version"])
         number = GaugeMetricFamily("yolo_backend_serving_version_number", "Number N of the served version "
                                    "v<N>-... (-1: a checkpoint given by path)", labels=["project"])
+        pool_tasks = GaugeMetricFamily("yolo_backend_pool_scoring_tasks", "Tasks of the project's newest "
+                                       "pool-scoring run, by state (done, failed, left, total)",
+                                       labels=["project", "version", "state"])
+        pool_rate = GaugeMetricFamily("yolo_backend_pool_scoring_rate", "Tasks scored per second by the project's "
+                                      "pool-scoring run", labels=["project"])
         for project_id in projects:
             label = str(project_id)
+            try:
+                pool = dashboard_status.pool_progress(context, project_id)
+            except Exception as exc:  # a scrape must not fail on one project
+                log.debug("pool scoring status of project %s: %s", project_id, exc)
+                pool = None
+            if pool:
+                for state in ("done", "failed", "left", "total"):
+                    pool_tasks.add_metric([label, pool.get("version") or "", state], pool.get(state) or 0)
+                pool_rate.add_metric([label], pool.get("rate") or 0.0)
             counts = dict.fromkeys(OUTCOMES, 0)
             for run in read_runs(context.settings.model_dir, project_id):
                 counts[run["outcome"]] += 1
@@ -140,7 +154,7 @@ class StateCollector:
             fraction = self._running_fraction(project_id)
             if fraction is not None:
                 progress.add_metric([label], fraction)
-        yield from (jobs, progress, info, number)
+        yield from (jobs, progress, info, number, pool_tasks, pool_rate)
         yield from self._queue()
 
     def _running_fraction(self, project_id: int) -> Optional[float]:

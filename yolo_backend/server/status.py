@@ -283,6 +283,21 @@ def known_projects(context) -> list[int]:
     return sorted(ids)
 
 
+def pool_progress(context, project_id: int) -> Optional[dict]:
+    """The project's pool scoring (every task scored by a version): state, version, done of total, failed,
+    fraction, rate (tasks/s) and ETA; None when it never ran here or there is no queue."""
+    hooks = context.training
+    status = hooks.pool_status(project_id) if hooks is not None and hasattr(hooks, "pool_status") else {}
+    if not status:
+        return None
+    total, done = status.get("total", 0), status.get("done", 0)
+    keep = ("state", "version", "total", "done", "failed", "left", "chunks", "chunks_done", "rate", "eta_s", "reason",
+            "error")
+    return {**{k: status.get(k) for k in keep},
+            "fraction": round(done / total, 4) if total else (1.0 if status.get("state") == "done" else 0.0),
+            "started_iso": _iso(status.get("started_at")), "updated_iso": _iso(status.get("updated_at"))}
+
+
 def project_status(context, project_id: int) -> dict:
     entries = project_entries(context.settings, project_id)
     serving, why = serving_version(context, project_id)
@@ -295,6 +310,7 @@ def project_status(context, project_id: int) -> dict:
             "versions": entries,
             "learning_curve": learning_curve(entries),
             "job": job_progress(job, context.settings.train_time_budget_s),
+            "pool": pool_progress(context, project_id),
             "job_warnings": job_warnings(job), "is_training": bool(training.get("is_training")),
             "waiting_job": training.get("waiting_job"), "pending_requests": training.get("pending_requests", 0),
             "redis": training.get("redis", "up" if context.training is not None else None)}

@@ -1,0 +1,122 @@
+"""Pool scoring (``yolo_backend.jobs.pool``): which tasks a run scores and which predictions it replaces, its
+progress in a real Redis, queueing and coalescing its jobs, and the HTTP endpoint. The whole run against a real
+Label Studio is in tests/e2e/test_pool_scoring.py."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from yolo_backend.errors import RequestRefused
+from yolo_backend.jobs.keys import Keys
+from yolo_backend.jobs.pool import RunStatus, cluster_path, enqueue_pool_run, plan, read_status
+from yolo_backend.settings import Settings
+
+
+def _tasks(*ids):
+    return [{"id": i, "data": {"image": f"/data/{i}.jpg"}} for i in ids]
+
+
+def test_plan_skips_tasks_with_a_clustered_prediction_of_the_version():
+    predictions = [
+        {"id": 10, "task": 1, "model_version": "v2", "cluster": 3},      # done
+        {"id": 11, "task": 2, "model_version": "v2", "cluster": None},   # this version from /predict: replaced
+        {"id": 12, "task": 3, "model_version": "v1", "cluster": 0},      # an older run of ours: replaced
+        {"id": 13, "task": 3, "model_version": "imported", "cluster": None},  # the user's own: never touched
+        {"id": 14, "task": 1, "model_version": "v1", "cluster": 1},      # done task: left alone this run
+    ]
+    todo, stale = plan(_tasks(1, 2, 3, 4), predictions, "v2", keep_old=False)
+    assert [t["id"] for t in todo] == [2, 3, 4]
+    assert stale == {2: [11], 3: [12]}
+
+
+def test_plan_keeps_older_versions_when_asked():
+    predictions = [{"id": 12, "task": 3, "model_version": "v1", "cluster": 0},
+                   {"id": 15, "task": 3, "model_version": "v2", "cluster": None}]
+    todo, stale = plan(_tasks(3), predictions, "v2", keep_old=True)
+    assert [t["id"] for t in todo] == [3] and stale == {3: [15]}
+
+
+def test_cluster_file_name_is_safe_for_any_version(tmp_path):
+    settings = Settings.from_env({}, model_dir=str(tmp_path))
+    path = cluster_path(settings, 7, "../../etc/passwd v1")
+    assert path.parent == tmp_path / "pool" / "project-7" and not path.name.startswith(".")
+
+
+@pytest.fixture
+def connection(redis_server):
+    from redis import Redis
+
+    client = Redis.from_url(redis_server.url)
+    client.flushdb()
+    return client
+
+
+def test_run_status_counts_chunks_and_finishes_only_when_coordinated(connection):
+    keys = Keys("pool-test")
+    status = RunStatus(connection, keys, 5)
+    status.start("v3", total=100, done=40, reason="test", job_id="pool-5-x")
+    status.set_chunks(2)
+    status.add("v3", stored=20, failed=1, chunk_done=True)
+    status.add("v3", stored=19, chunk_done=True)
+    assert read_status(connection, keys, 5)["state"] == "scoring"  # the coordinator may still queue chunks
+    status.add("v2", stored=50)  # a chunk of an older version adds nothing to this run
+    status.coordinated()
+    final = read_status(connection, keys, 5)
+    assert final["state"] == "done" and final["done"] == 79 and final["failed"] == 1 and final["total"] == 100
+    assert final["left"] == 20 and final["eta_s"] is None and final["rate"] > 0
+
+
+def test_status_rate_and_eta_while_scoring(connection):
+    keys = Keys("pool-test")
+    status = RunStatus(connection, keys, 6)
+    status.start("v1", total=1000, done=0, reason="test", job_id=None)
+    connection.hset(keys.pool(6), "started_at", time.time() - 10)
+    status.add("v1", stored=100)
+    current = read_status(connection, keys, 6)
+    assert 9 < current["rate"] <= 10.5 and 80 < current["eta_s"] < 100, current
+
+
+def test_enqueue_coalesces_into_the_waiting_run_and_caps_projects(connection):
+    first = enqueue_pool_run(connection, "pool-test", 1, "published v2", max_waiting=2)
+    again = enqueue_pool_run(connection, "pool-test", 1, "predict deadline", max_waiting=2)
+    assert first["status"] == "queued" and again == {"job": first["job"], "status": "coalesced", "project": 1}
+    enqueue_pool_run(connection, "pool-test", 2, "requested", max_waiting=2)
+    with pytest.raises(RequestRefused) as refused:
+        enqueue_pool_run(connection, "pool-test", 3, "requested", max_waiting=2)
+    assert refused.value.status == 429 and "MAX_QUEUED_PROJECTS" in str(refused.value)
+    from rq import Queue
+
+    assert Queue("pool-test", connection=connection).count == 2
+
+
+def test_queue_says_when_redis_is_away(tmp_path):
+    from yolo_backend.jobs.queue import TrainingQueue
+
+    settings = Settings.from_env({}, model_dir=str(tmp_path), redis_url="redis://127.0.0.1:1/0")
+    answer = TrainingQueue(settings).request_pool_scoring(4)
+    assert answer["job"] is None and answer["status"] == "unavailable" and "unreachable" in answer["message"]
+
+
+def test_score_pool_endpoint(tmp_path, redis_server, connection):
+    from yolo_backend.backend import YOLOv7Backend
+    from yolo_backend.jobs.queue import TrainingQueue
+    from yolo_backend.runtime import BackendContext
+    from yolo_backend.server.app import create_app
+
+    settings = Settings.from_env({}, model_dir=str(tmp_path), redis_url=redis_server.url, rq_queue_name="pool-http")
+    bare = create_app(YOLOv7Backend, settings, context=BackendContext.from_settings(settings)).test_client()
+    assert bare.post("/score_pool", json={"project": 3}).status_code == 503  # no queue: says to use --here
+
+    context = BackendContext.from_settings(settings, training=TrainingQueue(settings))
+    client = create_app(YOLOv7Backend, settings, context=context).test_client()
+    missing = client.post("/score_pool", json={})
+    assert missing.status_code == 400 and "project" in missing.get_json()["error"]
+    queued = client.post("/score_pool", json={"project": 3})
+    assert queued.status_code == 202 and queued.get_json()["status"] == "queued"
+    assert client.post("/score_pool", json={"project": 3}).get_json()["status"] == "coalesced"
+    connection.hset(Keys("pool-http").pool(3), mapping={"version": "v1", "total": 10, "done": 4, "failed": 0,
+                                                        "state": "scoring", "started_at": time.time(),
+                                                        "updated_at": time.time()})
+    pool = client.get("/status", query_string={"project": 3}).get_json()["projects"][0]["pool"]
+    assert pool["done"] == 4 and pool["total"] == 10 and pool["fraction"] == 0.4 and pool["state"] == "scoring"
