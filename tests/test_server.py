@@ -483,3 +483,34 @@ def test_a_large_predict_answers_what_is_done_by_the_deadline(tmp_path, model_fi
     assert all("result" in r for r in results[:len(done)]) and all("result" not in r for r in results[len(done):])
     assert all(calls <= 4 for calls in loader.detectors[0].calls)  # chunks of 2 x PREDICT_BATCH_SIZE images
     assert "PREDICT_DEADLINE_S=0.5" in caplog.text
+
+
+def test_tasks_past_the_deadline_queue_pool_scoring(tmp_path, model_file, redis_server):
+    """The tasks a large /predict leaves at PREDICT_DEADLINE_S are finished by a pool-scoring run of the project:
+    one coordinator job is queued (a second large /predict joins it)."""
+    from redis import Redis
+    from rq import Queue
+
+    from yolo_backend.jobs.queue import TrainingQueue
+
+    queue_settings = Settings.from_env(env={}, model_dir=str(tmp_path / "models"), redis_url=redis_server.url,
+                                       rq_queue_name="deadline-pool")
+    client, context, loader = make_client(tmp_path, model_file, training=TrainingQueue(queue_settings),
+                                          predict_deadline_s=0.3, predict_batch_size=2)
+    tasks = [{"id": i, "data": {"image": png_uri(40, 30)}} for i in range(30)]
+    original = FakeDetector.detect
+
+    def slow_detect(self, images, conf=None):
+        time.sleep(0.2)
+        return original(self, images, conf)
+
+    FakeDetector.detect = slow_detect
+    try:
+        for _ in range(2):
+            reply = client.post("/predict", json={"tasks": tasks, "label_config": CONFIG, "project": 8})
+            assert sum("result" not in r for r in reply.json["results"]) > 0
+    finally:
+        FakeDetector.detect = original
+    jobs = Queue("deadline-pool", connection=Redis.from_url(redis_server.url)).jobs
+    assert [(j.func_name, j.args[:2]) for j in jobs] == [("yolo_backend.jobs.pool.run_pool_job",
+                                                          (8, "predict deadline"))]
