@@ -149,7 +149,8 @@ def test_an_interrupted_run_resumes_from_its_last_finished_round(tiny, reference
 
     def killed_after_publishing(*args, **kwargs):
         # The 3rd training (round 1 of the second strategy) publishes, then the process "dies" before the
-        # round is recorded: the resumed run must drop that version and train the round again from the same model.
+        # round is recorded: the resumed run must drop that version before it scores the pool (its picks come from
+        # the last finished round's model, as in the uninterrupted run) and train the round again from that model.
         result = real(*args, **kwargs)
         calls["n"] += 1
         if calls["n"] == 3:

@@ -10,7 +10,8 @@ seed, so round 0 is trained once per seed and its registry copied into each stra
 
 Runs advance round by round across all (strategy, seed) pairs, so curves grow together and a stopped run has
 comparable numbers. A killed run resumes from the last finished round: the state files say what was labelled and
-which versions were published; versions a killed round published are removed before it is run again.
+which versions were published; versions a killed round published are removed before it is run again (before
+its pool is scored, so the resumed round picks with the same model as an uninterrupted run).
 """
 
 from __future__ import annotations
@@ -351,6 +352,10 @@ class Simulation:
         """Pick the next batch with the current model, then train and evaluate the next round."""
         run_dir = self.run_dir(strategy.name, state.seed)
         round_index = len(state.rows)
+        # A killed try of this round may have published its model before it died: remove that version before
+        # scoring, or the resumed round would pick with the model it is about to retrain instead of the one the
+        # uninterrupted run picks with (the last finished round's; train_round drops it again, a no-op then).
+        drop_unfinished_versions(Path(self.settings_for(run_dir).model_dir), state.last_version)
         started = time.monotonic()
         scored = self.score(run_dir, progress) if strategy.needs_scoring else None
         picked = self.select(strategy, state, round_index - 1, scored)
