@@ -120,3 +120,11 @@ def test_score_pool_endpoint(tmp_path, redis_server, connection):
                                                         "updated_at": time.time()})
     pool = client.get("/status", query_string={"project": 3}).get_json()["projects"][0]["pool"]
     assert pool["done"] == 4 and pool["total"] == 10 and pool["fraction"] == 0.4 and pool["state"] == "scoring"
+    page = client.get("/dashboard", query_string={"project": 3}).get_data(as_text=True)
+    assert 'id="pool-3"' in page and "4 of 10" in page and 'aria-valuenow="40"' in page
+    config = ('<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
+              '<Label value="fire"/></RectangleLabels></View>')
+    client.post("/setup", json={"project": 3, "schema": config})  # a project this server knows
+    metrics = client.get("/prometheus").get_data(as_text=True)
+    assert 'yolo_backend_pool_scoring_tasks{project="3",state="done",version="v1"} 4.0' in metrics \
+        or 'yolo_backend_pool_scoring_tasks{project="3",version="v1",state="done"} 4.0' in metrics, metrics
