@@ -199,7 +199,7 @@ class Simulation:
         self.pool = load_pool(config)
         self.train_size = config.img_size or self.base_settings.train_img_size
         self.examples = ExampleCache(self.pool, self.train_size)
-        self._test_set = None
+        self._test_sets: dict = {}  # serving size -> the test split at that size
         if config.initial + config.step * config.rounds > len(self.pool.samples):
             raise ValueError(f"{config.initial} + {config.rounds} x {config.step} labels exceed the pool's "
                              f"{len(self.pool.samples)} images")
@@ -258,6 +258,7 @@ class Simulation:
         """mAP@0.5 and mAP@0.5:0.95 (``map50``, ``map``) on the test split of the served model, at the serving size
         (the engine's evaluation). Cached by checkpoint hash: a round that publishes nothing serves the same model
         as the round before."""
+        from ..detector_settings import img_size_for
         from ..yolov7.checkpoint import load_checkpoint, model_from_checkpoint
         from ..yolov7.dataset import EvalSet
         from ..yolov7.train import evaluate
@@ -269,10 +270,12 @@ class Simulation:
             return json.loads(path.read_text())
         except (OSError, ValueError):
             pass
-        if self._test_set is None:
-            self._test_set = EvalSet(self.pool.test, settings.img_size)
-        model = model_from_checkpoint(load_checkpoint(checkpoint), device="cpu", fuse=True)
-        found = evaluate(model, self._test_set, list(self.pool.names), img_size=settings.img_size,
+        loaded = load_checkpoint(checkpoint)
+        size, _ = img_size_for(loaded, settings)  # the server's rule: IMG_SIZE, else the training size, else 640
+        if size not in self._test_sets:
+            self._test_sets[size] = EvalSet(self.pool.test, size)
+        model = model_from_checkpoint(loaded, device="cpu", fuse=True)
+        found = evaluate(model, self._test_sets[size], list(self.pool.names), img_size=size,
                          serve_conf=settings.model_score_threshold)
         metrics = {"map50": float(found["map50"]), "map": float(found["map"])}
         path.parent.mkdir(parents=True, exist_ok=True)
