@@ -14,6 +14,8 @@ from .dataset import DEFAULT_GRAPH, Trainer, TrainingData
 
 log = logging.getLogger(__name__)
 
+JOB_EMA_TAU = 100.0  # EMA decay ramps to its 0.9999 over about this many optimizer steps
+
 def fine_tune_trainer(data: TrainingData, callback: Callable[[dict], None]) -> dict:
     """Fine-tune with ``yolo_backend.yolov7.train`` and evaluate the current model on the same validation set."""
     from ..yolov7.checkpoint import load_checkpoint, model_from_checkpoint
@@ -33,10 +35,12 @@ def fine_tune_trainer(data: TrainingData, callback: Callable[[dict], None]) -> d
     config = TrainConfig(
         weights=data.start_checkpoint, graph=DEFAULT_GRAPH, out=str(data.out_path),
         parent_version=data.parent_version, epochs=max(1, settings.train_epochs), img_size=settings.train_img_size,
-        batch_size=batch, nominal_batch=nominal, warmup_epochs=settings.train_warmup_epochs,
+        batch_size=batch, nominal_batch=nominal, warmup_epochs=settings.train_warmup_epochs, lr0=settings.train_lr,
+        # A job makes a few hundred steps: the reference's EMA ramp (tau 2000 steps) would average nothing.
+        ema_tau=JOB_EMA_TAU,
         # The start model is trained: no high bias learning rate at the start to jolt it (the reference's 0.1
         # suits a random init).
-        warmup_bias_lr=TrainConfig.lr0 if data.start_checkpoint else TrainConfig.warmup_bias_lr,
+        warmup_bias_lr=settings.train_lr if data.start_checkpoint else TrainConfig.warmup_bias_lr,
         device=settings.device, threads=settings.torch_threads, time_budget=settings.train_time_budget_s,
         progress="log", names=list(data.names), train_samples=train, val_samples=val or None,
         serve_conf=settings.model_score_threshold, seed=int(data.extra.get("seed", 0)))
