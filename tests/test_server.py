@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import base64
@@ -459,23 +460,29 @@ def test_versions_without_a_project_lists_project_versions_and_no_placeholder_na
     assert client.get("/versions", query_string={"project": 5}).json["model_version"] == "v0-untrained"
 
 
+@contextlib.contextmanager
+def slow_detector(seconds: float = 0.2):
+    """FakeDetector taking ``seconds`` per batch (a CPU busy with a large /predict)."""
+    original = FakeDetector.detect
+
+    def slow_detect(self, images, conf=None):
+        time.sleep(seconds)
+        return original(self, images, conf)
+
+    FakeDetector.detect = slow_detect
+    try:
+        yield
+    finally:
+        FakeDetector.detect = original
+
+
 def test_a_large_predict_answers_what_is_done_by_the_deadline(tmp_path, model_file, caplog):
     """Label Studio stores nothing when /predict takes more than 100 s: the backend works in chunks and answers
     by PREDICT_DEADLINE_S; tasks not reached get an item without result (asked for again later)."""
     client, context, loader = make_client(tmp_path, model_file, predict_deadline_s=0.5, predict_batch_size=2)
     tasks = [{"id": i, "data": {"image": png_uri(40, 30)}} for i in range(40)]
-    original = FakeDetector.detect
-
-    def slow_detect(self, images, conf=None):
-        time.sleep(0.2)
-        return original(self, images, conf)
-
-    FakeDetector.detect = slow_detect
-    try:
-        with caplog.at_level(logging.WARNING):
-            reply = client.post("/predict", json={"tasks": tasks, "label_config": CONFIG})
-    finally:
-        FakeDetector.detect = original
+    with slow_detector(), caplog.at_level(logging.WARNING):
+        reply = client.post("/predict", json={"tasks": tasks, "label_config": CONFIG})
     results = reply.json["results"]
     assert reply.status_code == 200 and len(results) == 40
     done = [r for r in results if "result" in r]
@@ -498,19 +505,10 @@ def test_tasks_past_the_deadline_queue_pool_scoring(tmp_path, model_file, redis_
     client, context, loader = make_client(tmp_path, model_file, training=TrainingQueue(queue_settings),
                                           predict_deadline_s=0.3, predict_batch_size=2)
     tasks = [{"id": i, "data": {"image": png_uri(40, 30)}} for i in range(30)]
-    original = FakeDetector.detect
-
-    def slow_detect(self, images, conf=None):
-        time.sleep(0.2)
-        return original(self, images, conf)
-
-    FakeDetector.detect = slow_detect
-    try:
+    with slow_detector():
         for _ in range(2):
             reply = client.post("/predict", json={"tasks": tasks, "label_config": CONFIG, "project": 8})
             assert sum("result" not in r for r in reply.json["results"]) > 0
-    finally:
-        FakeDetector.detect = original
     jobs = Queue("deadline-pool", connection=Redis.from_url(redis_server.url)).jobs
     assert [(j.func_name, j.args[:2]) for j in jobs] == [("yolo_backend.jobs.pool.run_pool_job",
                                                           (8, "predict deadline"))]
