@@ -456,3 +456,22 @@ def test_a_token_refresh_never_follows_a_redirect():
     finally:
         foreign_server.shutdown()
         ls_server.shutdown()
+
+
+def test_setup_remembers_a_bounded_number_of_projects(tmp_path, monkeypatch):
+    """/setup needs no key: a flood of made-up project ids must not grow the server's memory without bound."""
+    from yolo_backend.backend import YOLOv7Backend
+    from yolo_backend.runtime import BackendContext
+    from yolo_backend.server import app as server_app
+    from yolo_backend.settings import Settings
+
+    monkeypatch.setattr(server_app, "MAX_REMEMBERED_PROJECTS", 5)
+    settings = Settings.from_env({}, model_dir=str(tmp_path / "models"))
+    context = BackendContext.from_settings(settings)
+    client = server_app.create_app(YOLOv7Backend, settings, context=context).test_client()
+    config = ('<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
+              '<Label value="fire"/></RectangleLabels></View>')
+    for project in range(1, 21):
+        assert client.post("/setup", json={"project": project, "schema": config}).status_code == 200
+    client.post("/setup", json={"project": 17, "schema": config})  # seen again: the newest
+    assert list(context.label_configs) == [16, 18, 19, 20, 17]

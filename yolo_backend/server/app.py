@@ -40,6 +40,8 @@ from ..model_holder import NoModelError
 log = logging.getLogger(__name__)
 
 
+# Label configs remembered from /setup (oldest forgotten first; Label Studio sends the config with every /predict).
+MAX_REMEMBERED_PROJECTS = 1000
 # How long a /predict waits for a free slot before answering 503 (smooths bursts without holding threads long).
 PREDICT_SLOT_WAIT_S = 1.0
 
@@ -242,7 +244,10 @@ def create_app(backend_class: type[LabelStudioMLBase], settings: Optional[Settin
             raise BadRequest("'access_token' must be a string")
         context.session.update_from_setup(hostname, access_token)
         if project_id is not None and schema:
+            context.label_configs.pop(project_id, None)
             context.label_configs[project_id] = schema
+            while len(context.label_configs) > MAX_REMEMBERED_PROJECTS:  # /setup needs no key: made-up ids
+                context.label_configs.pop(next(iter(context.label_configs)))
         extra = body.get("extra_params") if isinstance(body.get("extra_params"), dict) else {}
         # Extra params are free JSON typed by the user in Label Studio: never let them replace our own arguments.
         extra = {k: v for k, v in extra.items() if k not in _SETUP_ARGUMENTS}
