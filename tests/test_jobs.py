@@ -116,7 +116,9 @@ class Env:
             "MODEL_DIR": str(self.model_dir), "MODEL_PATH": str(checkpoint),
             "IMAGE_CACHE_DIR": str(tmp_path / "cache"), "LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": TOKEN,
             "REDIS_URL": redis_url, "RQ_QUEUE_NAME": queue_name, "IMG_SIZE": "128", "TRAIN_IMG_SIZE": "160",
-            "TORCH_THREADS": "1", "KEEP_VERSIONS": "2", "LOG_LEVEL": "INFO", **settings,
+            "TORCH_THREADS": "1", "KEEP_VERSIONS": "2", "LOG_LEVEL": "INFO",
+            "POOL_SCORING": "false",  # the training queue alone here; pool scoring: test_pool.py and the e2e test
+            **settings,
         }
         self.settings = Settings.from_env(self.env)
         self.job_options = {"trainer": "tests.test_jobs:fake_train", "settle_s": 0, "lock_ttl": lock_ttl}
@@ -142,8 +144,9 @@ class Env:
         self.workers.append(process)
         return process
 
-    def worker_logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.model_dir.parent.glob("worker-*.log")))
+    def worker_logs(self, tail: int | None = None) -> str:
+        texts = [p.read_text(errors="replace") for p in sorted(self.model_dir.parent.glob("worker-*.log"))]
+        return "\n".join(t[-tail:] if tail else t for t in texts)
 
     def stop_workers(self):
         for process in self.workers:
