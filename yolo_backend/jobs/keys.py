@@ -24,6 +24,10 @@ LOCK_TTL_S = 20
 # a leftover (a server that died between reserving and enqueueing), never a job to coalesce into.
 RESERVE_TTL_S = 30
 RESERVE_GRACE_S = 2
+# RQ statuses of a job that has not started yet (a request can still join it).
+NOT_STARTED = {"queued", "deferred", "scheduled", "created"}
+
+
 class Keys:
     """Redis key names of the training queue (shared by the server and the job)."""
 

@@ -35,6 +35,7 @@ import numpy as np
 
 from ..settings import Settings
 from . import TrainingError
+from .keys import NOT_STARTED, text
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class RunStatus:
             self.finish_if_complete()
 
     def add(self, version: str, stored: int = 0, failed: int = 0, chunk_done: bool = False) -> None:
-        if self.connection is None or _text(self.connection.hget(self.key, "version")) != version:
+        if self.connection is None or text(self.connection.hget(self.key, "version")) != version:
             return
         pipe = self.connection.pipeline()
         pipe.hincrby(self.key, "done", stored)
@@ -156,7 +157,7 @@ def read_status(connection, keys, project_id: int) -> dict:
         return {}
     status: dict[str, Any] = {}
     for k, v in raw.items():
-        k, v = _text(k), _text(v)
+        k, v = text(k), text(v)
         if k in ("total", "done", "failed", "chunks", "chunks_done", "done_at_start", "coordinated"):
             status[k] = int(float(v))
         elif k in ("started_at", "updated_at", "finished_at"):
@@ -172,12 +173,6 @@ def read_status(connection, keys, project_id: int) -> dict:
     status["eta_s"] = round(left / status["rate"], 1) if status["rate"] > 0 and status.get("state") == "scoring" \
         else None
     return status
-
-
-def _text(value) -> Optional[str]:
-    if value is None:
-        return None
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 # --- scoring and storing -------------------------------------------------------------------------------------------
@@ -256,7 +251,7 @@ class PoolScorer:
             try:
                 self.client.create_prediction(task["id"], prediction["result"], prediction.get("score"), version,
                                               cluster=cluster)
-                for old in stale.get(int(task["id"]), stale.get(str(task["id"]), [])):
+                for old in stale.get(int(task["id"]), []):
                     self.client.delete_prediction(old)
             except LabelStudioAuthError:
                 raise
@@ -409,7 +404,7 @@ def score_project(settings: Settings, project_id: int, reason: str = "requested"
             queue = Queue(queue_name or settings.rq_queue_name, connection=connection)
             for n, chunk in enumerate(chunks):
                 queue.enqueue(CHUNK_FUNCTION, project_id, version, chunk,
-                              {str(t["id"]): stale[int(t["id"])] for t in chunk if int(t["id"]) in stale},
+                              {int(t["id"]): stale[int(t["id"])] for t in chunk if int(t["id"]) in stale},
                               scorer.label_config, {"backend": backend_spec},
                               job_id=f"pool-{project_id}-{uuid.uuid4().hex[:12]}", job_timeout=CHUNK_TIMEOUT_S,
                               result_ttl=24 * 3600, failure_ttl=7 * 24 * 3600,
@@ -518,11 +513,11 @@ def enqueue_pool_run(connection, queue_name: str, project_id: int, reason: str, 
 
     keys = Keys(queue_name)
     waiting_key = keys.pool_waiting(project_id)
-    current = _text(connection.get(waiting_key))
+    current = text(connection.get(waiting_key))
     if current:
         try:
             status = Job.fetch(current, connection=connection).get_status(refresh=False)
-            if getattr(status, "value", status) in ("queued", "deferred", "scheduled", "created"):
+            if getattr(status, "value", status) in NOT_STARTED:
                 return {"job": current, "status": "coalesced", "project": project_id}
         except NoSuchJobError:
             pass

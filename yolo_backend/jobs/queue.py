@@ -35,14 +35,12 @@ from typing import Any, Optional
 from ..errors import RequestRefused
 from ..settings import Settings, mask_password
 from .pending import PendingRequests
-from .keys import (CONFIRM, DELETE_IF_EQUAL, LOCK_TTL_S, REPLACE, RESERVE, RESERVE_GRACE_S, RESERVE_TTL_S, SETTLE_S,
-                   Keys, holder_alive, text)
+from .keys import (CONFIRM, DELETE_IF_EQUAL, LOCK_TTL_S, NOT_STARTED, REPLACE, RESERVE, RESERVE_GRACE_S,
+                   RESERVE_TTL_S, SETTLE_S, Keys, holder_alive, text)
 
 log = logging.getLogger(__name__)
 
 JOB_FUNCTION = "yolo_backend.jobs.job.run_training_job"
-# Statuses in which a job has not started yet (a trigger can still coalesce into it).
-NOT_STARTED = {"queued", "deferred", "scheduled", "created"}
 # How long finished/failed jobs (and their results) stay readable in Redis.
 RESULT_TTL_S = 7 * 24 * 3600
 REDIS_CONNECT_TIMEOUT_S = 0.5
