@@ -613,6 +613,16 @@ def test_publish_decision_and_split_rules():
     assert publish_decision(Settings.from_env({"FORCE_PUBLISH": "true"}), bad, good, 10)[0] is True
     assert publish_decision(settings, bad, good, 2)[0] is True          # too few validation images to judge
     assert publish_decision(settings, bad, None, 10)[0] is True         # nothing to compare with
+    # Within PUBLISH_TOLERANCE_SE standard errors of the current model: noise, published; beyond: refused.
+    slightly = {"map50": 0.79, "map": 0.395}                           # fitness lower than good's by 0.0055
+    assert publish_decision(settings, slightly, good, 40, 0.01)[0] is True
+    assert "within the noise" in publish_decision(settings, slightly, good, 40, 0.01)[1]
+    refused = publish_decision(settings, slightly, good, 40, 0.005)
+    assert refused[0] is False and "PUBLISH_TOLERANCE_SE" in refused[1]
+    assert publish_decision(settings, slightly, good, 40)[0] is False  # no SE: not worse only
+    strict = Settings.from_env({"PUBLISH_TOLERANCE_SE": "0"})
+    assert publish_decision(strict, slightly, good, 40, 0.01)[0] is False
+    assert publish_decision(Settings.from_env({"PUBLISH_TOLERANCE_SE": "3"}), bad, good, 40, 0.1)[0] is True
     # The split depends on the task id only, about 20 % validation, and never leaves training empty.
     examples = [Example(t, np.zeros((4, 4, 3), np.uint8), np.zeros((0, 4)), np.zeros(0)) for t in range(1, 501)]
     train, val = split_examples(7, examples)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from yolo_backend.yolov7.metrics import (DetectionMetrics, average_precision, box_iou_np, fitness, format_table,
-                                         match_image)
+                                         match_image, paired_fitness_se)
 
 
 def _box(x, y, w=10, h=10):
@@ -91,3 +91,31 @@ def test_trapz_variant_and_fitness():
         average_precision(recall, precision, "eleven")
     assert fitness({"map50": 1.0, "map": 0.5}) == pytest.approx(0.55)
     assert fitness(None) == 0.0
+
+
+def _image_set(shift: float, images: int = 30, seed: int = 3) -> DetectionMetrics:
+    """One exact box per image, found ``shift`` pixels off in every other image (a miss at IoU 0.5 when large)."""
+    rng = np.random.default_rng(seed)
+    metrics = DetectionMetrics(["thing"])
+    for k in range(images):
+        x, y = rng.uniform(0, 200, 2)
+        off = shift if k % 2 else 0.0
+        metrics.add(np.array([_box(x + off, y)], np.float32), [rng.uniform(0.3, 0.9)], [0],
+                    np.array([_box(x, y)], np.float32), [0])
+    return metrics
+
+
+def test_subset_resamples_images_and_paired_bootstrap_se():
+    good, worse = _image_set(0.0), _image_set(6.0)
+    # A subset of images in any order, repeats allowed, is the accumulator of those images.
+    firsts = good.subset([0, 0, 2])
+    assert firsts.images == 3 and firsts.compute()["instances"] == 3
+    assert good.subset(range(good.images)).compute() == good.compute()
+    # The same model against itself differs by nothing in every resample; two models by a positive SE, the same
+    # for the same seed, smaller for the same gap on more images.
+    assert paired_fitness_se(good, good) == 0.0
+    se = paired_fitness_se(good, worse)
+    assert se > 0 and se == paired_fitness_se(good, worse) and se != paired_fitness_se(good, worse, seed=1)
+    assert paired_fitness_se(_image_set(0.0, 240), _image_set(6.0, 240)) < se
+    with pytest.raises(ValueError, match="same images"):
+        paired_fitness_se(good, _image_set(0.0, 10))

@@ -104,6 +104,8 @@ def test_output_checkpoint_loads_and_carries_metadata(tmp_path):
     ckpt = load_checkpoint(result.path)
     assert ckpt.weights == "ema" and ckpt.metadata["parent"] == "v1"
     assert ckpt.metadata["metrics"]["map50"] == pytest.approx(result.metrics["map50"])
+    # The kept weights' per-image matches come back too: they give the same summary (the publish rule's bootstrap).
+    assert result.val_images is not None and result.val_images.compute() == result.metrics
     assert ckpt.metadata["training"]["img_size"] == 64 and ckpt.metadata["epochs_run"] == 2
     phases = {e["phase"] for e in events}
     assert {"setup", "train", "eval", "epoch", "done"} <= phases

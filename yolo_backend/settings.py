@@ -156,6 +156,11 @@ class Settings:
     keep_versions: int = setting(5, "Published versions kept per project; older ones are deleted (0 keeps all).")
     force_publish: bool = setting(
         False, "Publish every trained model, even when it is worse on the validation split than the current one.")
+    publish_tolerance_se: float = setting(
+        1.0, "A trained model is published unless its validation fitness is below the current model's by more than "
+        "this many standard errors of the difference (a paired bootstrap over the job's validation images): on a "
+        "few dozen images, differences of that size are noise, and refusing them loses the job's new labels. 0: "
+        "publish only when not worse.")
     # --- pool scoring (every task scored by the serving version, stored in Label Studio) ---------------------
     pool_scoring: bool = setting(
         True, "After every published version the worker scores every task of the project with it and stores one "
@@ -212,7 +217,7 @@ class Settings:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must be greater than 0")
         for name in ("image_cache_mb", "keep_versions", "torch_threads", "max_image_pixels", "train_nominal_batch",
-                     "train_warmup_epochs", "pool_clusters"):
+                     "train_warmup_epochs", "pool_clusters", "publish_tolerance_se"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must not be negative")
         for name in ("model_score_threshold", "iou_threshold", "score_floor"):

@@ -35,8 +35,11 @@ def fitness(metrics: Optional[dict]) -> float:
     return engine_fitness(metrics)
 
 
-def publish_decision(settings: Settings, metrics: Optional[dict], baseline: Optional[dict],
-                     val_images: int) -> tuple[bool, str]:
+def publish_decision(settings: Settings, metrics: Optional[dict], baseline: Optional[dict], val_images: int,
+                     fitness_se: Optional[float] = None) -> tuple[bool, str]:
+    """Publish unless the new model is worse than the current one on the job's validation split by more than
+    PUBLISH_TOLERANCE_SE standard errors of the difference (``fitness_se``, a paired bootstrap over those images;
+    None: no tolerance). Returns (publish?, why, for the log and the version's meta)."""
     if settings.force_publish:
         return True, "FORCE_PUBLISH is on"
     if val_images < MIN_VALIDATION_IMAGES:
@@ -46,7 +49,13 @@ def publish_decision(settings: Settings, metrics: Optional[dict], baseline: Opti
     new, old = fitness(metrics), fitness(baseline)
     if new >= old:
         return True, f"validation fitness {new:.4f} >= current {old:.4f}"
-    return False, f"validation fitness {new:.4f} < current {old:.4f} (set FORCE_PUBLISH=true to publish anyway)"
+    margin = settings.publish_tolerance_se * (fitness_se or 0.0)
+    noise = f"{settings.publish_tolerance_se:g} x SE {fitness_se:.4f} on {val_images} images" \
+        if fitness_se is not None else "no SE"
+    if new >= old - margin:
+        return True, f"validation fitness {new:.4f} < current {old:.4f}, within the noise ({noise})"
+    return False, (f"validation fitness {new:.4f} < current {old:.4f} by more than the noise ({noise}; raise "
+                   f"PUBLISH_TOLERANCE_SE or set FORCE_PUBLISH=true to publish anyway)")
 
 
 def prune_versions(registry: Registry, keep: int, protect: set[str]) -> list[str]:

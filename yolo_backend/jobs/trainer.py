@@ -20,7 +20,8 @@ def fine_tune_trainer(data: TrainingData, callback: Callable[[dict], None]) -> d
     """Fine-tune with ``yolo_backend.yolov7.train`` and evaluate the current model on the same validation set."""
     from ..yolov7.checkpoint import load_checkpoint, model_from_checkpoint
     from ..yolov7.dataset import Sample
-    from ..yolov7.train import TrainConfig, evaluate, fine_tune
+    from ..yolov7.metrics import paired_fitness_se
+    from ..yolov7.train import TrainConfig, evaluate_images, fine_tune
 
     settings = data.settings
 
@@ -45,20 +46,24 @@ def fine_tune_trainer(data: TrainingData, callback: Callable[[dict], None]) -> d
         progress="log", names=list(data.names), train_samples=train, val_samples=val or None,
         serve_conf=settings.model_score_threshold, seed=int(data.extra.get("seed", 0)))
     result = fine_tune(config, callback)
-    baseline = None
+    baseline = fitness_se = None
     if val and data.start_checkpoint:
         callback({"phase": "evaluating", "message": "evaluating the current model on the validation set"})
         try:
             current = model_from_checkpoint(load_checkpoint(data.start_checkpoint), device="cpu", fuse=True)
             if [n.lower() for n in current.names] == [n.lower() for n in data.names]:
-                baseline = evaluate(current, val, list(data.names), img_size=settings.train_img_size,
-                                    serve_conf=settings.model_score_threshold)
+                matched = evaluate_images(current, val, list(data.names), img_size=settings.train_img_size,
+                                          serve_conf=settings.model_score_threshold)
+                baseline = matched.compute()
+                if result.val_images is not None:
+                    fitness_se = paired_fitness_se(result.val_images, matched)
             else:
                 log.info("the current model's classes (%s) differ from the label config's (%s): not compared",
                          ", ".join(current.names), ", ".join(data.names))
         except Exception as exc:  # the comparison is advisory; training succeeded
             log.warning("could not evaluate the current model %s: %s", data.start_checkpoint, exc)
     return {"path": str(result.path), "metrics": result.metrics, "baseline_metrics": baseline,
+            "fitness_se": fitness_se,
             "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
             "stopped_by_budget": result.stopped_by_budget, "seconds": round(result.seconds, 1)}
 

@@ -134,10 +134,10 @@ def train_and_publish(settings: Settings, project_id: int, examples: list[Exampl
         report({"phase": "training", "train_images": len(train), "val_images": len(val)})
         outcome = (trainer or fine_tune_trainer)(data, lambda e: report(_training_progress(e)))
         metrics, baseline = outcome.get("metrics"), outcome.get("baseline_metrics")
-        publish, why = publish_decision(settings, metrics, baseline, len(val))
+        publish, why = publish_decision(settings, metrics, baseline, len(val), outcome.get("fitness_se"))
         summary: dict[str, Any] = dict(
             trained=True, train_images=len(train), val_images=len(val), parent=parent, metrics=metrics,
-            baseline_metrics=baseline, decision=why,
+            baseline_metrics=baseline, fitness_se=outcome.get("fitness_se"), decision=why,
             **{k: outcome[k] for k in ("epochs_run", "best_epoch", "stopped_by_budget") if k in outcome})
         if not publish:
             log.info("project %s: new model not published: %s", project_id, why)

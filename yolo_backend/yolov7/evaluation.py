@@ -32,12 +32,23 @@ def eval_letterbox(image: np.ndarray, img_size: int, stride: int, pad: float) ->
     return resize_and_pad(image, new_w, new_h, (out_w - new_w) / 2, (out_h - new_h) / 2)
 
 
-@torch.no_grad()
 def evaluate(model: YOLOv7, data: Union[EvalSet, Sequence[Sample]], names: Optional[Sequence[str]] = None,
              img_size: int = 640, conf: float = 0.001, iou: float = 0.65, max_det: int = 300,
              batch_size: int = 8, serve_conf: float = 0.25, multi_label: bool = True,
              method: str = "coco", pad: float = 0.5) -> Dict[str, Any]:
-    """mAP@0.5, mAP@0.5:0.95 per class and precision/recall at ``serve_conf`` of ``model`` on ``data``.
+    """mAP@0.5, mAP@0.5:0.95 per class and precision/recall at ``serve_conf`` of ``model`` on ``data``
+    (``evaluate_images(...).compute()``)."""
+    return evaluate_images(model, data, names, img_size, conf, iou, max_det, batch_size, serve_conf, multi_label,
+                           method, pad).compute()
+
+
+@torch.no_grad()
+def evaluate_images(model: YOLOv7, data: Union[EvalSet, Sequence[Sample]], names: Optional[Sequence[str]] = None,
+                    img_size: int = 640, conf: float = 0.001, iou: float = 0.65, max_det: int = 300,
+                    batch_size: int = 8, serve_conf: float = 0.25, multi_label: bool = True,
+                    method: str = "coco", pad: float = 0.5) -> DetectionMetrics:
+    """``model``'s detections on ``data`` matched to the ground truth image by image, in ``data``'s order (a
+    ``DetectionMetrics``: ``compute()`` gives the summary, ``subset()`` a resample).
 
     Inference as the reference test.py: images at long side ``img_size`` padded by ``pad`` strides
     (``eval_letterbox``), conf 0.001, class-aware NMS at IoU 0.65, every class above conf per box
@@ -69,4 +80,4 @@ def evaluate(model: YOLOv7, data: Union[EvalSet, Sequence[Sample]], names: Optio
             flush()
     finally:
         model.train(was_training)
-    return metrics.compute()
+    return metrics

@@ -106,6 +106,17 @@ class DetectionMetrics:
         self._gt_labels.append(gt_labels)
         self.images += 1
 
+    def subset(self, indices: Sequence[int]) -> "DetectionMetrics":
+        """The accumulator of these images only (repeats allowed: a bootstrap resample)."""
+        part = DetectionMetrics(self.names, self.serve_conf, self.method)
+        for k in indices:
+            part._correct.append(self._correct[k])
+            part._scores.append(self._scores[k])
+            part._labels.append(self._labels[k])
+            part._gt_labels.append(self._gt_labels[k])
+        part.images = len(part._correct)
+        return part
+
     def compute(self) -> Dict:
         """{"map50", "map", "precision", "recall", "images", "instances", "per_class": [ClassMetrics as dict]}.
 
@@ -167,3 +178,19 @@ def fitness(metrics: Optional[Dict]) -> float:
     if not metrics:
         return 0.0
     return 0.1 * float(metrics.get("map50", 0.0)) + 0.9 * float(metrics.get("map", 0.0))
+
+
+def paired_fitness_se(new: DetectionMetrics, old: DetectionMetrics, resamples: int = 200, seed: int = 0) -> float:
+    """Standard error of fitness(new) - fitness(old) on the same images, by a paired bootstrap over images (both
+    accumulators resampled with the same image indices). How far apart two models may score on a small
+    validation set by chance alone."""
+    if new.images != old.images:
+        raise ValueError(f"paired comparison needs the same images: {new.images} against {old.images}")
+    if new.images < 2:
+        return 0.0
+    rng = np.random.default_rng(seed)
+    differences = []
+    for _ in range(resamples):
+        pick = rng.integers(0, new.images, new.images)
+        differences.append(fitness(new.subset(pick).compute()) - fitness(old.subset(pick).compute()))
+    return float(np.std(differences, ddof=1))

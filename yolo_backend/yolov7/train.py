@@ -35,10 +35,10 @@ from .dataset import (AugmentConfig, DataSpec, DatasetError, EvalSet, Sample, Tr
                       load_data)
 from .device import configure_threads, select_device
 from .ema import ModelEMA
-from .evaluation import evaluate
+from .evaluation import evaluate, evaluate_images  # noqa: F401  (evaluate: used by callers of this module)
 from .layers import ImplicitA, ImplicitM
 from .loss import LossGains, YoloLoss
-from .metrics import fitness
+from .metrics import DetectionMetrics, fitness
 from .model import YOLOv7, build_model
 from .transfer import same_names, transfer_weights
 
@@ -153,6 +153,7 @@ class TrainResult:
     history: List[Dict[str, Any]]
     names: List[str]
     model: YOLOv7 = field(repr=False)      # the kept weights, unfused, eval mode, on CPU
+    val_images: Optional[DetectionMetrics] = field(default=None, repr=False)  # the kept weights' per-image matches
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -447,7 +448,7 @@ def fine_tune(config: TrainConfig, callback: Optional[Callback] = None) -> Train
              config.img_size, config.batch_size, accumulate, nb, state.warmup_iterations, device)
 
     history: List[Dict[str, Any]] = []
-    best_fitness, best_state, best_metrics, best_epoch = -1.0, None, None, -1
+    best_fitness, best_state, best_metrics, best_epoch, best_images = -1.0, None, None, -1, None
     epoch_seconds: List[float] = []
     eval_seconds = 0.0
     save_reserve = 5.0 + (10.0 if config.export_onnx else 0.0)
@@ -474,14 +475,15 @@ def fine_tune(config: TrainConfig, callback: Optional[Callback] = None) -> Train
             eval_start = time.monotonic()
             progress.emit({"phase": "eval", "epoch": epoch, "epochs": state.planned_epochs,
                            "message": "evaluating"})
-            metrics = evaluate(kept_model, eval_set, names, config.img_size, config.eval_conf, config.eval_iou,
-                               batch_size=config.eval_batch_size, serve_conf=config.serve_conf,
-                               pad=config.eval_pad)
+            matched = evaluate_images(kept_model, eval_set, names, config.img_size, config.eval_conf,
+                                      config.eval_iou, batch_size=config.eval_batch_size,
+                                      serve_conf=config.serve_conf, pad=config.eval_pad)
+            metrics = matched.compute()
             eval_seconds = time.monotonic() - eval_start
             record["metrics"] = metrics
             score = fitness(metrics)
             if score > best_fitness:
-                best_fitness, best_metrics, best_epoch = score, metrics, epoch
+                best_fitness, best_metrics, best_epoch, best_images = score, metrics, epoch, matched
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in kept_model.state_dict().items()}
         elif eval_set is None:
             best_epoch = epoch
@@ -517,7 +519,8 @@ def fine_tune(config: TrainConfig, callback: Optional[Callback] = None) -> Train
     progress.emit({"phase": "done", "metrics": best_metrics, "best_epoch": best_epoch, "epochs_run": epochs_run,
                    "path": str(path) if path else None, "elapsed": seconds})
     return TrainResult(path, onnx_path, best_metrics, best_epoch, epochs_run,
-                       state.stopped or epochs_run < config.epochs, seconds, history, list(names), final)
+                       state.stopped or epochs_run < config.epochs, seconds, history, list(names), final,
+                       best_images)
 
 
 def export(model: YOLOv7, path: Union[str, Path], img_size: int = 640) -> Optional[Path]:
