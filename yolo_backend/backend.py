@@ -15,6 +15,7 @@ import logging
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -23,6 +24,7 @@ from .active_learning import task_score
 from .labelstudio.config import (
     LabelConfigError,
     LabelMapping,
+    RectangleTarget,
     find_rectangle_target,
     map_classes_to_labels,
     parse_label_map,
@@ -32,7 +34,7 @@ from .labelstudio.client import LabelStudioAuthError
 from .labelstudio.results import detections_to_regions, failed_task_prediction, task_prediction
 from .registry import Registry, RegistryError
 from .server.base import NO_MODEL_VERSION, LabelStudioMLBase
-from .model_holder import NoModelError
+from .model_holder import LoadedModel, NoModelError
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,13 @@ def _base_classes() -> tuple:
     if isinstance(classic, type) and classic is not LabelStudioMLBase:
         return (LabelStudioMLBase, classic)
     return (LabelStudioMLBase,)
+
+
+@dataclass(frozen=True)
+class _Serving:
+    target: RectangleTarget   # the label config's RectangleLabels control
+    model: LoadedModel        # detector, class names, version
+    mapping: LabelMapping     # model classes -> labels
 
 
 class YOLOv7Backend(*_base_classes()):
@@ -99,47 +108,54 @@ class YOLOv7Backend(*_base_classes()):
     def predict(self, tasks: list[dict], **kwargs: Any) -> list[dict]:
         started = time.monotonic()  # the deadline counts from the request, model loading included
         settings = self.context.settings
-        target = find_rectangle_target(self.parsed_label_config, settings.from_name)
-        model = self.context.models.get(self.project_id, target.labels)
-        self.model_version = model.version
-        mapping = map_classes_to_labels(model.names, target.labels, parse_label_map(settings.label_map))
-        self._log_skipped_classes(model.names, mapping, model.version)
+        serving = self._serving()
+        self.model_version = serving.model.version
 
         # Label Studio sends every selected task in one request and stores nothing if the answer takes longer than
         # its 100 s: work in chunks (bounded memory too) and answer what is done by PREDICT_DEADLINE_S; the rest get
         # an item without "result", which Label Studio skips and asks for again.
         deadline = started + settings.predict_deadline_s
-        chunk = max(1, settings.predict_batch_size) * 2
         predictions: list[dict] = []
-        for start in range(0, len(tasks), chunk):
+        for start in range(0, len(tasks), self._chunk_size()):
             if start and time.monotonic() > deadline:
                 left = len(tasks) - start
                 log.warning("predicted %d of %d tasks within PREDICT_DEADLINE_S=%g s; the other %d get no prediction "
                             "now (Label Studio asks for them again when predictions are retrieved)", start,
                             len(tasks), settings.predict_deadline_s, left)
-                predictions += [failed_task_prediction(model.version)] * left
+                predictions += [failed_task_prediction(serving.model.version)] * left
                 self.deadline_leftovers = left
                 break
-            predictions += [p for p, _ in self._predict_chunk(tasks[start:start + chunk], start, model, target,
-                                                              mapping)]
+            predictions += [p for p, _ in self._predict_chunk(tasks[start:start + self._chunk_size()], start,
+                                                              serving)]
         return predictions
 
     def score_tasks(self, tasks: list[dict]) -> tuple[str, list[tuple[dict, Optional[np.ndarray]]]]:
         """Pool scoring (``jobs.pool``): (the serving version, per task its prediction as ``predict`` makes it and
         the image embedding from the same forward pass, None when the image could not be had)."""
+        serving = self._serving()
+        chunk = self._chunk_size()
+        scored: list[tuple[dict, Optional[np.ndarray]]] = []
+        for start in range(0, len(tasks), chunk):
+            scored += self._predict_chunk(tasks[start:start + chunk], start, serving, embed=True)
+        return serving.model.version, scored
+
+    def _serving(self) -> "_Serving":
+        """What a prediction needs: the label config's target, the project's model, its classes -> labels."""
         settings = self.context.settings
         target = find_rectangle_target(self.parsed_label_config, settings.from_name)
         model = self.context.models.get(self.project_id, target.labels)
         mapping = map_classes_to_labels(model.names, target.labels, parse_label_map(settings.label_map))
-        chunk = max(1, settings.predict_batch_size) * 2  # streamed: a few batches of images in memory at a time
-        scored: list[tuple[dict, Optional[np.ndarray]]] = []
-        for start in range(0, len(tasks), chunk):
-            scored += self._predict_chunk(tasks[start:start + chunk], start, model, target, mapping, embed=True)
-        return model.version, scored
+        self._log_skipped_classes(model.names, mapping, model.version)
+        return _Serving(target, model, mapping)
 
-    def _predict_chunk(self, tasks: list[dict], offset: int, model, target, mapping,
+    def _chunk_size(self) -> int:
+        """Tasks worked on at once: a few batches of images in memory at a time (streamed)."""
+        return max(1, self.context.settings.predict_batch_size) * 2
+
+    def _predict_chunk(self, tasks: list[dict], offset: int, serving: "_Serving",
                        embed: bool = False) -> list[tuple[dict, Optional[np.ndarray]]]:
         settings = self.context.settings
+        target, model, mapping = serving.target, serving.model, serving.mapping
         images = self._load_images(tasks, target.data_key)
         ok = [i for i, image in enumerate(images) if isinstance(image, np.ndarray)]
         # ``embed`` only when asked: a loader's detector need not know it (it then cannot score a pool).
