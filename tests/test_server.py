@@ -337,6 +337,31 @@ def test_project_model_version_is_synced_in_the_background(tmp_path, model_file)
         assert len(ls.patch_attempts) == patches  # already in sync: nothing more to do
 
 
+def test_version_sync_remembers_a_bounded_number_of_projects():
+    from yolo_backend.labelstudio.client import ProjectVersionSync
+
+    class Client:  # every project exists and takes the version at once
+        def __init__(self):
+            self.patched = []
+
+        def get_project(self, project_id):
+            return {"id": project_id, "model_version": None}
+
+        def set_project_model_version(self, project_id, version):
+            self.patched.append(project_id)
+
+    client = Client()
+    sync = ProjectVersionSync(lambda: client, first_delay=0.0, remember=3)
+    for project_id in range(1, 6):  # made-up ids, one after another
+        assert sync.request(project_id, "v1") is True
+        sync.wait()
+    assert client.patched == [1, 2, 3, 4, 5]
+    assert sync.request(5, "v1") is False       # remembered: nothing to do
+    assert sync.request(1, "v1") is True        # forgotten (only the last 3 are kept): checked once more
+    sync.wait()
+    assert client.patched[-1] == 1 and sync.request(1, "v1") is False
+
+
 def test_wsgi_import_loads_no_model_and_no_torch(tmp_path):
     code = ("import sys, _wsgi; assert 'torch' not in sys.modules, 'torch imported'; "
             "c = _wsgi.app.test_client(); print(c.get('/health').json['status'])")

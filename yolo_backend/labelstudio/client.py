@@ -24,6 +24,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from typing import Any, Callable, Optional
 from urllib.parse import urljoin, urlparse
 
@@ -373,7 +374,8 @@ class ProjectVersionSync:
     """
 
     def __init__(self, client_factory: Callable[[], Optional[Any]], attempts: int = 5,
-                 first_delay: float = 1.0, backoff: float = 2.0, uncertainty_sampling: bool = False):
+                 first_delay: float = 1.0, backoff: float = 2.0, uncertainty_sampling: bool = False,
+                 remember: int = 1000):
         self._client_factory = client_factory
         self.uncertainty_sampling = uncertainty_sampling  # also set the project's sampling (UNCERTAINTY_SAMPLING)
         self.attempts = attempts
@@ -382,7 +384,10 @@ class ProjectVersionSync:
         self._lock = threading.Lock()
         self._pending: dict[int, str] = {}   # project -> version a thread is working on
         self._again: set[int] = set()        # projects asked again while their thread runs
-        self._synced: dict[int, str] = {}    # project -> version known to be set
+        # project -> version known to be set, the most recent ``remember`` only: /setup and /predict need no key,
+        # so made-up project ids must not grow it (a forgotten project is only checked once more).
+        self._synced: OrderedDict[int, str] = OrderedDict()
+        self.remember = remember
         self.threads: list[threading.Thread] = []  # for tests
         self._said_no_client = False
 
@@ -446,6 +451,9 @@ class ProjectVersionSync:
                                  "predictions)", project_id, current, version)
                     with self._lock:
                         self._synced[project_id] = version
+                        self._synced.move_to_end(project_id)
+                        while len(self._synced) > self.remember:
+                            self._synced.popitem(last=False)
                         if project_id not in self._again:
                             return
                 except Exception as exc:  # 400 until a prediction of this version is stored: retry
