@@ -9,7 +9,8 @@ import pytest
 
 from yolo_backend.errors import RequestRefused
 from yolo_backend.jobs.keys import Keys
-from yolo_backend.jobs.pool import RunStatus, cluster_path, enqueue_pool_run, plan, read_status
+from yolo_backend.jobs.pool import (PoolScorer, RunStatus, cluster_path, enqueue_pool_run, plan, read_status,
+                                    stale_of_done_tasks)
 from yolo_backend.settings import Settings
 
 
@@ -37,6 +38,63 @@ def test_plan_keeps_older_versions_when_asked():
     assert [t["id"] for t in todo] == [3] and stale == {3: [15]}
 
 
+def test_stale_predictions_of_done_tasks_are_what_a_finished_run_deletes():
+    predictions = [
+        {"id": 10, "task": 1, "model_version": "v2", "cluster": 3},      # done ...
+        {"id": 11, "task": 1, "model_version": "v2", "cluster": None},   # ... and a /predict reply stored late
+        {"id": 12, "task": 1, "model_version": "v1", "cluster": 0},      # an older run of ours
+        {"id": 13, "task": 1, "model_version": "imported", "cluster": None},  # the user's own: never touched
+        {"id": 14, "task": 2, "model_version": "v2", "cluster": None},   # not done (failed image): left for a run
+    ]
+    assert stale_of_done_tasks(predictions, "v2", keep_old=False) == [11, 12]
+    assert stale_of_done_tasks(predictions, "v2", keep_old=True) == [11]
+
+
+class _ListingClient:
+    """Label Studio's predictions as a list that grows as time passes (it stores a /predict reply after it)."""
+
+    def __init__(self, predictions, later=(), after_calls=2):
+        self.stored, self.later, self.after_calls, self.calls, self.deleted = list(predictions), list(later), \
+            after_calls, 0, []
+
+    def predictions(self, project_id):
+        self.calls += 1
+        if self.calls > self.after_calls:
+            self.stored += self.later
+            self.later = []
+        return [p for p in self.stored if p["id"] not in self.deleted]
+
+    def delete_prediction(self, prediction_id):
+        self.deleted.append(prediction_id)
+
+
+def _scorer(client, tmp_path):
+    scorer = PoolScorer.__new__(PoolScorer)  # only its Label Studio side: no model, no backend
+    scorer.settings, scorer.project_id, scorer.client = Settings.from_env({}, model_dir=str(tmp_path)), 4, client
+    return scorer
+
+
+def test_a_finished_run_sweeps_predictions_stored_after_it_planned(tmp_path):
+    client = _ListingClient([{"id": 1, "task": 1, "model_version": "v2", "cluster": 0},
+                             {"id": 2, "task": 2, "model_version": "v2", "cluster": 1}],
+                            later=[{"id": 3, "task": 2, "model_version": "v2", "cluster": None}], after_calls=0)
+    assert _scorer(client, tmp_path).sweep("v2") == 1 and client.deleted == [3]
+    assert _scorer(client, tmp_path).sweep("v2") == 0  # nothing left to do
+
+
+def test_a_deadline_run_waits_for_the_reply_to_be_stored(tmp_path, monkeypatch):
+    import yolo_backend.jobs.pool as pool
+
+    monkeypatch.setattr(pool, "STORED_POLL_S", 0.01)
+    reply = [{"id": i, "task": i, "model_version": "v2", "cluster": None} for i in range(1, 4)]
+    client = _ListingClient([], later=reply, after_calls=3)
+    _scorer(client, tmp_path).wait_for_stored("v2", 3, timeout=5)
+    assert client.calls == 4  # polled until all three were there
+    started = time.monotonic()
+    _scorer(_ListingClient([]), tmp_path).wait_for_stored("v2", 3, timeout=0.05)  # never stored: goes on
+    assert time.monotonic() - started < 2
+
+
 def test_cluster_file_name_is_safe_for_any_version(tmp_path):
     settings = Settings.from_env({}, model_dir=str(tmp_path))
     path = cluster_path(settings, 7, "../../etc/passwd v1")
@@ -61,7 +119,8 @@ def test_run_status_counts_chunks_and_finishes_only_when_coordinated(connection)
     status.add("v3", stored=19, chunk_done=True)
     assert read_status(connection, keys, 5)["state"] == "scoring"  # the coordinator may still queue chunks
     status.add("v2", stored=50)  # a chunk of an older version adds nothing to this run
-    status.coordinated()
+    assert status.coordinated() is True  # this call completed the run: it sweeps up after it
+    assert status.finish_if_complete() is False and status.add("v3", chunk_done=True) is False  # only once
     final = read_status(connection, keys, 5)
     assert final["state"] == "done" and final["done"] == 79 and final["failed"] == 1 and final["total"] == 100
     assert final["left"] == 20 and final["eta_s"] is None and final["rate"] > 0

@@ -530,10 +530,14 @@ def test_tasks_past_the_deadline_queue_pool_scoring(tmp_path, model_file, redis_
     client, context, loader = make_client(tmp_path, model_file, training=TrainingQueue(queue_settings),
                                           predict_deadline_s=0.3, predict_batch_size=2)
     tasks = [{"id": i, "data": {"image": png_uri(40, 30)}} for i in range(30)]
+    answered = []
     with slow_detector():
         for _ in range(2):
             reply = client.post("/predict", json={"tasks": tasks, "label_config": CONFIG, "project": 8})
             assert sum("result" not in r for r in reply.json["results"]) > 0
+            answered.append(sum(1 for r in reply.json["results"] if r.get("result")))
     jobs = Queue("deadline-pool", connection=Redis.from_url(redis_server.url)).jobs
     assert [(j.func_name, j.args[:2]) for j in jobs] == [("yolo_backend.jobs.pool.run_pool_job",
                                                           (8, "predict deadline"))]
+    # The run first waits for Label Studio to store what the first reply answered (it stores it after the reply).
+    assert jobs[0].args[2] == {"reply_stored": answered[0]} and answered[0] > 0

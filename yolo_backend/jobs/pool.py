@@ -13,7 +13,10 @@ A run for (project, version):
    deletes the task's stale predictions: this version's without a cluster (stored from ``/predict`` replies or by
    the version switch) and, unless KEEP_OLD_PREDICTIONS, older versions' with a cluster (Label Studio takes the
    ``Max`` cluster over all of a solved task's predictions);
-3. a chunk of a version that no longer serves the project stops at once: the newer version's run covers it.
+3. a chunk of a version that no longer serves the project stops at once: the newer version's run covers it;
+4. the job that completes the run lists the predictions once more and deletes the stale ones stored since the plan
+   (Label Studio stores a ``/predict`` reply after it was sent; a run started by that reply's deadline leftovers
+   also waits for it to be stored before it plans).
 
 Progress (done, failed, total, chunks, rate, ETA) is a Redis hash per project, read by ``/status``, the dashboard
 and ``/prometheus``. Without Redis (``score-pool --here``) the run goes through every chunk in process.
@@ -51,6 +54,8 @@ RUN_ALIVE_S = 120            # a run of the same version updated this recently i
 STORED_TTL_S = 7 * 24 * 3600
 COORDINATOR_TIMEOUT_S = 3600
 CHUNK_TIMEOUT_S = 1800
+REPLY_STORED_WAIT_S = 180    # most a run started by /predict leftovers waits for Label Studio to store that reply
+STORED_POLL_S = 3
 
 
 # --- which predictions a task needs ---------------------------------------------------------------------------
@@ -60,21 +65,42 @@ def plan(tasks: list[dict], predictions: list[dict], version: str, keep_old: boo
     A task is done when it has a prediction of ``version`` with a cluster. Stale: this version's predictions
     without a cluster, and older versions' with a cluster unless ``keep_old`` (a prediction without a cluster from
     another version, e.g. imported by the user, is never touched)."""
-    by_task: dict[int, list[dict]] = {}
-    for p in predictions:
-        by_task.setdefault(int(p["task"]), []).append(p)
+    by_task = _by_task(predictions)
     todo, stale = [], {}
     for task in tasks:
         mine = by_task.get(int(task["id"]), [])
-        if any(p.get("model_version") == version and p.get("cluster") is not None for p in mine):
+        if _is_done(mine, version):
             continue
         todo.append(task)
-        old = [int(p["id"]) for p in mine
-               if (p.get("model_version") == version and p.get("cluster") is None)
-               or (not keep_old and p.get("model_version") != version and p.get("cluster") is not None)]
+        old = _stale_ids(mine, version, keep_old)
         if old:
             stale[int(task["id"])] = old
     return todo, stale
+
+
+def stale_of_done_tasks(predictions: list[dict], version: str, keep_old: bool) -> list[int]:
+    """Stale prediction ids (``plan``'s rule) on tasks that are done: what a finished run still deletes. Label
+    Studio may store a ``/predict`` reply's predictions (no cluster) after the run listed them, e.g. the reply
+    whose leftovers at PREDICT_DEADLINE_S started the run."""
+    return [old for mine in _by_task(predictions).values() if _is_done(mine, version)
+            for old in _stale_ids(mine, version, keep_old)]
+
+
+def _by_task(predictions: list[dict]) -> dict[int, list[dict]]:
+    by_task: dict[int, list[dict]] = {}
+    for p in predictions:
+        by_task.setdefault(int(p["task"]), []).append(p)
+    return by_task
+
+
+def _is_done(predictions: list[dict], version: str) -> bool:
+    return any(p.get("model_version") == version and p.get("cluster") is not None for p in predictions)
+
+
+def _stale_ids(predictions: list[dict], version: str, keep_old: bool) -> list[int]:
+    return [int(p["id"]) for p in predictions
+            if (p.get("model_version") == version and p.get("cluster") is None)
+            or (not keep_old and p.get("model_version") != version and p.get("cluster") is not None)]
 
 
 def cluster_path(settings: Settings, project_id: int, version: str) -> Path:
@@ -113,11 +139,11 @@ class RunStatus:
     def set_chunks(self, chunks: int) -> None:
         if self.connection is not None:
             self.connection.hset(self.key, mapping={"chunks": chunks, "updated_at": time.time()})
-            self.finish_if_complete()
 
-    def add(self, version: str, stored: int = 0, failed: int = 0, chunk_done: bool = False) -> None:
+    def add(self, version: str, stored: int = 0, failed: int = 0, chunk_done: bool = False) -> bool:
+        """Count stored/failed tasks (and a finished chunk); True when this call completed the run."""
         if self.connection is None or text(self.connection.hget(self.key, "version")) != version:
-            return
+            return False
         pipe = self.connection.pipeline()
         pipe.hincrby(self.key, "done", stored)
         pipe.hincrby(self.key, "failed", failed)
@@ -125,23 +151,29 @@ class RunStatus:
             pipe.hincrby(self.key, "chunks_done", 1)
         pipe.hset(self.key, "updated_at", time.time())
         pipe.execute()
-        if chunk_done:
-            self.finish_if_complete()
+        return self.finish_if_complete() if chunk_done else False
 
-    def finish_if_complete(self) -> None:
+    def finish_if_complete(self) -> bool:
+        """Mark the run done when every chunk is; True for the one caller that did (it sweeps up after the run)."""
         status = self.read()
         if status.get("state") == "scoring" and status.get("chunks_done", 0) >= status.get("chunks", 0) and \
                 status.get("coordinated"):
-            self.connection.hset(self.key, mapping={"state": "done", "finished_at": time.time()})
+            if not self.connection.hsetnx(self.key, "finished_at", time.time()):
+                return False  # another chunk finished it at the same moment
+            self.connection.hset(self.key, "state", "done")
             log.info("project %s: pool scoring with %s done: %d of %d task(s) have a prediction, %d failed",
                      self.project_id, status.get("version"), status.get("done", 0), status.get("total", 0),
                      status.get("failed", 0))
+            return True
+        return False
 
-    def coordinated(self) -> None:
-        """The coordinator queued every chunk: the run is complete when they are."""
-        if self.connection is not None:
-            self.connection.hset(self.key, "coordinated", 1)
-            self.finish_if_complete()
+    def coordinated(self) -> bool:
+        """The coordinator queued every chunk: the run is complete when they are. True when it is now (without
+        Redis: always, the run went through every chunk in process)."""
+        if self.connection is None:
+            return True
+        self.connection.hset(self.key, "coordinated", 1)
+        return self.finish_if_complete()
 
     def fail(self, message: str) -> None:
         if self.connection is not None:
@@ -267,6 +299,36 @@ class PoolScorer:
         stored = sum(outcome)
         return stored, len(outcome) - stored
 
+    def sweep(self, version: str) -> int:
+        """After a finished run: delete the stale predictions of tasks that have theirs (``stale_of_done_tasks``),
+        so every task ends with exactly one prediction of the version. Returns how many went."""
+        try:
+            stale = stale_of_done_tasks(self.client.predictions(self.project_id), version,
+                                        self.settings.keep_old_predictions)
+            for prediction_id in stale:
+                self.client.delete_prediction(prediction_id)
+        except Exception as exc:  # the next run deletes them; the predictions stored are what counts
+            log.warning("project %s: could not delete stale predictions after pool scoring with %s: %s",
+                        self.project_id, version, exc)
+            return 0
+        if stale:
+            log.info("project %s: deleted %d stale prediction(s) stored while pool scoring with %s ran",
+                     self.project_id, len(stale), version)
+        return len(stale)
+
+    def wait_for_stored(self, version: str, expected: int, timeout: float) -> None:
+        """Wait (at most ``timeout`` s) until Label Studio holds ``expected`` predictions of ``version``: a
+        ``/predict`` reply is stored after it was sent (one by one on SQLite), and planning before would score
+        its tasks again."""
+        deadline = time.monotonic() + timeout
+        while True:
+            held = sum(1 for p in self.client.predictions(self.project_id) if p.get("model_version") == version)
+            if held >= expected or time.monotonic() > deadline:
+                log.info("project %s: %d of the %d prediction(s) of the /predict reply are stored%s", self.project_id,
+                         min(held, expected), expected, "" if held >= expected else f" after {timeout:g} s: going on")
+                return
+            time.sleep(STORED_POLL_S)
+
     def score_and_store(self, version: str, tasks: list[dict], centroids: np.ndarray, stale: dict,
                         report: Callable[[int, int], None]) -> tuple[int, int]:
         """Claim, score and store ``tasks`` a slice at a time; ``report(stored, failed)`` after each slice. A slice
@@ -350,9 +412,10 @@ def load_or_fit_clusters(scorer: PoolScorer, version: str, todo: list[dict], tot
 
 def score_project(settings: Settings, project_id: int, reason: str = "requested", connection=None,
                   queue_name: Optional[str] = None, job_id: Optional[str] = None,
-                  backend_spec: str = DEFAULT_BACKEND, force: bool = False) -> dict:
+                  backend_spec: str = DEFAULT_BACKEND, force: bool = False, reply_stored: int = 0) -> dict:
     """The coordinator: plan the run, fit or load the clusters, store the sample, then queue the chunks (with a
-    Redis connection) or score them here (without). Returns the run's summary."""
+    Redis connection) or score them here (without). ``reply_stored``: predictions a ``/predict`` reply sent just
+    before (the run scores its leftovers), waited for first. Returns the run's summary."""
     from ..labelstudio.client import ProjectNotFound
     from .keys import Keys
 
@@ -369,6 +432,8 @@ def score_project(settings: Settings, project_id: int, reason: str = "requested"
         log.info("project %s: a pool-scoring run with %s is going on: this request joins it", project_id, version)
         return {"project": project_id, "model_version": version, "scored": False, "status": "coalesced"}
     client = scorer.client
+    if reply_stored:
+        scorer.wait_for_stored(version, reply_stored, REPLY_STORED_WAIT_S)
     tasks = [{"id": int(t["id"]), "data": t.get("data") or {}} for t in client.tasks(project_id,
                                                                                      with_annotations=False)]
     todo, stale = plan(tasks, client.predictions(project_id), version, settings.keep_old_predictions)
@@ -418,7 +483,8 @@ def score_project(settings: Settings, project_id: int, reason: str = "requested"
                 stored, failed = stored + s, failed + f
                 log.info("project %s: pool scoring %d of %d task(s) stored", project_id, done_before + stored,
                          len(tasks))
-        scorer.status.coordinated()
+        if scorer.status.coordinated():
+            summary["swept"] = scorer.sweep(version)
     except Superseded as exc:
         scorer.status.fail(f"superseded by {exc.version}")
         return {**summary, "superseded_by": exc.version}
@@ -460,7 +526,8 @@ def score_chunk(settings: Settings, project_id: int, version: str, tasks: list[d
     except Superseded as exc:
         scorer.status.add(version, chunk_done=True)
         return {**summary, "superseded_by": exc.version}
-    scorer.status.add(version, chunk_done=True)
+    if scorer.status.add(version, chunk_done=True):  # the run's last chunk
+        summary["swept"] = scorer.sweep(version)
     return {**summary, "stored": stored, "failed": failed}
 
 
@@ -478,7 +545,8 @@ def run_pool_job(project_id: int, reason: str = "requested", options: Optional[d
         job.connection.eval(DELETE_IF_EQUAL, 1, Keys(job.origin).pool_waiting(int(project_id)), job.id)
     return score_project(settings, int(project_id), reason, connection=job.connection if job else None,
                          queue_name=job.origin if job else None, job_id=job.id if job else None,
-                         backend_spec=options.get("backend", DEFAULT_BACKEND), force=bool(options.get("force")))
+                         backend_spec=options.get("backend", DEFAULT_BACKEND), force=bool(options.get("force")),
+                         reply_stored=int(options.get("reply_stored", 0)))
 
 
 def run_pool_chunk(project_id: int, version: str, tasks: list[dict], stale: dict, label_config: Optional[str],

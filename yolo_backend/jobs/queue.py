@@ -264,9 +264,11 @@ class TrainingQueue:
         self._stop.set()
 
     # --- pool scoring -----------------------------------------------------------------------------------
-    def request_pool_scoring(self, project_id: Optional[int], reason: str = "requested") -> dict:
-        """Queue the project's pool scoring (``jobs.pool``), or join the one waiting. Redis away: said, not kept
-        (the next publish or request scores the pool; nothing is lost but time)."""
+    def request_pool_scoring(self, project_id: Optional[int], reason: str = "requested",
+                             reply_stored: int = 0) -> dict:
+        """Queue the project's pool scoring (``jobs.pool``), or join the one waiting. ``reply_stored``: predictions
+        the /predict reply that asks for it carries (the run waits for Label Studio to store them). Redis away:
+        said, not kept (the next publish or request scores the pool; nothing is lost but time)."""
         if project_id is None:
             raise RequestRefused(400, "send the project id: {\"project\": <id>}")
         from .pool import enqueue_pool_run
@@ -274,7 +276,8 @@ class TrainingQueue:
         try:
             with _refused_writes_as_errors():
                 return enqueue_pool_run(self.connection(), self.queue_name, project_id, reason,
-                                        self.settings.max_queued_projects)
+                                        self.settings.max_queued_projects,
+                                        {"reply_stored": int(reply_stored)} if reply_stored else None)
         except self._redis_errors() as exc:
             return {"job": None, "status": "unavailable", "project": project_id,
                     "message": f"Redis at {self._safe_url()} is unreachable ({type(exc).__name__}): pool scoring "

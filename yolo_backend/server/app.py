@@ -294,15 +294,19 @@ def create_app(backend_class: type[LabelStudioMLBase], settings: Optional[Settin
         failed = sum(1 for item in results if is_failed_prediction(item))
         counters.add(predict_requests=1, tasks_predicted=len(tasks) - failed, tasks_failed=failed)
         counters.set(last_predict_seconds=round(elapsed, 4))
-        log.info("predicted %d task(s) for project %s with %s in %.2f s%s", len(tasks) - failed, project_id, version,
-                 elapsed, f"; {failed} without prediction (image not available, see above)" if failed else "")
+        leftovers = getattr(backend, "deadline_leftovers", 0)
+        unavailable = failed - leftovers
+        log.info("predicted %d task(s) for project %s with %s in %.2f s%s%s", len(tasks) - failed, project_id,
+                 version, elapsed, f"; {leftovers} left at PREDICT_DEADLINE_S" if leftovers else "",
+                 f"; {unavailable} without prediction (image not available, see above)" if unavailable else "")
         # Label Studio stores these after our reply; then the project's version can be switched to ours.
         if version != NO_MODEL_VERSION and failed < len(tasks):
             context.version_sync.request(project_id, version)
         # Tasks left at PREDICT_DEADLINE_S: pool scoring stores their predictions (it skips what is stored).
-        if getattr(backend, "deadline_leftovers", 0) and context.training is not None and project_id is not None:
+        if leftovers and context.training is not None and project_id is not None:
             try:
-                queued = context.training.request_pool_scoring(project_id, "predict deadline")
+                answered = sum(1 for item in results if item.get("result"))
+                queued = context.training.request_pool_scoring(project_id, "predict deadline", reply_stored=answered)
                 log.info("%d task(s) past PREDICT_DEADLINE_S: pool scoring of project %s %s (job %s)",
                          backend.deadline_leftovers, project_id, queued.get("status"), queued.get("job"))
             except RequestRefused as exc:
