@@ -119,8 +119,10 @@ def test_run_status_counts_chunks_and_finishes_only_when_coordinated(connection)
     status.add("v3", stored=19, chunk_done=True)
     assert read_status(connection, keys, 5)["state"] == "scoring"  # the coordinator may still queue chunks
     status.add("v2", stored=50)  # a chunk of an older version adds nothing to this run
-    assert status.coordinated() is True  # this call completed the run: it sweeps up after it
+    assert status.coordinated() is True  # this call completed the run: it sweeps up after it, then says done
     assert status.finish_if_complete() is False and status.add("v3", chunk_done=True) is False  # only once
+    assert read_status(connection, keys, 5)["state"] == "scoring"  # until the sweep is over
+    status.done()
     final = read_status(connection, keys, 5)
     assert final["state"] == "done" and final["done"] == 79 and final["failed"] == 1 and final["total"] == 100
     assert final["left"] == 20 and final["eta_s"] is None and final["rate"] > 0

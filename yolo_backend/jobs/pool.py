@@ -154,18 +154,23 @@ class RunStatus:
         return self.finish_if_complete() if chunk_done else False
 
     def finish_if_complete(self) -> bool:
-        """Mark the run done when every chunk is; True for the one caller that did (it sweeps up after the run)."""
+        """True for the one caller that sees the run complete (every chunk done, the coordinator finished): it
+        sweeps up after the run and then calls ``done()``."""
         status = self.read()
         if status.get("state") == "scoring" and status.get("chunks_done", 0) >= status.get("chunks", 0) and \
                 status.get("coordinated"):
-            if not self.connection.hsetnx(self.key, "finished_at", time.time()):
-                return False  # another chunk finished it at the same moment
-            self.connection.hset(self.key, "state", "done")
-            log.info("project %s: pool scoring with %s done: %d of %d task(s) have a prediction, %d failed",
-                     self.project_id, status.get("version"), status.get("done", 0), status.get("total", 0),
-                     status.get("failed", 0))
-            return True
+            return bool(self.connection.hsetnx(self.key, "finished_at", time.time()))  # one caller only
         return False
+
+    def done(self) -> None:
+        """The run is over (after the sweep): what /status, the dashboard and waiting clients see."""
+        if self.connection is None:
+            return
+        self.connection.hset(self.key, "state", "done")
+        status = self.read()
+        log.info("project %s: pool scoring with %s done: %d of %d task(s) have a prediction, %d failed",
+                 self.project_id, status.get("version"), status.get("done", 0), status.get("total", 0),
+                 status.get("failed", 0))
 
     def coordinated(self) -> bool:
         """The coordinator queued every chunk: the run is complete when they are. True when it is now (without
@@ -485,6 +490,7 @@ def score_project(settings: Settings, project_id: int, reason: str = "requested"
                          len(tasks))
         if scorer.status.coordinated():
             summary["swept"] = scorer.sweep(version)
+            scorer.status.done()
     except Superseded as exc:
         scorer.status.fail(f"superseded by {exc.version}")
         return {**summary, "superseded_by": exc.version}
@@ -528,6 +534,7 @@ def score_chunk(settings: Settings, project_id: int, version: str, tasks: list[d
         return {**summary, "superseded_by": exc.version}
     if scorer.status.add(version, chunk_done=True):  # the run's last chunk
         summary["swept"] = scorer.sweep(version)
+        scorer.status.done()
     return {**summary, "stored": stored, "failed": failed}
 
 

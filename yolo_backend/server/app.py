@@ -305,7 +305,7 @@ def create_app(backend_class: type[LabelStudioMLBase], settings: Optional[Settin
         # Tasks left at PREDICT_DEADLINE_S: pool scoring stores their predictions (it skips what is stored).
         if leftovers and context.training is not None and project_id is not None:
             try:
-                answered = sum(1 for item in results if item.get("result"))
+                answered = sum(1 for item in results if "result" in item)  # Label Studio stores empty ones too
                 queued = context.training.request_pool_scoring(project_id, "predict deadline", reply_stored=answered)
                 log.info("%d task(s) past PREDICT_DEADLINE_S: pool scoring of project %s %s (job %s)",
                          backend.deadline_leftovers, project_id, queued.get("status"), queued.get("job"))
