@@ -321,6 +321,12 @@ class PoolScorer:
                      self.project_id, len(stale), version)
         return len(stale)
 
+    def finish_run(self, version: str, sweep: bool = True) -> int:
+        """For the one job that completed the run: sweep (``sweep``), then mark the run done. Returns the swept."""
+        swept = self.sweep(version) if sweep else 0
+        self.status.done()
+        return swept
+
     def wait_for_stored(self, version: str, expected: int, timeout: float) -> None:
         """Wait (at most ``timeout`` s) until Label Studio holds ``expected`` predictions of ``version``: a
         ``/predict`` reply is stored after it was sent (one by one on SQLite), and planning before would score
@@ -489,8 +495,7 @@ def score_project(settings: Settings, project_id: int, reason: str = "requested"
                 log.info("project %s: pool scoring %d of %d task(s) stored", project_id, done_before + stored,
                          len(tasks))
         if scorer.status.coordinated():
-            summary["swept"] = scorer.sweep(version)
-            scorer.status.done()
+            summary["swept"] = scorer.finish_run(version)
     except Superseded as exc:
         scorer.status.fail(f"superseded by {exc.version}")
         return {**summary, "superseded_by": exc.version}
@@ -515,7 +520,8 @@ def score_chunk(settings: Settings, project_id: int, version: str, tasks: list[d
     if now != version:
         log.info("project %s: pool chunk of %s skipped: %s serves now (its run scores the pool)", project_id,
                  version, now)
-        scorer.status.add(version, chunk_done=True)
+        if scorer.status.add(version, chunk_done=True):
+            scorer.finish_run(version, sweep=False)  # not the serving version: its stale rule no longer applies
         return {**summary, "superseded_by": now}
     centroids = ClusterModel.load(cluster_path(settings, project_id, version)).centroids
     done = [0, 0]
@@ -530,11 +536,11 @@ def score_chunk(settings: Settings, project_id: int, version: str, tasks: list[d
     try:
         stored, failed = scorer.score_and_store(version, tasks, centroids, stale, report)
     except Superseded as exc:
-        scorer.status.add(version, chunk_done=True)
+        if scorer.status.add(version, chunk_done=True):
+            scorer.finish_run(version, sweep=False)
         return {**summary, "superseded_by": exc.version}
     if scorer.status.add(version, chunk_done=True):  # the run's last chunk
-        summary["swept"] = scorer.sweep(version)
-        scorer.status.done()
+        summary["swept"] = scorer.finish_run(version)
     return {**summary, "stored": stored, "failed": failed}
 
 
