@@ -88,8 +88,9 @@ def test_a_deadline_run_waits_for_the_reply_to_be_stored(tmp_path, monkeypatch):
     monkeypatch.setattr(pool, "STORED_POLL_S", 0.01)
     reply = [{"id": i, "task": i, "model_version": "v2", "cluster": None} for i in range(1, 4)]
     client = _ListingClient([], later=reply, after_calls=3)
-    _scorer(client, tmp_path).wait_for_stored("v2", 3, timeout=5)
+    listed = _scorer(client, tmp_path).wait_for_stored("v2", 3, timeout=5)
     assert client.calls == 4  # polled until all three were there
+    assert listed == reply  # the last listing is what the run plans on: no second listing
     started = time.monotonic()
     _scorer(_ListingClient([]), tmp_path).wait_for_stored("v2", 3, timeout=0.05)  # never stored: goes on
     assert time.monotonic() - started < 2

@@ -327,17 +327,18 @@ class PoolScorer:
         self.status.done()
         return swept
 
-    def wait_for_stored(self, version: str, expected: int, timeout: float) -> None:
+    def wait_for_stored(self, version: str, expected: int, timeout: float) -> list[dict]:
         """Wait (at most ``timeout`` s) until Label Studio holds ``expected`` predictions of ``version``: a
         ``/predict`` reply is stored after it was sent (one by one on SQLite), and planning before would score
-        its tasks again."""
+        its tasks again. Returns the project's predictions as last listed (the run plans on them)."""
         deadline = time.monotonic() + timeout
         while True:
-            held = sum(1 for p in self.client.predictions(self.project_id) if p.get("model_version") == version)
+            predictions = self.client.predictions(self.project_id)
+            held = sum(1 for p in predictions if p.get("model_version") == version)
             if held >= expected or time.monotonic() > deadline:
                 log.info("project %s: %d of the %d prediction(s) of the /predict reply are stored%s", self.project_id,
                          min(held, expected), expected, "" if held >= expected else f" after {timeout:g} s: going on")
-                return
+                return predictions
             time.sleep(STORED_POLL_S)
 
     def score_and_store(self, version: str, tasks: list[dict], centroids: np.ndarray, stale: dict,
@@ -443,11 +444,12 @@ def score_project(settings: Settings, project_id: int, reason: str = "requested"
         log.info("project %s: a pool-scoring run with %s is going on: this request joins it", project_id, version)
         return {"project": project_id, "model_version": version, "scored": False, "status": "coalesced"}
     client = scorer.client
-    if reply_stored:
-        scorer.wait_for_stored(version, reply_stored, REPLY_STORED_WAIT_S)
+    # Predictions first, tasks after: a task created in between is then planned as unscored, never missed.
+    predictions = scorer.wait_for_stored(version, reply_stored, REPLY_STORED_WAIT_S) if reply_stored else \
+        client.predictions(project_id)
     tasks = [{"id": int(t["id"]), "data": t.get("data") or {}} for t in client.tasks(project_id,
                                                                                      with_annotations=False)]
-    todo, stale = plan(tasks, client.predictions(project_id), version, settings.keep_old_predictions)
+    todo, stale = plan(tasks, predictions, version, settings.keep_old_predictions)
     done_before = len(tasks) - len(todo)
     if connection is not None:  # Label Studio is the truth: claims of a dead run must not block its tasks
         key = keys.pool_stored(project_id, version)
