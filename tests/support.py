@@ -239,3 +239,62 @@ class FakeLabelStudio:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A foreign host that records everything it is sent
+# --------------------------------------------------------------------------------------------------------------
+
+class RecordingServer:
+    """A host that is not Label Studio, on loopback: answers any GET with a small PNG and any other method with
+    ``{}``, and keeps each request's raw head and body in ``requests`` (bytes), whatever its path, so a test can
+    look for a key anywhere in what arrived. ``url``; ``close()`` or a ``with`` ends it."""
+
+    def __init__(self, host: str = "127.0.0.1"):
+        import http.server
+
+        recorded = self.requests = []
+        image = png_bytes(16, 16)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self, body: bytes, mime: str) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                payload = self.rfile.read(min(length, 1 << 20)) if length else b""
+                recorded.append(self.requestline.encode() + b"\r\n" + bytes(self.headers) + payload)
+                self.send_response(200)
+                self.send_header("Content-Type", mime)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                self._answer(image, "image/png")
+
+            def do_POST(self):
+                self._answer(b"{}", "application/json")
+
+            do_PATCH = do_PUT = do_DELETE = do_POST
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((host, 0), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://{host}:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def saw(self, secret: str) -> bool:
+        """Whether ``secret`` (a key, or a token derived from it) arrived in any request."""
+        return any(secret.encode() in raw for raw in self.requests)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+    def __enter__(self) -> "RecordingServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

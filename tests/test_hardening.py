@@ -19,7 +19,8 @@ from flask import redirect, request
 from tests.support import LEGACY, PAT, FakeLabelStudio, png_bytes, wait_for
 from tests.test_server import CONFIG, make_client
 from yolo_backend.image_header import ImageTooLargeError, checked_size
-from yolo_backend.labelstudio.client import LabelStudioAuthError, LabelStudioSession, origin_of
+from yolo_backend.labelstudio.client import LabelStudioAuthError, LabelStudioSession
+from yolo_backend.labelstudio.urls import Origin, origin_of
 from yolo_backend.labelstudio.images import ImageFetchError, ImageFetcher, decode_image
 from yolo_backend.server.base import parse_project_id
 
@@ -50,8 +51,8 @@ def redirecting_ls(foreign_url: str) -> FakeLabelStudio:
 # --------------------------------------------------------------------------------------------------------------
 
 def test_origin_is_scheme_host_and_port():
-    assert origin_of("http://LS.example:80/x") == origin_of("http://ls.example/y") == ("http", "ls.example", 80)
-    assert origin_of("https://ls.example/") == ("https", "ls.example", 443)
+    assert origin_of("http://LS.example:80/x") == origin_of("http://ls.example/y") == Origin("http", "ls.example", 80)
+    assert origin_of("https://ls.example/") == Origin("https", "ls.example", 443)
     assert origin_of("http://127.0.0.1:8080") != origin_of("http://127.0.0.1:8081")
     assert origin_of("/data/upload/1/a.png") is None and origin_of("ftp://host/x") is None
     session = LabelStudioSession("http://127.0.0.1:8080", LEGACY)
@@ -88,12 +89,17 @@ def test_without_label_studio_url_each_setup_token_stays_with_its_hostname(tmp_p
         session.update_from_setup(ls.url, LEGACY)
         fetcher = ImageFetcher(session, None, timeout=5)
         assert fetcher.load("/data/upload/1/a.png").shape == (48, 64, 3)
-        # A later /setup names another host without a token: relative paths go there, the token does not.
+        # A later /setup names another host without a token: it changes nothing (relative paths stay with the
+        # hostname that came with a token, and so does the token).
         session.update_from_setup(foreign.url, None)
-        with pytest.raises(ImageFetchError, match="no Label Studio API key"):
-            fetcher.load("/data/upload/1/b.png")
-        assert fetcher.load(f"{ls.url}/data/upload/1/c.png").shape == (48, 64, 3)  # its own origin: still works
-        assert foreign.auth_seen == [] and not any(LEGACY in (h or "") for h in foreign.auth_seen)
+        assert fetcher.load("/data/upload/1/b.png").shape == (48, 64, 3)
+        assert fetcher.load(f"{ls.url}/data/upload/1/c.png").shape == (48, 64, 3)
+        # With a token of its own it becomes the place for relative paths, with that token only.
+        session.update_from_setup(foreign.url, "another-token")
+        with pytest.raises(ImageFetchError, match="refused"):  # the foreign host does not know that token
+            fetcher.load("/data/upload/1/d.png")
+        assert foreign.auth_seen == ["Token another-token"]
+        assert ls.auth_seen and all(h == f"Token {LEGACY}" for h in ls.auth_seen)
 
 
 @KEYS

@@ -26,11 +26,12 @@ import threading
 import time
 from collections import OrderedDict
 from typing import Any, Callable, Optional
-from urllib.parse import urljoin, urlparse
+from urllib.parse import urljoin, urlsplit
 
 import requests
 
-from .deadline import deadline_session
+from .deadline import DeadlineAdapter, deadline_session
+from .urls import Origin, UnsafeURL, _origin_of_prepared, checked_url, normalise_url, origin_of, shorten
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +41,6 @@ _ACCESS_TOKEN_MARGIN_S = 30.0
 
 class LabelStudioAuthError(RuntimeError):
     """No configured key is accepted by Label Studio; the message says what to set."""
-
-
-def normalise_url(url: Optional[str]) -> Optional[str]:
-    """``http://host:8080/`` -> ``http://host:8080``; empty -> None; a URL without scheme -> ValueError."""
-    if not url or not url.strip():
-        return None
-    url = url.strip().rstrip("/")
-    if not url.startswith(("http://", "https://")):
-        raise ValueError(f"Label Studio URL {url!r} must start with http:// or https:// "
-                         "(e.g. LABEL_STUDIO_URL=http://localhost:8080)")
-    return url
 
 
 def _jwt_payload(token: str) -> Optional[dict]:
@@ -83,12 +73,12 @@ class Credential:
     def __init__(self, base_url: str, key: str, source: str, timeout: float = 10.0,
                  http: Optional[requests.Session] = None):
         self.base_url = normalise_url(base_url)
-        self.origin = origin_of(self.base_url)
+        self.origin = origin_of(self.base_url)  # the only origin this key is ever sent to
         self.key = key.strip()
         self.source = source
         self.timeout = timeout
         self.is_pat = is_personal_access_token(self.key)
-        self._http = http or requests.Session()
+        self._http = http or keyed_session()
         self._access: Optional[str] = None
         self._access_expires = 0.0
         self._lock = threading.Lock()
@@ -113,9 +103,11 @@ class Credential:
 
     def _refresh(self) -> None:
         url = f"{self.base_url}/api/token/refresh/"
-        # Network errors propagate as they are: Label Studio being down is not a refused key.
-        # Never follow a redirect: requests would re-send the refresh token (the key itself) wherever it points.
-        response = self._http.post(url, json={"refresh": self.key}, timeout=self.timeout, allow_redirects=False)
+        # Network errors propagate as they are: Label Studio being down is not a refused key. The refresh token is
+        # the key itself: sent only if the connection is this credential's origin, and never along a redirect.
+        request = self._http.prepare_request(requests.Request("POST", url, json={"refresh": self.key}))
+        request.key_origin, request.key_required = self.origin, True
+        response = self._http.send(request, timeout=self.timeout, allow_redirects=False)
         if response.status_code != 200:
             raise LabelStudioAuthError(
                 f"Label Studio refused the personal access token from {self.source} at {url} "
@@ -138,10 +130,8 @@ def _is_refused(response: requests.Response) -> bool:
     """Label Studio refused the credential: 401/403, or it bounced us to its login page."""
     if response.status_code in (401, 403):
         return True
-    return "/user/login" in urlparse(response.url or "").path
+    return "/user/login" in urlsplit(response.url or "").path
 
-
-Origin = tuple  # (scheme, host, port): where a key may be sent
 
 # Redirects followed by hand (so no key follows one to another origin).
 MAX_REDIRECTS = 5
@@ -149,16 +139,41 @@ MAX_REDIRECTS = 5
 MAX_SETUP_ORIGINS = 8
 
 
-def origin_of(url: str) -> Optional[Origin]:
-    """``http://Host:80/x`` -> ``("http", "host", 80)``; None for a URL that is not absolute http(s)."""
-    try:
-        parts = urlparse(url)
-        port = parts.port
-    except ValueError:
-        return None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return None
-    return parts.scheme, parts.hostname.lower(), port or (443 if parts.scheme == "https" else 80)
+class KeyedAdapter(DeadlineAdapter):
+    """The one place a key is put on a request: only when the connection the adapter is about to use is the
+    key's origin, read from the same prepared URL and the same connection pool that then connects.
+
+    A request carries ``credential`` (its Authorization header is added here, or not) or ``key_origin`` with
+    ``key_required`` (the body holds a key: refused unless the connection is that origin). Proxied plain-http
+    connections never carry a key (the pool is the proxy's); add Label Studio to NO_PROXY."""
+
+    def send(self, request: requests.PreparedRequest, stream=False, timeout=None, verify=True, cert=None,
+             proxies=None):
+        credential = getattr(request, "credential", None)
+        wanted = credential.origin if credential is not None else getattr(request, "key_origin", None)
+        request.headers.pop("Authorization", None)  # never one set anywhere else
+        if wanted is not None:
+            reached = self._connection_origin(request, verify, cert, proxies)
+            if reached == wanted and credential is not None:
+                request.headers["Authorization"] = credential.header(force_refresh=getattr(request, "refresh",
+                                                                                           False))
+            elif reached != wanted and getattr(request, "key_required", False):
+                raise UnsafeURL(f"{shorten(request.url)} would connect to {reached}, not to {wanted}: the key "
+                                "is not sent")
+        return super().send(request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies=proxies)
+
+    def _connection_origin(self, request, verify, cert, proxies) -> Optional[Origin]:
+        pool = self.get_connection_with_tls_context(request, verify, proxies=proxies, cert=cert)
+        via_proxy = getattr(pool, "proxy", None) is not None and pool.scheme == "http"
+        target = _origin_of_prepared(request.url)
+        reached = Origin(pool.scheme, str(pool.host).strip("[]").lower(), int(pool.port))
+        return None if via_proxy or target != reached else reached
+
+
+def keyed_session() -> requests.Session:
+    """A requests session for keyed and plain downloads: keys through ``KeyedAdapter`` only, sockets under the
+    thread's ``Deadline``, and no cookies kept (a Set-Cookie from one host is never sent to another)."""
+    return deadline_session(KeyedAdapter, cookies=False)
 
 
 class LabelStudioSession:
@@ -168,9 +183,11 @@ class LabelStudioSession:
     - ``LABEL_STUDIO_API_KEY`` only to ``LABEL_STUDIO_URL``'s origin (scheme, host, port);
     - a ``/setup`` token only to the origin of the ``hostname`` sent with it;
     - with ``LABEL_STUDIO_URL`` set, relative paths resolve against it and ``/setup`` hostnames are not trusted
-      (a /setup token is used only when its hostname is that same origin); without it, the latest /setup
-      hostname resolves relative paths;
-    - redirects are followed here, and ``Authorization`` goes along only while they stay on the key's origin.
+      (a /setup token is used only when its hostname is that same origin); without it, relative paths resolve
+      against the hostname of the latest /setup that came with a token (a token-less /setup moves nothing);
+    - every URL is checked first (``urls.checked_url``: no parser-dependent authority), redirects are followed
+      here, each hop checked the same way, and the key is attached by ``KeyedAdapter`` only where the connection
+      is the key's origin.
 
     Thread-safe; one per process (gunicorn threads share it).
     """
@@ -178,44 +195,46 @@ class LabelStudioSession:
     def __init__(self, url: Optional[str] = None, api_key: Optional[str] = None, timeout: float = 10.0,
                  http: Optional[requests.Session] = None):
         self.timeout = timeout
-        self._http = http or deadline_session()
+        self._http = http or keyed_session()
         self._lock = threading.Lock()
         self._configured: Optional[Credential] = None
         self._configured_url = normalise_url(url)
         if self._configured_url and api_key and api_key.strip():
             self._configured = Credential(self._configured_url, api_key, "LABEL_STUDIO_API_KEY", timeout, self._http)
-        self._setup: dict[Origin, Credential] = {}  # origin -> the /setup token sent with that hostname
-        self._setup_url: Optional[str] = None       # latest /setup hostname (only used without LABEL_STUDIO_URL)
+        self._setup: OrderedDict[Origin, Credential] = OrderedDict()  # origin -> the /setup token for it
+        self._setup_url: Optional[str] = None  # hostname of the latest /setup with a token (no LABEL_STUDIO_URL)
         self._warned: set[str] = set()
 
     # --- configuration ------------------------------------------------------------------------------------
     def update_from_setup(self, hostname: Optional[str], access_token: Optional[str]) -> None:
-        """Remember what /setup sent (Label Studio sends it before every prediction batch)."""
+        """Remember what /setup sent (Label Studio sends it before every prediction batch): the token, bound to the
+        origin of the hostname that came with it."""
         try:
             hostname = normalise_url(hostname)
-        except ValueError:
-            log.warning("ignoring hostname %r from /setup: not an http(s) URL", hostname)
-            hostname = None
-        configured = origin_of(self._configured_url) if self._configured_url else None
+        except ValueError as exc:
+            self._warn_once(f"bad-setup:{shorten(hostname)}", f"ignoring the hostname from /setup: {exc}")
+            return
+        key = (access_token or "").strip()
+        configured = origin_of(self._configured_url)
         if hostname and configured and origin_of(hostname) != configured:
             self._warn_once(f"foreign-setup:{hostname}",
-                            f"/setup named {hostname} as Label Studio, but LABEL_STUDIO_URL is {self._configured_url}: "
-                            "images and API calls go to LABEL_STUDIO_URL only, and that /setup token is not used")
+                            f"/setup named {shorten(hostname)} as Label Studio, but LABEL_STUDIO_URL is "
+                            f"{self._configured_url}: images and API calls go to LABEL_STUDIO_URL only, and that "
+                            "/setup token is not used")
             return
         base = hostname or self._configured_url or (self._setup_url if not configured else None)
-        key = (access_token or "").strip()
+        if not key or not base:
+            return  # a /setup without a token changes nothing: no key, and no new place for relative paths
         with self._lock:
             if hostname and not configured:
                 self._setup_url = hostname
-            if not key or not base:
-                return
             where = origin_of(base)
             current = self._setup.get(where)
             if current is None or current.key != key:
                 self._setup.pop(where, None)
                 self._setup[where] = Credential(base, key, "/setup", self.timeout, self._http)
                 while len(self._setup) > MAX_SETUP_ORIGINS:
-                    self._setup.pop(next(iter(self._setup)))
+                    self._setup.popitem(last=False)
 
     @property
     def configured_url(self) -> Optional[str]:
@@ -230,7 +249,7 @@ class LabelStudioSession:
     def credentials(self, url: Optional[str] = None) -> list[Credential]:
         """Keys that may go to ``url``'s origin (default: ``base_url``'s), in order: the ones not refused yet
         first, configured before /setup."""
-        where = origin_of(url or self.base_url or "")
+        where = origin_of(url or self.base_url)
         if where is None:
             return []
         with self._lock:
@@ -246,40 +265,40 @@ class LabelStudioSession:
         if self._configured_url:
             return where == origin_of(self._configured_url)
         with self._lock:
-            return where in self._setup or (self._setup_url is not None and where == origin_of(self._setup_url))
+            return where in self._setup or where == origin_of(self._setup_url)
 
     def absolute(self, path_or_url: str) -> str:
-        if path_or_url.startswith(("http://", "https://")):
-            return path_or_url
+        """An absolute, checked URL (UnsafeURL when it is not safe to fetch)."""
+        if path_or_url.lower().startswith(("http://", "https://")):
+            return checked_url(path_or_url)
         base = self.base_url
         if not base:
             raise LabelStudioAuthError(
-                f"cannot resolve {path_or_url!r}: the Label Studio URL is unknown; set LABEL_STUDIO_URL "
+                f"cannot resolve {shorten(path_or_url)!r}: the Label Studio URL is unknown; set LABEL_STUDIO_URL "
                 "(e.g. http://localhost:8080) and LABEL_STUDIO_API_KEY")
-        return base + "/" + path_or_url.lstrip("/")
+        return checked_url(base + "/" + path_or_url.lstrip("/"))
 
     # --- requests -----------------------------------------------------------------------------------------
     def request(self, method: str, path_or_url: str, **kwargs) -> requests.Response:
         """``method`` on a Label Studio URL (or path), authenticated; falls back between keys on 401/403.
 
         Raises LabelStudioAuthError when no key may go to that URL or every key is refused (after one refresh
-        of a JWT access token); other HTTP errors are returned as responses for the caller to judge.
+        of a JWT access token), UnsafeURL for a URL (or redirect) that is not safe to fetch; other HTTP errors are
+        returned as responses for the caller to judge.
         """
         url = self.absolute(path_or_url)
-        kwargs.setdefault("timeout", self.timeout)
-        base_headers = dict(kwargs.pop("headers", None) or {})
         creds = self.credentials(url)
         if not creds:
             raise LabelStudioAuthError(
-                f"no Label Studio API key for {url}: set LABEL_STUDIO_API_KEY (a personal access token "
+                f"no Label Studio API key for {shorten(url)}: set LABEL_STUDIO_API_KEY (a personal access token "
                 "or legacy token from Account & Settings) together with LABEL_STUDIO_URL")
         refusals = []
         for cred in creds:
-            response = self._send(cred, method, url, base_headers, kwargs)
+            response = self._send(cred, method, url, kwargs)
             if response is not None and _is_refused(response) and cred.is_pat:
                 # The access token may have been revoked or expired early: refresh once and retry.
                 response.close()
-                response = self._send(cred, method, url, base_headers, kwargs, force_refresh=True)
+                response = self._send(cred, method, url, kwargs, force_refresh=True)
             if response is None:
                 refusals.append(f"{cred!r}: token refresh refused")
                 self._mark_refused(cred, "its token refresh was refused")
@@ -289,36 +308,40 @@ class LabelStudioSession:
                 return response
             response.close()
             refusals.append(f"{cred!r}: HTTP {response.status_code}")
-            self._mark_refused(cred, f"HTTP {response.status_code} on {urlparse(url).path}")
+            self._mark_refused(cred, f"HTTP {response.status_code} on {shorten(urlsplit(url).path)}")
         raise LabelStudioAuthError(
-            f"Label Studio refused every API key for {url} ({'; '.join(refusals)}). Set LABEL_STUDIO_API_KEY to "
-            "a personal access token (JWT-only organisations refuse legacy tokens) or to a legacy token if "
-            "legacy tokens are enabled for the organisation")
+            f"Label Studio refused every API key for {shorten(url)} ({'; '.join(refusals)}). Set "
+            "LABEL_STUDIO_API_KEY to a personal access token (JWT-only organisations refuse legacy tokens) or to a "
+            "legacy token if legacy tokens are enabled for the organisation")
 
-    def _send(self, cred: Credential, method: str, url: str, base_headers: dict, kwargs: dict,
+    def _send(self, cred: Credential, method: str, url: str, kwargs: dict,
               force_refresh: bool = False) -> Optional[requests.Response]:
-        """One authenticated request, redirects followed by hand; None when the credential could not even
-        produce a header."""
-        try:
-            authorization = cred.header(force_refresh=force_refresh)
-        except LabelStudioAuthError as exc:
-            self._warn_once(f"refresh:{cred.identity}", str(exc))
-            return None
-        kwargs = dict(kwargs)
+        """One request with ``cred``, redirects followed by hand, each hop checked; the adapter adds the key only
+        where the connection is its origin (a presigned S3 hop goes without it). None when the credential could
+        not even produce a header (its token refresh was refused)."""
+        send = {k: kwargs[k] for k in _SEND_ARGUMENTS if k in kwargs}
+        send.setdefault("timeout", self.timeout)
+        fields = {k: v for k, v in kwargs.items() if k not in _SEND_ARGUMENTS}
         for _ in range(MAX_REDIRECTS + 1):
-            # The key goes only to its own origin; a hop elsewhere (a presigned S3 URL) goes without it.
-            headers = {**base_headers, "Authorization": authorization} if origin_of(url) == cred.origin \
-                else base_headers
-            response = self._http.request(method, url, headers=headers, allow_redirects=False, **kwargs)
+            request = self._http.prepare_request(requests.Request(method, url, **fields))
+            request.credential, request.refresh = cred, force_refresh
+            options = self._http.merge_environment_settings(request.url, send.get("proxies") or {},
+                                                            send.get("stream"), send.get("verify"), send.get("cert"))
+            try:
+                response = self._http.send(request, allow_redirects=False, timeout=send["timeout"], **options)
+            except LabelStudioAuthError as exc:  # raised by the credential while the adapter asked for a header
+                self._warn_once(f"refresh:{cred.identity}", str(exc))
+                return None
             location = response.headers.get("Location") if response.is_redirect else None
             if not location:
                 return response
             response.close()
-            url = urljoin(response.url or url, location)
+            url = checked_url(urljoin(response.url or url, location))
+            force_refresh = False
             if response.status_code in (301, 302, 303) and method != "HEAD":
                 method = "GET"
-                kwargs = {k: v for k, v in kwargs.items() if k not in ("json", "data", "files")}
-        raise LabelStudioAuthError(f"more than {MAX_REDIRECTS} redirects from {urlparse(url).netloc}")
+                fields = {k: v for k, v in fields.items() if k not in ("json", "data", "files")}
+        raise LabelStudioAuthError(f"more than {MAX_REDIRECTS} redirects from {shorten(urlsplit(url).netloc)}")
 
     def mark_refused(self, cred: Credential, why: str) -> None:
         """Remember that Label Studio refused ``cred`` (it is tried last from now on); logs the fallback once."""
@@ -337,17 +360,35 @@ class LabelStudioSession:
             self._warn_once(f"refused:{cred.identity}", f"Label Studio refused the {cred!r} ({why})")
 
     def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
+        with self._lock:
+            if key in self._warned:
+                return
+            if len(self._warned) >= MAX_WARNED:  # made-up hostnames must not grow it
+                self._warned.clear()
             self._warned.add(key)
-            log.warning(message)
+        log.warning(message)
 
     def get(self, path_or_url: str, **kwargs) -> requests.Response:
         return self.request("GET", path_or_url, **kwargs)
 
     def fetch_plain(self, url: str, **kwargs) -> requests.Response:
-        """GET a URL that is not Label Studio's, without any key."""
+        """GET a URL that is not Label Studio's, without any key; redirects followed by hand, each hop checked."""
         kwargs.setdefault("timeout", self.timeout)
-        return self._http.get(url, **kwargs)
+        url = checked_url(url)
+        for _ in range(MAX_REDIRECTS + 1):
+            response = self._http.get(url, allow_redirects=False, **kwargs)
+            location = response.headers.get("Location") if response.is_redirect else None
+            if not location:
+                return response
+            response.close()
+            url = checked_url(urljoin(response.url or url, location))
+        raise UnsafeURL(f"more than {MAX_REDIRECTS} redirects from {shorten(urlsplit(url).netloc)}")
+
+
+# requests' arguments for sending (the rest build the request).
+_SEND_ARGUMENTS = ("timeout", "stream", "verify", "cert", "proxies")
+# Warnings said once each; the set is emptied when it reaches this size.
+MAX_WARNED = 1000
 
 
 class LabelStudioAPIError(RuntimeError):

@@ -9,6 +9,7 @@ time is up a timer shuts those sockets down, which ends a read blocked on them. 
 
 from __future__ import annotations
 
+import http.cookiejar
 import socket
 import threading
 from typing import Optional
@@ -120,16 +121,30 @@ class _SecurePool(HTTPSConnectionPool):
     ConnectionCls = _ReportingHTTPSConnection
 
 
-class _DeadlineAdapter(HTTPAdapter):
+class DeadlineAdapter(HTTPAdapter):
     def init_poolmanager(self, *args, **kwargs) -> None:
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = {"http": _Pool, "https": _SecurePool}
 
 
-def deadline_session() -> requests.Session:
-    """A requests session whose connections report their sockets to the current thread's ``Deadline``."""
+class _NoCookies(http.cookiejar.DefaultCookiePolicy):
+    """Keeps no cookie: downloads authenticate with a header, and a cookie set by one host must never be sent to
+    another (or along a redirect)."""
+
+    def set_ok(self, cookie, request) -> bool:
+        return False
+
+    def return_ok(self, cookie, request) -> bool:
+        return False
+
+
+def deadline_session(adapter_class: type[DeadlineAdapter] = DeadlineAdapter, cookies: bool = True) -> requests.Session:
+    """A requests session whose connections report their sockets to the current thread's ``Deadline``;
+    ``cookies=False`` keeps none."""
     session = requests.Session()
-    adapter = _DeadlineAdapter()
+    if not cookies:
+        session.cookies.set_policy(_NoCookies())
+    adapter = adapter_class()
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session

@@ -39,6 +39,7 @@ from ..image_header import DEFAULT_MAX_IMAGE_PIXELS, ImageHeaderError, ImageTooL
 from .client import LabelStudioAuthError, LabelStudioSession
 from .deadline import Deadline, DeadlinePassed
 from .storage import is_cloud_storage_uri, local_storage_path, presign_path
+from .urls import UnsafeURL, checked_url, shorten
 
 log = logging.getLogger(__name__)
 
@@ -173,10 +174,8 @@ class ImageCache:
 
 def shown_url(url: str, limit: int = 200) -> str:
     """A task's image reference as log lines and errors show it: a data URI by its size (it can be megabytes of
-    base64), anything else cut to ``limit`` characters."""
-    if url.startswith("data:"):
-        return f"{url[:url.find(',') + 1 or 40][:40]}... ({len(url)} characters)"
-    return url if len(url) <= limit else url[:limit] + "..."
+    base64), anything else cut to ``limit`` characters, control characters escaped."""
+    return shorten(url, limit)
 
 
 class ImageFetcher:
@@ -204,11 +203,15 @@ class ImageFetcher:
             return "ls", url
         if is_cloud_storage_uri(url):
             if task_id is None:
-                raise ImageFetchError(f"{url}: a cloud storage URI needs the task id to be presigned by Label Studio")
+                raise ImageFetchError(f"{shorten(url)}: a cloud storage URI needs the task id to be presigned by Label Studio")
             return "ls", presign_path(task_id, url)
-        if url.startswith(("http://", "https://")):
+        if url.lower().startswith(("http://", "https://")):
+            try:
+                url = checked_url(url)
+            except UnsafeURL as exc:
+                raise ImageFetchError(f"refused: {exc}; fix the task's URL") from None
             return ("ls" if self.session.is_label_studio_url(url) else "web"), url
-        raise ImageFetchError(f"{url[:200]!r} is not an image URL this backend understands (expected "
+        raise ImageFetchError(f"{shorten(url)!r} is not an image URL this backend understands (expected "
                               "/data/upload/..., /data/local-files/?d=..., http(s)://..., s3://, gs://, "
                               "azure-blob://)")
 
@@ -227,15 +230,15 @@ class ImageFetcher:
     def _fetch(self, url: str, task_id: Optional[int]) -> tuple[bytes, Optional[str], bool]:
         """(bytes, cache key or None, whether they came from the cache)."""
         if not isinstance(url, str) or not url.strip():
-            raise ImageFetchError(f"the task has no image URL (got {url!r})")
+            raise ImageFetchError(f"the task has no image URL (got {shorten(repr(url))})")
         how, what = self._source(url, task_id)
         if how == "file":
             try:
                 if os.path.getsize(what) > MAX_IMAGE_BYTES:
-                    raise ImageFetchError(f"{url}: {what} is larger than {MAX_IMAGE_BYTES >> 20} MiB; refused")
+                    raise ImageFetchError(f"{shorten(url)}: {shorten(what)} is larger than {MAX_IMAGE_BYTES >> 20} MiB; refused")
                 return Path(what).read_bytes(), None, False
             except OSError as exc:
-                raise ImageFetchError(f"{url}: cannot read {what}: {exc}") from None
+                raise ImageFetchError(f"{shorten(url)}: cannot read {shorten(what)}: {exc}") from None
         if how == "data":
             try:
                 return base64.b64decode(what.split(",", 1)[1], validate=False), None, False
@@ -263,21 +266,21 @@ class ImageFetcher:
                     if response.status_code >= 400:
                         hint = {404: "not found", 401: "unauthorised", 403: "forbidden"}.get(response.status_code,
                                                                                            "error")
-                        raise ImageFetchError(f"{original}: HTTP {response.status_code} ({hint}) from {response.url}")
+                        raise ImageFetchError(f"{shorten(original)}: HTTP {response.status_code} ({hint}) from {shorten(response.url)}")
                     chunks, total = [], 0
                     for chunk in response.iter_content(1 << 16):
                         total += len(chunk)
                         if total > MAX_IMAGE_BYTES:
-                            raise ImageFetchError(f"{original}: larger than {MAX_IMAGE_BYTES >> 20} MiB; refused")
+                            raise ImageFetchError(f"{shorten(original)}: larger than {MAX_IMAGE_BYTES >> 20} MiB; refused")
                         chunks.append(chunk)
                         deadline.check()
                     deadline.check()
-        except LabelStudioAuthError as exc:
-            raise ImageFetchError(f"{original}: {exc}") from None
+        except (LabelStudioAuthError, UnsafeURL) as exc:
+            raise ImageFetchError(f"{shorten(original)}: {exc}") from None
         except (requests.RequestException, OSError, DeadlinePassed) as exc:
             if deadline.passed or isinstance(exc, requests.Timeout):
-                raise ImageFetchError(f"{original}: timed out after {self.timeout:g} s (IMAGE_TIMEOUT)") from None
-            raise ImageFetchError(f"{original}: download failed: {exc}") from None
+                raise ImageFetchError(f"{shorten(original)}: timed out after {self.timeout:g} s (IMAGE_TIMEOUT)") from None
+            raise ImageFetchError(f"{shorten(original)}: download failed: {shorten(exc)}") from None
         return b"".join(chunks)
 
     def load(self, url: str, task_id: Optional[int] = None) -> np.ndarray:
@@ -298,13 +301,13 @@ class ImageFetcher:
         if how == "file":
             return what
         if self.cache is None:
-            raise ImageFetchError(f"{url}: no image cache folder configured (IMAGE_CACHE_DIR)")
+            raise ImageFetchError(f"{shorten(url)}: no image cache folder configured (IMAGE_CACHE_DIR)")
         data, key, cached = self._fetch(url, task_id)
         key = key or ImageCache.key_for(url)
         path = self.cache.path_for(key)
         if not cached or not path.exists():
             written = self.cache.put(key, data)
             if written is None:
-                raise ImageFetchError(f"{url}: could not be written to the image cache {self.cache.directory}")
+                raise ImageFetchError(f"{shorten(url)}: could not be written to the image cache {self.cache.directory}")
             path = written
         return str(path)
