@@ -481,3 +481,40 @@ def test_setup_remembers_a_bounded_number_of_projects(tmp_path, monkeypatch):
         assert client.post("/setup", json={"project": project, "schema": config}).status_code == 200
     client.post("/setup", json={"project": 17, "schema": config})  # seen again: the newest
     assert list(context.label_configs) == [16, 18, 19, 20, 17]
+
+
+@pytest.mark.parametrize("url", ["redis://:s3cret@host:6379/0", "redis://user:s3cret@host:6379/0",
+                                 "redis://host:6379/0?password=s3cret", "redis://host/0?db=1&Password=s3cret",
+                                 "rediss://u:s3cret@h/0?password=s3cret", "redis://[::1:6379/0?password=s3cret"])
+def test_every_form_of_redis_password_is_masked(url):
+    from yolo_backend.settings import mask_password
+
+    masked = mask_password(url)
+    assert "s3cret" not in masked and "***" in masked
+
+
+def test_a_task_id_that_is_not_a_number_is_one_clear_line(tmp_path, model_file, caplog):
+    client, _, _ = make_client(tmp_path, model_file, label_studio_url="http://127.0.0.1:1",
+                               label_studio_api_key=LEGACY)
+    tasks = [{"id": "abc", "data": {"image": "s3://bucket/a.png"}}, {"id": [1], "data": {"image": "gs://b/x.png"}}]
+    with caplog.at_level(logging.WARNING):
+        reply = client.post("/predict", json={"tasks": tasks, "project": "1.1", "label_config": CONFIG})
+    assert reply.status_code == 200 and all("result" not in item for item in reply.json["results"])
+    lines = [r for r in caplog.records if "integer id" in r.getMessage()]
+    assert len(lines) == 2 and not any(r.exc_info for r in caplog.records)
+
+
+def test_a_redis_password_in_the_query_shows_nowhere(tmp_path, model_file, caplog):
+    from yolo_backend.jobs.queue import TrainingQueue
+    from yolo_backend.settings import Settings
+
+    url = "redis://127.0.0.1:1/0?password=s3cret"
+    queue = TrainingQueue(Settings.from_env(env={}, model_dir=str(tmp_path / "models"), redis_url=url),
+                          retry_interval=3600)
+    client, _, _ = make_client(tmp_path, model_file, training=queue, redis_url=url)
+    with caplog.at_level(logging.INFO):
+        answers = [client.get(path).get_data(as_text=True) for path in ("/metrics", "/status", "/prometheus")]
+        answers.append(client.post("/webhook", json={"action": "START_TRAINING", "project": 3}).get_data(True))
+    queue.close()
+    assert all("s3cret" not in text for text in answers) and "s3cret" not in caplog.text
+    assert "password=***" in answers[0]

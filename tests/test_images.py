@@ -65,7 +65,7 @@ def test_errors_name_the_reason(ls, tmp_path):
         "/data/upload/1/page.png": "not an image",
         "/data/upload/1/slow.png": "timed out",
         "ftp://host/x.png": "not an image URL",
-        "s3://bucket/dir/c.png": "needs the task id",
+        "s3://bucket/dir/c.png": "needs an integer id",
     }
     for url, reason in cases.items():
         with pytest.raises(ImageFetchError, match=reason):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
@@ -247,21 +248,31 @@ class Settings:
         return "\n".join(rows)
 
 
+# Query parameters that carry a secret in a Redis URL (redis-py reads ``?password=``).
+_SECRET_PARAMETERS = ("password", "pass", "pwd", "auth", "token")
+
+
 def mask_password(url: str) -> str:
-    """A URL with its password replaced by ``***`` (``redis://:secret@host:6379/0`` -> ``redis://:***@host:6379/0``),
-    for logs and error messages."""
-    from urllib.parse import urlsplit, urlunsplit
+    """A URL with every password replaced by ``***``: in the user info (``redis://:secret@host:6379/0``) and in
+    the query (``redis://host:6379/0?password=secret``); for logs, answers and error messages. Text that is not a
+    URL is masked after a ``:`` and before an ``@`` as a URL's user info would be."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
     try:
         parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return url
-    if not password:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+        netloc = parts.netloc
+    except ValueError:  # not parseable as a URL: mask what looks like user info and secret parameters
+        masked = re.sub(r"(//[^/@]*?:)[^/@]*@", r"\1***@", url)
+        return re.sub(r"(?i)([?&](?:%s)=)[^&#]*" % "|".join(_SECRET_PARAMETERS), r"\1***", masked)
+    if parts.password:
+        user = parts.username or ""
+        netloc = f"{user}:***@{netloc.rsplit('@', 1)[1]}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(k.lower() in _SECRET_PARAMETERS for k, _ in pairs):
+            query = urlencode([(k, "***" if k.lower() in _SECRET_PARAMETERS else v) for k, v in pairs], safe="*")
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def is_loopback_host(host: str) -> bool:

@@ -20,6 +20,12 @@ RECTANGLE_CONTROLS = ("RectangleLabels",)
 IMAGE_OBJECTS = ("Image",)
 
 
+# A label config is typed by a person: far below these. Bigger ones are refused before they are parsed or kept
+# (anyone who can reach /setup sends one), and each label becomes a class of the model.
+MAX_LABEL_CONFIG_BYTES = 512 * 1024
+MAX_LABELS = 1000
+
+
 class LabelConfigError(ValueError):
     """The label config cannot be used for box predictions; the message says what to change."""
 
@@ -44,6 +50,7 @@ def parse_label_config(label_config: Optional[str]) -> dict:
     """
     if not label_config or not label_config.strip():
         return {}
+    check_label_config_size(label_config)
     from label_studio_sdk.label_interface import LabelInterface
 
     try:
@@ -60,7 +67,23 @@ def parse_label_config(label_config: Optional[str]) -> dict:
             "labels": list(control.labels or []),
             "labels_attrs": {label: dict(tag.attr) for label, tag in (control.labels_attrs or {}).items()},
         }
+    labels = sum(len(info["labels"]) for info in parsed.values())
+    if labels > MAX_LABELS:
+        raise LabelConfigError(f"the label config has {labels} labels; at most {MAX_LABELS} are supported (each "
+                               "label is a class of the model)")
     return parsed
+
+
+def check_label_config_size(label_config: str) -> None:
+    """LabelConfigError for a config too large to be a person's, or one with a DOCTYPE (Label Studio configs have
+    none; entities are how XML documents grow on parsing)."""
+    size = len(label_config.encode("utf-8", "replace"))
+    if size > MAX_LABEL_CONFIG_BYTES:
+        raise LabelConfigError(f"the label config is {size} bytes; at most {MAX_LABEL_CONFIG_BYTES} are accepted")
+    head = label_config[:4096].upper()
+    if "<!DOCTYPE" in head or "<!ENTITY" in label_config.upper():
+        raise LabelConfigError("the label config has a DOCTYPE or ENTITY declaration; Label Studio configs have "
+                               "none: remove it")
 
 
 def find_rectangle_target(parsed: Mapping[str, dict], from_name: Optional[str] = None) -> RectangleTarget:

@@ -202,9 +202,12 @@ class ImageFetcher:
                     return "file", local
             return "ls", url
         if is_cloud_storage_uri(url):
-            if task_id is None:
-                raise ImageFetchError(f"{shorten(url)}: a cloud storage URI needs the task id to be presigned by Label Studio")
-            return "ls", presign_path(task_id, url)
+            number = task_id if isinstance(task_id, int) and not isinstance(task_id, bool) else \
+                int(task_id) if isinstance(task_id, str) and task_id.isascii() and task_id.isdigit() else None
+            if number is None:
+                raise ImageFetchError(f"{shorten(url)}: a cloud storage URI is presigned by Label Studio for its "
+                                      f"task, so the task needs an integer id (got {shorten(repr(task_id), 40)})")
+            return "ls", presign_path(number, url)
         if url.lower().startswith(("http://", "https://")):
             try:
                 url = checked_url(url)

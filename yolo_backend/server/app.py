@@ -18,6 +18,7 @@ guards everything except /health (container health checks).
 from __future__ import annotations
 
 import hmac
+import inspect
 import json
 import logging
 import re
@@ -31,6 +32,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from ..errors import RequestRefused
 from ..labelstudio.config import LabelConfigError, find_rectangle_target, parse_label_config
 from ..labelstudio.results import is_failed_prediction
+from ..labelstudio.urls import shorten
 from ..registry import RegistryError
 from ..settings import Settings
 from ..runtime import BackendContext
@@ -74,8 +76,8 @@ def _project_id(value: Any) -> Optional[int]:
         raise BadRequest(str(exc)) from None
 
 
-# RQ job ids as the queue makes them (train-<project>-<hex>), or any id without path or control characters.
-_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+# RQ's own rule for job ids (letters, digits, '_' and '-'): train-<project>-<hex>, pool-<project>-<hex>, uuids.
+_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
 def _job_id(value: Any) -> Optional[str]:
@@ -84,9 +86,18 @@ def _job_id(value: Any) -> Optional[str]:
     if not isinstance(value, (str, int)) or isinstance(value, bool):
         raise BadRequest("'job' must be a job id string")
     job = str(value)
-    if not _JOB_ID.match(job) or ".." in job:
-        raise BadRequest(f"'job' {job[:80]!r} is not a job id (a job id looks like train-3-1a2b3c4d5e6f)")
+    if not _JOB_ID.match(job):
+        raise BadRequest(f"'job' {shorten(job, 80)!r} is not a job id (letters, digits, '_' and '-'; a job id "
+                         "looks like train-3-1a2b3c4d5e6f)")
     return job
+
+
+def _keyword_arguments(value: Any, reserved: frozenset) -> dict:
+    """Free JSON a user typed (``extra_params``, ``params``) as keyword arguments for the backend: only names that
+    can be keywords and are not the server's own arguments (those would clash with them)."""
+    if not isinstance(value, dict):
+        return {}
+    return {k: v for k, v in value.items() if isinstance(k, str) and k.isidentifier() and k not in reserved}
 
 
 def _validate_tasks(tasks: Any) -> list[dict]:
@@ -122,8 +133,12 @@ class _Counters:
             return dict(self.values)
 
 
-_SETUP_ARGUMENTS = frozenset({"project_id", "label_config", "hostname", "access_token", "context",
-                              "train_output", "model_version"})
+# The backend constructor's own arguments: user JSON never replaces them.
+_SETUP_ARGUMENTS = frozenset(inspect.signature(LabelStudioMLBase.__init__).parameters) - {"kwargs"}
+# predict(tasks, **kwargs): ``tasks`` is ours.
+_PREDICT_ARGUMENTS = frozenset({"self", "tasks"})
+# Security headers on every answer: browsers take JSON as JSON only, and no page of ours leaks its URL onwards.
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
 def create_app(backend_class: type[LabelStudioMLBase], settings: Optional[Settings] = None,
@@ -175,6 +190,12 @@ def create_app(backend_class: type[LabelStudioMLBase], settings: Optional[Settin
                 response.headers["WWW-Authenticate"] = 'Basic realm="ml-backend"'
                 return response
         return None
+
+    @app.after_request
+    def _security_headers(response: Response) -> Response:
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
 
     def _warm_up() -> None:
         try:
@@ -242,15 +263,16 @@ def create_app(backend_class: type[LabelStudioMLBase], settings: Optional[Settin
             raise BadRequest("'hostname' must be a string URL")
         if access_token is not None and not isinstance(access_token, str):
             raise BadRequest("'access_token' must be a string")
+        if schema:
+            parse_label_config(schema)  # parsed before it is kept: LabelConfigError (400) says what is wrong
         context.session.update_from_setup(hostname, access_token)
         if project_id is not None and schema:
             context.label_configs.pop(project_id, None)
             context.label_configs[project_id] = schema
             while len(context.label_configs) > MAX_REMEMBERED_PROJECTS:  # /setup needs no key: made-up ids
                 context.label_configs.pop(next(iter(context.label_configs)))
-        extra = body.get("extra_params") if isinstance(body.get("extra_params"), dict) else {}
         # Extra params are free JSON typed by the user in Label Studio: never let them replace our own arguments.
-        extra = {k: v for k, v in extra.items() if k not in _SETUP_ARGUMENTS}
+        extra = _keyword_arguments(body.get("extra_params"), _SETUP_ARGUMENTS)
         backend = make_backend(project_id=body.get("project"), label_config=schema, hostname=hostname,
                                access_token=access_token, **extra)
         version = backend.model_version
@@ -281,7 +303,7 @@ def create_app(backend_class: type[LabelStudioMLBase], settings: Optional[Settin
         if not isinstance(label_config, str) or not label_config.strip():
             raise BadRequest("'label_config' is missing: send the project's label config XML (Label Studio "
                              "sends it with every /predict) or call /setup with 'schema' first")
-        params = body.get("params") if isinstance(body.get("params"), dict) else {}
+        params = _keyword_arguments(body.get("params"), _PREDICT_ARGUMENTS)
         backend = make_backend(project_id=body.get("project"), label_config=label_config)
         results = backend.predict(tasks, **params)
         if not isinstance(results, list) or len(results) != len(tasks):
