@@ -43,6 +43,9 @@ def wait_for(predicate, timeout: float, message: str, interval: float = 0.1):
 # --------------------------------------------------------------------------------------------------------------
 
 LEGACY = "0123456789abcdef0123456789abcdef01234567"  # a legacy Label Studio API token
+# The URL the fake Label Studio lists as its project's ML backend; tests set BACKEND_URL to it, so the backend
+# counts the project as connected (labelstudio/connection.py) without probing itself.
+FAKE_BACKEND_URL = "http://ml-backend.test:9090"
 
 
 def fake_jwt(payload: dict) -> str:
@@ -91,8 +94,9 @@ class FakeLabelStudio:
     for ``s3://bucket/dir/c.png`` (a redirect to a 20x20 PNG), ``/public/<name>`` (12x34, no key needed).
 
     API: one project (``project``); ``tasks`` (with their ``annotations``) listed by ``/api/tasks`` and exported
-    by ``/api/projects/<id>/export``; ``POST /api/predictions`` kept in ``predictions``; PATCHing the project's
-    ``model_version`` is refused until a prediction of that version is stored (``patch_attempts``: every PATCH
+    by ``/api/projects/<id>/export``; ``POST /api/predictions`` kept in ``predictions``; ``model-versions``
+    (extended: the versions of ``predictions`` and ``ml_backends``, by default one at FAKE_BACKEND_URL);
+    PATCHing the project's ``model_version`` is refused until a prediction of that version is stored (``patch_attempts``: every PATCH
     asked, ``patches``: the accepted ones); clearing ``api_open`` holds the project API's answers until it is set.
 
     Recorded: ``hits`` (per path and query), ``auth_seen`` (the Authorization header of each image request),
@@ -113,6 +117,7 @@ class FakeLabelStudio:
         self.predictions: list[dict] = []
         self.patch_attempts: list[str] = []
         self.patches: list[str] = []
+        self.ml_backends: list[dict] = [{"id": 1, "url": FAKE_BACKEND_URL, "project": project_id}]
         self.api_open = threading.Event()  # clear it to hold the project API's answers (a slow Label Studio)
         self.api_open.set()
         self.app = self._build_app()
@@ -202,6 +207,18 @@ class FakeLabelStudio:
                 self.patches.append(version)
                 self.project["model_version"] = version
             return jsonify(self.project)
+
+        @app.get("/api/projects/<int:pid>/model-versions/", strict_slashes=False)
+        def model_versions(pid):
+            self.api_open.wait(30)
+            if pid != self.project["id"]:
+                abort(404)
+            counts: dict = {}
+            for p in self.predictions:
+                counts[p.get("model_version")] = counts.get(p.get("model_version"), 0) + 1
+            static = [{"model_version": v, "count": n, "latest": None} for v, n in counts.items()]
+            return jsonify(static=static, live=self.ml_backends) if request.args.get("extended") == "true" \
+                else jsonify(counts)
 
         @app.get("/api/projects/<int:pid>/export", strict_slashes=False)
         def export(pid):

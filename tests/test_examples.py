@@ -26,7 +26,7 @@ def make_context(tmp_path, **overrides) -> BackendContext:
 
 def test_the_minimal_example_is_served_by_our_server(tmp_path):
     client = create_app(MinimalBackend, context=make_context(tmp_path)).test_client()
-    assert client.get("/health").json == {"status": "UP", "model_class": "MinimalBackend"}
+    assert client.get("/health").json.items() >= {"status": "UP", "model_class": "MinimalBackend"}.items()
     assert client.post("/setup", json={"project": "1.1795461834", "schema": CONFIG}).json == {
         "model_version": "fixed-box-1"}
     tasks = [{"id": 1, "data": {"image": "/data/upload/1/a.png"}}, {"id": 2, "data": {"image": "/data/upload/1/b.png"}}]

@@ -275,7 +275,7 @@ def test_a_failed_image_gets_an_item_without_result(tmp_path, model_file, name, 
         client, _, _ = make_client(tmp_path, model_file, label_studio_url=ls.url, label_studio_api_key=LEGACY)
         tasks = [{"id": 1, "data": {"image": f"/data/upload/1/{name}"}},
                  {"id": 2, "data": {"image": "/data/upload/1/good.png"}}]
-        reply = client.post("/predict", json={"tasks": tasks, "label_config": CONFIG})
+        reply = client.post("/predict", json={"tasks": tasks, "label_config": CONFIG, "project": "1.1"})
         failed, good = reply.json["results"]
         assert failed == {"model_version": reply.json["model_version"]}
         assert len(good["result"]) == 1 and good["score"] is not None
@@ -291,7 +291,7 @@ def test_label_studio_down_gives_no_result_for_every_task(tmp_path, model_file):
     client, _, _ = make_client(tmp_path, model_file, label_studio_url=f"http://127.0.0.1:{port}",
                                label_studio_api_key=LEGACY)
     tasks = [{"id": i, "data": {"image": f"/data/upload/1/{i}.png"}} for i in range(3)]
-    reply = client.post("/predict", json={"tasks": tasks, "label_config": CONFIG})
+    reply = client.post("/predict", json={"tasks": tasks, "label_config": CONFIG, "project": "1.1"})
     assert reply.status_code == 200 and all("result" not in item for item in reply.json["results"])
 
 
@@ -518,3 +518,25 @@ def test_a_redis_password_in_the_query_shows_nowhere(tmp_path, model_file, caplo
     queue.close()
     assert all("s3cret" not in text for text in answers) and "s3cret" not in caplog.text
     assert "password=***" in answers[0]
+
+
+def test_megabyte_user_strings_stay_out_of_logs_and_status(tmp_path, model_file, caplog):
+    """20 tasks with 1 MiB image URLs (and ids, and field names) grow neither the log nor /status by megabytes."""
+    from yolo_backend.logs import CapLength
+    from yolo_backend.server.status import recent_warnings
+
+    client, _, _ = make_client(tmp_path, model_file)
+    recent_warnings()  # the handler /status reads, as a server has it
+    big = "a" * (1 << 20)
+    tasks = [{"id": i, "data": {"image": f"http://127.0.0.1:1/{big}{i}.png"}} for i in range(10)]
+    tasks += [{"id": f"{big}{i}", "data": {"image": f"/data/upload/1/{big}.png"}} for i in range(5)]
+    tasks += [{"id": i, "data": {big: "x"}} for i in range(5)]
+    with caplog.at_level(logging.INFO):
+        reply = client.post("/predict", json={"tasks": tasks, "project": "1.1", "label_config": CONFIG})
+        client.post("/setup", json={"hostname": f"http://{big}.example", "access_token": "t"})
+    assert reply.status_code == 200
+    assert len(caplog.text) < 100_000, len(caplog.text)
+    status = client.get("/status").get_data()
+    assert len(status) < 100_000 and b"aaaa" * 200 not in status
+    record = logging.LogRecord("x", logging.WARNING, __file__, 1, "%s", (big,), None)
+    assert CapLength().filter(record) and len(record.getMessage()) < 5000

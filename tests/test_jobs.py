@@ -24,7 +24,8 @@ from yolo_backend.jobs.queue import REDIS_TIMEOUT_S, TrainingQueue
 from yolo_backend.jobs.redis_server import RedisServer, free_port
 from yolo_backend.registry import Registry
 from yolo_backend.settings import Settings
-from tests.support import ANSWERS_AT_ONCE_S, FIRE_SMOKE_CONFIG as CONFIG, LEGACY as TOKEN, FakeLabelStudio, wait_for
+from tests.support import (ANSWERS_AT_ONCE_S, FAKE_BACKEND_URL, FIRE_SMOKE_CONFIG as CONFIG, LEGACY as TOKEN,
+                           FakeLabelStudio, wait_for)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,6 +116,7 @@ class Env:
         self.env = {
             "MODEL_DIR": str(self.model_dir), "MODEL_PATH": str(checkpoint),
             "IMAGE_CACHE_DIR": str(tmp_path / "cache"), "LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": TOKEN,
+            "BACKEND_URL": FAKE_BACKEND_URL,
             "REDIS_URL": redis_url, "RQ_QUEUE_NAME": queue_name, "IMG_SIZE": "128", "TRAIN_IMG_SIZE": "160",
             "TORCH_THREADS": "1", "KEEP_VERSIONS": "2", "LOG_LEVEL": "INFO",
             "POOL_SCORING": "false",  # the training queue alone here; pool scoring: test_pool.py and the e2e test

@@ -25,10 +25,12 @@ def test_plan_skips_tasks_with_a_clustered_prediction_of_the_version():
         {"id": 12, "task": 3, "model_version": "v1", "cluster": 0},      # an older run of ours: replaced
         {"id": 13, "task": 3, "model_version": "imported", "cluster": None},  # the user's own: never touched
         {"id": 14, "task": 1, "model_version": "v1", "cluster": 1},      # done task: left alone this run
+        {"id": 16, "task": 4, "model_version": "v0", "cluster": None},   # ours, from a /predict reply: replaced
+        {"id": 17, "task": 4, "model_version": "other-model", "cluster": 2},  # another model's: never touched
     ]
-    todo, stale = plan(_tasks(1, 2, 3, 4), predictions, "v2", keep_old=False)
+    todo, stale = plan(_tasks(1, 2, 3, 4), predictions, "v2", keep_old=False, ours={"v0", "v1", "v2"})
     assert [t["id"] for t in todo] == [2, 3, 4]
-    assert stale == {2: [11], 3: [12]}
+    assert stale == {2: [11], 3: [12], 4: [16]}
 
 
 def test_plan_keeps_older_versions_when_asked():
@@ -45,9 +47,11 @@ def test_stale_predictions_of_done_tasks_are_what_a_finished_run_deletes():
         {"id": 12, "task": 1, "model_version": "v1", "cluster": 0},      # an older run of ours
         {"id": 13, "task": 1, "model_version": "imported", "cluster": None},  # the user's own: never touched
         {"id": 14, "task": 2, "model_version": "v2", "cluster": None},   # not done (failed image): left for a run
+        {"id": 15, "task": 1, "model_version": "other-model", "cluster": 4},  # another model's: never touched
     ]
-    assert stale_of_done_tasks(predictions, "v2", keep_old=False) == [11, 12]
-    assert stale_of_done_tasks(predictions, "v2", keep_old=True) == [11]
+    assert stale_of_done_tasks(predictions, "v2", keep_old=False, ours={"v1", "v2"}) == [11, 12]
+    assert stale_of_done_tasks(predictions, "v2", keep_old=True, ours={"v1", "v2"}) == [11]
+    assert stale_of_done_tasks(predictions, "v2", keep_old=False) == [11]  # v1 not known as ours: kept
 
 
 class _ListingClient:

@@ -157,7 +157,7 @@ def test_serve_runs_broker_worker_and_server_and_sigterm_leaves_nothing(tmp_path
 
     serve = Serve(tmp_path)
     try:
-        assert serve.wait_healthy() == {"status": "UP", "model_class": "YOLOv7Backend"}
+        assert serve.wait_healthy().items() >= {"status": "UP", "model_class": "YOLOv7Backend"}.items()
         log = serve.log()
         assert "UNTRAINED yolov7-tiny" in log  # it says which model it serves
         # Relative MODEL_DIR is resolved against serve's folder; the broker keeps its data there.
@@ -178,7 +178,8 @@ def test_serve_runs_broker_worker_and_server_and_sigterm_leaves_nothing(tmp_path
         assert body["model_version"] == "v0-untrained" and len(body["results"]) == 1
         assert body["results"][0]["model_version"] == "v0-untrained"
         assert isinstance(body["results"][0]["result"], list) and math.isfinite(body["results"][0]["score"])
-        assert (tmp_path / "data" / "models" / "projects" / "7" / "v0-untrained" / "model.pt").is_file()
+        assert list((tmp_path / "data" / "models" / "untrained").glob("*/model.pt"))  # shared, not published
+        assert not (tmp_path / "data" / "models" / "projects" / "7" / "v0-untrained").exists()
 
         # A training request goes to the embedded broker; with no Label Studio the job fails with a clear error.
         status, body = _http(f"{serve.url}/webhook", {"action": "START_TRAINING",
@@ -279,11 +280,12 @@ def model_file(tmp_path) -> Path:
 # The untrained fallback, in process, with the real detector
 # --------------------------------------------------------------------------------------------------------------
 
-def test_untrained_fallback_is_built_once_published_and_predicts(tmp_path):
+def test_untrained_fallback_is_built_once_shared_and_predicts(tmp_path):
     import torch
 
     from model_backend import YOLOv7Backend
-    from yolo_backend.jobs.publish import current_model
+    from yolo_backend.jobs.training import train_and_publish
+    from yolo_backend.model_holder import MAX_UNTRAINED_BYTES, MAX_UNTRAINED_SETS, untrained_checkpoint
     from yolo_backend.server.app import create_app
     from yolo_backend.runtime import BackendContext
     from yolo_backend.yolov7.checkpoint import load_checkpoint
@@ -291,6 +293,7 @@ def test_untrained_fallback_is_built_once_published_and_predicts(tmp_path):
     torch.set_num_threads(1)
     settings = Settings.from_env(env={}, model_dir=str(tmp_path / "models"), image_cache_dir=str(tmp_path / "c"),
                                  inference_backend="torch", torch_threads=1, img_size=320)
+    untrained = tmp_path / "models" / "untrained"
 
     def client():
         context = BackendContext.from_settings(settings)
@@ -301,8 +304,7 @@ def test_untrained_fallback_is_built_once_published_and_predicts(tmp_path):
     started = time.perf_counter()
     assert first.post("/setup", json={"project": "5.1", "schema": CONFIG}).json == {"model_version": "v0-untrained"}
     assert time.perf_counter() - started < 1.0
-    registry = Registry.for_project(settings.model_dir, 5)
-    assert registry.latest() is None  # /setup names it; it is built on the first prediction only
+    assert not untrained.exists()  # /setup names it; it is built on the first prediction only
 
     tasks = [{"id": 1, "data": {"image": png_uri(120, 80)}}, {"id": 2, "data": {"image": png_uri(64, 64)}}]
     response = first.post("/predict", json={"tasks": tasks, "project": "5.1", "label_config": CONFIG})
@@ -314,26 +316,38 @@ def test_untrained_fallback_is_built_once_published_and_predicts(tmp_path):
             assert region["from_name"] == "label" and region["to_name"] == "image"
             assert region["value"]["rectanglelabels"][0] in ("fire", "smoke")
 
-    version = registry.latest()
-    assert version is not None and version.name == "v0-untrained"
-    ckpt = load_checkpoint(version.checkpoint)
+    # One file for the label set, in the shared folder; nothing published for the project.
+    files = list(untrained.glob("*/model.pt"))
+    assert len(files) == 1 and Registry.for_project(settings.model_dir, 5).latest() is None
+    ckpt = load_checkpoint(files[0])
     assert list(ckpt.names) == ["fire", "smoke"] and ckpt.graph_name == "yolov7-tiny"
-    # The training worker starts from it.
-    assert current_model(settings, 5) == (str(version.checkpoint), "v0-untrained")
+    assert untrained_checkpoint(settings.model_dir, ["fire", "smoke"]) == (files[0], False)
 
-    # Another process (a restart): same version, same file, nothing rebuilt.
-    stamp = version.checkpoint.stat().st_mtime_ns
+    # 30 made-up project ids with the same labels: still one file. Another process: nothing rebuilt.
+    stamp = files[0].stat().st_mtime_ns
     second = client()
-    assert second.post("/setup", json={"project": "5.1", "schema": CONFIG}).json == {"model_version": "v0-untrained"}
+    for project in range(10, 40):
+        assert second.post("/predict", json={"tasks": tasks[:1], "project": f"{project}.1",
+                                             "label_config": CONFIG}).json["model_version"] == "v0-untrained"
+    assert list(untrained.glob("*/model.pt")) == files and files[0].stat().st_mtime_ns >= stamp
+    assert not (tmp_path / "models" / "projects").exists()
+
+    # Label sets beyond the bound evict the least recently used placeholder (rebuilt, identical, when needed).
+    for n in range(MAX_UNTRAINED_SETS + 2):
+        untrained_checkpoint(settings.model_dir, [f"class{n}"])
+    kept = list(untrained.glob("*/model.pt"))
+    assert 1 < len(kept) <= MAX_UNTRAINED_SETS and sum(f.stat().st_size for f in kept) <= MAX_UNTRAINED_BYTES
+    assert not files[0].exists()
     assert second.post("/predict", json={"tasks": tasks[:1], "project": "5.1",
-                                         "label_config": CONFIG}).json["model_version"] == "v0-untrained"
-    assert version.checkpoint.stat().st_mtime_ns == stamp and len(registry.versions()) == 1
+                                         "label_config": CONFIG}).status_code == 200
+    assert files[0].exists()
 
     # A config without RectangleLabels still gets a clear error, not a model.
     bad = "<View><Image name='image' value='$image'/></View>"
     assert second.post("/setup", json={"project": "6.1", "schema": bad}).json == {"model_version": "no-model"}
     response = second.post("/predict", json={"tasks": tasks[:1], "project": "6.1", "label_config": bad})
     assert response.status_code == 400 and "RectangleLabels" in response.json["error"]
+    assert train_and_publish  # the training job starts from the same file (tests/test_jobs.py trains from it)
 
 
 def test_embedded_broker_keeps_queued_jobs_across_restarts(tmp_path):

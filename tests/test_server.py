@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from model_backend import YOLOv7Backend
-from tests.support import ANSWERS_AT_ONCE_S, FakeLabelStudio
+from tests.support import ANSWERS_AT_ONCE_S, FAKE_BACKEND_URL, FakeLabelStudio
 from yolo_backend.registry import Registry, checkpoint_version
 from yolo_backend.server.app import create_app
 from yolo_backend.runtime import BackendContext
@@ -95,6 +95,7 @@ def model_file(tmp_path):
 
 
 def make_client(tmp_path, model_path=None, training=None, **overrides):
+    overrides.setdefault("backend_url", FAKE_BACKEND_URL)  # the fake Label Studio's project lists it
     settings = Settings.from_env(env={}, model_dir=str(tmp_path / "models"),
                                  image_cache_dir=str(tmp_path / "cache"), **overrides,
                                  **({"model_path": str(model_path)} if model_path else {}))
@@ -115,7 +116,7 @@ def test_parse_project_id():
 def test_health_and_setup_never_load_the_model(tmp_path, model_file):
     client, context, loader = make_client(tmp_path, model_file)
     for path in ("/", "/health"):
-        assert client.get(path).json == {"status": "UP", "model_class": "YOLOv7Backend"}
+        assert client.get(path).json.items() >= {"status": "UP", "model_class": "YOLOv7Backend"}.items()
     started = time.perf_counter()
     response = client.post("/setup", json={"project": "1.1795461834", "schema": CONFIG,
                                            "hostname": "http://127.0.0.1:1", "access_token": "abc",
@@ -312,7 +313,8 @@ def test_pinned_version(tmp_path, model_file):
 
 def test_project_model_version_is_synced_in_the_background(tmp_path, model_file):
     # Label Studio sets the project's version to the backend title, and refuses a PATCH to a version until a
-    # prediction of it is stored.
+    # prediction of it is stored: the backend asks which versions are stored first and never sends a PATCH that
+    # would be refused.
     with FakeLabelStudio(project_id=9, model_version="My YOLO backend", token="a" * 40) as ls:
         client, context, _ = make_client(tmp_path, model_file, label_studio_url=ls.url,
                                          label_studio_api_key="a" * 40)
@@ -324,42 +326,82 @@ def test_project_model_version_is_synced_in_the_background(tmp_path, model_file)
         assert client.post("/setup", json={"project": "9.1", "schema": CONFIG}).status_code == 200
         assert time.perf_counter() - started < ANSWERS_AT_ONCE_S  # the sync never blocks /setup
         ls.api_open.set()
-        context.version_sync.wait()
-        assert ls.project["model_version"] == "My YOLO backend" and ls.patch_attempts  # refused: none stored
+        assert context.version_sync.wait()
+        assert ls.project["model_version"] == "My YOLO backend" and ls.patch_attempts == []  # none stored yet
         tasks = [{"id": 1, "data": {"image": png_uri(10, 10)}}]
         client.post("/predict", json={"tasks": tasks, "label_config": CONFIG, "project": "9.1"})
         ls.predictions.append({"task": 1, "model_version": version})  # stored by Label Studio after our reply
-        context.version_sync.wait()
-        assert ls.project["model_version"] == version
-        patches = len(ls.patch_attempts)
+        assert context.version_sync.wait()
+        assert ls.project["model_version"] == version and ls.patch_attempts == [version]
         client.post("/predict", json={"tasks": tasks, "label_config": CONFIG, "project": "9.1"})
-        context.version_sync.wait()
-        assert len(ls.patch_attempts) == patches  # already in sync: nothing more to do
+        assert context.version_sync.wait()
+        assert ls.patch_attempts == [version]  # already in sync: nothing more to do
+
+
+class _SyncClient:
+    """Label Studio for the sync alone: every project exists, has the version stored and this backend connected,
+    except the ids in ``foreign`` (another backend only) and ``missing`` (no such project)."""
+
+    def __init__(self, foreign=(), missing=()):
+        from yolo_backend.labelstudio.api import ModelVersions
+
+        self.ModelVersions, self.foreign, self.missing = ModelVersions, set(foreign), set(missing)
+        self.patched: list = []
+        self.calls = 0
+
+    def model_versions(self, project_id):
+        from yolo_backend.labelstudio.client import ProjectNotFound
+
+        self.calls += 1
+        if project_id in self.missing:
+            raise ProjectNotFound(f"no project {project_id}")
+        url = "http://other-model:9090" if project_id in self.foreign else FAKE_BACKEND_URL
+        return self.ModelVersions({"v1": 1}, [{"url": url}])
+
+    def get_project(self, project_id):
+        self.calls += 1
+        return {"id": project_id, "model_version": None}
+
+    def set_project_model_version(self, project_id, version):
+        self.calls += 1
+        self.patched.append(project_id)
+
+
+def _sync_for(client, **options):
+    from yolo_backend.labelstudio.connection import ConnectionCheck
+    from yolo_backend.labelstudio.version_sync import ProjectVersionSync
+
+    check = ConnectionCheck(lambda: client, lambda: "unused", backend_url=FAKE_BACKEND_URL)
+    return ProjectVersionSync(lambda: client, check, first_delay=0.0, **options)
 
 
 def test_version_sync_remembers_a_bounded_number_of_projects():
-    from yolo_backend.labelstudio.client import ProjectVersionSync
-
-    class Client:  # every project exists and takes the version at once
-        def __init__(self):
-            self.patched = []
-
-        def get_project(self, project_id):
-            return {"id": project_id, "model_version": None}
-
-        def set_project_model_version(self, project_id, version):
-            self.patched.append(project_id)
-
-    client = Client()
-    sync = ProjectVersionSync(lambda: client, first_delay=0.0, remember=3)
+    client = _SyncClient()
+    sync = _sync_for(client, remember=3)
     for project_id in range(1, 6):  # made-up ids, one after another
         assert sync.request(project_id, "v1") is True
-        sync.wait()
+        assert sync.wait()
     assert client.patched == [1, 2, 3, 4, 5]
     assert sync.request(5, "v1") is False       # remembered: nothing to do
     assert sync.request(1, "v1") is True        # forgotten (only the last 3 are kept): checked once more
-    sync.wait()
+    assert sync.wait()
     assert client.patched[-1] == 1 and sync.request(1, "v1") is False
+
+
+def test_version_sync_acts_only_on_connected_projects_with_one_thread(caplog):
+    import threading
+
+    client = _SyncClient(foreign={2}, missing=set(range(100, 2100)))
+    sync = _sync_for(client, max_pending=50)
+    threads = threading.active_count()
+    for project_id in [1, 2] + list(range(100, 2100)):  # two real projects, then 2000 made-up ids at once
+        sync.request(project_id, "v1", recheck=True)
+    assert threading.active_count() <= threads + 1  # one worker thread, however many projects
+    assert sync.wait(60)
+    assert client.patched == [1]                   # never project 2: another backend's
+    assert client.calls <= 2 + 50 + 2              # the burst coalesced to what the bound lets wait
+    assert "project 2 has not connected this backend" in caplog.text
+    assert "dropped" in caplog.text and sync.pending() == 0
 
 
 def test_wsgi_import_loads_no_model_and_no_torch(tmp_path):

@@ -30,6 +30,7 @@ from .labelstudio.config import (
     parse_label_map,
 )
 from .labelstudio.images import ImageFetchError, shown_url
+from .labelstudio.urls import cut
 from .labelstudio.client import LabelStudioAuthError
 from .labelstudio.results import detections_to_regions, failed_task_prediction, task_prediction
 from .registry import Registry, RegistryError
@@ -203,20 +204,21 @@ class YOLOv7Backend(*_base_classes()):
 
         def load(task: dict):
             task_id = task.get("id")
+            shown = shown_url(str(task_id), 40)  # a task's id and data are whatever its importer wrote
             url = task["data"].get(data_key)
             if url is None:
-                fields = ", ".join(sorted(task["data"])) or "none"
+                fields = cut(", ".join(sorted(map(str, task["data"]))) or "none")
                 log.warning("task %s: no %r field in its data (fields: %s); predicting nothing for it",
-                            task_id, data_key, fields)
+                            shown, data_key, fields)
                 return NO_IMAGE_FIELD
             try:
                 return self.context.images.load(url, task_id)
             except (ImageFetchError, LabelStudioAuthError) as exc:
                 log.warning("task %s: image not available, no prediction (Label Studio asks again later): %s",
-                            task_id, exc)
+                            shown, cut(exc, 600))
             except Exception:  # an unexpected failure for one image must not fail the batch
                 log.exception("task %s: image %s failed unexpectedly; no prediction (Label Studio asks again "
-                              "later)", task_id, shown_url(str(url)))
+                              "later)", shown, shown_url(str(url)))
             return None
 
         if len(tasks) <= 1:

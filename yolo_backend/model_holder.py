@@ -6,9 +6,10 @@ Which checkpoint serves a project, first match wins:
   3. the newest version published in MODEL_DIR itself;
   4. MODEL_PATH (e.g. a reference checkpoint to start from; versions trained from it supersede it);
   5. with none of these, an untrained yolov7-tiny sized for the label config's RectangleLabels (one class per
-     label), built on the first prediction and published as ``v0-untrained`` in the project's registry, so the
-     training worker fine-tunes from it and the version name stays the same across restarts. Its predictions are
-     empty until it has learned from the first annotations.
+     label), version ``v0-untrained``: built on the first prediction into MODEL_DIR/untrained/<labels hash>, shared
+     by every project with the same labels and never published (made-up project ids cannot fill the disk; the
+     folder is bounded, ``untrained_checkpoint``). The training worker starts from the same file. Its predictions
+     are empty until it has learned from the first annotations.
 Without a label config either, predicting raises NoModelError, which says what to set.
 
 Finding the source costs a few stats (re-checked at most every ``check_interval`` seconds); version names come
@@ -21,6 +22,7 @@ Importing this module imports no torch; the default loader imports the detector 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -135,6 +137,56 @@ def resolve_source(settings: Settings, project_id: Optional[int], use_pin: bool 
     return None
 
 
+# Untrained placeholders on disk (MODEL_DIR/untrained/<labels hash>/model.pt), shared by every project with the same
+# labels and never published: at most this many label sets and bytes, least recently used evicted (a placeholder
+# is rebuilt, identical, when it is needed again).
+MAX_UNTRAINED_SETS = 16
+MAX_UNTRAINED_BYTES = 256 * 1024 * 1024
+_untrained_lock = threading.Lock()
+
+
+def untrained_checkpoint(model_dir: str | os.PathLike, labels: Sequence[str]) -> tuple[Path, bool]:
+    """(the untrained checkpoint for ``labels``, whether it was built now). Seeded, so the same labels always give
+    the same weights: any process builds the same file, and a training run starts from what was served."""
+    import hashlib
+
+    names = [str(label) for label in labels]
+    key = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+    folder = Path(model_dir) / UNTRAINED_DIR
+    path = folder / key / "model.pt"
+    with _untrained_lock:
+        if path.is_file():
+            os.utime(path)  # recently used: evicted last
+            return path, False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        build_untrained_checkpoint(path, names)  # written atomically (temp file, rename)
+        _evict_untrained(folder, keep=path)
+        return path, True
+
+
+def _evict_untrained(folder: Path, keep: Path) -> None:
+    entries = []
+    for candidate in folder.glob("*/model.pt"):
+        try:
+            stat = candidate.stat()
+        except OSError:
+            continue
+        entries.append((stat.st_mtime, stat.st_size, candidate))
+    entries.sort(reverse=True)  # newest first
+    total = 0
+    for rank, (_, size, candidate) in enumerate(entries):
+        total += size
+        if candidate != keep and (rank >= MAX_UNTRAINED_SETS or total > MAX_UNTRAINED_BYTES):
+            with contextlib.suppress(OSError):
+                candidate.unlink()
+                candidate.parent.rmdir()
+            log.info("untrained placeholder %s evicted (more than %d label sets or %d MiB)", candidate.parent.name,
+                     MAX_UNTRAINED_SETS, MAX_UNTRAINED_BYTES >> 20)
+
+
+UNTRAINED_DIR = "untrained"
+
+
 class ModelHolder:
     """Per process: resolves which checkpoint serves a project and keeps the loaded models. Thread-safe."""
 
@@ -205,38 +257,12 @@ class ModelHolder:
 
     # --- the untrained fallback ---------------------------------------------------------------------------
     def _untrained_source(self, project_id: Optional[int], labels: Sequence[str]) -> ModelSource:
-        """Build (once) and publish the untrained model for ``labels``; called under the load lock."""
+        """The shared untrained model for ``labels`` (``untrained_checkpoint``); called under the load lock."""
         names = [str(label) for label in labels]
-        if project_id is None:
-            # No project to publish for: keep it beside the registries, keyed by the labels.
-            import hashlib
-
-            key = hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
-            path = Path(self.settings.model_dir) / "untrained" / key / "model.pt"
-            if not path.is_file():
-                build_untrained_checkpoint(path, names)
-                self._say_untrained(project_id, names, "built")
-            return ModelSource(path, UNTRAINED_VERSION, f"untrained {UNTRAINED_GRAPH} for labels {', '.join(names)}")
-        registry = Registry.for_project(self.settings.model_dir, project_id)
-        try:
-            version = registry.get(UNTRAINED_VERSION)
-        except RegistryError:
-            import tempfile
-
-            registry.root.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=registry.root, prefix=".untrained-") as tmp:
-                build_untrained_checkpoint(Path(tmp) / "model.pt", names)
-                try:
-                    version = registry.publish(Path(tmp) / "model.pt", {
-                        "project": project_id, "untrained": True, "graph": UNTRAINED_GRAPH, "labels": names,
-                        "note": "random init: nothing was configured or published; learns from the annotations"},
-                        name=UNTRAINED_VERSION)
-                    self._say_untrained(project_id, names, "built")
-                except (RegistryError, OSError):  # another process published it first (else: raises here)
-                    version = registry.get(UNTRAINED_VERSION)
-        with self._lock:
-            self._sources.pop(project_id, None)  # resolve again: the registry has a version now
-        return ModelSource(version.checkpoint, version.name, f"untrained {UNTRAINED_GRAPH} in {registry.root}")
+        path, built = untrained_checkpoint(self.settings.model_dir, names)
+        if built:
+            self._say_untrained(project_id, names, "built")
+        return ModelSource(path, UNTRAINED_VERSION, f"untrained {UNTRAINED_GRAPH} for labels {', '.join(names)}")
 
     def _say_untrained(self, project_id: Optional[int], labels: Sequence[str], what: str) -> None:
         key = ("untrained", project_id, tuple(labels), what)
@@ -254,10 +280,8 @@ class ModelHolder:
         With nothing configured, ``labels`` (the label config's RectangleLabels) give the untrained fallback."""
         source = self.source(project_id)
         if source is None and labels:
-            with self._load_lock:
-                source = self.source(project_id) if project_id is not None else None
-                if source is None:
-                    source = self._untrained_source(project_id, labels)
+            with self._load_lock:  # the file may have been evicted since it was loaded: made again then
+                source = self._untrained_source(project_id, labels)
         if source is None:
             raise NoModelError(
                 "no model to predict with: set MODEL_PATH to a YOLOv7 checkpoint (.pt), e.g. "

@@ -10,13 +10,18 @@ Neutral ground: the HTTP server (``server/``), the training job (``jobs/``) and 
 
 from __future__ import annotations
 
+import os
+import secrets
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Protocol
 
 from .labelstudio.api import LabelStudioClient
-from .labelstudio.client import LabelStudioSession, ProjectVersionSync
+from .labelstudio.client import LabelStudioSession
+from .labelstudio.connection import ConnectionCheck
 from .labelstudio.images import ImageCache, ImageFetcher
+from .labelstudio.version_sync import ProjectVersionSync
 from .model_holder import Loader, ModelHolder
 from .settings import Settings
 
@@ -32,6 +37,30 @@ class TrainingHooks(Protocol):
     def pool_status(self, project_id: int) -> dict: ...
 
 
+INSTANCE_FILE = "instance-id"
+
+
+def instance_id(model_dir: str | os.PathLike) -> str:
+    """This deployment's id: ``MODEL_DIR/instance-id``, made once (by whichever process comes first) and then the
+    same for every server process and worker sharing MODEL_DIR. /health reports it, so the backend can tell which
+    of a project's ML backends in Label Studio is itself (``labelstudio.connection``)."""
+    path = Path(model_dir) / INSTANCE_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    candidate = path.with_name(f".{INSTANCE_FILE}.{secrets.token_hex(4)}")
+    candidate.write_text(secrets.token_hex(16))
+    try:
+        os.link(candidate, path)  # fails when another process made it first: theirs is the id
+    except FileExistsError:
+        pass
+    finally:
+        candidate.unlink(missing_ok=True)
+    return path.read_text().strip()
+
+
 @dataclass
 class BackendContext:
     """What a server process shares between requests."""
@@ -40,9 +69,12 @@ class BackendContext:
     models: ModelHolder
     session: LabelStudioSession
     images: ImageFetcher
+    connection: ConnectionCheck
     version_sync: ProjectVersionSync
     training: Optional[TrainingHooks] = None
     label_configs: dict = field(default_factory=dict)  # project id -> last label config seen (from /setup)
+    _instance: Optional[str] = None
+    _client: Optional[LabelStudioClient] = None
 
     @classmethod
     def from_settings(cls, settings: Optional[Settings] = None, loader: Optional[Loader] = None,
@@ -51,17 +83,27 @@ class BackendContext:
         session = LabelStudioSession(settings.label_studio_url, settings.label_studio_api_key,
                                      timeout=settings.image_timeout)
         cache = ImageCache(settings.image_cache_dir, settings.image_cache_mb * 1024 * 1024)
+        images = ImageFetcher(session, cache, timeout=settings.image_timeout, max_pixels=settings.max_image_pixels)
         context = cls(settings=settings, models=ModelHolder(settings, loader=loader), session=session,
-                      images=ImageFetcher(session, cache, timeout=settings.image_timeout,
-                                          max_pixels=settings.max_image_pixels),
-                      version_sync=ProjectVersionSync(lambda: None), training=training)
-        context.version_sync = ProjectVersionSync(context.client, uncertainty_sampling=settings.uncertainty_sampling)
+                      images=images, connection=None, version_sync=None, training=training)  # type: ignore[arg-type]
+        context.connection = ConnectionCheck(context.client, context.instance, backend_url=settings.backend_url)
+        context.version_sync = ProjectVersionSync(context.client, context.connection,
+                                                  uncertainty_sampling=settings.uncertainty_sampling)
         return context
+
+    def instance(self) -> str:
+        """This deployment's id (``instance_id``), read once per process."""
+        if self._instance is None:
+            self._instance = instance_id(self.settings.model_dir)
+        return self._instance
 
     def client(self) -> Optional[LabelStudioClient]:
         """A Label Studio API client (label-studio-sdk) when LABEL_STUDIO_URL is set and a key may go there, else
-        None (a /setup hostname alone gets no API calls)."""
-        return LabelStudioClient.for_session(self.session)
+        None (a /setup hostname alone gets no API calls). One per process: it keeps its SDK clients (a personal
+        access token is exchanged once, not per call)."""
+        if self._client is None:
+            self._client = LabelStudioClient.for_session(self.session)
+        return self._client
 
 
 _default_context: Optional[BackendContext] = None

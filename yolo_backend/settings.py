@@ -108,6 +108,11 @@ class Settings:
         None, "Label Studio base URL, used to fetch images and annotations (e.g. http://localhost:8080).")
     label_studio_api_key: Optional[str] = setting(
         None, "Label Studio API key: a legacy token or a personal access token (JWT refresh token).")
+    backend_url: Optional[str] = setting(
+        None, "The URL Label Studio was given for this backend (Settings -> Model). The backend acts with its key "
+        "only on projects that have it connected: with this set, a project whose ML backends include this URL; "
+        "unset, one whose ML backend URL answers /health with this deployment's id (MODEL_DIR/instance-id). Set it "
+        "when the backend cannot reach itself at that URL.")
     image_cache_dir: str = setting("./data/image-cache", "Where downloaded task images are kept.")
     image_cache_mb: int = setting(2048, "Size bound of the image cache in MiB; oldest files go first.")
     image_timeout: float = setting(
@@ -173,9 +178,10 @@ class Settings:
     pool_chunk_size: int = setting(
         200, "Tasks per pool-scoring chunk job: several workers share a large pool chunk by chunk.")
     keep_old_predictions: bool = setting(
-        False, "Keep older versions' pool predictions. Off, they are deleted once the new one is stored: Label "
-        "Studio counts an annotator's solved clusters over all of a task's predictions, so old clusters would mix "
-        "in. Predictions without a cluster from elsewhere (imported) are never deleted.")
+        False, "Keep the predictions of this backend's older versions. Off, they are deleted once a task's new one is "
+        "stored, so a task keeps one prediction of ours (Label Studio counts an annotator's solved clusters over "
+        "all of a task's predictions, so old clusters would mix in). Predictions the backend did not make (another "
+        "model's, imported ones) are never deleted.")
     uncertainty_sampling: bool = setting(
         False, "Set the project's sampling to Label Studio's \"Uncertainty sampling\" when it connects and on every "
         "new version (the next task: least-labelled cluster first, then lowest score). Off: the project's own "
@@ -231,6 +237,9 @@ class Settings:
         if self.inference_backend not in INFERENCE_BACKENDS:
             raise SettingsError(f"INFERENCE_BACKEND={self.inference_backend!r} is unknown; use one of "
                                 f"{', '.join(INFERENCE_BACKENDS)}")
+        if self.backend_url and not self.backend_url.strip().lower().startswith(("http://", "https://")):
+            raise SettingsError(f"BACKEND_URL={self.backend_url!r} must be the http(s) URL Label Studio was given "
+                                "for this backend, e.g. http://127.0.0.1:9090")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
 

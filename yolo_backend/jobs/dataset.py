@@ -18,6 +18,7 @@ import numpy as np
 from ..labelstudio.annotations import latest_annotation
 from ..labelstudio.client import LabelStudioAPIError
 from ..labelstudio.regions import BadRegion, is_box_region, region_box
+from ..labelstudio.urls import cut, shorten
 from ..settings import Settings
 from . import TrainingError
 
@@ -142,7 +143,8 @@ def collect_examples(context, project_id: int, target, tasks: list[dict], size: 
         try:
             image = context.images.load(url, task.get("id"))
         except Exception as exc:  # one bad image must not fail the job
-            log.warning("task %s: image not available, not trained on: %s", task.get("id"), exc)
+            log.warning("task %s: image not available, not trained on: %s", shorten(task.get("id"), 40),
+                        cut(exc, 600))
             return None
         finally:
             with lock:
@@ -151,7 +153,7 @@ def collect_examples(context, project_id: int, target, tasks: list[dict], size: 
         height, width = image.shape[:2]
         boxes, classes, unknown, bad = annotation_boxes(annotation, target, width, height)
         for region in bad:
-            log.warning("task %s: %s; skipped", task.get("id"), region.message)
+            log.warning("task %s: %s; skipped", shorten(task.get("id"), 40), cut(region.message, 400))
         small, r = scale_to(image, size)
         return Example(int(task["id"]), np.ascontiguousarray(small), boxes * r, classes), unknown, bad
 

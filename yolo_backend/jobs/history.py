@@ -93,6 +93,18 @@ def read_runs(model_dir: str | os.PathLike, project_id: int, limit: int = MAX_RU
     return runs
 
 
+def served_versions(model_dir: str | os.PathLike, project_id: int) -> set[str]:
+    """Every version name this backend has served the project, as far as it knows: the published versions on disk
+    (the project's and the shared ones) and, from the run history, each published version and each model a run
+    started from (a MODEL_PATH checkpoint, the untrained start, pruned versions). Predictions carrying one of these
+    are the backend's own; it never deletes any other."""
+    names = {v.name for registry in (Registry.for_project(model_dir, project_id), Registry(model_dir))
+             for v in registry.versions()}
+    for run in read_runs(model_dir, project_id):
+        names.update(str(run[key]) for key in ("version", "parent") if run.get(key))
+    return names
+
+
 def _append(model_dir: str | os.PathLike, project_id: int, record: dict) -> Optional[dict]:
     path = history_path(model_dir, project_id)
     record = finite(record)

@@ -32,7 +32,7 @@ import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Collection, Optional
 
 import numpy as np
 
@@ -59,12 +59,14 @@ STORED_POLL_S = 3
 
 
 # --- which predictions a task needs ---------------------------------------------------------------------------
-def plan(tasks: list[dict], predictions: list[dict], version: str, keep_old: bool) -> tuple[list[dict], dict]:
+def plan(tasks: list[dict], predictions: list[dict], version: str, keep_old: bool,
+         ours: Collection[str] = ()) -> tuple[list[dict], dict]:
     """(tasks still to score, {task id: stale prediction ids to delete once its new one is stored}).
 
-    A task is done when it has a prediction of ``version`` with a cluster. Stale: this version's predictions
-    without a cluster, and older versions' with a cluster unless ``keep_old`` (a prediction without a cluster from
-    another version, e.g. imported by the user, is never touched)."""
+    A task is done when it has a prediction of ``version`` with a cluster. Stale (``_stale_ids``): this version's
+    predictions without a cluster and, unless ``keep_old``, the task's predictions of the backend's other versions
+    (``ours``), so a task keeps one prediction of ours. A prediction of any other version (another model's,
+    imported ones) is never touched."""
     by_task = _by_task(predictions)
     todo, stale = [], {}
     for task in tasks:
@@ -72,18 +74,19 @@ def plan(tasks: list[dict], predictions: list[dict], version: str, keep_old: boo
         if _is_done(mine, version):
             continue
         todo.append(task)
-        old = _stale_ids(mine, version, keep_old)
+        old = _stale_ids(mine, version, keep_old, ours)
         if old:
             stale[int(task["id"])] = old
     return todo, stale
 
 
-def stale_of_done_tasks(predictions: list[dict], version: str, keep_old: bool) -> list[int]:
+def stale_of_done_tasks(predictions: list[dict], version: str, keep_old: bool, ours: Collection[str] = ()) -> \
+        list[int]:
     """Stale prediction ids (``plan``'s rule) on tasks that are done: what a finished run still deletes. Label
     Studio may store a ``/predict`` reply's predictions (no cluster) after the run listed them, e.g. the reply
     whose leftovers at PREDICT_DEADLINE_S started the run."""
     return [old for mine in _by_task(predictions).values() if _is_done(mine, version)
-            for old in _stale_ids(mine, version, keep_old)]
+            for old in _stale_ids(mine, version, keep_old, ours)]
 
 
 def _by_task(predictions: list[dict]) -> dict[int, list[dict]]:
@@ -97,10 +100,10 @@ def _is_done(predictions: list[dict], version: str) -> bool:
     return any(p.get("model_version") == version and p.get("cluster") is not None for p in predictions)
 
 
-def _stale_ids(predictions: list[dict], version: str, keep_old: bool) -> list[int]:
+def _stale_ids(predictions: list[dict], version: str, keep_old: bool, ours: Collection[str]) -> list[int]:
     return [int(p["id"]) for p in predictions
             if (p.get("model_version") == version and p.get("cluster") is None)
-            or (not keep_old and p.get("model_version") != version and p.get("cluster") is not None)]
+            or (not keep_old and p.get("model_version") != version and p.get("model_version") in ours)]
 
 
 def cluster_path(settings: Settings, project_id: int, version: str) -> Path:
@@ -227,6 +230,7 @@ class PoolScorer:
         if self.client is None:
             raise TrainingError("pool scoring stores predictions through the Label Studio API: set LABEL_STUDIO_URL "
                                 "and LABEL_STUDIO_API_KEY (a personal access token or legacy token) for the worker")
+        self.context.connection.require(self.project_id)  # ProjectNotConnected: nothing is read or written there
         if label_config is None:
             label_config = self.client.get_project(self.project_id).get("label_config")
         self.label_config = label_config
@@ -244,6 +248,14 @@ class PoolScorer:
         if not version:
             raise TrainingError(f"project {self.project_id} has no model to score with: set MODEL_PATH or train")
         return version
+
+    def ours(self, version: str) -> set[str]:
+        """The versions whose predictions are the backend's own in this project (``history.served_versions``)."""
+        from .history import served_versions
+
+        from ..yolov7.untrained import UNTRAINED_VERSION
+
+        return served_versions(self.settings.model_dir, self.project_id) | {version, UNTRAINED_VERSION}
 
     def claim(self, version: str, tasks: list[dict]) -> list[dict]:
         """The tasks no other chunk of this version has taken (all of them without Redis)."""
@@ -309,7 +321,7 @@ class PoolScorer:
         so every task ends with exactly one prediction of the version. Returns how many went."""
         try:
             stale = stale_of_done_tasks(self.client.predictions(self.project_id), version,
-                                        self.settings.keep_old_predictions)
+                                        self.settings.keep_old_predictions, self.ours(version))
             for prediction_id in stale:
                 self.client.delete_prediction(prediction_id)
         except Exception as exc:  # the next run deletes them; the predictions stored are what counts
@@ -429,12 +441,13 @@ def score_project(settings: Settings, project_id: int, reason: str = "requested"
     Redis connection) or score them here (without). ``reply_stored``: predictions a ``/predict`` reply sent just
     before (the run scores its leftovers), waited for first. Returns the run's summary."""
     from ..labelstudio.client import ProjectNotFound
+    from ..labelstudio.version_sync import switch_version
     from .keys import Keys
 
     keys = Keys(queue_name or settings.rq_queue_name) if connection is not None else None
     try:
         scorer = PoolScorer(settings, project_id, backend_spec=backend_spec, connection=connection, keys=keys)
-    except ProjectNotFound as exc:
+    except ProjectNotFound as exc:  # ProjectNotConnected too: nothing is done there with the key
         log.warning("project %s: %s; pool scoring dropped", project_id, exc)
         return {"project": project_id, "scored": False, "reason": str(exc)}
     version = scorer.serving_version()
@@ -449,7 +462,7 @@ def score_project(settings: Settings, project_id: int, reason: str = "requested"
         client.predictions(project_id)
     tasks = [{"id": int(t["id"]), "data": t.get("data") or {}} for t in client.tasks(project_id,
                                                                                      with_annotations=False)]
-    todo, stale = plan(tasks, predictions, version, settings.keep_old_predictions)
+    todo, stale = plan(tasks, predictions, version, settings.keep_old_predictions, scorer.ours(version))
     done_before = len(tasks) - len(todo)
     if connection is not None:  # Label Studio is the truth: claims of a dead run must not block its tasks
         key = keys.pool_stored(project_id, version)
@@ -471,8 +484,7 @@ def score_project(settings: Settings, project_id: int, reason: str = "requested"
             if todo else (None, [], (0, 0))
         if stored:
             with contextlib.suppress(Exception):  # Label Studio serves by this version only once it is the project's
-                if client.get_project(project_id).get("model_version") != version:
-                    client.set_project_model_version(project_id, version)
+                switch_version(client, scorer.context.connection, project_id, version, settings.uncertainty_sampling)
         chunk_size = max(1, settings.pool_chunk_size)
         chunks = [rest[i:i + chunk_size] for i in range(0, len(rest), chunk_size)]
         scorer.status.set_chunks(len(chunks))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 from ..labelstudio.client import LabelStudioAPIError
+from ..labelstudio.version_sync import switch_version
 from . import TrainingError
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,7 @@ def sync_label_studio(backend_class, context, client, project_id: int, label_con
         client.create_prediction(task["id"], prediction.get("result", []), prediction.get("score"), version)
     except LabelStudioAPIError as exc:
         raise TrainingError(str(exc)) from None
-    client.set_project_model_version(project_id, version)
-    if settings.uncertainty_sampling:
-        client.ensure_uncertainty_sampling(project_id)
-    log.info("project %s: stored a prediction of %s and set the project's model_version to it", project_id,
-             version)
-    return {"predictions_stored": 1, "model_version": version}
+    switched = switch_version(client, context.connection, project_id, version, settings.uncertainty_sampling)
+    log.info("project %s: stored a prediction of %s; the project's model_version: %s", project_id, version,
+             switched.value)
+    return {"predictions_stored": 1, "model_version": version, "switch": switched.value}

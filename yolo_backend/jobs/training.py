@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..labelstudio.client import ProjectNotFound
+from ..model_holder import untrained_checkpoint
+from ..yolov7.untrained import UNTRAINED_VERSION
 from ..registry import ModelVersion, Registry
 from ..settings import Settings
 from . import TrainingError
@@ -46,8 +48,9 @@ def train_project(backend, event: str = "START_TRAINING", progress: Optional[Cal
 
     report({"phase": "reading annotations"})
     try:
+        context.connection.require(project_id)  # the key reads and writes only where this backend is connected
         project = client.get_project(project_id)
-    except ProjectNotFound as exc:  # a made-up or deleted project: nothing to retry
+    except ProjectNotFound as exc:  # a made-up, deleted or foreign project: nothing to retry
         log.warning("project %s: %s; training request dropped", project_id, exc)
         report({"phase": "done", "message": f"project {project_id} does not exist in Label Studio"})
         return {"project": project_id, "event": event, "trained": False, "published": False,
@@ -123,6 +126,8 @@ def train_and_publish(settings: Settings, project_id: int, examples: list[Exampl
     report = report or (lambda event: None)
     train, val = split_examples(project_id, examples)
     start_checkpoint, parent = current_model(settings, project_id)
+    if start_checkpoint is None:  # what served the project: the shared untrained model for its labels
+        start_checkpoint, parent = str(untrained_checkpoint(settings.model_dir, names)[0]), UNTRAINED_VERSION
     log.info("training project %s on %d image(s), validating on %d, from %s", project_id, len(train), len(val),
              parent or f"an untrained {DEFAULT_GRAPH}")
     registry = Registry.for_project(settings.model_dir, project_id)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 import httpx
@@ -35,6 +36,14 @@ PAGE_SIZE = 100
 # The project sampling that serves the next task by cluster and prediction score (open-source 1.23 implements it).
 UNCERTAINTY_SAMPLING = "Uncertainty sampling"
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ModelVersions:
+    """What ``/api/projects/<id>/model-versions/`` says: versions with their prediction counts, live backends."""
+
+    versions: dict[str, int]
+    backends: list[dict]
 
 
 class LabelStudioClient:
@@ -116,6 +125,35 @@ class LabelStudioClient:
                     raise
 
         self._call(f"DELETE prediction {int(prediction_id)}", delete)
+
+    def model_versions(self, project_id: int) -> "ModelVersions":
+        """The model versions the project's predictions carry (with counts) and its ML backends (URLs), in one
+        call that makes Label Studio call no backend (``/api/ml`` would refresh every backend's state)."""
+        path = f"api/projects/{int(project_id)}/model-versions/"
+
+        def fetch(sdk: "LabelStudio") -> ModelVersions:
+            response = sdk._client_wrapper.httpx_client.request(
+                path, method="GET", params={"extended": "true", "include_live_models": "true"})
+            if response.status_code >= 300:
+                raise ApiError(status_code=response.status_code, headers=dict(response.headers),
+                               body=response.text[:300])
+            try:
+                body = response.json()
+            except ValueError:
+                raise LabelStudioAPIError(f"{path} did not answer JSON: {response.text[:200]!r}") from None
+            static = body.get("static") if isinstance(body, dict) else None
+            live = body.get("live") if isinstance(body, dict) else None
+            versions = {str(v.get("model_version")): int(v.get("count") or 0) for v in static or []
+                        if isinstance(v, dict) and v.get("model_version")}
+            return ModelVersions(versions, [b for b in live or [] if isinstance(b, dict)])
+
+        try:
+            return self._call(f"GET model versions of project {int(project_id)}", fetch)
+        except LabelStudioAPIError as exc:
+            if getattr(exc, "status_code", None) == 404:
+                raise ProjectNotFound(f"Label Studio at {self.url} has no project {int(project_id)} (HTTP 404)") \
+                    from None
+            raise
 
     def set_project_sampling(self, project_id: int, sampling: str) -> dict:
         return self._call(f"PATCH project {int(project_id)} sampling={sampling!r}",

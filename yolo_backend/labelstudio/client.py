@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Optional
+from typing import Optional
 from urllib.parse import urljoin, urlsplit
 
 import requests
@@ -401,110 +401,3 @@ class LabelStudioAPIError(RuntimeError):
 
 class ProjectNotFound(LabelStudioAPIError):
     """Label Studio has no such project (404); the message names it and the Label Studio URL."""
-
-
-class ProjectVersionSync:
-    """Keeps each project's ``model_version`` equal to the version our predictions carry, in the background.
-
-    Label Studio sorts tasks by prediction score (and samples by uncertainty) only over predictions whose
-    model_version equals the project's, and it refuses to switch the project to a version until a prediction
-    carrying it is stored. So after answering /predict (Label Studio stores the predictions after our reply)
-    and on /setup, a background thread checks the project and PATCHes it, retrying a few times with a growing
-    delay. Never blocks a request; at most one thread per project (a request arriving while it runs restarts
-    its retries). ``client_factory`` gives an ``api.LabelStudioClient`` (or None when there is none).
-    """
-
-    def __init__(self, client_factory: Callable[[], Optional[Any]], attempts: int = 5,
-                 first_delay: float = 1.0, backoff: float = 2.0, uncertainty_sampling: bool = False,
-                 remember: int = 1000):
-        self._client_factory = client_factory
-        self.uncertainty_sampling = uncertainty_sampling  # also set the project's sampling (UNCERTAINTY_SAMPLING)
-        self.attempts = attempts
-        self.first_delay = first_delay
-        self.backoff = backoff
-        self._lock = threading.Lock()
-        self._pending: dict[int, str] = {}   # project -> version a thread is working on
-        self._again: set[int] = set()        # projects asked again while their thread runs
-        # project -> version known to be set, the most recent ``remember`` only: /setup and /predict need no key,
-        # so made-up project ids must not grow it (a forgotten project is only checked once more).
-        self._synced: OrderedDict[int, str] = OrderedDict()
-        self.remember = remember
-        self.threads: list[threading.Thread] = []  # for tests
-        self._said_no_client = False
-
-    def request(self, project_id: Optional[int], model_version: Optional[str], recheck: bool = False) -> bool:
-        """Schedule a sync; False when nothing new needs doing. ``recheck`` ignores what we believe is set
-        (Label Studio resets the project's version to the backend title when the backend is reconnected)."""
-        if project_id is None or not model_version:
-            return False
-        with self._lock:
-            if recheck:
-                self._synced.pop(project_id, None)
-            if self._synced.get(project_id) == model_version:
-                return False
-            if project_id in self._pending:
-                self._pending[project_id] = model_version
-                self._again.add(project_id)
-                return True
-            self._pending[project_id] = model_version
-        thread = threading.Thread(target=self._run, args=(project_id,), name=f"model-version-sync-{project_id}",
-                                  daemon=True)
-        self.threads = [t for t in self.threads if t.is_alive()] + [thread]
-        thread.start()
-        return True
-
-    def wait(self, timeout: float = 10.0) -> None:
-        """Wait for the running sync threads (tests)."""
-        deadline = time.time() + timeout
-        for thread in list(self.threads):
-            thread.join(max(0.0, deadline - time.time()))
-
-    def _run(self, project_id: int) -> None:
-        last_error = ""
-        attempt, delay = 0, self.first_delay
-        try:
-            client = self._client_factory()
-            if client is None:
-                if self._said_no_client:
-                    return
-                self._said_no_client = True
-                log.info("not syncing project %s model_version: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY so "
-                         "the backend can keep it equal to its own (needed for sorting by prediction score)",
-                         project_id)
-                return
-            while attempt < self.attempts:
-                time.sleep(delay)
-                with self._lock:
-                    version = self._pending[project_id]
-                    if project_id in self._again:  # a new prediction was answered: start the retries afresh
-                        self._again.discard(project_id)
-                        attempt, delay = 0, self.first_delay
-                attempt += 1
-                delay *= self.backoff
-                try:
-                    project = client.get_project(project_id)
-                    if self.uncertainty_sampling:
-                        client.ensure_uncertainty_sampling(project_id, project)
-                    current = project.get("model_version")
-                    if current != version:
-                        client.set_project_model_version(project_id, version)
-                        log.info("project %s model_version %r -> %r (so sorting by prediction score sees our "
-                                 "predictions)", project_id, current, version)
-                    with self._lock:
-                        self._synced[project_id] = version
-                        self._synced.move_to_end(project_id)
-                        while len(self._synced) > self.remember:
-                            self._synced.popitem(last=False)
-                        if project_id not in self._again:
-                            return
-                except Exception as exc:  # 400 until a prediction of this version is stored: retry
-                    last_error = str(exc)
-            log.warning("could not set project %s model_version to %r after %d attempts: %s", project_id,
-                        self._pending.get(project_id), self.attempts, last_error)
-        finally:
-            with self._lock:
-                version = self._pending.pop(project_id, None)
-                asked_again = project_id in self._again
-                self._again.discard(project_id)
-            if asked_again and version:
-                self.request(project_id, version)  # asked while we were finishing: go again

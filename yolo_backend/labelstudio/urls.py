@@ -49,8 +49,15 @@ def shorten(text: object, limit: int = SHOWN_CHARS) -> str:
     if value.startswith("data:"):
         head = value[:value.find(",") + 1 or 40][:40]
         return f"{head}... ({len(value)} characters)"
-    cut = value[:limit]
-    shown = cut.encode("unicode_escape").decode("ascii") if not cut.isprintable() else cut
+    return cut(value, limit)
+
+
+def cut(text: object, limit: int = SHOWN_CHARS) -> str:
+    """Free text (an error message, a list of field names) as a log line shows it: at most ``limit`` characters,
+    control characters escaped."""
+    value = str(text)
+    shown = value[:limit]
+    shown = shown.encode("unicode_escape").decode("ascii") if not shown.isprintable() else shown
     return shown + (f"... ({len(value)} characters)" if len(value) > limit else "")
 
 

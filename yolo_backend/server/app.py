@@ -31,6 +31,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ..errors import RequestRefused
 from ..labelstudio.config import LabelConfigError, find_rectangle_target, parse_label_config
+from ..labelstudio.connection import Link
 from ..labelstudio.results import is_failed_prediction
 from ..labelstudio.urls import shorten
 from ..registry import RegistryError
@@ -197,6 +198,18 @@ def create_app(backend_class: type[LabelStudioMLBase], settings: Optional[Settin
             response.headers.setdefault(name, value)
         return response
 
+    def _check_connected(project_id: Optional[int], what: str) -> None:
+        """With a key for Label Studio's API, the backend acts only for projects that have it connected: 403
+        otherwise, and 400 for a request that does not say which project (Label Studio always does)."""
+        if context.client() is None:
+            return
+        if project_id is None:
+            raise BadRequest(f"send the project id (\"project\": <id>, as Label Studio does) to {what}: with "
+                             "LABEL_STUDIO_URL set the backend acts only for projects that have it connected")
+        answer = context.connection.check(project_id)
+        if answer.state is Link.NOT_CONNECTED:
+            raise RequestRefused(403, answer.why)
+
     def _warm_up() -> None:
         try:
             context.models.version(None)
@@ -249,7 +262,11 @@ def create_app(backend_class: type[LabelStudioMLBase], settings: Optional[Settin
     # --- endpoints ------------------------------------------------------------------------------------------
     @app.get("/health")
     def health():
-        return jsonify(status="UP", model_class=backend_class.__name__)
+        try:  # which deployment this is: how the backend recognises itself among a project's ML backends
+            return jsonify(status="UP", model_class=backend_class.__name__, instance=context.instance())
+        except OSError as exc:  # MODEL_DIR not writable yet: still up
+            log.debug("no instance id: %s", exc)
+            return jsonify(status="UP", model_class=backend_class.__name__)
 
     @app.post("/setup")
     def setup():
@@ -304,6 +321,7 @@ def create_app(backend_class: type[LabelStudioMLBase], settings: Optional[Settin
             raise BadRequest("'label_config' is missing: send the project's label config XML (Label Studio "
                              "sends it with every /predict) or call /setup with 'schema' first")
         params = _keyword_arguments(body.get("params"), _PREDICT_ARGUMENTS)
+        _check_connected(project_id, "predict with its key")
         backend = make_backend(project_id=body.get("project"), label_config=label_config)
         results = backend.predict(tasks, **params)
         if not isinstance(results, list) or len(results) != len(tasks):
@@ -345,6 +363,7 @@ def create_app(backend_class: type[LabelStudioMLBase], settings: Optional[Settin
         if context.training is None:
             return _error(503, "this server has no training queue (Redis): run `python -m yolo_backend score-pool "
                                f"--project {project_id} --here` instead")
+        _check_connected(project_id, "score its tasks")
         result = context.training.request_pool_scoring(project_id, "requested over HTTP")
         return jsonify(result), (202 if result.get("job") else 503)
 

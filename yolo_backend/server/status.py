@@ -24,6 +24,7 @@ from ..model_holder import NoModelError
 log = logging.getLogger(__name__)
 
 WARNINGS_KEPT = 50
+WARNING_CHARS = 500  # each kept message at most this long: /status and the dashboard stay small
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -31,7 +32,8 @@ WARNINGS_KEPT = 50
 # --------------------------------------------------------------------------------------------------------------
 
 class RecentWarnings(logging.Handler):
-    """Keeps the last WARNINGS_KEPT WARNING/ERROR log records of the process (failed images, refused keys, ...)."""
+    """Keeps the last WARNINGS_KEPT WARNING/ERROR log records of the process (failed images, refused keys, ...),
+    each cut to WARNING_CHARS characters."""
 
     def __init__(self, capacity: int = WARNINGS_KEPT):
         super().__init__(logging.WARNING)
@@ -40,10 +42,13 @@ class RecentWarnings(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            entry = {"time": record.created, "time_iso": _iso(record.created), "level": record.levelname, "logger": record.name,
-                     "message": record.getMessage()}
+            message = record.getMessage()
         except Exception:  # a bad format string must not break logging
             return
+        if len(message) > WARNING_CHARS:
+            message = f"{message[:WARNING_CHARS]}... ({len(message)} characters)"
+        entry = {"time": record.created, "time_iso": _iso(record.created), "level": record.levelname,
+                 "logger": record.name, "message": message}
         with self._records_lock:
             self.records.append(entry)
 
