@@ -646,7 +646,10 @@ def test_review_fixes_leftover_reservation_expired_lock_process_space_and_a_refu
     client = env.app()
     connection = env.queue.connection()
     keys = env.queue.keys
-    connection.set(keys.waiting(7), "train-7-leftover", ex=RESERVE_TTL_S - RESERVE_GRACE_S - 1)  # no such job
+    # A reservation older than the grace whose job was never created (its server died in between).
+    connection.hset(keys.waiting(7), mapping={"job": "train-7-leftover", "state": "reserved", "ticket": 1,
+                                              "at": time.time() - RESERVE_GRACE_S - 1})
+    connection.expire(keys.waiting(7), RESERVE_TTL_S)
     answer = webhook(client, project_id=7)[0]
     assert answer["status"] == "queued" and answer["job"] != "train-7-leftover", answer
 
@@ -665,7 +668,7 @@ def test_review_fixes_leftover_reservation_expired_lock_process_space_and_a_refu
     connection.set(keys.alive("job-c"), f"another-container/boot/123:{dead.pid}", ex=20)
     assert holder_alive(connection, keys, "job-c")      # another process table: only the heartbeat's TTL says
 
-    store = PendingRequests(tmp_path / "pending")
+    store = PendingRequests(tmp_path / "pending", max_projects=20)
     for project in (1, 2):
         store.record(project, {"event": "START_TRAINING", "source": "/webhook", "requested_at": 1.0}, OSError("down"))
     queued = []
@@ -675,5 +678,6 @@ def test_review_fixes_leftover_reservation_expired_lock_process_space_and_a_refu
             raise RequestRefused(429, "the queue is full")
         queued.append(project_id)
 
-    assert store.flush(enqueue) == 1 and queued == [2]
+    report = store.flush(enqueue)
+    assert report.queued == [2] and queued == [2] and list(report.kept) == [1]
     assert [r["project"] for r in store.records()] == [1]  # kept for later

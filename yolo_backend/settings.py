@@ -142,7 +142,8 @@ class Settings:
         "listing both would only coalesce). Empty: training off.")
     max_queued_projects: int = setting(
         20, "Most projects with a training job waiting at once; a trigger beyond that is refused (429) and logged, "
-        "so made-up project ids cannot fill the queue.")
+        "so made-up project ids cannot fill the queue. Also the most projects whose requests are kept in "
+        "MODEL_DIR/pending while Redis is away (503 beyond).")
     train_epochs: int = setting(30, "Most epochs per training job (the time budget usually ends it first).")
     train_time_budget_s: float = setting(
         300.0, "Seconds one training job may train (evaluation and saving included); bounds a job on CPU.")

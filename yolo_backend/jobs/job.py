@@ -1,6 +1,7 @@
-"""The RQ job (``yolo_backend.jobs.job.run_training_job``, importable by path for a plain ``rq worker``): report
-progress to the job's meta and log file, keep a heartbeat, take the project's lock (releasing one whose holder is
-known dead), free the project's waiting slot, and run the backend's ``fit()``; a full disk is said as such.
+"""The RQ job (``yolo_backend.jobs.job.run_training_job``, importable by path for a plain ``rq worker``): keep a
+heartbeat, take the project's waiting slot (or stop when another job replaced it: slots.py), report progress to the
+job's meta and log file, take the project's lock in ticket order (passing over a holder known dead), free the
+waiting slot, and run the backend's ``fit()``; a full disk is said as such.
 
 Nothing here imports torch at module level: CUDA is initialised only inside the job (after the worker's fork).
 """
@@ -158,26 +159,47 @@ class _Heartbeat:
                 self.beat()
 
 
-@contextlib.contextmanager
-def _project_lock(connection, keys, heartbeat: _Heartbeat, project_id: int, job_id: str, ttl: int, reporter):
-    """At most one training job per project at a time: wait for the lock. A holder known dead (its work horse is
-    gone, or its heartbeat expired) has its lock released at once, so the next job does not wait out the TTL."""
-    from .keys import DELETE_IF_EQUAL, holder_alive, text
+LOCK_POLL_S = 0.5
+LOCK_QUEUE_TTL_S = 24 * 3600
 
-    key = keys.lock(project_id)
-    said = False
-    while not connection.set(key, job_id, nx=True, ex=max(2, int(ttl))):
-        holder = text(connection.get(key))
-        if holder and not holder_alive(connection, keys, holder):
-            if connection.eval(DELETE_IF_EQUAL, 1, key, holder):
-                log.info("job %s of project %s held the training lock but its process is gone: lock released",
-                         holder, project_id)
-            continue
-        if not said:
-            log.info("job %s of project %s is training; waiting for it to finish", holder, project_id)
-            reporter.progress({"phase": "waiting", "message": f"waiting for job {holder} of this project"})
-            said = True
-        time.sleep(1.0)
+
+@contextlib.contextmanager
+def _project_lock(connection, keys, heartbeat: _Heartbeat, project_id: int, job_id: str, ticket: int, ttl: int,
+                  reporter):
+    """At most one training job per project at a time, first come first served: the jobs waiting for the lock take
+    it in ticket order (the order their requests were queued). A holder, or a job first in line, known dead (its
+    work horse is gone, or its heartbeat expired) is passed over at once, so nobody waits out its TTL."""
+    from .keys import ACQUIRE, DELETE_IF_EQUAL, holder_alive
+
+    key, line = keys.lock(project_id), keys.lock_queue(project_id)
+    said = None
+    try:
+        while True:
+            reply = connection.eval(ACQUIRE, 2, key, line, job_id, int(ticket), max(2, int(ttl)), LOCK_QUEUE_TTL_S)
+            if int(reply[0]):
+                break
+            holder, first = (v.decode() if isinstance(v, bytes) else v for v in reply[1:3])
+            if holder and not holder_alive(connection, keys, holder):
+                if connection.eval(DELETE_IF_EQUAL, 1, key, holder):
+                    log.info("job %s of project %s held the training lock but its process is gone: lock released",
+                             holder, project_id)
+                continue
+            if not holder and first != job_id and not holder_alive(connection, keys, first):
+                if connection.zrem(line, first):
+                    log.info("job %s of project %s was first in line for the training lock but its process is "
+                             "gone: passed over", first, project_id)
+                continue
+            ahead = holder or first
+            if said != ahead:
+                log.info("job %s of project %s is %s; waiting for it", ahead, project_id,
+                         "training" if holder else "ahead in line")
+                reporter.progress({"phase": "waiting", "message": f"waiting for job {ahead} of this project"})
+                said = ahead
+            time.sleep(LOCK_POLL_S)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            connection.zrem(line, job_id)  # leaving the line (failed, stopped): the next job goes on
+        raise
     heartbeat.lock_key = key
     try:
         yield
@@ -196,53 +218,73 @@ def run_training_job(project_id: int, event: str = "START_TRAINING", payload: Op
     """The RQ job (``yolo_backend.jobs.job.run_training_job``): train one project and publish."""
     from rq import get_current_job
 
-    from ..runtime import BackendContext
-    from . import history
-    from .keys import DELETE_IF_EQUAL, LOCK_TTL_S, SETTLE_S, Keys
+    from .keys import LOCK_TTL_S, SETTLE_S, Keys
+    from .slots import SlotKind, WaitingSlots
 
     options = {"settle_s": SETTLE_S, "lock_ttl": LOCK_TTL_S, "trainer": None, "backend": DEFAULT_BACKEND,
                **(options or {})}
     job = get_current_job()
     settings = Settings.from_env()
     project_id = int(project_id)
-    with JobReporter(job, settings) as reporter:
-        log.info("training job %s for project %s (%s) in process %d", job.id if job else "-", project_id, event,
-                 os.getpid())
-        trainer = load_trainer(options.get("trainer"))
-        lock = contextlib.nullcontext()
-        heartbeat = contextlib.nullcontext()
-        if job is not None:
-            keys = Keys(job.origin)
-            heartbeat = _Heartbeat(job.connection, keys, job.id, options["lock_ttl"])
-        with heartbeat:
-            if job is not None:
-                lock = _project_lock(job.connection, keys, heartbeat, project_id, job.id, options["lock_ttl"],
-                                     reporter)
-            with lock:
-                if job is not None:
+    if job is None:  # in process (tests, tools): no queue, no lock
+        with JobReporter(None, settings) as reporter:
+            log.info("training project %s (%s) in process %d", project_id, event, os.getpid())
+            return _train(settings, project_id, event, payload, options, load_trainer(options.get("trainer")), None,
+                          reporter)
+    keys = Keys(job.origin)
+    slots = WaitingSlots(job.connection, keys, SlotKind.TRAINING)
+    with _Heartbeat(job.connection, keys, job.id, options["lock_ttl"]) as heartbeat:
+        # First, with the heartbeat written: from here a trigger sees a started job, alive, in the waiting slot.
+        ticket, replaced_by = slots.take(project_id, job.id)
+        if ticket is None:
+            log.info("training job %s of project %s does not run: job %s took its place (it covers this request)",
+                     job.id, project_id, replaced_by)
+            job.meta.update(phase="superseded", superseded_by=replaced_by)
+            with contextlib.suppress(Exception):
+                job.save_meta()
+            return {"project": project_id, "trained": False, "published": False,
+                    "reason": f"superseded by job {replaced_by}, which covers this request"}
+        try:
+            with JobReporter(job, settings) as reporter:
+                log.info("training job %s for project %s (%s) in process %d", job.id, project_id, event,
+                         os.getpid())
+                trainer = load_trainer(options.get("trainer"))
+                with _project_lock(job.connection, keys, heartbeat, project_id, job.id, ticket,
+                                   options["lock_ttl"], reporter):
                     # Only now, holding the project's lock and before reading the annotations, a new trigger
                     # queues a new job; until here (another job of the project trains) triggers coalesce into
                     # this one, so a burst never leaves more than one job waiting.
-                    job.connection.eval(DELETE_IF_EQUAL, 1, keys.waiting(project_id), job.id)
-                _clean_leftovers(settings, project_id)
-                time.sleep(max(0.0, float(options["settle_s"])))  # let Label Studio finish saving
-                backend_class = import_by_path(options["backend"], "backend class", "YOLOv7Backend")
-                backend = backend_class(project_id=project_id, context=BackendContext.from_settings(settings))
-                run_started = time.monotonic()
-                try:
-                    result = backend.fit(event, payload or {}, progress=reporter.progress, trainer=trainer,
-                                         job_id=job.id if job else None)
-                except Exception as exc:  # kept in the project's run history (dashboard), then the job fails
-                    error = no_space_error(exc, settings.model_dir) or exc
-                    history.record_failure(settings.model_dir, project_id, error, event, job.id if job else None,
-                                           time.monotonic() - run_started)
-                    if error is exc:
-                        raise
-                    raise error from exc
-                history.record_run(settings.model_dir, project_id, result, job.id if job else None,
-                                   time.monotonic() - run_started)
-        reporter.update({"phase": "done", "result_version": result.get("model_version")}, force=True)
-        return result
+                    slots.release(project_id, job.id)
+                    return _train(settings, project_id, event, payload, options, trainer, job, reporter)
+        finally:
+            with contextlib.suppress(Exception):  # failed before the lock: the slot is free for the next trigger
+                slots.release(project_id, job.id)
+
+
+def _train(settings: Settings, project_id: int, event: str, payload: Optional[dict], options: dict, trainer, job,
+           reporter: JobReporter) -> dict:
+    """Holding the project's lock (or in process): clean up after a killed job, let Label Studio finish saving, and
+    run the backend's fit(); the run goes into the project's history either way."""
+    from ..runtime import BackendContext
+    from . import history
+
+    _clean_leftovers(settings, project_id)
+    time.sleep(max(0.0, float(options["settle_s"])))  # let Label Studio finish saving
+    backend_class = import_by_path(options["backend"], "backend class", "YOLOv7Backend")
+    backend = backend_class(project_id=project_id, context=BackendContext.from_settings(settings))
+    job_id = job.id if job else None
+    run_started = time.monotonic()
+    try:
+        result = backend.fit(event, payload or {}, progress=reporter.progress, trainer=trainer, job_id=job_id)
+    except Exception as exc:  # kept in the project's run history (dashboard), then the job fails
+        error = no_space_error(exc, settings.model_dir) or exc
+        history.record_failure(settings.model_dir, project_id, error, event, job_id, time.monotonic() - run_started)
+        if error is exc:
+            raise
+        raise error from exc
+    history.record_run(settings.model_dir, project_id, result, job_id, time.monotonic() - run_started)
+    reporter.update({"phase": "done", "result_version": result.get("model_version")}, force=True)
+    return result
 
 
 # torch's checkpoint writer reports a full disk as "PytorchStreamWriter failed writing file ..." / "[enforce fail at

@@ -1,10 +1,10 @@
 """What the server-side queue and the RQ job agree on in Redis: key names, the Lua scripts that change them
 atomically, the timings, and how to tell that the process running a job is gone.
 
-Per project: ``waiting`` names the job that has not read the annotations yet (triggers coalesce into it; the job
-deletes it once it holds the project's lock), ``lock`` is held by the job that trains, ``last`` names the newest
-job. Per job: ``alive`` is its work horse's heartbeat ("<host>:<pid>", refreshed every LOCK_TTL_S / 4 seconds),
-``coalesced`` counts the triggers it covers.
+Per project: ``waiting`` (and ``pool_waiting``) is the slot naming the job that has not started its work yet
+(triggers coalesce into it; slots.py), ``lock`` is held by the job that trains, ``lock_queue`` orders the jobs
+waiting for it by ticket, ``last`` names the newest job. Per job: ``alive`` is its work horse's heartbeat
+("<host>:<pid>", refreshed every LOCK_TTL_S / 4 seconds), ``coalesced`` counts the triggers it covers.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ SETTLE_S = 2.0
 # without it for LOCK_TTL_S, the worker running it is gone (killed) and the job is reported failed. On the same
 # machine a dead horse is seen at once (its pid is gone).
 LOCK_TTL_S = 20
-# A waiting-slot reservation lives this long until its job exists; one older than RESERVE_GRACE_S without a job is
-# a leftover (a server that died between reserving and enqueueing), never a job to coalesce into.
+# A waiting-slot reservation lives this long until its job exists (the one number: slots.py passes it to its Lua);
+# one older than RESERVE_GRACE_S without a job is a leftover (a server that died between reserving and enqueueing),
+# never a job to coalesce into.
 RESERVE_TTL_S = 30
 RESERVE_GRACE_S = 2
-# RQ statuses of a job that has not started yet (a request can still join it).
-NOT_STARTED = {"queued", "deferred", "scheduled", "created"}
+# RQ marks a job started before the job's own code writes its heartbeat (a fork and an import later): a started job
+# without a heartbeat is taken for starting, not gone, for this long.
+START_GRACE_S = LOCK_TTL_S
 
 
 class Keys:
@@ -35,10 +37,24 @@ class Keys:
         self.prefix = f"yolo-backend:{queue_name}"
 
     def waiting(self, project_id: int) -> str:
-        return f"{self.prefix}:project:{project_id}:waiting"
+        """Hash: the project's waiting training job (job, state, at, ticket; slots.py)."""
+        return f"{self.prefix}:project:{project_id}:slot"
+
+    def slot_projects(self, kind: str) -> str:
+        """Sorted set: the projects with a slot of ``kind`` (score: when an unconfirmed reservation expires)."""
+        return f"{self.prefix}:slots:{kind}"
+
+    @property
+    def tickets(self) -> str:
+        """Counter: each reservation's ticket, the order in which a project's jobs take its lock."""
+        return f"{self.prefix}:tickets"
 
     def lock(self, project_id: int) -> str:
         return f"{self.prefix}:project:{project_id}:lock"
+
+    def lock_queue(self, project_id: int) -> str:
+        """Sorted set: the jobs waiting for the project's lock, by ticket."""
+        return f"{self.prefix}:project:{project_id}:lock-queue"
 
     def last(self, project_id: int) -> str:
         return f"{self.prefix}:project:{project_id}:last"
@@ -54,8 +70,8 @@ class Keys:
         return f"{self.prefix}:project:{project_id}:pool"
 
     def pool_waiting(self, project_id: int) -> str:
-        """The pool-scoring coordinator job of the project that has not started yet (requests coalesce into it)."""
-        return f"{self.prefix}:project:{project_id}:pool-waiting"
+        """Hash: the project's pool-scoring coordinator that has not started yet (slots.py)."""
+        return f"{self.prefix}:project:{project_id}:pool-slot"
 
     def pool_stored(self, project_id: int, version: str) -> str:
         """Set: task ids whose prediction of ``version`` is stored (a retried chunk stores no second one)."""
@@ -66,27 +82,24 @@ class Keys:
         return f"{self.prefix}:stats"
 
 
-# Reserve the waiting slot: returns {job id, 1} when ours was stored, {existing id, 0} otherwise.
-RESERVE = """
-local current = redis.call('GET', KEYS[1])
-if current then return {current, 0} end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', 30)  -- RESERVE_TTL_S
-return {ARGV[1], 1}
-"""
-# Replace a stale waiting id (its job started or vanished without clearing the key) only if it is still there.
-REPLACE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2], 'EX', 30) return 1 end
-return 0
-"""
-# The job exists now: the reservation no longer expires (until the job starts and deletes it).
-CONFIRM = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PERSIST', KEYS[1]) end
-return 0
-"""
-# Delete a key only if it holds our value (a job clearing its waiting slot or releasing its lock).
+# Delete a key only if it holds our value (a job releasing its lock).
 DELETE_IF_EQUAL = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+"""
+# The project's lock, first come (by ticket) first served. KEYS: lock, lock queue. ARGV: job id, ticket, lock TTL,
+# queue TTL. Returns {1} when taken, else {0, holder or '', first in line or ''}.
+ACQUIRE = """
+redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+local holder = redis.call('GET', KEYS[1])
+local first = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+if holder == ARGV[1] or (not holder and first == ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return {1}
+end
+return {0, holder or '', first or ''}
 """
 
 

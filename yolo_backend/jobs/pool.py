@@ -38,7 +38,7 @@ import numpy as np
 
 from ..settings import Settings
 from . import TrainingError
-from .keys import NOT_STARTED, text
+from .keys import text
 
 log = logging.getLogger(__name__)
 
@@ -563,13 +563,20 @@ def run_pool_job(project_id: int, reason: str = "requested", options: Optional[d
     """RQ job: coordinate a pool-scoring run of the project (``score_project``)."""
     from rq import get_current_job
 
-    from .keys import DELETE_IF_EQUAL, Keys
+    from .keys import Keys
+    from .slots import SlotKind, WaitingSlots
 
     job = get_current_job()
     settings = Settings.from_env()
     options = options or {}
-    if job is not None:
-        job.connection.eval(DELETE_IF_EQUAL, 1, Keys(job.origin).pool_waiting(int(project_id)), job.id)
+    if job is not None:  # from now on a request queues a new run (this one plans after it)
+        slots = WaitingSlots(job.connection, Keys(job.origin), SlotKind.POOL)
+        ticket, replaced_by = slots.take(int(project_id), job.id)
+        if ticket is None:
+            log.info("pool scoring job %s of project %s does not run: job %s took its place", job.id, project_id,
+                     replaced_by)
+            return {"project": int(project_id), "scored": False, "status": "superseded", "superseded_by": replaced_by}
+        slots.release(int(project_id), job.id)
     return score_project(settings, int(project_id), reason, connection=job.connection if job else None,
                          queue_name=job.origin if job else None, job_id=job.id if job else None,
                          backend_spec=options.get("backend", DEFAULT_BACKEND), force=bool(options.get("force")),
@@ -598,34 +605,22 @@ def run_pool_chunk(project_id: int, version: str, tasks: list[dict], stale: dict
 def enqueue_pool_run(connection, queue_name: str, project_id: int, reason: str, max_waiting: int,
                      options: Optional[dict] = None) -> dict:
     """Queue a coordinator for the project unless one is already waiting (the request joins it). RequestRefused
-    (429) when ``max_waiting`` projects already have one waiting, so made-up project ids cannot fill the queue."""
+    (429) when ``max_waiting`` projects already have one waiting, so made-up project ids cannot fill the queue. The
+    decision is the training queue's (slots.py), on the pool's own slots."""
     from rq import Queue
-    from rq.exceptions import NoSuchJobError
-    from rq.job import Job
 
-    from ..errors import RequestRefused
     from .keys import Keys
+    from .slots import SlotKind, WaitingSlots
 
-    keys = Keys(queue_name)
-    waiting_key = keys.pool_waiting(project_id)
-    current = text(connection.get(waiting_key))
-    if current:
-        try:
-            status = Job.fetch(current, connection=connection).get_status(refresh=False)
-            if getattr(status, "value", status) in NOT_STARTED:
-                return {"job": current, "status": "coalesced", "project": project_id}
-        except NoSuchJobError:
-            pass
-    waiting = sum(1 for _ in connection.scan_iter(match=keys.pool_waiting("*"), count=500))
-    if not current and waiting >= max_waiting:
-        raise RequestRefused(429, f"{waiting} projects already have pool scoring waiting (MAX_QUEUED_PROJECTS="
-                                  f"{max_waiting}): the request for project {project_id} is refused")
-    job_id = f"pool-{project_id}-{uuid.uuid4().hex[:12]}"
-    connection.set(waiting_key, job_id, ex=24 * 3600)
-    Queue(queue_name, connection=connection).enqueue(
-        COORDINATOR_FUNCTION, project_id, reason, options or {}, job_id=job_id, job_timeout=COORDINATOR_TIMEOUT_S,
-        result_ttl=7 * 24 * 3600, failure_ttl=7 * 24 * 3600,
-        description=f"score the pool of project {project_id} ({reason})",
-        meta={"project": project_id, "kind": "pool", "phase": "queued", "reason": reason})
-    log.info("pool scoring of project %s queued as job %s (%s)", project_id, job_id, reason)
-    return {"job": job_id, "status": "queued", "project": project_id}
+    def create(job_id: str) -> None:
+        Queue(queue_name, connection=connection).enqueue(
+            COORDINATOR_FUNCTION, project_id, reason, options or {}, job_id=job_id,
+            job_timeout=COORDINATOR_TIMEOUT_S, result_ttl=7 * 24 * 3600, failure_ttl=7 * 24 * 3600,
+            description=f"score the pool of project {project_id} ({reason})",
+            meta={"project": project_id, "kind": "pool", "phase": "queued", "reason": reason})
+
+    joined = WaitingSlots(connection, Keys(queue_name), SlotKind.POOL).request(
+        project_id, max_waiting, create, lambda: f"pool-{project_id}-{uuid.uuid4().hex[:12]}")
+    if joined.status == "queued":
+        log.info("pool scoring of project %s queued as job %s (%s)", project_id, joined.job, reason)
+    return {"job": joined.job, "status": joined.status, "project": project_id}

@@ -4,15 +4,18 @@
 ``metrics``). A request costs one or two Redis round trips, so ``/webhook`` and ``/train`` answer in milliseconds.
 
 Per project at most one job runs and one waits:
-- ``waiting`` key (per project) names the job that has not read the annotations yet. A trigger while it exists
-  *coalesces* into it (the job reads every annotation when it trains, so it covers the trigger). The job deletes
-  the key, atomically, once it holds the project's lock; the next trigger then queues a new waiting job. So with
-  any number of workers a burst leaves one job training and at most one waiting.
-- the job holds a per-project lock while it trains, so two workers never train one project at once (keys.py).
+- the project's waiting slot (slots.py) names the job that has not read the annotations yet. A trigger while its
+  job is alive *coalesces* into it (the job reads every annotation when it trains, so it covers the trigger); the
+  job frees the slot once it holds the project's lock, and the next trigger queues a new waiting job. Reserving,
+  coalescing and the cap are one Lua script, so any interleaving of requests from any number of server processes
+  leaves one job training and at most one waiting.
+- the job holds a per-project lock while it trains, so two workers never train one project at once; jobs take it
+  in the order their requests were queued (job.py).
 - at most MAX_QUEUED_PROJECTS projects wait at once (429 beyond): made-up project ids cannot fill the queue.
 
-Redis unreachable or refusing writes: the request is kept in ``MODEL_DIR/pending/`` (pending.py) and enqueued when
-Redis answers again, on the next request or by a light background thread that retries every few seconds.
+Redis unreachable or refusing writes: the request is kept in ``MODEL_DIR/pending/`` (pending.py; at most
+MAX_QUEUED_PROJECTS projects, 503 beyond) and enqueued when Redis answers again, on the next request or by a light
+background thread that retries every few seconds; each flush that changes something logs one summary line.
 
 Which webhook actions train is the ``TRAINING_ACTIONS`` setting (default ``START_TRAINING``). Label Studio 1.23
 sends START_TRAINING before ANNOTATION_CREATED / ANNOTATION_UPDATED when "start training on annotation submission"
@@ -26,6 +29,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -34,9 +38,9 @@ from typing import Any, Optional
 
 from ..errors import RequestRefused
 from ..settings import Settings, mask_password
-from .pending import PendingRequests
-from .keys import (CONFIRM, DELETE_IF_EQUAL, LOCK_TTL_S, NOT_STARTED, REPLACE, RESERVE, RESERVE_GRACE_S,
-                   RESERVE_TTL_S, SETTLE_S, Keys, holder_alive, text)
+from .keys import LOCK_TTL_S, SETTLE_S, Keys, holder_alive, text
+from .pending import FlushReport, PendingRequests
+from .slots import SlotKind, WaitingSlots
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,8 @@ RESULT_TTL_S = 7 * 24 * 3600
 REDIS_CONNECT_TIMEOUT_S = 0.5
 REDIS_TIMEOUT_S = 3.0
 RETRY_INTERVAL_S = 5.0
+# Requests flush the saved ones at most this often (when the queue is full they stay, and each try costs a call).
+FLUSH_MIN_INTERVAL_S = 1.0
 
 
 def training_actions(settings: Settings) -> set[str]:
@@ -63,14 +69,15 @@ class TrainingQueue:
 
     def __init__(self, settings: Settings, redis_url: Optional[str] = None, queue_name: Optional[str] = None,
                  pending_dir: Optional[str | os.PathLike] = None, job_options: Optional[dict] = None,
-                 retry_interval: float = RETRY_INTERVAL_S):
+                 retry_interval: float = RETRY_INTERVAL_S, job_function: str = JOB_FUNCTION):
         self.settings = settings
         self.redis_url = redis_url or settings.effective_redis_url
         self.queue_name = queue_name or settings.rq_queue_name
         self.pending_dir = Path(pending_dir) if pending_dir else Path(settings.model_dir) / "pending"
-        self.pending_store = PendingRequests(self.pending_dir)
+        self.pending_store = PendingRequests(self.pending_dir, settings.max_queued_projects)
         # Passed to every job: settle_s, lock_ttl, trainer (a "module:function" seam for tests).
         self.job_options = {"settle_s": SETTLE_S, "lock_ttl": LOCK_TTL_S, **(job_options or {})}
+        self.job_function = job_function  # the RQ job by path (a seam for tests: one that starts slowly)
         self.retry_interval = retry_interval
         self.keys = Keys(self.queue_name)
         self._connection = None
@@ -78,6 +85,8 @@ class TrainingQueue:
         self._retry_thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self._redis_down_since: Optional[float] = None
+        self._last_flush = 0.0
+        self._last_flush_said: Optional[tuple] = None
         self.counters = {"requests": 0, "ignored": 0, "enqueued": 0, "coalesced": 0, "pending_recorded": 0,
                          "pending_enqueued": 0}
         if self.pending():  # saved while Redis was down, before a restart: queue them when Redis answers
@@ -125,10 +134,12 @@ class TrainingQueue:
                         "every webhook; check the sender)", event)
             return {"status": "ignored", "action": event, "error": "no project id in the request"}
         self._ensure_retry_thread()
-        info = {"event": event, "source": (payload or {}).get("source", "/webhook"), "requested_at": time.time()}
+        info = {"event": event, "source": str((payload or {}).get("source", "/webhook"))[:100],
+                "requested_at": time.time()}
         try:
             with _refused_writes_as_errors():
-                self.flush_pending()
+                if time.monotonic() - self._last_flush >= FLUSH_MIN_INTERVAL_S and self.pending_store.any():
+                    self.flush_pending()
                 result = self._enqueue(project_id, info)
         except self._redis_errors() as exc:
             self._record_pending(project_id, info, exc)
@@ -138,82 +149,37 @@ class TrainingQueue:
         self._redis_down_since = None
         return result
 
-    def _enqueue(self, project_id: int, info: dict) -> dict:
-        connection = self.connection()
-        waiting_key = self.keys.waiting(project_id)
-        current = text(connection.get(waiting_key))
-        if current is None or not self._still_waiting(current, waiting_key):
-            self._check_capacity(project_id)
-        new_id = f"train-{project_id}-{uuid.uuid4().hex[:12]}"
-        for _ in range(5):
-            current, stored = connection.eval(RESERVE, 1, waiting_key, new_id)
-            current = current.decode() if isinstance(current, bytes) else current
-            if stored:
-                return self._create_job(project_id, new_id, info)
-            if self._still_waiting(current, waiting_key):
-                connection.incr(self.keys.coalesced(current))
-                self._count("coalesced")
-                log.info("training request %s for project %s coalesced into waiting job %s", info["event"],
-                         project_id, current)
-                return {"job": current, "status": "coalesced", "project": project_id}
-            # The waiting id is stale (its job started or vanished without clearing the key): take its place.
-            if connection.eval(REPLACE, 1, waiting_key, current, new_id):
-                return self._create_job(project_id, new_id, info)
-        raise RuntimeError(f"could not reserve a training job for project {project_id} (the waiting slot keeps "
-                           "changing); try again")
+    def slots(self) -> WaitingSlots:
+        return WaitingSlots(self.connection(), self.keys, SlotKind.TRAINING)
 
-    def _check_capacity(self, project_id: int) -> None:
-        """RequestRefused (429) when MAX_QUEUED_PROJECTS projects already have a job waiting: made-up project ids
-        (the webhook is reachable by anyone who can reach the backend) cannot fill the queue."""
-        cap = self.settings.max_queued_projects
-        waiting = 0
-        for _ in self.connection().scan_iter(match=self.keys.waiting("*"), count=500):
-            waiting += 1
-            if waiting >= cap:
-                self._count("refused")
-                raise RequestRefused(429, f"{waiting} projects already have a training job waiting "
-                                          f"(MAX_QUEUED_PROJECTS={cap}): the request for project {project_id} is "
-                                          "refused; it trains with a later request once the queue has room")
-
-    def _still_waiting(self, job_id: str, waiting_key: str) -> bool:
-        from rq.exceptions import NoSuchJobError
-        from rq.job import Job
-
+    def _enqueue(self, project_id: int, info: dict, level: int = logging.INFO) -> dict:
+        """Coalesce into the project's waiting job or queue a new one (slots.py: one atomic decision). ``level``:
+        of its log line (a flush says one line for all)."""
         try:
-            job = Job.fetch(job_id, connection=self.connection())
-        except NoSuchJobError:
-            # A reservation whose job is being created right now is seconds old; an older one (or a persisted id)
-            # without a job is a leftover: never coalesce a request into a job that does not exist.
-            return self.connection().ttl(waiting_key) > RESERVE_TTL_S - RESERVE_GRACE_S
-        status = job.get_status(refresh=False)
-        status = getattr(status, "value", status)
-        if status in NOT_STARTED:
-            return True
-        # A started job keeps the slot until it holds the project's lock (another job of the project trains):
-        # it has not read the annotations yet, so a new trigger coalesces into it, while its worker is alive.
-        return status == "started" and holder_alive(self.connection(), self.keys, job_id)
-
-    def _create_job(self, project_id: int, job_id: str, info: dict) -> dict:
-        connection = self.connection()
-        try:
-            # At the front: a training request never waits behind the chunk jobs of a large pool's scoring.
-            job = self.queue().enqueue(
-                JOB_FUNCTION, project_id, info["event"], {"source": info["source"]}, self.job_options, at_front=True,
-                job_id=job_id, job_timeout=job_timeout(self.settings), result_ttl=RESULT_TTL_S,
-                failure_ttl=RESULT_TTL_S, description=f"train project {project_id} ({info['event']})",
-                meta={"project": project_id, "event": info["event"], "requested_at": info["requested_at"],
-                      "phase": "queued"})
-        except BaseException:
-            try:
-                connection.eval(DELETE_IF_EQUAL, 1, self.keys.waiting(project_id), job_id)
-            except Exception:  # Redis went away: the id has no job, and is replaced as stale later
-                pass
+            joined = self.slots().request(project_id, self.settings.max_queued_projects,
+                                          lambda job_id: self._create_job(project_id, job_id, info),
+                                          lambda: f"train-{project_id}-{uuid.uuid4().hex[:12]}")
+        except RequestRefused:
+            self._count("refused")
             raise
-        connection.eval(CONFIRM, 1, self.keys.waiting(project_id), job_id)
-        connection.set(self.keys.last(project_id), job.id)
-        self._count("enqueued")
-        log.info("training job %s queued for project %s (%s)", job.id, project_id, info["event"])
-        return {"job": job.id, "status": "queued", "project": project_id}
+        if joined.status == "coalesced":
+            self._count("coalesced")
+            log.log(level, "training request %s for project %s coalesced into waiting job %s", info["event"],
+                    project_id, joined.job)
+        else:
+            self.connection().set(self.keys.last(project_id), joined.job)
+            self._count("enqueued")
+            log.log(level, "training job %s queued for project %s (%s)", joined.job, project_id, info["event"])
+        return {"job": joined.job, "status": joined.status, "project": project_id}
+
+    def _create_job(self, project_id: int, job_id: str, info: dict) -> None:
+        # At the front: a training request never waits behind the chunk jobs of a large pool's scoring.
+        self.queue().enqueue(
+            self.job_function, project_id, info["event"], {"source": info["source"]}, self.job_options,
+            at_front=True, job_id=job_id, job_timeout=job_timeout(self.settings), result_ttl=RESULT_TTL_S,
+            failure_ttl=RESULT_TTL_S, description=f"train project {project_id} ({info['event']})",
+            meta={"project": project_id, "event": info["event"], "requested_at": info["requested_at"],
+                  "phase": "queued"})
 
     # --- Redis down: durable pending requests -----------------------------------------------------------
     def _record_pending(self, project_id: int, info: dict, exc: BaseException) -> None:
@@ -228,14 +194,24 @@ class TrainingQueue:
     def pending(self) -> list[dict]:
         return self.pending_store.records()
 
-    def flush_pending(self) -> int:
-        """Queue every saved request (Redis is back). Returns how many were queued. Raises the Redis error when
-        Redis is still unreachable (the files stay)."""
+    def flush_pending(self) -> FlushReport:
+        """Queue every saved request (Redis is back); logs one summary line when it says something new (never a
+        line per file, never the same line per retry). Raises the Redis error when Redis is unreachable again
+        (the files stay)."""
         def enqueue(project_id: int, info: dict) -> None:
-            self._enqueue(project_id, info)
+            self._enqueue(project_id, info, logging.DEBUG)
             self._count("pending_enqueued")
 
-        return self.pending_store.flush(enqueue)
+        self._last_flush = time.monotonic()
+        report = self.pending_store.flush(enqueue)
+        said = report.signature()
+        if report.news() or report.kept or report.error is not None:
+            level = logging.INFO if report.news() or said != self._last_flush_said else logging.DEBUG
+            log.log(level, "%s", report.summary())
+        self._last_flush_said = said
+        if report.error is not None:
+            raise report.error
+        return report
 
     def _ensure_retry_thread(self) -> None:
         """Start (once per process, after any fork) the thread that queues saved requests when Redis is back."""
@@ -302,7 +278,7 @@ class TrainingQueue:
         try:
             self._ensure_retry_thread()
             connection = self.connection()
-            waiting = text(connection.get(self.keys.waiting(project_id)))
+            waiting = self.slots().job(project_id)
             last = text(connection.get(self.keys.last(project_id)))
             running = text(connection.get(self.keys.lock(project_id)))
             job_id = running or last
@@ -399,7 +375,8 @@ def _refused_writes_as_errors():
     try:
         yield
     except ResponseError as exc:
-        if str(exc).split(" ", 1)[0] in ("MISCONF", "READONLY", "NOREPLICAS", "OOM", "NOAUTH", "WRONGPASS"):
+        # Said first, or after "... of pipeline caused error: " / a script's "Error running script ...: ".
+        if re.search(r"(^|: )(MISCONF|READONLY|NOREPLICAS|OOM|NOAUTH|WRONGPASS)\b", str(exc)):
             raise RedisRefusedWrite(str(exc)) from exc
         raise
 
