@@ -110,8 +110,17 @@ def main(argv: list[str] | None = None) -> int:
     if warning:
         logging.getLogger("_wsgi").warning(warning)
 
+    from yolo_backend.server.request_buffering import BufferingRequestHandler, ReadLimits
+
+    try:
+        limits = ReadLimits.from_settings(settings)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     application = build_app(settings, **backend_kwargs)
-    application.run(host=args.host, port=args.port, debug=args.debug, threaded=True, use_reloader=args.debug)
+    # Flask's threaded server, each request read whole within REQUEST_READ_TIMEOUT_S before the app runs.
+    application.run(host=args.host, port=args.port, debug=args.debug, threaded=True, use_reloader=args.debug,
+                    request_handler=BufferingRequestHandler.with_limits(limits))
     return 0
 
 

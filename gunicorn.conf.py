@@ -10,6 +10,12 @@ import os
 bind = os.environ.get("GUNICORN_BIND", f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '9090')}")
 workers = int(os.environ.get("GUNICORN_WORKERS", "1"))
 threads = int(os.environ.get("GUNICORN_THREADS", "8"))
+# gthread, except that a thread gets a request only once it has arrived whole: slow clients cannot hold the threads
+# (yolo_backend/server/request_buffering.py). Each request must arrive within REQUEST_READ_TIMEOUT_S (30 s; 408
+# after it), its head within 64 KiB (431), its body within MAX_REQUEST_MB (413). `-k gthread` gives plain gthread.
+worker_class = "yolo_backend.server.request_buffering.BufferingThreadWorker"
+# Open connections per worker process, slow ones included; more wait in the listen backlog.
+worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "1000"))
 # Label Studio waits up to its ML timeout for /predict; a CPU batch of large images can take a while.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "300"))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
@@ -37,8 +43,14 @@ def on_starting(server):
     import subprocess
     import sys
 
+    from yolo_backend.server.request_buffering import ReadLimits
     from yolo_backend.settings import Settings, exposure_warning
 
+    try:
+        ReadLimits.from_env()  # a bad REQUEST_READ_TIMEOUT_S stops here, not in every worker
+    except ValueError as exc:  # SettingsError is one
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(2)
     settings = Settings.from_env()
     for address in server.cfg.bind:
         warning = exposure_warning(address.rsplit(":", 1)[0] if ":" in address else address, settings)
