@@ -19,7 +19,7 @@ import pytest
 
 from yolo_backend.server import request_buffering
 from yolo_backend.server.request_buffering import (
-    MAX_HEAD_BYTES, PendingRequest, ReadLimits, Verdict, read_timeout, refusal, refusal_message)
+    MAX_HEAD_BYTES, PendingRequest, ReadLimits, Verdict, refusal, refusal_message)
 
 ROOT = Path(__file__).resolve().parents[1]
 READ_TIMEOUT_S = 3.0
@@ -119,11 +119,12 @@ def test_refusals_are_complete_closing_json_answers():
         refusal_message(Verdict.READY, LIMITS)
 
 
-def test_read_timeout_comes_from_the_environment_and_bad_values_say_what_to_set():
-    assert read_timeout({}) == 30.0 and read_timeout({"REQUEST_READ_TIMEOUT_S": "2.5"}) == 2.5
+def test_read_timeout_comes_from_the_settings_and_bad_values_say_what_to_set():
+    assert ReadLimits.from_env({}).read_timeout_s == 30.0
+    assert ReadLimits.from_env({"REQUEST_READ_TIMEOUT_S": "2.5"}).read_timeout_s == 2.5
     for bad in ("0", "-1", "soon"):
         with pytest.raises(ValueError, match="REQUEST_READ_TIMEOUT_S"):
-            read_timeout({"REQUEST_READ_TIMEOUT_S": bad})
+            ReadLimits.from_env({"REQUEST_READ_TIMEOUT_S": bad})
     assert ReadLimits.from_env({"MAX_REQUEST_MB": "2"}).max_body_bytes == 2 * 1024 * 1024
 
 

@@ -126,6 +126,10 @@ class Settings:
     max_request_mb: float = setting(
         100.0, "Largest request body in MiB (413 above it). Label Studio sends every selected task in one /predict "
         "(~2-5 KB each): 100 MiB holds about 20 000 tasks.")
+    request_read_timeout_s: float = setting(
+        30.0, "Seconds a client may take to send one whole request (head and body), from its connection (or a "
+        "kept-alive connection's next byte); then 408 and closed. The server's event loop reads requests whole before "
+        "a thread takes them, so slow clients hold no thread (see \"Slow clients\").")
     max_concurrent_predicts: int = setting(
         6, "Most /predict requests worked on at once per server process; more answer 503 at once, so threads stay "
         "free for /health and /setup (Label Studio gives them 1 and 3 s). Keep it below GUNICORN_THREADS.")
@@ -221,7 +225,7 @@ class Settings:
                 raise SettingsError(f"{name.upper()}={value} must be a positive multiple of 32 (e.g. 320, 640)")
         for name in ("predict_batch_size", "train_batch_size", "max_detections", "image_timeout",
                      "train_time_budget_s", "train_epochs", "train_lr", "max_request_mb", "max_concurrent_predicts",
-                     "max_queued_projects", "predict_deadline_s", "pool_chunk_size"):
+                     "max_queued_projects", "predict_deadline_s", "pool_chunk_size", "request_read_timeout_s"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must be greater than 0")
         for name in ("image_cache_mb", "keep_versions", "torch_threads", "max_image_pixels", "train_nominal_batch",

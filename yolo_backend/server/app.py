@@ -300,6 +300,7 @@ def create_app(backend_class: type[LabelStudioMLBase], settings: Optional[Settin
 
     @app.post("/predict")
     def predict():
+        request.get_data(cache=True)  # the whole body first: a slow sender must not hold a prediction slot
         if not predict_slots.acquire(timeout=PREDICT_SLOT_WAIT_S):
             counters.add(predict_busy=1)
             log.warning("503 /predict: %d predictions already running (MAX_CONCURRENT_PREDICTS)",

@@ -39,8 +39,6 @@ from gunicorn import http
 from gunicorn.workers.gthread import ThreadWorker
 from werkzeug.serving import WSGIRequestHandler
 
-READ_TIMEOUT_ENV = "REQUEST_READ_TIMEOUT_S"
-DEFAULT_READ_TIMEOUT_S = 30.0
 MAX_HEAD_BYTES = 64 * 1024            # a Label Studio request's head is well under 2 KiB
 MAX_CHUNK_LINE = 1024                 # a chunk-size line: hex digits and short extensions
 RECV_BYTES = 256 * 1024
@@ -56,30 +54,15 @@ class ReadLimits:
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "ReadLimits":
+        """From the settings in ``environ`` (default: the process environment); SettingsError says what is wrong."""
         from ..settings import Settings
 
-        environ = os.environ if environ is None else environ
-        return cls.from_settings(Settings.from_env(env=environ), environ)
+        return cls.from_settings(Settings.from_env(env=os.environ if environ is None else environ))
 
     @classmethod
-    def from_settings(cls, settings, environ: Optional[Mapping[str, str]] = None) -> "ReadLimits":
-        """REQUEST_READ_TIMEOUT_S from the environment, the body bound from the settings' MAX_REQUEST_MB."""
-        environ = os.environ if environ is None else environ
-        return cls(read_timeout(environ), int(settings.max_request_mb * 1024 * 1024))
-
-
-def read_timeout(environ: Mapping[str, str]) -> float:
-    raw = environ.get(READ_TIMEOUT_ENV, "").strip()
-    if not raw:
-        return DEFAULT_READ_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < 1e6:
-        raise ValueError(f"{READ_TIMEOUT_ENV}={raw!r}: expected the seconds a client may take to send one whole "
-                         f"request, a number greater than 0 (default {DEFAULT_READ_TIMEOUT_S:g})")
-    return value
+    def from_settings(cls, settings) -> "ReadLimits":
+        """REQUEST_READ_TIMEOUT_S, and the body bound from MAX_REQUEST_MB."""
+        return cls(float(settings.request_read_timeout_s), int(settings.max_request_mb * 1024 * 1024))
 
 
 # --- HTTP/1.1 framing: is the whole request there? (RFC 9112 section 6) ----------------------------------------
@@ -224,8 +207,8 @@ def refusal_message(verdict: Verdict, limits: ReadLimits) -> tuple[int, str]:
     if verdict is Verdict.BAD_CHUNKS:
         return 400, "the chunked request body is malformed (RFC 9112 section 7.1)"
     if verdict is Verdict.TIMED_OUT:
-        return 408, (f"the request was not complete within {READ_TIMEOUT_ENV}={limits.read_timeout_s:g} s; send "
-                     f"it whole, or raise the server's {READ_TIMEOUT_ENV} for slow links")
+        return 408, (f"the request was not complete within REQUEST_READ_TIMEOUT_S={limits.read_timeout_s:g} s; send "
+                     "it whole, or raise the server's REQUEST_READ_TIMEOUT_S for slow links")
     raise ValueError(f"{verdict!r} is not a refusal")
 
 
@@ -395,7 +378,7 @@ class BufferingRequestHandler(WSGIRequestHandler):
     connection or of the wait for its next request, and the body is read whole before the app runs (a slow body
     would hold a /predict slot otherwise). Past the deadline the connection gets 408 and is shut."""
 
-    limits: ReadLimits = ReadLimits(DEFAULT_READ_TIMEOUT_S, 100 * 1024 * 1024)
+    limits: ReadLimits = ReadLimits(30.0, 100 * 1024 * 1024)  # _wsgi.py sets the configured ones
 
     @classmethod
     def with_limits(cls, limits: ReadLimits) -> type:
