@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,34 @@ def _client_at(url):
     from yolo_backend.labelstudio.client import LabelStudioSession
 
     return LabelStudioClient.for_session(LabelStudioSession(url, LEGACY, timeout=2))
+
+
+def test_two_thousand_made_up_project_ids_cost_no_threads_and_few_calls(tmp_path, ls):
+    """POST /setup with 2000 distinct project ids: one sync thread, memory that does not stay, and at most one
+    Label Studio call per project that got a turn (the rest are dropped beyond the bound of waiting projects)."""
+    import resource
+
+    backend = Backend(tmp_path, ls.url)
+    try:
+        backend.context.version_sync.first_delay = 0.0
+        backend.client.post("/setup", json={"project": "999.1", "schema": CONFIG})  # starts the sync thread
+        assert backend.context.version_sync.wait(30)
+        time.sleep(0.5)  # the first request's warm-up thread ends
+
+        def ours() -> list[str]:  # the test servers' own per-request threads come and go: not counted
+            return [t.name for t in threading.enumerate() if "process_request_thread" not in t.name]
+
+        threads = len(ours())
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for project in range(1000, 3000):
+            assert backend.client.post("/setup", json={"project": f"{project}.1", "schema": CONFIG}).status_code == 200
+            assert len(ours()) <= threads, ours()
+        assert backend.context.version_sync.wait(120)
+        calls = sum(n for path, n in ls.hits.items() if "/model-versions/" in path)
+        assert calls <= 2001 and len(ours()) <= threads and ours().count("model-version-sync") == 1
+        assert backend.context.version_sync.pending() == 0
+        grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
+        assert grown_mb < 200, f"peak memory grew by {grown_mb:.0f} MB"
+        assert len(backend.context.label_configs) <= 1000  # the schemas kept are bounded too
+    finally:
+        backend.close()

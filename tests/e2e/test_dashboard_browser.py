@@ -106,7 +106,7 @@ class Stack:
         from werkzeug.serving import make_server
 
         from model_backend import YOLOv7Backend
-        from tests.support import LEGACY as TOKEN, FakeLabelStudio
+        from tests.support import FAKE_BACKEND_URL, LEGACY as TOKEN, FakeLabelStudio
         from tests.test_jobs import fake_loader, make_tasks
         from yolo_backend.jobs.queue import TrainingQueue
         from yolo_backend.server.app import create_app
@@ -118,7 +118,7 @@ class Stack:
         self.model_dir.mkdir()
         self.env = {"MODEL_DIR": str(self.model_dir), "MODEL_PATH": str(checkpoint),
                     "IMAGE_CACHE_DIR": str(tmp_path / "cache"), "LABEL_STUDIO_URL": self.label_studio.url,
-                    "LABEL_STUDIO_API_KEY": TOKEN, "REDIS_URL": redis_url,
+                    "LABEL_STUDIO_API_KEY": TOKEN, "BACKEND_URL": FAKE_BACKEND_URL, "REDIS_URL": redis_url,
                     "RQ_QUEUE_NAME": f"dashboard-{os.getpid()}-{time.monotonic_ns()}", "IMG_SIZE": "128",
                     "TRAIN_IMG_SIZE": "160", "TORCH_THREADS": "1", "LOG_LEVEL": "INFO"}
         settings = Settings.from_env(self.env)
