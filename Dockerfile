@@ -6,6 +6,10 @@
 #
 #   docker run -p 9090:9090 -v yolo-data:/data yolo-backend
 #
+# A checkpoint into the volume first, then run with -e MODEL_PATH=/data/weights/best.pt:
+#   docker run --rm -v yolo-data:/data -v "$PWD/best.pt":/src/best.pt:ro --entrypoint cp yolo-backend \
+#     /src/best.pt /data/weights/best.pt
+#
 # The default command is `python -m yolo_backend serve`: server + one training worker + an embedded Redis-protocol
 # broker in one container. docker-compose.yml runs them as separate services (gunicorn, worker, redis) instead.
 FROM python:3.11-slim
@@ -34,9 +38,10 @@ RUN pip install --no-cache-dir -r requirements.txt
 COPY _wsgi.py model_backend.py gunicorn.conf.py YoloToLabelStudio.py ./
 COPY yolo_backend ./yolo_backend
 
-# Run as a non-root user; models, caches and the embedded broker's data live in the /data volume.
+# Run as a non-root user; models, caches and the embedded broker's data live in the /data volume. A new named volume
+# starts with these folders, so `docker compose cp best.pt server:/data/weights/best.pt` has somewhere to go.
 RUN useradd --create-home --uid 10001 --user-group app \
-    && mkdir -p /data/models /data/image-cache /data/onnx-cache \
+    && mkdir -p /data/models /data/weights /data/image-cache /data/onnx-cache \
     && chown -R app:app /data
 USER 10001:10001
 VOLUME ["/data"]

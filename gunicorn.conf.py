@@ -34,13 +34,18 @@ else:
 # No preload: the app must be created in each worker, after the fork (no model and no CUDA in the master).
 preload_app = False
 
-# Say so when the port is open to the network without Basic Auth, and refuse a broken model before the port is bound: every checkpoint that would serve is load-checked once in a
-# child process (the master itself stays free of torch). `serve` has checked already and says so.
+# Say so when the port is open to the network without Basic Auth, and refuse a broken model before the port is
+# bound: every checkpoint that would serve is load-checked once in a child process (the master itself stays free of
+# torch). `serve` has checked already and says so.
 MODEL_CHECKED_ENV = "YOLO_BACKEND_MODEL_CHECKED"
+# A MODEL_PATH that does not exist (yet) is waited for, not refused: under a supervisor (docker compose's
+# `restart: unless-stopped`, systemd) an exit would restart the server in a loop, and the usual fix is to copy the
+# file in (`docker compose cp best.pt server:/data/weights/best.pt`), which then takes effect without a restart.
+MODEL_PATH_POLL_S = 2.0
+MODEL_PATH_REMIND_S = 600.0
 
 
 def on_starting(server):
-    import subprocess
     import sys
 
     from yolo_backend.server.request_buffering import ReadLimits
@@ -58,8 +63,63 @@ def on_starting(server):
             server.log.warning(warning)
     if os.environ.get(MODEL_CHECKED_ENV) == "1":
         return
+    _wait_for_model_path(server, settings.model_path)
+    _check_model(server, settings)
+
+
+def _check_model(server, settings) -> None:
+    """`_wsgi.py --check` in a child process, said before (it can take minutes on a busy machine) and after."""
+    import subprocess
+    import sys
+    import time
+
+    from yolo_backend.serve import model_check_subject
+
+    server.log.info("checking %s (can take a minute on a busy machine) ...", model_check_subject(settings))
+    started = time.monotonic()
     wsgi = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_wsgi.py")
     result = subprocess.run([sys.executable, wsgi, "--check"], capture_output=True, text=True)
     if result.returncode != 0:
         sys.stderr.write(result.stderr)
         sys.exit(2)
+    for line in result.stdout.splitlines():
+        if line.strip():
+            server.log.info("model check: %s", line.removeprefix("ok: "))
+    server.log.info("model check passed in %.1f s", time.monotonic() - started)
+
+
+def _wait_for_model_path(server, path) -> None:
+    """Until MODEL_PATH is a file whose size has stopped changing (a copy in progress is not loaded half-written).
+    One ERROR saying what to do, repeated every MODEL_PATH_REMIND_S; SIGTERM or Ctrl-C meanwhile stops at once (the
+    master has no signal handlers yet, and as a container's PID 1 it would ignore a default SIGTERM)."""
+    import signal
+    import sys
+    import time
+
+    if not path or os.path.isfile(path):
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        said, size = None, None
+        while True:
+            if os.path.isfile(path):
+                if os.path.getsize(path) == size:
+                    break
+                size = os.path.getsize(path)
+            elif said is None or time.monotonic() - said >= MODEL_PATH_REMIND_S:
+                said = time.monotonic()
+                server.log.error(_missing_model_path(path))
+            time.sleep(MODEL_PATH_POLL_S)
+    except KeyboardInterrupt:
+        sys.exit(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    server.log.info("MODEL_PATH=%s is there now (%d bytes)", path, size)
+
+
+def _missing_model_path(path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    make = "" if os.path.isdir(folder) else f"`docker compose exec server mkdir -p {folder}`, then "
+    return (f"MODEL_PATH={path} does not exist; waiting for it (checked every {MODEL_PATH_POLL_S:g} s; the server "
+            f"starts once it is there, no restart needed). Copy the checkpoint there (docker compose: {make}"
+            f"`docker compose cp best.pt server:{path}`), or unset MODEL_PATH to start from an untrained model")

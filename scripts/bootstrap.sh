@@ -13,26 +13,37 @@ TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 dev=0
 [ "${1:-}" = "--dev" ] && dev=1
 
+say() { echo "bootstrap: $*"; }   # one line per step: pip itself stays quiet (-q)
+
 if [ ! -x .venv/bin/python ]; then
+    say "creating .venv with $("$PYTHON" --version 2>&1) ($PYTHON)"
     "$PYTHON" -m venv .venv
 fi
 py=.venv/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-if ! "$py" -c "import torch" >/dev/null 2>&1; then
-    if [ -n "${TORCH_INDEX_URL:-}" ]; then
-        "$py" -m pip install -q "$TORCH_SPEC" --index-url "$TORCH_INDEX_URL"
-    elif command -v nvidia-smi >/dev/null 2>&1; then
-        "$py" -m pip install -q "$TORCH_SPEC"           # the default build (CUDA)
-    # No GPU: a CPU wheel, never the CUDA build. A local wheel (pip's find-links) first, else PyTorch's CPU index;
-    # torch's own dependencies come with requirements.txt below.
-    elif ! "$py" -m pip install -q --no-index --no-deps "$TORCH_SPEC" 2>/dev/null; then
-        "$py" -m pip install -q "$TORCH_SPEC" --index-url "${TORCH_CPU_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
-    fi
+cpu_index="${TORCH_CPU_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
+if "$py" -c "import torch" >/dev/null 2>&1; then
+    say "torch is installed already ($("$py" -c 'import torch; print(torch.__version__)'))"
+elif [ -n "${TORCH_INDEX_URL:-}" ]; then
+    say "installing $TORCH_SPEC from $TORCH_INDEX_URL (TORCH_INDEX_URL; a large download, minutes)"
+    "$py" -m pip install -q "$TORCH_SPEC" --index-url "$TORCH_INDEX_URL"
+elif command -v nvidia-smi >/dev/null 2>&1; then
+    say "installing $TORCH_SPEC, the CUDA build (an NVIDIA GPU is here), from PyPI: several GB, minutes"
+    "$py" -m pip install -q "$TORCH_SPEC"
+# No GPU: a CPU wheel, never the CUDA build. A local wheel (pip's find-links) first, else PyTorch's CPU index;
+# torch's own dependencies come with requirements.txt below.
+elif "$py" -m pip install -q --no-index --no-deps "$TORCH_SPEC" 2>/dev/null; then
+    say "installed $TORCH_SPEC (CPU) from a local wheel"
+else
+    say "installing $TORCH_SPEC, the CPU build (no NVIDIA GPU here), from $cpu_index: about 200 MB, a minute or more"
+    "$py" -m pip install -q "$TORCH_SPEC" --index-url "$cpu_index"
 fi
 
 reqs=requirements.txt
 [ "$dev" = 1 ] && reqs=requirements-dev.txt
+say "installing what $reqs lists that is missing (onnxruntime, Flask, gunicorn, RQ, ...$([ "$dev" = 1 ] && echo ", test tools")) from PyPI"
 "$py" -m pip install -q -r "$reqs"
+say "installing this checkout into .venv (pip install -e .)"
 "$py" -m pip install -q --no-deps -e .
-echo "bootstrap: .venv ready ($("$py" -c 'import torch; print("torch", torch.__version__)'))"
+say ".venv ready ($("$py" -c 'import torch; print("torch", torch.__version__)'))"

@@ -10,6 +10,7 @@ import logging
 import re
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from yolo_backend.registry import Registry
 from yolo_backend.server import charts
 from yolo_backend.server.app import create_app
 from yolo_backend.runtime import BackendContext
-from yolo_backend.server.status import job_progress
+from yolo_backend.server.status import job_progress, pool_state_text
 from yolo_backend.settings import Settings
 from yolo_backend.yolov7.detections import Detections
 from tests.support import FAKE_BACKEND_URL, FIRE_SMOKE_CONFIG as CONFIG
@@ -35,12 +36,13 @@ SVG = "{http://www.w3.org/2000/svg}"
 PROJECT = 3
 
 
-def metrics(map50: float, precision: float = 0.7, recall: float = 0.5) -> dict:
-    """What the engine's evaluate() returns: smoke has no validation boxes, so its numbers are NaN."""
+def metrics(map50: float, precision: float = 0.7, recall: float = 0.5, images: int = 12, boxes: int = 14) -> dict:
+    """What the engine's evaluate() returns on ``images`` validation images: smoke has no validation boxes, so
+    its numbers are NaN."""
     nan = float("nan")
     return {"map50": map50, "map": map50 / 2, "precision": precision, "recall": recall, "serve_conf": 0.25,
-            "images": 6, "instances": 9,
-            "per_class": [{"name": "fire", "instances": 9, "ap50": map50 + 0.01, "ap": map50 / 2,
+            "images": images, "instances": boxes,
+            "per_class": [{"name": "fire", "instances": boxes, "ap50": map50 + 0.01, "ap": map50 / 2,
                            "precision": precision, "recall": recall},
                           {"name": "smoke", "instances": 0, "ap50": nan, "ap": nan, "precision": nan, "recall": nan}]}
 
@@ -95,17 +97,17 @@ def trained(tmp_path):
     registry = Registry.for_project(model_dir, PROJECT)
     v1 = registry.publish(checkpoint, {"parent": "best-1234abcd", "metrics": metrics(0.30),
                                        "decision": "no current model with these labels to compare with",
-                                       "annotations": 20, "negatives": 3, "train_images": 16, "val_images": 4,
+                                       "annotations": 20, "negatives": 3, "train_images": 8, "val_images": 12,
                                        "train_seconds": 65.0}, name="v1-20261201T100000")
     history.record_run(model_dir, PROJECT, {"trained": True, "published": True, "model_version": v1.name,
                                             "examples": 20, "negatives": 3, "metrics": metrics(0.30)}, "job-1", 70.0)
     history.record_run(model_dir, PROJECT, {
         "trained": True, "published": False, "examples": 30, "negatives": 5, "parent": v1.name,
-        "train_images": 24, "val_images": 6, "metrics": metrics(0.25), "baseline_metrics": metrics(0.30),
+        "train_images": 18, "val_images": 12, "metrics": metrics(0.25), "baseline_metrics": metrics(0.30),
         "decision": "validation fitness 0.1237 < current 0.1480 (set FORCE_PUBLISH=true to publish anyway)"},
         "job-2", 81.0)
     v2 = registry.publish(checkpoint, {"parent": v1.name, "metrics": metrics(0.45, 0.8, 0.6), "decision": "better",
-                                       "annotations": 40, "negatives": 6, "train_images": 32, "val_images": 8,
+                                       "annotations": 40, "negatives": 6, "train_images": 28, "val_images": 12,
                                        "train_seconds": 90.0}, name="v2-20261201T110000")
     history.record_run(model_dir, PROJECT, {"trained": True, "published": True, "model_version": v2.name,
                                             "examples": 40, "negatives": 6, "metrics": metrics(0.45)}, "job-3", 95.0)
@@ -155,9 +157,10 @@ def test_page_shows_versions_runs_metrics_and_the_job(trained):
     assert "rejected</span>: validation fitness 0.1237 &lt; current 0.1480" in rows[1][1]
     assert 'serving</span>' in rows[0][0] and "serving</span>" not in rows[2][0]
     # images with positives / negatives, train / val split, train time, overall and per-class metrics
-    assert "40 (34 / 6)" in page and "30 (25 / 5)" in page and "32 / 8" in page and "1 min 30 s" in page
+    assert "40 (34 / 6)" in page and "30 (25 / 5)" in page and "28 / 12" in page and "1 min 30 s" in page
     assert ">0.450<" in page and ">0.225<" in page and ">0.800<" in page and ">0.600<" in page
-    assert "<b>fire</b> mAP@0.5 0.460 · mAP@0.5:0.95 0.225 · P 0.80 · R 0.60 (9 boxes)" in page
+    assert "<b>fire</b> mAP@0.5 0.460 · mAP@0.5:0.95 0.225 · P 0.80 · R 0.60 (14 boxes)" in page
+    assert "per class (on 12 validation images): " in page and "on 12 images</span>" in page  # what it rests on
     assert "<b>smoke</b> no boxes among the validation images" in page
     assert "P@0.25</th><th>R@0.25</th>" in page
     # the job: phase, epoch of total, loss, progress (epoch 1 done + 5/10 of epoch 2 = 1.5 of 5 = 30 %), ETA
@@ -225,7 +228,9 @@ def test_status_json_has_every_number_of_the_page(trained):
     assert newest["train_seconds"] == 90.0 and newest["job_seconds"] == 95.0 and newest["parent"] == "v1-20261201T100000"
     assert newest["metrics"]["map50"] == 0.45 and newest["metrics"]["precision"] == 0.8
     assert newest["metrics"]["per_class"][1] == {"name": "smoke", "instances": 0, "map50": None, "map": None,
-                                                 "precision": None, "recall": None}
+                                                 "precision": None, "recall": None, "too_few": False, "note": None}
+    assert (newest["metrics"]["val_images"], newest["metrics"]["too_few"], newest["metrics"]["note"]) == \
+        (12, False, "on 12 validation images")
     assert project["versions"][1]["reason"].startswith("validation fitness 0.1237 < current")
     assert [(p["images"], p["map50"], p["status"]) for p in project["learning_curve"]] == \
         [(20, 0.30, "published"), (30, 0.25, "rejected"), (40, 0.45, "published")]
@@ -503,3 +508,189 @@ def test_a_hand_written_meta_json_does_not_break_the_page(trained):
     response = client.get("/dashboard")
     assert response.status_code == 200 and "v3-20261201T130000" in response.get_data(as_text=True)
     assert len(client.get("/status").json["projects"][0]["learning_curve"]) == 3  # the bad one is left out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# what a number rests on: a version validated on 2 images is "too few to say", not mAP 1.000
+# --------------------------------------------------------------------------------------------------------------
+
+def test_a_version_validated_on_two_images_is_too_few_to_say(trained):
+    registry = Registry.for_project(trained / "models", PROJECT)
+    registry.publish(trained / "model.pt", {"parent": "v2-20261201T110000", "metrics": metrics(1.0, 1.0, 1.0, images=2,
+                                                                                               boxes=2),
+                                            "decision": "only 2 validation image(s): too few to compare",
+                                            "annotations": 44, "negatives": 6, "train_images": 42, "val_images": 2,
+                                            "train_seconds": 80.0}, name="v3-20261201T120000")
+    client, _ = make_app(trained, training=Training())
+    (project,) = client.get("/status", query_string={"project": PROJECT}).json["projects"]
+    newest = project["versions"][0]
+    assert newest["name"] == "v3-20261201T120000" and newest["serving"]
+    m = newest["metrics"]
+    assert (m["val_images"], m["too_few"], m["note"]) == (2, True, "too few to say (2 validation images; needs 10)")
+    assert m["map50"] == 1.0  # the measurement stays available to scripts, flagged
+    assert [c["too_few"] for c in m["per_class"]] == [True, True]
+    assert [(p["val_images"], p["too_few"]) for p in project["learning_curve"]][-1] == (2, True)
+
+    page = client.get("/dashboard").get_data(as_text=True)
+    row = page[page.index('<td class="name">v3-20261201T120000'):page.index('<td class="name">v2-20261201T110000')]
+    assert '<td class="too-few metrics" colspan="4">too few to say (2 validation images; needs 10)</td>' in row
+    assert ">1.000<" not in row and "mAP@0.5 1.0" not in row
+    assert "per class: too few to say (2 validation images; needs 10)" in row
+    # the curve leaves the point out and says so; the per-class chart of the serving v3 says too few
+    curve, per_class = re.findall(r"<svg .*?</svg>", page, re.S)
+    assert len(ET.fromstring(curve).findall(f"{SVG}circle")) == 6  # the 3 runs on 12 images, not v3's
+    assert "Left out: 1 run validated on fewer than 10 images (on 2): too few to say." in page
+    assert ET.fromstring(per_class).findall(f"{SVG}rect[@class='bar']") == []
+    assert "Per class: too few to say (2 validation images; needs 10)." in per_class
+    assert "mAP per class of v3-20261201T120000 (on 2 validation images)" in per_class
+
+
+def test_every_run_too_few_leaves_an_empty_curve_that_says_why(tmp_path):
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"weights")
+    registry = Registry.for_project(tmp_path / "models", PROJECT)
+    # An older meta.json without the metrics' own image count: the version's val_images is used.
+    old = metrics(0.9)
+    del old["images"]
+    registry.publish(checkpoint, {"metrics": old, "annotations": 6, "negatives": 1, "val_images": 1},
+                     name="v1-20261201T100000")
+    client, _ = make_app(tmp_path)
+    page = client.get("/dashboard").get_data(as_text=True)
+    assert "No run validated on 10 or more images yet: too few to say." in page
+    assert "too few to say (1 validation image; needs 10)" in page and ">0.900<" not in page
+
+
+def test_a_class_with_few_boxes_is_too_few_to_say_on_its_own(trained):
+    few = metrics(0.6, images=20, boxes=3)  # enough images, but only 3 fire boxes among them
+    Registry.for_project(trained / "models", PROJECT).publish(trained / "model.pt", {
+        "metrics": few, "annotations": 60, "negatives": 6, "train_images": 40, "val_images": 20},
+        name="v3-20261201T120000")
+    client, _ = make_app(trained, training=Training())
+    fire = client.get("/status").json["projects"][0]["versions"][0]["metrics"]["per_class"][0]
+    assert (fire["too_few"], fire["note"], fire["map50"]) == (True, "too few to say (3 boxes)", 0.61)
+    page = client.get("/dashboard").get_data(as_text=True)
+    assert "per class (on 20 validation images): <span class=\"class\"><b>fire</b> too few to say (3 boxes)" in page
+    assert ">0.600<" in page  # the overall number rests on 20 images: shown, with its count
+    per_class = re.findall(r"<svg .*?</svg>", page, re.S)[1]
+    assert ET.fromstring(per_class).findall(f"{SVG}rect[@class='bar']") == []
+    assert ">too few to say (3 boxes)</text>" in per_class
+
+
+def test_version_names_and_parents_can_wrap(tmp_path):
+    """The table's layout is checked in a real browser (tests/e2e/test_dashboard_browser.py); here: the cells
+    that hold names carry the class whose CSS lets them wrap, and no rule keeps them on one line."""
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"weights")
+    Registry.for_project(tmp_path / "models", PROJECT).publish(checkpoint, {
+        "parent": "yolov7-tiny_fire-smoke_ref-trained-3f2a9c1d", "metrics": metrics(0.5), "annotations": 60,
+        "negatives": 4}, name="v12-20261123T191000")
+    client, _ = make_app(tmp_path)
+    page = client.get("/dashboard").get_data(as_text=True)
+    assert '<td class="name parent">yolov7-tiny_fire-smoke_ref-trained-3f2a9c1d</td>' in page
+    css = page[page.index("<style>"):page.index("</style>")]
+    assert re.search(r"td\.name \{[^}]*overflow-wrap: anywhere", css)
+    assert not re.search(r"td\.name[^{]*\{[^}]*nowrap", css)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the pool card while the next version's run waits in the queue
+# --------------------------------------------------------------------------------------------------------------
+
+class PoolTraining(Training):
+    """Training hooks whose pool scoring is what ``TrainingQueue.pool_status`` reads from Redis."""
+
+    def __init__(self, pool: dict):
+        super().__init__()
+        self.pool = pool
+
+    def pool_status(self, project_id):
+        return dict(self.pool) if project_id == PROJECT else {}
+
+
+DONE_V2 = {"version": "v2-20261201T110000", "state": "done", "total": 50, "done": 50, "failed": 0, "left": 0,
+           "rate": 4.2, "eta_s": None, "started_at": 1795461800.0, "updated_at": 1795461812.0}
+QUEUED_V3 = {"job": "pool-3-0123456789ab", "reason": "published v3-20261201T120000",
+             "version": "v3-20261201T120000", "enqueued_at": 1795461900.0}
+
+
+def test_pool_card_says_the_new_versions_run_is_queued(trained):
+    Registry.for_project(trained / "models", PROJECT).publish(trained / "model.pt", {"annotations": 50},
+                                                              name="v3-20261201T120000")
+    client, _ = make_app(trained, training=PoolTraining({**DONE_V2, "queued": QUEUED_V3}))
+    pool = client.get("/status", query_string={"project": PROJECT}).json["projects"][0]["pool"]
+    assert pool["state"] == "done" and pool["version"] == "v2-20261201T110000"  # the run the numbers are of
+    assert pool["queued"] == {**QUEUED_V3, "enqueued_iso": "2026-11-23T19:25:00Z"}
+    assert pool["state_text"] == "queued for v3-20261201T120000 (previous run v2-20261201T110000: done)"
+    card = client.get("/dashboard").get_data(as_text=True)
+    card = card[card.index('<div class="card pool"'):card.index('<div class="charts">')]
+    assert ('class="pool-state">queued for v3-20261201T120000 (previous run v2-20261201T110000: done)</b>'
+            in card)
+    assert 'class="pool-version">v2-20261201T110000 (previous run)</b>' in card and ">50 of 50<" in card
+
+
+def test_a_queued_run_names_the_version_it_will_score(trained):
+    """v3's publish joined the run v2's publish queued (the worker was busy training v3): the waiting job's reason
+    still says v2, but it scores what serves when it starts, v3."""
+    Registry.for_project(trained / "models", PROJECT).publish(trained / "model.pt", {"annotations": 50},
+                                                              name="v3-20261201T120000")
+    joined = {**QUEUED_V3, "reason": "published v2-20261201T110000", "version": "v2-20261201T110000"}
+    client, _ = make_app(trained, training=PoolTraining({**DONE_V2, "version": "v1-20261201T100000",
+                                                          "queued": joined}))
+    pool = client.get("/status").json["projects"][0]["pool"]
+    assert pool["queued"]["version"] == "v3-20261201T120000" and pool["queued"]["reason"] == joined["reason"]
+    assert pool["state_text"] == "queued for v3-20261201T120000 (previous run v1-20261201T100000: done)"
+
+
+def test_pool_card_before_any_run_and_after_the_queued_one_starts(trained):
+    alone = {"queued": {**QUEUED_V3, "reason": "requested", "version": None}}
+    client, _ = make_app(trained, training=PoolTraining(alone))
+    pool = client.get("/status").json["projects"][0]["pool"]
+    assert pool["state_text"] == "queued for v2-20261201T110000" and pool["state"] is None  # what serves now
+    assert (pool["done"], pool["total"], pool["fraction"]) == (0, 0, 0.0)
+    page = client.get("/dashboard").get_data(as_text=True)
+    assert 'class="pool-state">queued for v2-20261201T110000</b>' in page and 'class="pool-version">–<' in page
+    assert pool_state_text(None, None, {"reason": "requested", "version": None}) == "queued (requested)"  # no model
+    client, _ = make_app(trained, training=PoolTraining(DONE_V2))  # nothing waits: the state as it is
+    pool = client.get("/status").json["projects"][0]["pool"]
+    assert pool["queued"] is None and pool["state_text"] == "done"
+
+
+def test_pool_status_reads_the_waiting_coordinator_from_redis(tmp_path, redis_server):
+    """The whole path with a real Redis and RQ: v2's run done in the hash, v3's coordinator queued by the publish
+    (``enqueue_pool_run``, no worker takes it) -> /status and the page say queued; once the job starts (the
+    coordinator deletes the waiting key) the card shows the hash again."""
+    from redis import Redis
+    from rq.job import Job
+
+    from yolo_backend.jobs.keys import Keys
+    from yolo_backend.jobs.pool import RunStatus, enqueue_pool_run, queued_run
+    from yolo_backend.jobs.queue import TrainingQueue
+
+    queue_name = f"dashboard-pool-{time.monotonic_ns()}"
+    settings = Settings.from_env(env={}, model_dir=str(tmp_path / "models"), image_cache_dir=str(tmp_path / "c"),
+                                 redis_url=redis_server.url, rq_queue_name=queue_name)
+    connection, keys = Redis.from_url(redis_server.url), Keys(queue_name)
+    run = RunStatus(connection, keys, PROJECT)
+    run.start("v2-20261201T110000", total=5, done=0, reason="published v2-20261201T110000", job_id="pool-3-a")
+    run.add("v2-20261201T110000", stored=5)
+    run.done()
+    queued = enqueue_pool_run(connection, queue_name, PROJECT, "published v3-20261201T120000", max_waiting=5)
+    training = TrainingQueue(settings)
+    try:
+        context = BackendContext.from_settings(settings, loader=empty_detector_loader, training=training)
+        client = create_app(YOLOv7Backend, context=context).test_client()
+        pool = client.get("/status", query_string={"project": PROJECT}).json["projects"][0]["pool"]
+        assert pool["queued"]["job"] == queued["job"] and pool["queued"]["version"] == "v3-20261201T120000"
+        assert abs(pool["queued"]["enqueued_at"] - time.time()) < 60
+        assert pool["state_text"] == "queued for v3-20261201T120000 (previous run v2-20261201T110000: done)"
+        page = client.get("/dashboard", query_string={"project": PROJECT}).get_data(as_text=True)
+        assert "queued for v3-20261201T120000 (previous run v2-20261201T110000: done)" in page
+        # A started job is no longer waiting, even before it deletes the key.
+        job = Job.fetch(queued["job"], connection=connection)
+        job.set_status("started")
+        assert queued_run(connection, keys, PROJECT) is None
+        connection.delete(keys.pool_waiting(PROJECT))
+        pool = client.get("/status", query_string={"project": PROJECT}).json["projects"][0]["pool"]
+        assert pool["queued"] is None and pool["state_text"] == "done"
+    finally:
+        training.close()

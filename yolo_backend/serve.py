@@ -124,9 +124,23 @@ class ModelCheckFailed(RuntimeError):
     """A checkpoint that would serve cannot be loaded; the message is the loader's."""
 
 
+def model_check_subject(settings: Settings) -> str:
+    """What the start-up model check loads, for the line said before it (it can take minutes on a busy machine)."""
+    if settings.model_version:
+        return f"the model MODEL_VERSION={settings.model_version}"
+    published = f"the newest versions published in {settings.model_dir}"
+    if settings.model_path:
+        return f"the model MODEL_PATH={settings.model_path} and {published}"
+    return f"{published} (if any)"
+
+
 def check_model(env: dict[str, str]) -> None:
     """Load-check every model that would serve (``_wsgi.py --check``) in a child process, before anything
-    starts, so the supervisor stays free of torch; ModelCheckFailed with the loader's one-line message."""
+    starts, so the supervisor stays free of torch; ModelCheckFailed with the loader's one-line message. Said before
+    and after, with its duration: on a busy machine it can take minutes with nothing else to show."""
+    log.info("model check: loading %s once in a child process (can take a minute on a busy machine) ...",
+             model_check_subject(Settings.from_env(env=env)))
+    started = time.monotonic()
     result = subprocess.run([sys.executable, str(PROJECT_ROOT / "_wsgi.py"), "--check"], env=env,
                             cwd=PROJECT_ROOT, capture_output=True, text=True)
     if result.returncode != 0:
@@ -136,6 +150,7 @@ def check_model(env: dict[str, str]) -> None:
     for line in result.stdout.splitlines():
         if line.strip():
             log.info("model check: %s", line.removeprefix("ok: "))
+    log.info("model check passed in %.1f s", time.monotonic() - started)
 
 
 def _needs_embedded_broker(env: dict[str, str]) -> bool:

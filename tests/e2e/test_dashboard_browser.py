@@ -5,8 +5,10 @@ and the fake Label Studio of tests/support.py. The trainer is a paced fake (``pa
 by the worker by path): it reports epochs and iterations over ~10 s, so the progress bar has time to move.
 
 Checked: the page loads without console errors (CSP violations and failed requests are errors too), the progress
-bar moves while a job trains, and after two trainings the version table lists both versions and the learning
-curve is drawn. Screenshots go to tests/artifacts/ (YOLO_BACKEND_TEST_ARTIFACTS overrides; ignored by git).
+bar moves while a job trains, and after two trainings the version table lists both versions, each validated on
+too few images to say. Without a worker, on a registry of twelve versions with real-length names: the page fits
+1280 px without sideways scrolling, the learning curve is drawn, and the pool card's live update says a run is
+queued. Screenshots go to tests/artifacts/ (YOLO_BACKEND_TEST_ARTIFACTS overrides; ignored by git).
 
 Without Chromium the test is skipped, except in CI (CI set), where it fails: `.ci/run` installs it
 (apt-get install chromium chromium-driver).
@@ -191,6 +193,7 @@ return {
   points: curve ? curve.querySelectorAll('circle.point').length : 0,
   lines: curve ? curve.querySelectorAll('polyline').length : 0,
   bars: document.querySelectorAll('svg rect.bar').length,
+  left_out: (document.querySelector('.curve-left-out') || {}).textContent || null,
 };
 """
 
@@ -262,12 +265,16 @@ def test_dashboard_in_chromium_shows_live_progress_versions_and_learning_curve(s
     stack.add_annotated_tasks(range(9, 15))
     browser.save_screenshot(str(ARTIFACTS / "dashboard-after-first-training.png"))
     train_and_watch(stack, browser, "v2-")
-    page = wait_for(lambda: (p := read_page(browser)).get("points") == 4 and p, 20, "the redrawn learning curve")
+    page = wait_for(lambda: (p := read_page(browser)).get("left_out") and p, 20, "the redrawn learning curve")
     rows = page["rows"]
     assert rows[0].startswith("v2-") and "serving" in rows[0] and "published" in rows[0], rows
     assert rows[1].startswith("v1-") and "published" in rows[1], rows
     assert "12 (11 / 1)" in rows[0] and "6 (5 / 1)" in rows[1], rows  # images (positives / negatives)
-    assert page["lines"] == 2 and page["bars"] == 4, page  # both series joined; 2 classes x 2 metrics
+    # 12 annotated images validate on 1-3 of them: too few to say, so no number, no point, no bar (the curve
+    # and the bars with enough images: test_versions_table_fits_1280_px_...)
+    assert all("too few to say" in row for row in rows), rows
+    assert page["points"] == 0 and page["bars"] == 0, page
+    assert page["left_out"].startswith("Left out: 2 runs validated on fewer than 10 images"), page
     # Published before Label Studio is switched to it: the job then syncs, and ends.
     page = wait_for(lambda: (p := read_page(browser)).get("phase") == "done" and p, 60, "the job to end")
     assert page["progress"] == 100, page
@@ -306,6 +313,105 @@ def test_dashboard_behind_basic_auth_polls_without_errors(tmp_path, browser):
         first = browser.find_element("id", "updated").text
         wait_for(lambda: browser.find_element("id", "updated").text != first, 15, "the page to poll /status")
         assert "not answering" not in browser.find_element("id", "updated").text
+        assert console_errors(browser) == []
+    finally:
+        server.shutdown()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the page at 1280 px with long names, a version on too few images and a queued pool run
+# --------------------------------------------------------------------------------------------------------------
+
+LONG_REASON = ("validation fitness 0.1237 < current 0.1480 by more than the noise (1 x SE 0.0104 on 14 images; raise "
+               "PUBLISH_TOLERANCE_SE or set FORCE_PUBLISH=true to publish anyway)")
+MEASURE = """
+const wraps = Array.from(document.querySelectorAll('.table-wrap'));
+return {inner: window.innerWidth, page: document.documentElement.scrollWidth,
+        tables: wraps.map(w => [w.scrollWidth, w.clientWidth]),
+        pool: document.querySelector('.pool-state').textContent,
+        points: document.querySelectorAll('.charts svg circle.point').length,
+        bars: document.querySelectorAll('svg rect.bar').length,
+        left_out: (document.querySelector('.curve-left-out') || {}).textContent || null,
+        too_few: Array.from(document.querySelectorAll('td.too-few')).map(td => td.textContent)};
+"""
+
+
+def realistic_registry(model_dir: Path, checkpoint: Path, project: int) -> str:
+    """Twelve versions with the registry's real names (v12-20261123T191000), the first trained from a MODEL_PATH
+    checkpoint (its version is '<file stem>-<sha256[:8]>'), the first validated on 2 images, a rejected run with a
+    long reason in between. Returns the newest version's name."""
+    from tests.test_dashboard import metrics
+    from yolo_backend.jobs import history
+    from yolo_backend.registry import Registry
+
+    registry = Registry.for_project(model_dir, project)
+    parent = "yolov7-tiny_fire-smoke_ref-trained-3f2a9c1d"
+    for n in range(1, 13):
+        val = 2 if n == 1 else 8 + 3 * n
+        name = f"v{n}-20261123T{9 + n // 2:02d}{(n * 7) % 60:02d}00"
+        registry.publish(checkpoint, {"parent": parent, "metrics": metrics(0.2 + 0.05 * n, images=val, boxes=val + 2),
+                                      "decision": "only 2 validation image(s): too few to compare (need 4)" if n == 1
+                                      else f"validation fitness 0.{3000 + 97 * n} >= current 0.{2990 + 97 * n}",
+                                      "annotations": 5 * val, "negatives": n, "train_images": 4 * val,
+                                      "val_images": val, "train_seconds": 60.0 + 11 * n}, name=name)
+        if n == 6:
+            history.record_run(model_dir, project, {
+                "trained": True, "published": False, "examples": 5 * val, "negatives": 4, "parent": name,
+                "train_images": 4 * val, "val_images": val, "metrics": metrics(0.4, images=val),
+                "decision": LONG_REASON}, "train-3-5f2e9a0c41d7", 81.0)
+        parent = name
+    return parent
+
+
+def test_versions_table_fits_1280_px_and_the_pool_card_says_queued(tmp_path, browser):
+    """At 1280 x 800 the page needs no sideways scrolling, neither the page nor a table inside its scroller; a
+    version on 2 validation images reads "too few to say" and is not on the curve; the pool card's live update
+    (the inline script) words a queued run as the server does."""
+    from werkzeug.serving import make_server
+
+    from model_backend import YOLOv7Backend
+    from tests.test_dashboard import DONE_V2, PoolTraining
+    from tests.test_jobs import fake_loader
+    from yolo_backend.runtime import BackendContext
+    from yolo_backend.server.app import create_app
+    from yolo_backend.settings import Settings
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"weights")
+    project = 3  # PoolTraining reports a pool run for project 3
+    newest = realistic_registry(tmp_path / "models", checkpoint, project)
+    settings = Settings.from_env(env={}, model_dir=str(tmp_path / "models"), image_cache_dir=str(tmp_path / "cache"))
+    training = PoolTraining({**DONE_V2, "version": "v11-20261123T141700"})
+    context = BackendContext.from_settings(settings, loader=fake_loader, training=training)
+    server = make_server("127.0.0.1", 0, create_app(YOLOv7Backend, context=context), threaded=True)
+    threading.Thread(target=server.serve_forever, name="dashboard-width-app", daemon=True).start()
+    try:
+        browser.set_window_size(1280, 800)
+        browser.get(f"http://127.0.0.1:{server.server_port}/dashboard")
+        measured = browser.execute_script(MEASURE)
+        assert measured["inner"] <= 1280, measured
+        assert measured["page"] <= measured["inner"], f"the page scrolls sideways at 1280 px: {measured}"
+        assert all(scroll <= client for scroll, client in measured["tables"]), \
+            f"a versions table scrolls sideways inside its box: {measured}"
+        assert measured["too_few"] == ["too few to say (2 validation images; needs 10)"], measured
+        assert measured["points"] == 2 * 12 and measured["bars"] == 2, measured  # 11 versions + the rejected run; fire
+        assert measured["left_out"] == "Left out: 1 run validated on fewer than 10 images (on 2): too few to say."
+        assert measured["pool"] == "done", measured
+        browser.execute_script("document.querySelector('table.versions').scrollIntoView()")
+        browser.save_screenshot(str(ARTIFACTS / "dashboard-1280-versions.png"))
+        browser.execute_script("document.querySelector('td.too-few').scrollIntoView({block: 'center'})")
+        browser.save_screenshot(str(ARTIFACTS / "dashboard-1280-too-few.png"))
+        # The next version's run is queued: the polling script shows it without a reload.
+        training.pool = {**training.pool, "queued": {"job": "pool-3-0a1b2c3d4e5f", "reason": f"published {newest}",
+                                                     "version": newest, "enqueued_at": time.time()}}
+        expected = f"queued for {newest} (previous run v11-20261123T141700: done)"
+        wait_for(lambda: browser.execute_script(MEASURE)["pool"] == expected, 15, "the card to say queued")
+        version = browser.find_element("css selector", ".pool-version").text
+        assert version == "v11-20261123T141700 (previous run)", version
+        browser.execute_script("document.querySelector('.pool').scrollIntoView()")
+        browser.save_screenshot(str(ARTIFACTS / "dashboard-1280-top.png"))
+        assert browser.execute_script(MEASURE)["page"] <= 1280
         assert console_errors(browser) == []
     finally:
         server.shutdown()

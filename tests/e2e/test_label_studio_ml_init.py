@@ -139,8 +139,22 @@ def test_label_studio_ml_init_gives_a_working_backend(tmp_path):
                                                          "project": "1.1700000000", "params": {}}, timeout=300)
         assert response.status_code == 200, response.text + process.log_tail()
         classic = response.json()["results"]
+
+        # 3. An uploaded image without LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY (the classic runtime never hands the
+        # /setup token to the backend): no prediction, and an ERROR naming both, which the generated _wsgi.py's
+        # default log level (ERROR) shows; our warnings show too (LOG_LEVEL).
+        uploaded = [{"id": 9, "data": {"image": "/data/upload/1/a1b2c3d4-fire.jpg"}}]
+        response = requests.post(f"{url}/predict", json={"tasks": uploaded, "label_config": CONFIG,
+                                                         "project": "1.1700000000", "params": {}}, timeout=300)
+        assert response.status_code == 200 and "result" not in response.json()["results"][0], response.text
     finally:
         process.stop()
+    lines = process.log_path.read_text().splitlines()
+    errors = [line for line in lines if "[ERROR] [yolo_backend.backend" in line]
+    assert len(errors) == 1, process.log_tail()
+    assert "set LABEL_STUDIO_URL" in errors[0] and "LABEL_STUDIO_API_KEY" in errors[0], errors[0]
+    assert any("[WARNING] [yolo_backend.backend" in line and "task 9: image not available" in line
+               for line in lines), process.log_tail()
 
     from yolo_backend.registry import checkpoint_version
 

@@ -31,6 +31,7 @@ import time
 import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timezone
 from pathlib import Path
 from typing import Any, Callable, Collection, Optional
 
@@ -126,7 +127,7 @@ class RunStatus:
     def read(self) -> dict:
         if self.connection is None:
             return {}
-        return read_status(self.connection, self.keys, self.project_id)
+        return _read_run(self.connection, self.keys, self.project_id)
 
     def start(self, version: str, total: int, done: int, reason: str, job_id: Optional[str]) -> None:
         if self.connection is None:
@@ -191,7 +192,39 @@ class RunStatus:
 
 def read_status(connection, keys, project_id: int) -> dict:
     """The project's pool-scoring progress: version, state (scoring, done, failed), total, done, failed, chunks,
-    chunks_done, rate (tasks/s this run), eta_s, started_at, updated_at; {} when it never ran."""
+    chunks_done, rate (tasks/s this run), eta_s, started_at, updated_at, and ``queued`` (``queued_run``) while
+    the next run's coordinator waits in the queue; {} when it never ran and none waits."""
+    status = _read_run(connection, keys, project_id)
+    queued = queued_run(connection, keys, project_id)
+    return {**status, "queued": queued} if queued else status
+
+
+def queued_run(connection, keys, project_id: int) -> Optional[dict]:
+    """The coordinator job waiting in the queue (not started: the progress hash still holds the run before it):
+    {"job", "reason", "version" (of a "published <version>" reason, else None), "enqueued_at"}; None if none."""
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job
+
+    job_id = text(connection.get(keys.pool_waiting(project_id)))
+    if not job_id:
+        return None
+    try:
+        job = Job.fetch(job_id, connection=connection)
+    except NoSuchJobError:
+        return None
+    state = job.get_status(refresh=False)
+    if getattr(state, "value", state) not in NOT_STARTED:
+        return None  # started: it deletes the key itself in a moment
+    reason = str((job.meta or {}).get("reason") or "")
+    published = re.fullmatch(r"published (\S+)", reason)
+    enqueued = job.enqueued_at.replace(tzinfo=job.enqueued_at.tzinfo or timezone.utc).timestamp() \
+        if job.enqueued_at else None  # rq writes UTC
+    return {"job": job_id, "reason": reason, "version": published.group(1) if published else None,
+            "enqueued_at": enqueued}
+
+
+def _read_run(connection, keys, project_id: int) -> dict:
+    """The progress hash of the project's newest run (``read_status`` without the queued one)."""
     raw = connection.hgetall(keys.pool(project_id))
     if not raw:
         return {}

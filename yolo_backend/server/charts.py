@@ -121,8 +121,10 @@ def line_chart(series: Sequence[Series], title: str, x_label: str, y_label: str,
 
 
 def bar_chart(categories: Sequence[str], series: Sequence[tuple[str, Sequence[Optional[float]]]], title: str,
-              width: int = 640, x_top: float = 1.0, empty_message: str = "no data yet") -> str:
-    """Horizontal bars: one group per category, one bar per series (None: no bar, "n/a" written instead)."""
+              width: int = 640, x_top: float = 1.0, empty_message: str = "no data yet",
+              notes: Optional[Sequence[Optional[str]]] = None) -> str:
+    """Horizontal bars: one group per category, one bar per series (None: no bar). A category without any value
+    gets its ``notes`` entry written instead (default: it had no boxes among the validation images)."""
     left, right, top = 110, 48, 34
     bar_h, gap = 14, 12
     group_h = bar_h * max(1, len(series)) + gap
@@ -147,8 +149,10 @@ def bar_chart(categories: Sequence[str], series: Sequence[tuple[str, Sequence[Op
             color = PALETTE[index % len(PALETTE)]
             if value is None:
                 if all(v[row] is None for _, v in series if row < len(v)) and index == 0:
-                    parts.append(f'<text x="{left + 4}" y="{y + bar_h - 3}" fill="{AXIS}" style="{FONT}">'
-                                 f'no value (no {escape(category)} boxes among the validation images)</text>')
+                    note = (notes[row] if notes and row < len(notes) else None) or \
+                        f"no value (no {category} boxes among the validation images)"
+                    parts.append(f'<text x="{left + 4}" y="{y + bar_h - 3}" fill="{AXIS}" style="{FONT}" '
+                                 f'class="bar-note">{escape(note)}</text>')
                 continue
             w = plot_w * max(0.0, min(value, x_top)) / x_top
             parts.append(f'<rect class="bar" x="{left}" y="{y}" width="{w:.1f}" height="{bar_h - 2}" '

@@ -105,32 +105,52 @@ def _duration(seconds: Any) -> str:
 
 
 def learning_curve_svg(points: list[dict]) -> str:
+    """The curve of the runs whose mAP rests on enough validation images (``status.MIN_VAL_IMAGES``): a point
+    measured on 2 images says nothing about the model and would stretch the axis to 1."""
     def label(p: dict, key: str, what: str) -> str:
+        on = f", on {p['val_images']} validation images" if p.get("val_images") is not None else ""
         return (f"{p.get('name') or 'rejected run'} ({p['status']}): {what} {p[key]:.3f} "
-                f"with {p['images']} annotated images")
+                f"with {p['images']} annotated images{on}")
 
+    shown = [p for p in points if not p.get("too_few")]
     series = [
         charts.Series("mAP@0.5", [charts.Point(p["images"], p["map50"], p["status"] == "published",
-                                               label(p, "map50", "mAP@0.5")) for p in points]),
+                                               label(p, "map50", "mAP@0.5")) for p in shown]),
         charts.Series("mAP@0.5:0.95", [charts.Point(p["images"], p["map"], p["status"] == "published",
                                                     label(p, "map", "mAP@0.5:0.95"))
-                                       for p in points if p.get("map") is not None]),
+                                       for p in shown if p.get("map") is not None]),
     ]
+    empty = "No trained version yet: the curve starts with the first training." if not points else \
+        f"No run validated on {dashboard_status.MIN_VAL_IMAGES} or more images yet: too few to say."
     return charts.line_chart(series, "Learning curve: validation mAP as annotations grow", "annotated images",
-                             "validation mAP (0–1, higher is better)", y_min_top=0.1,
-                             empty_message="No trained version yet: the curve starts with the first training.",
+                             "validation mAP (0–1, higher is better)", y_min_top=0.1, empty_message=empty,
                              note="● published version   ○ trained but not published (not better than the "
                                   "version serving)")
+
+
+def curve_left_out(points: list[dict]) -> Optional[str]:
+    """The line under the curve that says which runs it leaves out, if any."""
+    few = [p for p in points if p.get("too_few")]
+    if not few:
+        return None
+    runs = "1 run" if len(few) == 1 else f"{len(few)} runs"
+    counts = ", ".join(str(p.get("val_images")) for p in few[-5:])
+    return (f"Left out: {runs} validated on fewer than {dashboard_status.MIN_VAL_IMAGES} images (on {counts}"
+            f"{' …' if len(few) > 5 else ''}): too few to say.")
 
 
 def per_class_svg(entry: Optional[dict]) -> str:
     metrics = (entry or {}).get("metrics") or {}
     classes = metrics.get("per_class") or []
     name = (entry or {}).get("name") or "the serving version"
+    on = f"on {metrics['val_images']} validation images" if metrics.get("val_images") is not None else "validation"
+    title = f"mAP per class of {name} ({on})"
+    if metrics.get("too_few"):
+        return charts.bar_chart([], [], title, empty_message=f"Per class: {metrics.get('note')}.")
     return charts.bar_chart([c["name"] for c in classes],
-                            [("mAP@0.5", [c.get("map50") for c in classes]),
-                             ("mAP@0.5:0.95", [c.get("map") for c in classes])],
-                            f"mAP per class of {name} (validation)",
+                            [("mAP@0.5", [None if c.get("too_few") else c.get("map50") for c in classes]),
+                             ("mAP@0.5:0.95", [None if c.get("too_few") else c.get("map") for c in classes])],
+                            title, notes=[c.get("note") for c in classes],
                             empty_message="No validation metrics for the serving version yet.")
 
 
@@ -140,12 +160,14 @@ def render_page(data: dict, nonce: str) -> str:
     for project in projects:
         serving = next((e for e in project["versions"] if e.get("serving")), None)
         project["curve_svg"] = learning_curve_svg(project["learning_curve"])
+        project["curve_left_out"] = curve_left_out(project["learning_curve"])
         project["per_class_svg"] = per_class_svg(serving or next(
             (e for e in project["versions"] if e["status"] == "published" and e.get("metrics")), None))
     return render_template_string(PAGE, data=data, projects=projects, nonce=nonce, poll_ms=POLL_MS,
                                   num=_num, duration=_duration,
                                   model_class=current_app.extensions["ml_backend"]["backend_class"].__name__,
-                                  threshold=data["serve_threshold"])
+                                  threshold=data["serve_threshold"], min_val=dashboard_status.MIN_VAL_IMAGES,
+                                  min_boxes=dashboard_status.MIN_CLASS_BOXES)
 
 
 PAGE = """<!doctype html>
@@ -169,10 +191,16 @@ PAGE = """<!doctype html>
   .charts > div { flex: 1 1 480px; }
   .table-wrap { overflow-x: auto; }
   table { border-collapse: collapse; width: 100%; font-size: .85em; }
-  td.name { white-space: nowrap; }
+  /* Fits 1280 px: version names, MODEL_PATH checkpoints and reasons wrap (anywhere: names have no spaces), so no
+     column is wider than its share; only the short number cells stay on one line. */
+  td.name { overflow-wrap: anywhere; min-width: 10.5em; }
+  td.n.created { white-space: normal; }
+  .created span { white-space: nowrap; }
   th, td { border-bottom: 1px solid #e3e3e3; padding: 5px 6px; text-align: left; vertical-align: top; }
   th { background: #f0f0f0; }
   td.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+  td.too-few { color: #666; font-style: italic; text-align: center; }
+  .evidence { display: block; color: #666; font-size: .85em; }
   .status-published { color: #1a7f37; font-weight: 600; } .status-rejected { color: #b35900; font-weight: 600; }
   .status-failed { color: #c62828; font-weight: 600; } .status-skipped { color: #666; font-weight: 600; }
   .serving { background: #eef6ff; }
@@ -181,7 +209,7 @@ PAGE = """<!doctype html>
   tr.per-class td { font-size: .92em; color: #444; padding-top: 0; }
   tr.has-classes td { border-bottom: none; }
   .class { margin-right: 2em; white-space: nowrap; }
-  td.why { min-width: 220px; }
+  td.why { min-width: 14em; overflow-wrap: anywhere; }
   details summary { cursor: pointer; }
 </style>
 </head>
@@ -247,8 +275,8 @@ here after their first prediction or training.</p>
 {% set q = p.pool %}
 <div class="card pool" id="pool-{{ p.project }}">
   <div class="facts">
-    <span>version: <b class="pool-version">{{ q.version if q else "–" }}</b></span>
-    <span>state: <b class="pool-state">{{ q.state if q else "not run yet" }}</b></span>
+    <span>version: <b class="pool-version">{% if q and q.version %}{{ q.version }}{% if q.queued %} (previous run){% endif %}{% else %}–{% endif %}</b></span>
+    <span>state: <b class="pool-state">{{ q.state_text if q else "not run yet" }}</b></span>
     <span>tasks scored: <b class="pool-done">{% if q %}{{ q.done }} of {{ q.total }}{% else %}–{% endif %}</b></span>
     <span>failed: <b class="pool-failed">{{ q.failed if q else "–" }}</b></span>
     <span>rate: <b class="pool-rate">{{ (num(q.rate, 1) ~ " tasks/s") if q and q.rate else "–" }}</b></span>
@@ -262,7 +290,7 @@ here after their first prediction or training.</p>
 </div>
 
 <div class="charts">
-  <div>{{ p.curve_svg | safe }}</div>
+  <div>{{ p.curve_svg | safe }}{% if p.curve_left_out %}<p class="muted curve-left-out">{{ p.curve_left_out }}</p>{% endif %}</div>
   <div>{{ p.per_class_svg | safe }}</div>
 </div>
 
@@ -270,10 +298,13 @@ here after their first prediction or training.</p>
 <p class="muted">mAP@0.5 and mAP@0.5:0.95: how well the predicted boxes match the labelled ones on the validation
 images (0–1, higher is better; 0.5:0.95 also asks for tight boxes). P and R at {{ threshold }}: of the boxes shown
 to annotators (confidence ≥ {{ threshold }}), the share that is right (precision), and the share of labelled boxes
-found (recall). Images: annotated images trained and validated on, with boxes (positives) and without (negatives).</p>
+found (recall). Images: annotated images trained and validated on, with boxes (positives) and without (negatives).
+Each number rests on the validation images under it: with fewer than {{ min_val }} it is not shown (“too few to
+say”: measured on 2 images, a model's mAP@0.5 came out exactly 1.000 about half the time, see README), nor a
+class's with fewer than {{ min_boxes }} boxes.</p>
 <div class="table-wrap"><table class="versions" id="versions-{{ p.project }}">
 <thead><tr><th>version</th><th>outcome and why</th><th>trained from</th><th>created (UTC)</th>
-<th>images (pos / neg)</th><th>train / val</th><th>train time</th><th>mAP@0.5</th><th>mAP@0.5:0.95</th>
+<th>images (pos/neg)</th><th>train / val</th><th>train time</th><th>mAP@0.5</th><th>mAP@0.5:0.95</th>
 <th>P@{{ threshold }}</th><th>R@{{ threshold }}</th></tr></thead>
 <tbody>
 {% for v in p.versions %}
@@ -281,16 +312,17 @@ found (recall). Images: annotated images trained and validated on, with boxes (p
 <tr class="{{ 'serving' if v.serving else '' }}{{ ' has-classes' if m.per_class else '' }}">
   <td class="name">{{ v.name or "(not published)" }}{% if v.serving %} <span class="tag">serving</span>{% endif %}{% if v.job %}<br><span class="muted">job {{ v.job }}</span>{% endif %}</td>
   <td class="why"><span class="status-{{ v.status }}">{{ v.status }}</span>{% if v.reason %}: {{ v.reason }}{% endif %}</td>
-  <td class="name">{{ v.parent or ("random init" if v.untrained else "–") }}</td>
-  <td class="n">{{ (v.created_iso or "–").replace("T", " ").replace("Z", "") }}</td>
+  <td class="name parent">{{ v.parent or ("random init" if v.untrained else "–") }}</td>
+  <td class="n created">{% if v.created_iso %}<span>{{ v.created_iso[:10] }}</span> <span>{{ v.created_iso[11:19] }}</span>{% else %}–{% endif %}</td>
   <td class="n">{% if v.images is not none %}{{ v.images }} ({{ v.positives if v.positives is not none else "?" }} / {{ v.negatives if v.negatives is not none else "?" }}){% else %}–{% endif %}</td>
   <td class="n">{% if v.train_images is not none %}{{ v.train_images }} / {{ v.val_images }}{% else %}–{% endif %}</td>
   <td class="n">{{ duration(v.train_seconds) }}</td>
-  <td class="n">{{ num(m.map50) }}</td><td class="n">{{ num(m.map) }}</td>
-  <td class="n">{{ num(m.precision) }}</td><td class="n">{{ num(m.recall) }}</td>
+  {% if m.too_few %}<td class="too-few metrics" colspan="4">{{ m.note }}</td>
+  {% else %}<td class="n metrics">{{ num(m.map50) }}{% if m.note %}<span class="evidence">{{ m.note | replace("validation ", "") }}</span>{% endif %}</td><td class="n">{{ num(m.map) }}</td>
+  <td class="n">{{ num(m.precision) }}</td><td class="n">{{ num(m.recall) }}</td>{% endif %}
 </tr>
 {% if m.per_class %}
-<tr class="per-class {{ 'serving' if v.serving else '' }}"><td></td><td colspan="10">per class: {% for c in m.per_class %}<span class="class"><b>{{ c.name }}</b> {% if c.instances %}mAP@0.5 {{ num(c.map50) }} · mAP@0.5:0.95 {{ num(c.map) }} · P {{ num(c.precision, 2) }} · R {{ num(c.recall, 2) }} ({{ c.instances }} boxes){% else %}no boxes among the validation images{% endif %}</span>{% endfor %}</td></tr>
+<tr class="per-class {{ 'serving' if v.serving else '' }}"><td></td><td colspan="10">{% if m.too_few %}per class: {{ m.note }}{% else %}per class{% if m.note %} ({{ m.note }}){% endif %}: {% for c in m.per_class %}<span class="class"><b>{{ c.name }}</b> {% if c.note %}{{ c.note }}{% elif c.instances %}mAP@0.5 {{ num(c.map50) }} · mAP@0.5:0.95 {{ num(c.map) }} · P {{ num(c.precision, 2) }} · R {{ num(c.recall, 2) }} ({{ c.instances }} boxes){% else %}no boxes among the validation images{% endif %}</span>{% endfor %}{% endif %}</td></tr>
 {% endif %}
 {% else %}
 <tr><td colspan="11">Nothing trained or published yet.</td></tr>
@@ -353,8 +385,8 @@ problems show up here).</p>
   function showPool(section, pool) {
     var card = section.querySelector(".pool");
     if (!card || !pool) return;
-    set(card, ".pool-version", pool.version || "–");
-    set(card, ".pool-state", pool.state || "–");
+    set(card, ".pool-version", pool.version ? pool.version + (pool.queued ? " (previous run)" : "") : "–");
+    set(card, ".pool-state", pool.state_text || "–");  // worded by the server (status.pool_state_text)
     set(card, ".pool-done", pool.done + " of " + pool.total);
     set(card, ".pool-failed", pool.failed);
     set(card, ".pool-rate", pool.rate ? num(pool.rate, 1) + " tasks/s" : "–");

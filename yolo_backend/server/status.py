@@ -25,6 +25,12 @@ log = logging.getLogger(__name__)
 
 WARNINGS_KEPT = 50
 WARNING_CHARS = 500  # each kept message at most this long: /status and the dashboard stay small
+# A validation mAP measured on fewer images than this is shown as "too few to say", not as a number: on a real
+# detector and split (benchmarks/bench_val_size.py) a 2-image mAP@0.5 was exactly 1.000 for 55 % of the subsets
+# and off by 0.25 typically; at 10 images its spread is still about 0.13 (SD), at 20 about 0.07. The same
+# bound, in boxes, for one class's numbers (those images hold about one box each).
+MIN_VAL_IMAGES = 10
+MIN_CLASS_BOXES = 10
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -83,20 +89,42 @@ def _number(value: Any) -> Any:
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def metrics_summary(metrics: Optional[dict]) -> Optional[dict]:
+def metrics_summary(metrics: Optional[dict], val_images: Any = None) -> Optional[dict]:
     """The validation numbers of a run: mAP@0.5, mAP@0.5:0.95, precision and recall at the serving threshold,
-    overall and per class (a class without validation boxes has None, not 0)."""
+    overall and per class (a class without validation boxes has None, not 0), with what they rest on:
+    ``val_images`` (the images they were measured on: the metrics' own count, else ``val_images``), ``too_few``
+    (fewer than MIN_VAL_IMAGES; per class: fewer than MIN_CLASS_BOXES boxes) and ``note``, the words the page
+    shows ("too few to say (2 validation images)", "on 12 validation images")."""
     if not isinstance(metrics, dict):
         return None
+    count = _number(metrics.get("images"))
+    count = count if count is not None else _number(val_images)
+    too_few = count is not None and count < MIN_VAL_IMAGES
     per_class = []
     for item in metrics.get("per_class") or []:
         if isinstance(item, dict):
-            per_class.append({"name": str(item.get("name")), "instances": _number(item.get("instances")),
+            boxes = _number(item.get("instances"))
+            few_boxes = bool(boxes) and boxes < MIN_CLASS_BOXES
+            per_class.append({"name": str(item.get("name")), "instances": boxes,
                               "map50": _number(item.get("ap50")), "map": _number(item.get("ap")),
-                              "precision": _number(item.get("precision")), "recall": _number(item.get("recall"))})
+                              "precision": _number(item.get("precision")), "recall": _number(item.get("recall")),
+                              "too_few": too_few or few_boxes,
+                              "note": f"too few to say ({_plural(boxes, 'box', 'boxes')})" if few_boxes else None})
     numbers = {k: _number(metrics.get(k)) for k in ("map50", "map", "precision", "recall", "serve_conf", "images",
                                                      "instances")}
-    return finite({**numbers, "per_class": per_class})
+    return finite({**numbers, "per_class": per_class, "val_images": count, "too_few": too_few,
+                   "note": _evidence_note(count, too_few)})
+
+
+def _plural(count: Any, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
+
+
+def _evidence_note(count: Any, too_few: bool) -> Optional[str]:
+    if count is None:
+        return None  # a hand-written meta.json: nothing to say about it
+    images = _plural(count, "validation image", "validation images")
+    return f"too few to say ({images}; needs {MIN_VAL_IMAGES})" if too_few else f"on {images}"
 
 
 def _images(count: Any, negatives: Any) -> dict:
@@ -121,8 +149,8 @@ def version_entry(version: ModelVersion, project_id: Optional[int]) -> dict:
             **_images(meta.get("annotations"), meta.get("negatives")),
             "train_images": _number(meta.get("train_images")), "val_images": _number(meta.get("val_images")),
             "train_seconds": _number(meta.get("train_seconds")), "untrained": untrained,
-            "metrics": metrics_summary(meta.get("metrics")),
-            "baseline_metrics": metrics_summary(meta.get("baseline_metrics"))}
+            "metrics": metrics_summary(meta.get("metrics"), meta.get("val_images")),
+            "baseline_metrics": metrics_summary(meta.get("baseline_metrics"), meta.get("val_images"))}
 
 
 def run_entry(run: dict, project_id: int) -> dict:
@@ -134,8 +162,8 @@ def run_entry(run: dict, project_id: int) -> dict:
             "train_images": _number(run.get("train_images")), "val_images": _number(run.get("val_images")),
             "train_seconds": _number(run.get("train_seconds")) or _number(run.get("job_seconds")),
             "untrained": False,
-            "metrics": metrics_summary(run.get("metrics")),
-            "baseline_metrics": metrics_summary(run.get("baseline_metrics"))}
+            "metrics": metrics_summary(run.get("metrics"), run.get("val_images")),
+            "baseline_metrics": metrics_summary(run.get("baseline_metrics"), run.get("val_images"))}
 
 
 def registries(settings: Settings, project_id: Optional[int]) -> list[tuple[Optional[int], Registry]]:
@@ -166,7 +194,8 @@ def project_entries(settings: Settings, project_id: int) -> list[dict]:
 
 
 def learning_curve(entries: list[dict]) -> list[dict]:
-    """Validation mAP against the number of annotated images each trained run used, oldest first."""
+    """Validation mAP against the number of annotated images each trained run used, oldest first; each point
+    says how many validation images it rests on and whether that is too few (the chart leaves those out)."""
     points = []
     for entry in sorted(entries, key=lambda e: e.get("created") or 0):
         metrics = entry.get("metrics") or {}
@@ -174,7 +203,8 @@ def learning_curve(entries: list[dict]) -> list[dict]:
             continue  # not trained, or a meta.json written by hand
         mean = metrics.get("map") if isinstance(metrics.get("map"), (int, float)) else None
         points.append({"images": entry["images"], "map50": metrics["map50"], "map": mean,
-                       "status": entry["status"], "name": entry.get("name"), "created_iso": entry["created_iso"]})
+                       "status": entry["status"], "name": entry.get("name"), "created_iso": entry["created_iso"],
+                       "val_images": metrics.get("val_images"), "too_few": bool(metrics.get("too_few"))})
     return points
 
 
@@ -288,19 +318,38 @@ def known_projects(context) -> list[int]:
     return sorted(ids)
 
 
-def pool_progress(context, project_id: int) -> Optional[dict]:
+def pool_progress(context, project_id: int, serving: Optional[str] = None) -> Optional[dict]:
     """The project's pool scoring (every task scored by a version): state, version, done of total, failed,
-    fraction, rate (tasks/s) and ETA; None when it never ran here or there is no queue."""
+    fraction, rate (tasks/s) and ETA of the newest run that started; ``queued`` ({job, version, reason,
+    enqueued_iso}) while the next run waits in the queue; ``state_text``, the state as the page words it. None
+    when it never ran here and none waits, or there is no queue.
+
+    A waiting run scores the version that serves when it starts (a second publish joins the waiting job, whose
+    reason still names the first), so ``queued.version`` is ``serving``, the version serving now, when given."""
     hooks = context.training
     status = hooks.pool_status(project_id) if hooks is not None and hasattr(hooks, "pool_status") else {}
     if not status:
         return None
     total, done = status.get("total", 0), status.get("done", 0)
-    keep = ("state", "version", "total", "done", "failed", "left", "chunks", "chunks_done", "rate", "eta_s", "reason",
-            "error")
-    return {**{k: status.get(k) for k in keep},
+    keep = ("state", "version", "chunks", "chunks_done", "rate", "eta_s", "reason", "error")
+    queued = status.get("queued")
+    if queued:
+        queued = {**queued, "version": serving or queued.get("version"),
+                  "enqueued_iso": _iso(queued.get("enqueued_at"))}
+    return {**{k: status.get(k) for k in keep}, **{k: status.get(k, 0) for k in ("total", "done", "failed", "left")},
             "fraction": round(done / total, 4) if total else (1.0 if status.get("state") == "done" else 0.0),
-            "started_iso": _iso(status.get("started_at")), "updated_iso": _iso(status.get("updated_at"))}
+            "started_iso": _iso(status.get("started_at")), "updated_iso": _iso(status.get("updated_at")),
+            "queued": queued, "state_text": pool_state_text(status.get("state"), status.get("version"), queued)}
+
+
+def pool_state_text(state: Optional[str], version: Optional[str], queued: Optional[dict]) -> str:
+    """"queued for v3 (previous run v2: done)" while v3's run waits behind the finished v2 run; else the state
+    (what the page shows, also when its script updates the card)."""
+    if not queued:
+        return state or "–"
+    text = f"queued for {queued['version']}" if queued.get("version") else \
+        f"queued ({queued.get('reason') or 'requested'})"
+    return f"{text} (previous run {version}: {state})" if state and version else text
 
 
 def project_status(context, project_id: int) -> dict:
@@ -315,7 +364,7 @@ def project_status(context, project_id: int) -> dict:
             "versions": entries,
             "learning_curve": learning_curve(entries),
             "job": job_progress(job, context.settings.train_time_budget_s),
-            "pool": pool_progress(context, project_id),
+            "pool": pool_progress(context, project_id, serving),
             "job_warnings": job_warnings(job), "is_training": bool(training.get("is_training")),
             "waiting_job": training.get("waiting_job"), "pending_requests": training.get("pending_requests", 0),
             "redis": training.get("redis", "up" if context.training is not None else None)}
