@@ -265,23 +265,35 @@ class Supervisor:
         children = [c for c in (self.server, self.worker) if c is not None]
         for child in children:
             child.signal(signal.SIGTERM)  # gunicorn: graceful stop; RQ worker: warm shutdown
-        deadline = began + STOP_TIMEOUT_S
-        if self.worker is not None and not self.worker.wait(WORKER_WARM_S):
+        running = [c for c in children if c.running()]
+        self._await_exits(running, began, WORKER_WARM_S)
+        if self.worker is not None and self.worker.running():
             log.info("the worker is busy with a job: telling it again (RQ cold shutdown: the job is stopped and "
                      "reported failed; the next training request trains again)")
             self.worker.signal(signal.SIGTERM)
+        self._await_exits(running, began, STOP_TIMEOUT_S)
+        for child in running:
+            log.warning("%s (pid %d) did not stop in %.0f s: killing it", child.name, child.pid,
+                        time.monotonic() - began)
         for child in children:
-            if child.wait(deadline - time.monotonic()):
-                log.info("%s (pid %d) stopped after %.1f s (exit code %s)", child.name, child.pid,
-                         time.monotonic() - began, child.proc.returncode)
-            else:
-                log.warning("%s (pid %d) did not stop in %.0f s: killing it", child.name, child.pid,
-                            time.monotonic() - began)
             child.kill_tree()  # what is still there after it stopped (e.g. a horse) goes too
         if self.broker is not None:
             self.broker.stop()
             log.info("broker stopped after %.1f s", time.monotonic() - began)
         self._kill_orphans()
+
+    @staticmethod
+    def _await_exits(waiting: list[Child], began: float, limit_s: float) -> None:
+        """Until every child in ``waiting`` has exited or ``limit_s`` has passed since ``began``; each exit is
+        logged as seen and taken off ``waiting``."""
+        while waiting:
+            for child in [c for c in waiting if not c.running()]:
+                waiting.remove(child)
+                log.info("%s (pid %d) stopped after %.1f s (exit code %s)", child.name, child.pid,
+                         time.monotonic() - began, child.proc.returncode)
+            if not waiting or time.monotonic() - began >= limit_s:
+                return
+            time.sleep(min(POLL_S / 4, max(0.0, began + limit_s - time.monotonic())))
 
     def _own_pids(self) -> set:
         pids = {c.pid for c in (self.server, self.worker) if c is not None}
