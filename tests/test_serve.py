@@ -219,6 +219,9 @@ def test_serve_runs_broker_worker_and_server_and_sigterm_leaves_nothing(tmp_path
         assert _wait_gone(tree) == [], f"serve left processes running:\n{serve.log()}"
         assert _wait_gone(_processes_mentioning(broker_address)) == []
         assert "cold shutdown" in serve.log() or "cold shut down" in serve.log()
+        # Every child stopped on its own (none waited out STOP_TIMEOUT_S and was killed), each step logged.
+        assert "did not stop in" not in serve.log(), serve.log()
+        assert re.search(r"worker \(pid \d+\) stopped after [\d.]+ s", serve.log()), serve.log()
     finally:
         serve.close()
 

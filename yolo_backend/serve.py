@@ -18,7 +18,8 @@ worker gets SIGTERM (RQ's warm shutdown) and, if it is still busy with a job aft
 (RQ's cold shutdown: it kills the job's work horse, the job is reported failed and the next trigger trains
 again); the broker is stopped last, so the worker can still record the job's state. This process is a "child
 subreaper" (Linux), so a work horse whose worker died is re-parented here, not to init; whatever is left of the
-process tree at the end is killed by PID. Nothing keeps running after `serve` exits.
+process tree at the end is killed by PID. Nothing keeps running after `serve` exits. Each step is logged with the
+seconds since the stop began, so a slow stop names the child that held it.
 
 A child that dies on its own: the worker and the embedded broker are restarted (after 1, 2, 4 ... up to 60 s; a
 worker killed by the kernel's OOM killer mid-training is the usual cause). The broker comes back on the same port,
@@ -274,21 +275,40 @@ class Supervisor:
 
     # stop ------------------------------------------------------------------------------------------------------
     def stop(self) -> None:
+        """Each step is logged with the seconds since the stop began, so a slow stop says which child held it."""
+        began = time.monotonic()
         children = [c for c in (self.server, self.worker) if c is not None]
         for child in children:
             child.signal(signal.SIGTERM)  # gunicorn: graceful stop; RQ worker: warm shutdown
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        if self.worker is not None and not self.worker.wait(WORKER_WARM_S):
+        running = [c for c in children if c.running()]
+        self._await_exits(running, began, WORKER_WARM_S)
+        if self.worker is not None and self.worker.running():
             log.info("the worker is busy with a job: telling it again (RQ cold shutdown: the job is stopped and "
                      "reported failed; the next training request trains again)")
             self.worker.signal(signal.SIGTERM)
+        self._await_exits(running, began, STOP_TIMEOUT_S)
+        for child in running:
+            log.warning("%s (pid %d) did not stop in %.0f s: killing it", child.name, child.pid,
+                        time.monotonic() - began)
         for child in children:
-            if not child.wait(deadline - time.monotonic()):
-                log.warning("%s (pid %d) did not stop in time: killing it", child.name, child.pid)
             child.kill_tree()  # what is still there after it stopped (e.g. a horse) goes too
         if self.broker is not None:
             self.broker.stop()
+            log.info("broker stopped after %.1f s", time.monotonic() - began)
         self._kill_orphans()
+
+    @staticmethod
+    def _await_exits(waiting: list[Child], began: float, limit_s: float) -> None:
+        """Until every child in ``waiting`` has exited or ``limit_s`` has passed since ``began``; each exit is
+        logged as seen and taken off ``waiting``."""
+        while waiting:
+            for child in [c for c in waiting if not c.running()]:
+                waiting.remove(child)
+                log.info("%s (pid %d) stopped after %.1f s (exit code %s)", child.name, child.pid,
+                         time.monotonic() - began, child.proc.returncode)
+            if not waiting or time.monotonic() - began >= limit_s:
+                return
+            time.sleep(min(POLL_S / 4, max(0.0, began + limit_s - time.monotonic())))
 
     def _own_pids(self) -> set:
         pids = {c.pid for c in (self.server, self.worker) if c is not None}
