@@ -665,6 +665,7 @@ def test_pool_status_reads_the_waiting_coordinator_from_redis(tmp_path, redis_se
     from yolo_backend.jobs.keys import Keys
     from yolo_backend.jobs.pool import RunStatus, enqueue_pool_run, queued_run
     from yolo_backend.jobs.queue import TrainingQueue
+    from yolo_backend.jobs.slots import SlotKind, WaitingSlots
 
     queue_name = f"dashboard-pool-{time.monotonic_ns()}"
     settings = Settings.from_env(env={}, model_dir=str(tmp_path / "models"), image_cache_dir=str(tmp_path / "c"),
@@ -689,7 +690,7 @@ def test_pool_status_reads_the_waiting_coordinator_from_redis(tmp_path, redis_se
         job = Job.fetch(queued["job"], connection=connection)
         job.set_status("started")
         assert queued_run(connection, keys, PROJECT) is None
-        connection.delete(keys.pool_waiting(PROJECT))
+        WaitingSlots(connection, keys, SlotKind.POOL).release(PROJECT, queued["job"])  # as the coordinator does
         pool = client.get("/status", query_string={"project": PROJECT}).json["projects"][0]["pool"]
         assert pool["queued"] is None and pool["state_text"] == "done"
     finally:

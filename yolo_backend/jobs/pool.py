@@ -205,7 +205,9 @@ def queued_run(connection, keys, project_id: int) -> Optional[dict]:
     from rq.exceptions import NoSuchJobError
     from rq.job import Job
 
-    job_id = text(connection.get(keys.pool_waiting(project_id)))
+    from .slots import NOT_STARTED, SlotKind, WaitingSlots
+
+    job_id = WaitingSlots(connection, keys, SlotKind.POOL).job(project_id)
     if not job_id:
         return None
     try:
