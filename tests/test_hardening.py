@@ -468,10 +468,10 @@ def test_setup_remembers_a_bounded_number_of_projects(tmp_path, monkeypatch):
     """/setup needs no key: a flood of made-up project ids must not grow the server's memory without bound."""
     from yolo_backend.backend import YOLOv7Backend
     from yolo_backend.runtime import BackendContext
-    from yolo_backend.server import app as server_app
+    from yolo_backend.server import app as server_app, routes
     from yolo_backend.settings import Settings
 
-    monkeypatch.setattr(server_app, "MAX_REMEMBERED_PROJECTS", 5)
+    monkeypatch.setattr(routes, "MAX_REMEMBERED_PROJECTS", 5)
     settings = Settings.from_env({}, model_dir=str(tmp_path / "models"))
     context = BackendContext.from_settings(settings)
     client = server_app.create_app(YOLOv7Backend, settings, context=context).test_client()

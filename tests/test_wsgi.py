@@ -42,7 +42,7 @@ def test_import_makes_the_app_without_torch_model_or_redis(tmp_path):
     connection; the classic environment variables reach the settings and the training queue."""
     probe = (
         "import sys, json, _wsgi\n"
-        "ctx = _wsgi.app.extensions['ml_backend']['context']\n"
+        "ctx = _wsgi.app.extensions['ml_backend'].context\n"
         "print(json.dumps({'torch': 'torch' in sys.modules, 'loads': ctx.models.loads,\n"
         "  'loaded': ctx.models.loaded_versions(), 'redis_url': ctx.training.redis_url,\n"
         "  'queue': ctx.training.queue_name, 'connected': ctx.training._connection is not None,\n"
@@ -109,7 +109,7 @@ def test_backend_kwargs_reach_the_backend(tmp_path, monkeypatch):
     from yolo_backend.settings import Settings
 
     app = _wsgi.build_app(Settings.from_env(env={}, model_dir=str(tmp_path)), greeting="hello")
-    backend_class = app.extensions["ml_backend"]["backend_class"]
+    backend_class = app.extensions["ml_backend"].backend_class
     seen = {}
     original = backend_class.setup
 

@@ -165,7 +165,7 @@ def render_page(data: dict, nonce: str) -> str:
             (e for e in project["versions"] if e["status"] == "published" and e.get("metrics")), None))
     return render_template_string(PAGE, data=data, projects=projects, nonce=nonce, poll_ms=POLL_MS,
                                   num=_num, duration=_duration,
-                                  model_class=current_app.extensions["ml_backend"]["backend_class"].__name__,
+                                  model_class=current_app.extensions["ml_backend"].backend_class.__name__,
                                   threshold=data["serve_threshold"], min_val=dashboard_status.MIN_VAL_IMAGES,
                                   min_boxes=dashboard_status.MIN_CLASS_BOXES)
 

@@ -81,7 +81,7 @@ class PredictMetrics:
 
         @app.before_request
         def _predict_started() -> None:
-            if request.endpoint == "predict":
+            if request.endpoint == "ml_backend.predict":
                 g.predict_started = time.perf_counter()
 
         @app.after_request
