@@ -1,8 +1,11 @@
 """The classic Label Studio ML-backend HTTP contract: ``LabelStudioMLBase`` and the Flask app.
 
-  base.py        LabelStudioMLBase (classic class API); what a process shares is ``yolo_backend.runtime``
-  app.py         create_app(backend_class, settings) -> Flask: /health /setup /predict /webhook /train ...
-  dashboard.py   the page at / for browsers, /status, /prometheus (status.py, charts.py, prometheus.py)
+  base.py               LabelStudioMLBase (classic class API); what a process shares is ``yolo_backend.runtime``
+  app.py                create_app(backend_class, settings) -> Flask: request hooks, error handlers
+  routes.py             the endpoints (/health /setup /predict /webhook /train ...) and their small policies
+  http.py               reading a request into checked values; ServerState, Counters
+  dashboard.py          the page at / for browsers, /status, /prometheus (status.py, charts.py, prometheus.py)
+  request_buffering.py  gunicorn worker class that reads whole requests before a thread runs the app
 """
 
 from .base import LabelStudioMLBase, parse_project_id
