@@ -62,10 +62,10 @@ def main() -> int:
     parser.add_argument("--bare-images", type=int, default=200, help="images for the bare detector (default 200)")
     args = parser.parse_args()
 
-    from yolo_backend.backend import YOLOv7Backend
     from yolo_backend.clusters import ClusterModel, auto_cluster_count
     from yolo_backend.detector_settings import detector_from_settings
     from yolo_backend.jobs.pool import CLUSTER_SAMPLE, SLICE
+    from yolo_backend.predictor import Predictor
     from yolo_backend.runtime import BackendContext
     from yolo_backend.settings import Settings
     from yolo_backend.yolov7.preprocess import read_image
@@ -90,19 +90,19 @@ def main() -> int:
     # The pool path: HTTP download, decode, detect + embedding, regions and score, cluster.
     server, url = serve_folder(Path(args.images))
     context = BackendContext.from_settings(settings)
-    backend = YOLOv7Backend(project_id=1, label_config=LABEL_CONFIG, context=context)
+    predictor = Predictor(context)
     tasks = [{"id": i + 1, "data": {"image": f"{url}/{images[i % len(images)].name}?task={i + 1}"}}
              for i in range(args.tasks)]
-    backend.score_tasks(tasks[:SLICE])  # load the model outside the timing, as a worker has it loaded
+    predictor.score(1, LABEL_CONFIG, tasks[:SLICE])  # load the model outside the timing, as a worker has it loaded
     rss_before = peak_rss_mb()
     model = None
     sample: list[np.ndarray] = []
     done = failed = 0
     started = time.perf_counter()
     for start in range(0, len(tasks), SLICE):
-        _, scored = backend.score_tasks(tasks[start:start + SLICE])
-        embeddings = [e for _, e in scored if e is not None]
-        failed += sum(1 for p, _ in scored if "result" not in p)
+        _, scored = predictor.score(1, LABEL_CONFIG, tasks[start:start + SLICE])
+        embeddings = [s.embedding for s in scored if s.embedding is not None]
+        failed += sum(1 for s in scored if "result" not in s.item)
         done += len(scored)
         if model is None:
             sample += embeddings

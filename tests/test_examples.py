@@ -92,8 +92,11 @@ def recorded_training(monkeypatch):
     import yolo_backend.jobs.training as training
 
     calls = []
-    monkeypatch.setattr(training, "train_project", lambda backend, event, **kwargs: calls.append((event, kwargs))
-                        or {"model_version": "v9"})
+    def train_project(context, project_id, event, label_config=None, **kwargs):
+        calls.append((event, kwargs))
+        return {"model_version": "v9"}
+
+    monkeypatch.setattr(training, "train_project", train_project)
     return calls
 
 

@@ -87,7 +87,7 @@ def test_a_finished_run_sweeps_predictions_stored_after_it_planned(tmp_path):
 
 
 def test_a_deadline_run_waits_for_the_reply_to_be_stored(tmp_path, monkeypatch):
-    import yolo_backend.jobs.pool as pool
+    import yolo_backend.jobs.pool.scorer as pool
 
     monkeypatch.setattr(pool, "STORED_POLL_S", 0.01)
     reply = [{"id": i, "task": i, "model_version": "v2", "cluster": None} for i in range(1, 4)]

@@ -111,8 +111,7 @@ def resolve_source(settings: Settings, project_id: Optional[int], use_pin: bool 
     untrained placeholder (``v0-untrained``) never wins over a real MODEL_PATH: it only stood in while none was
     set; versions trained from it do.
     """
-    registries = [Registry.for_project(settings.model_dir, project_id)] if project_id is not None else []
-    registries.append(Registry(settings.model_dir))
+    registries = Registry.lookup_order(settings.model_dir, project_id)
     pinned = settings.model_version if use_pin else None
     if pinned:
         for registry in registries:
@@ -205,11 +204,7 @@ class ModelHolder:
 
     # --- which checkpoint ---------------------------------------------------------------------------------
     def _registries(self, project_id: Optional[int]) -> list[Registry]:
-        registries = []
-        if project_id is not None:
-            registries.append(Registry.for_project(self.settings.model_dir, project_id))
-        registries.append(Registry(self.settings.model_dir))
-        return registries
+        return Registry.lookup_order(self.settings.model_dir, project_id)
 
     def _stamp(self, project_id: Optional[int]) -> tuple:
         stamps: list[Any] = [r.stamp() for r in self._registries(project_id)]
@@ -245,6 +240,11 @@ class ModelHolder:
         with self._lock:
             self._sources[project_id] = (now, stamp, source)
         return source
+
+    def refresh(self, project_id: Optional[int] = None) -> None:
+        """Resolve ``project_id``'s checkpoint afresh on the next call (a version was just published here)."""
+        with self._lock:
+            self._sources.pop(project_id, None)
 
     def version(self, project_id: Optional[int] = None, labels: Sequence[str] = ()) -> Optional[str]:
         """The model_version predictions for ``project_id`` would carry, without loading anything. ``labels``

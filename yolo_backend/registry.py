@@ -81,6 +81,25 @@ class Registry:
         ids = sorted(int(p.name) for p in (Path(model_dir) / PROJECTS_DIR).glob("*") if p.name.isdigit())
         return [cls.for_project(model_dir, pid) for pid in ids]
 
+    @classmethod
+    def lookup_order(cls, model_dir: str | os.PathLike, project_id: Optional[int]) -> list["Registry"]:
+        """Where a project's version is looked up, first match wins: its own registry, then MODEL_DIR's (shared by
+        projects without one). The one home of that order (the model holder and /versions use it)."""
+        own = [cls.for_project(model_dir, project_id)] if project_id is not None else []
+        return own + [cls(model_dir)]
+
+    @classmethod
+    def version_names(cls, model_dir: str | os.PathLike, project_id: Optional[int]) -> list[str]:
+        """Published version names for /versions: the project's and the shared ones; without a project (Label
+        Studio's model list asks without one) every project's too."""
+        registries = cls.lookup_order(model_dir, project_id)
+        if project_id is None:
+            registries = cls.all_projects(model_dir) + registries
+        names: list[str] = []
+        for registry in registries:
+            names += [v.name for v in registry.versions() if v.name not in names]
+        return names
+
     def versions(self) -> list[ModelVersion]:
         """Published versions, oldest first."""
         found = []

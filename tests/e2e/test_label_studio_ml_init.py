@@ -150,10 +150,10 @@ def test_label_studio_ml_init_gives_a_working_backend(tmp_path):
     finally:
         process.stop()
     lines = process.log_path.read_text().splitlines()
-    errors = [line for line in lines if "[ERROR] [yolo_backend.backend" in line]
+    errors = [line for line in lines if "[ERROR] [yolo_backend.predictor" in line]
     assert len(errors) == 1, process.log_tail()
     assert "set LABEL_STUDIO_URL" in errors[0] and "LABEL_STUDIO_API_KEY" in errors[0], errors[0]
-    assert any("[WARNING] [yolo_backend.backend" in line and "task 9: image not available" in line
+    assert any("[WARNING] [yolo_backend.predictor" in line and "task 9: image not available" in line
                for line in lines), process.log_tail()
 
     from yolo_backend.registry import checkpoint_version

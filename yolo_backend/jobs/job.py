@@ -23,7 +23,7 @@ from ..logs import LOG_FORMAT
 from ..registry import Registry
 from ..settings import Settings
 from . import TrainingError
-from .trainer import import_by_path, load_trainer
+from .trainer import load_trainer
 
 log = logging.getLogger(__name__)
 
@@ -209,9 +209,6 @@ def _project_lock(connection, keys, heartbeat: _Heartbeat, project_id: int, job_
             connection.eval(DELETE_IF_EQUAL, 1, key, job_id)
 
 
-# The backend whose fit() a job runs, named by path: the job layer imports no backend (nor the server it builds on).
-DEFAULT_BACKEND = "yolo_backend.backend:YOLOv7Backend"
-
 
 def run_training_job(project_id: int, event: str = "START_TRAINING", payload: Optional[dict] = None,
                      options: Optional[dict] = None) -> dict:
@@ -221,7 +218,7 @@ def run_training_job(project_id: int, event: str = "START_TRAINING", payload: Op
     from .keys import LOCK_TTL_S, SETTLE_S, Keys
     from .slots import SlotKind, WaitingSlots
 
-    options = {"settle_s": SETTLE_S, "lock_ttl": LOCK_TTL_S, "trainer": None, "backend": DEFAULT_BACKEND,
+    options = {"settle_s": SETTLE_S, "lock_ttl": LOCK_TTL_S, "trainer": None,
                **(options or {})}
     job = get_current_job()
     settings = Settings.from_env()
@@ -229,7 +226,7 @@ def run_training_job(project_id: int, event: str = "START_TRAINING", payload: Op
     if job is None:  # in process (tests, tools): no queue, no lock
         with JobReporter(None, settings) as reporter:
             log.info("training project %s (%s) in process %d", project_id, event, os.getpid())
-            return _train(settings, project_id, event, payload, options, load_trainer(options.get("trainer")), None,
+            return _train(settings, project_id, event, options, load_trainer(options.get("trainer")), None,
                           reporter)
     keys = Keys(job.origin)
     slots = WaitingSlots(job.connection, keys, SlotKind.TRAINING)
@@ -255,27 +252,28 @@ def run_training_job(project_id: int, event: str = "START_TRAINING", payload: Op
                     # queues a new job; until here (another job of the project trains) triggers coalesce into
                     # this one, so a burst never leaves more than one job waiting.
                     slots.release(project_id, job.id)
-                    return _train(settings, project_id, event, payload, options, trainer, job, reporter)
+                    return _train(settings, project_id, event, options, trainer, job, reporter)
         finally:
             with contextlib.suppress(Exception):  # failed before the lock: the slot is free for the next trigger
                 slots.release(project_id, job.id)
 
 
-def _train(settings: Settings, project_id: int, event: str, payload: Optional[dict], options: dict, trainer, job,
+def _train(settings: Settings, project_id: int, event: str, options: dict, trainer, job,
            reporter: JobReporter) -> dict:
     """Holding the project's lock (or in process): clean up after a killed job, let Label Studio finish saving, and
-    run the backend's fit(); the run goes into the project's history either way."""
+    train the project (``training.train_project``); the run goes into the project's history either way."""
     from ..runtime import BackendContext
     from . import history
+    from .training import train_project
 
     _clean_leftovers(settings, project_id)
     time.sleep(max(0.0, float(options["settle_s"])))  # let Label Studio finish saving
-    backend_class = import_by_path(options["backend"], "backend class", "YOLOv7Backend")
-    backend = backend_class(project_id=project_id, context=BackendContext.from_settings(settings))
+    context = BackendContext.from_settings(settings)
     job_id = job.id if job else None
     run_started = time.monotonic()
     try:
-        result = backend.fit(event, payload or {}, progress=reporter.progress, trainer=trainer, job_id=job_id)
+        result = train_project(context, project_id, event, progress=reporter.progress, trainer=trainer,
+                               job_id=job_id)
     except Exception as exc:  # kept in the project's run history (dashboard), then the job fails
         error = no_space_error(exc, settings.model_dir) or exc
         history.record_failure(settings.model_dir, project_id, error, event, job_id, time.monotonic() - run_started)

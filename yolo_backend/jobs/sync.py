@@ -22,24 +22,23 @@ def task_to_predict(client, project_id: int) -> dict | None:
     return (unlabelled or tasks or [None])[0]
 
 
-def sync_label_studio(backend_class, context, client, project_id: int, label_config: str, version: str) -> dict:
+def sync_label_studio(context, client, project_id: int, label_config: str, version: str) -> dict:
     """Store one prediction of ``version`` in Label Studio, then set the project's model_version to it (and its
-    sampling with UNCERTAINTY_SAMPLING)."""
+    sampling with UNCERTAINTY_SAMPLING) through ``switch_version``."""
+    from ..predictor import Predictor
+
     settings = context.settings
     if settings.model_version and settings.model_version != version:
         return {"skipped": f"MODEL_VERSION={settings.model_version} is pinned: the servers keep serving it"}
     task = task_to_predict(client, project_id)
     if task is None:
         return {"skipped": "the project has no tasks"}
-    from ..model_holder import ModelHolder
-
-    # A fresh holder: the job's one may still have the previous version cached for a couple of seconds.
-    context.models = ModelHolder(settings, loader=context.models.loader)
-    backend = backend_class(project_id=project_id, label_config=label_config, context=context)
-    prediction = backend.predict([task])[0]
-    if prediction.get("model_version") != version:
-        raise TrainingError(f"predicted with {prediction.get('model_version')} instead of {version}; is "
-                            "MODEL_DIR the same for the worker and the servers?")
+    context.models.refresh(project_id)  # the job's holder may still have the previous version cached
+    run = Predictor(context).predict(project_id, label_config, [task])
+    if run.version != version:
+        raise TrainingError(f"predicted with {run.version} instead of {version}; is MODEL_DIR the same for the "
+                            "worker and the servers?")
+    prediction = run.items[0]
     try:
         client.create_prediction(task["id"], prediction.get("result", []), prediction.get("score"), version)
     except LabelStudioAPIError as exc:

@@ -30,14 +30,15 @@ from .trainer import Trainer, fine_tune_trainer
 
 log = logging.getLogger(__name__)
 
-def train_project(backend, event: str = "START_TRAINING", progress: Optional[Callable[[dict], None]] = None,
-                  trainer: Optional[Trainer] = None, job_id: Optional[str] = None) -> dict:
-    """Train ``backend.project_id`` on its Label Studio annotations and publish; returns a summary dict."""
+def train_project(context, project_id: Optional[int], event: str = "START_TRAINING",
+                  progress: Optional[Callable[[dict], None]] = None, trainer: Optional[Trainer] = None,
+                  job_id: Optional[str] = None, label_config: Optional[str] = None) -> dict:
+    """Train the project (``context``: a ``runtime.BackendContext``) on its Label Studio annotations and publish;
+    returns a summary dict. ``label_config``: used when Label Studio's project has none."""
     from ..labelstudio.config import find_rectangle_target, parse_label_config
 
     report = progress or (lambda event: None)
-    context, settings = backend.context, backend.context.settings
-    project_id = backend.project_id
+    settings = context.settings
     if project_id is None:
         raise TrainingError("training needs a project id (Label Studio sends it with every training request)")
     client = context.client()
@@ -55,7 +56,7 @@ def train_project(backend, event: str = "START_TRAINING", progress: Optional[Cal
         report({"phase": "done", "message": f"project {project_id} does not exist in Label Studio"})
         return {"project": project_id, "event": event, "trained": False, "published": False,
                 "reason": f"project {project_id} does not exist in Label Studio ({exc})"}
-    label_config = project.get("label_config") or backend.label_config
+    label_config = project.get("label_config") or label_config
     target = find_rectangle_target(parse_label_config(label_config), settings.from_name)
     names = list(target.labels)
     tasks = annotated_tasks(client, project_id)
@@ -79,7 +80,7 @@ def train_project(backend, event: str = "START_TRAINING", progress: Optional[Cal
 
     report({"phase": "syncing label studio", "model_version": version.name})
     try:
-        summary["label_studio"] = sync_label_studio(type(backend), context, client, project_id, label_config,
+        summary["label_studio"] = sync_label_studio(context, client, project_id, label_config,
                                                     version.name)
     except Exception as exc:  # published anyway; the server syncs the project on its next /setup or /predict
         log.warning("project %s: could not switch Label Studio to %s yet: %s", project_id, version.name, exc)
@@ -179,10 +180,3 @@ def _training_progress(event: dict) -> dict:
     mapped = {"setup": "training", "train": "training", "epoch": "training", "eval": "evaluating",
               "done": "trained"}.get(phase, phase or "training")
     return {"phase": mapped, **progress}
-
-
-def run_training_job(*args, **kwargs) -> dict:
-    """Jobs queued before the RQ job moved to ``jobs.job`` (a broker keeps them across an upgrade) name this path."""
-    from .job import run_training_job as run
-
-    return run(*args, **kwargs)

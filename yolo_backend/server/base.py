@@ -9,7 +9,8 @@ loaded model, the image cache, Label Studio credentials) sits in a ``BackendCont
 (``yolo_backend.runtime``).
 
 Classic attributes: ``project_id``, ``label_config``, ``parsed_label_config``, ``train_output``, ``hostname``,
-``access_token``, ``model_version``; methods ``setup()``, ``predict()``, ``fit()``, ``get_local_path()``.
+``access_token``, ``model_version``; methods ``setup()``, ``predict()``, ``fit()``, ``get_local_path()``. The server
+calls ``answer()`` (``predict()`` plus how many tasks were left undone, ``Answer``).
 
 Seams for training (the queue/worker plugs in through ``BackendContext.training``): ``on_training_request``,
 ``training_status``, ``job_status``, ``training_metrics``.
@@ -18,6 +19,7 @@ Seams for training (the queue/worker plugs in through ``BackendContext.training`
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..labelstudio.config import parse_label_config
@@ -54,6 +56,17 @@ def parse_project_id(project: Any) -> Optional[int]:
         raise ValueError(f"project {str(project)[:40]!r} is not a project id (expected a positive integer below "
                          "2^31, or \"<id>.<epoch>\" as Label Studio sends it)")
     return value
+
+
+@dataclass
+class Answer:
+    """What a /predict answers: one item per task (in task order), the version they carry, and how many tasks the
+    backend left undone (e.g. not reached by a deadline: their items have no ``result``, and the server queues pool
+    scoring for them)."""
+
+    items: list[dict]
+    model_version: str
+    unfinished: int = 0
 
 
 class LabelStudioMLBase:
@@ -111,6 +124,12 @@ class LabelStudioMLBase:
     def predict(self, tasks: list[dict], **kwargs: Any) -> list[dict]:
         """One prediction per task, in task order: ``{"result": [...], "score": float, "model_version": str}``."""
         raise NotImplementedError(f"{type(self).__name__} does not implement predict()")
+
+    def answer(self, tasks: list[dict], **kwargs: Any) -> Answer:
+        """What the server's /predict answers: ``predict`` as the classic contract has it. A backend that can leave
+        tasks undone overrides this to say how many."""
+        items = self.predict(tasks, **kwargs)
+        return Answer(items, self.model_version)
 
     def fit(self, tasks: Any = (), workdir: Optional[str] = None, **kwargs: Any) -> dict:
         """Train; returns a dict (the next ``train_output``). The classic signature: label-studio-ml's ``/train``

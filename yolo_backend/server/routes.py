@@ -17,7 +17,7 @@ from ..errors import RequestRefused
 from ..labelstudio.config import find_rectangle_target, parse_label_config
 from ..labelstudio.connection import Link
 from ..labelstudio.results import is_failed_prediction
-from .base import NO_MODEL_VERSION
+from .base import NO_MODEL_VERSION, Answer
 from .http import (PREDICT_ARGUMENTS, SETUP_ARGUMENTS, BadRequest, ServerState, checked_tasks, job_id_of,
                    json_body, keyword_arguments, optional_body, optional_string, project_id_of, state,
                    usable_config)
@@ -98,14 +98,13 @@ def _predict(s: ServerState):
     params = keyword_arguments(body.get("params"), PREDICT_ARGUMENTS)
     require_connected(s, project_id, "predict with its key")
     backend = s.backend(project_id=body.get("project"), label_config=label_config)
-    results = backend.predict(tasks, **params)
-    if not isinstance(results, list) or len(results) != len(tasks):
-        count = len(results) if isinstance(results, list) else type(results).__name__
+    answer = backend.answer(tasks, **params)
+    if not isinstance(answer.items, list) or len(answer.items) != len(tasks):
+        count = len(answer.items) if isinstance(answer.items, list) else type(answer.items).__name__
         raise RuntimeError(f"{s.backend_class.__name__}.predict returned {count} predictions for {len(tasks)} "
                            "tasks; it must return one per task, in task order")
-    after_prediction(s, project_id, backend.model_version, results, getattr(backend, "deadline_leftovers", 0),
-                     time.perf_counter() - started)
-    return jsonify(results=results, model_version=backend.model_version)
+    after_prediction(s, project_id, answer, time.perf_counter() - started)
+    return jsonify(results=answer.items, model_version=answer.model_version)
 
 
 @api.post("/score_pool")
@@ -222,10 +221,10 @@ def require_connected(s: ServerState, project_id: Optional[int], what: str) -> N
         raise RequestRefused(403, answer.why)
 
 
-def after_prediction(s: ServerState, project_id: Optional[int], version: str, results: list[dict],
-                     leftovers: int, elapsed: float) -> None:
+def after_prediction(s: ServerState, project_id: Optional[int], answer: Answer, elapsed: float) -> None:
     """Count and log a /predict, ask for the project's model_version to follow (Label Studio stores the reply
-    after it; then the switch can succeed), and queue pool scoring for tasks left at PREDICT_DEADLINE_S."""
+    after it; then the switch can succeed), and queue pool scoring for tasks left undone (PREDICT_DEADLINE_S)."""
+    results, version, leftovers = answer.items, answer.model_version, answer.unfinished
     s.predict_metrics.predicted(results)
     failed = sum(1 for item in results if is_failed_prediction(item))
     s.counters.add(predict_requests=1, tasks_predicted=len(results) - failed, tasks_failed=failed)
