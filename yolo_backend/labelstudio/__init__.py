@@ -2,8 +2,14 @@
 
 Imports no torch: it works on ``Detections`` (numpy) from the detector layer and on plain JSON.
 
-  config.py   label config -> the RectangleLabels control to predict for; checkpoint classes -> config labels
-  results.py  Detections -> Label Studio prediction JSON (percent boxes, scores, model_version)
-  client.py   credentials (legacy token or personal access token), an authenticated session, API calls
-  images.py   task image URLs -> bytes (uploads, local files, URLs, cloud presign) -> RGB arrays, with a cache
+  config.py        label config -> the RectangleLabels control to predict for; checkpoint classes -> config labels
+  results.py       Detections -> Label Studio prediction JSON (percent boxes, scores, model_version)
+  regions.py       annotated regions -> boxes; annotations.py: which annotation of a task counts
+  urls.py          which origin a URL reaches (the HTTP client's reading); refusing parser-dependent URLs
+  client.py        credentials (legacy token or personal access token), the keyed session (keys only to their origin)
+  api.py           the Label Studio API calls (label-studio-sdk) with those keys
+  connection.py    whether a project has this backend connected (the backend acts only there)
+  version_sync.py  switching a project's model_version (the one rule, and the bounded background sync)
+  images.py        task image URLs -> bytes (uploads, local files, URLs, cloud presign) -> RGB arrays, with a cache
+  storage.py       Local Storage paths and cloud presign URLs; deadline.py: a deadline for a whole download
 """
