@@ -81,3 +81,19 @@ def test_latest_never_moves_back_to_a_lower_version(tmp_path):
     late = registry.publish(checkpoint, name="v0-untrained")  # e.g. a fallback built while v1 was published
     assert late.name == "v0-untrained"
     assert registry.latest().name == "v1-20260101T000000"
+
+
+def test_the_registry_owns_its_work_folders_leftovers_and_removals(tmp_path):
+    registry = Registry(tmp_path / "models")
+    checkpoint = write(tmp_path / "ckpt.pt")
+    v1, v2, v3 = (registry.publish(checkpoint, name=f"v{n}-2026010{n}T0000") for n in (1, 2, 3))
+    tmp_path = registry.root
+    work = registry.work_folder("train-1-abc")
+    (work / "model.pt").write_text("partial")
+    (tmp_path / ".publish-xyz").mkdir()
+    (tmp_path / ".trash-v0-1").mkdir()
+    registry.clean_leftovers()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert registry.prune(keep=2, protect=set()) == [v1.name]
+    assert registry.remove([v3.name]) == [v3.name]  # a newer version removed: LATEST moves back to the newest left
+    assert registry.latest().name == v2.name and (tmp_path / "LATEST").read_text().strip() == v2.name

@@ -8,6 +8,8 @@ Layout of one registry folder (MODEL_DIR itself, or ``MODEL_DIR/projects/<id>`` 
         model.pt              the checkpoint
         meta.json             metrics, parent version, annotation count, ... (optional)
       v2-20261124T0802/ ...
+      .work/<run>/            a training run's files; .publish-*/ a version being copied in; .trash-*/ one being
+                              deleted (never listed; removed by ``clean_leftovers`` after a killed run)
 
 Version names are ``v<N>-<UTC timestamp>``: readable and monotonic by N. A folder without ``model.pt`` is not a
 version (a publish in progress writes to a temporary folder first). Serving processes notice a new version by
@@ -39,6 +41,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "model.pt"
 META_FILE = "meta.json"
 LATEST_FILE = "LATEST"
+WORK_DIR = ".work"           # training runs' files, per run
+STAGING_PREFIX = ".publish-"  # a version being copied in
+TRASH_PREFIX = ".trash-"      # a version being deleted
 _NAME = re.compile(r"^v(\d+)-[0-9A-Za-z]+$")
 
 
@@ -165,7 +170,7 @@ class Registry:
         final = self.root / name
         if final.exists():
             raise RegistryError(f"version {name} already exists in {self.root}")
-        staging = Path(tempfile.mkdtemp(dir=self.root, prefix=".publish-"))
+        staging = Path(tempfile.mkdtemp(dir=self.root, prefix=STAGING_PREFIX))
         try:
             shutil.copyfile(checkpoint, staging / CHECKPOINT_FILE)
             (staging / META_FILE).write_text(json.dumps({"name": name, "created": time.time(), **(meta or {})},
@@ -182,6 +187,47 @@ class Registry:
         # LATEST never moves back to a lower number (a late v0 must not hide a v1 published meanwhile).
         _write_atomic(self.root / LATEST_FILE, (published if published.number >= newest.number else newest).name + "\n")
         return published
+
+
+    # --- the rest of the on-disk layout: work folders, leftovers, removing versions ------------------------------
+    def work_folder(self, run: str) -> Path:
+        """A folder for one training run's files (never listed as a version; ``clean_leftovers`` removes it)."""
+        folder = self.root / WORK_DIR / run
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def clean_leftovers(self) -> None:
+        """Remove what a killed run left (its work folder, a half-copied publish, a half-deleted version). Only the
+        one job holding the project's lock calls it; readers never see these (not version folders)."""
+        for pattern in (WORK_DIR, f"{STAGING_PREFIX}*", f"{TRASH_PREFIX}*"):
+            for path in self.root.glob(pattern):
+                shutil.rmtree(path, ignore_errors=True)
+
+    def remove(self, names: list[str]) -> list[str]:
+        """Delete these versions (each gone for readers at once: renamed, then deleted) and point LATEST at the
+        newest that is left. Returns the names removed."""
+        removed = []
+        for version in [v for v in self.versions() if v.name in names]:
+            trash = version.path.with_name(f"{TRASH_PREFIX}{version.name}")
+            try:
+                os.rename(version.path, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+                removed.append(version.name)
+            except OSError as exc:
+                log.warning("could not remove version %s: %s", version.path, exc)
+        left = self.versions()
+        if removed and (self.root / LATEST_FILE).exists():
+            _write_atomic(self.root / LATEST_FILE, (left[-1].name + "\n") if left else "")
+        return removed
+
+    def prune(self, keep: int, protect: set[str]) -> list[str]:
+        """Delete the oldest versions beyond ``keep`` (0: keep all), never the newest or a protected one."""
+        versions = self.versions()
+        if keep <= 0 or len(versions) <= keep:
+            return []
+        latest = self.latest()
+        old = [v.name for v in versions[:-keep] if v.name not in protect and (latest is None or v.name != latest.name)]
+        return self.remove(old)
 
 
 def _write_atomic(path: Path, text: str) -> None:

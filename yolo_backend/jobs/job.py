@@ -266,7 +266,7 @@ def _train(settings: Settings, project_id: int, event: str, options: dict, train
     from . import history
     from .training import train_project
 
-    _clean_leftovers(settings, project_id)
+    Registry.for_project(settings.model_dir, project_id).clean_leftovers()  # what a killed job of it left
     time.sleep(max(0.0, float(options["settle_s"])))  # let Label Studio finish saving
     context = BackendContext.from_settings(settings)
     job_id = job.id if job else None
@@ -308,12 +308,3 @@ def no_space_error(exc: BaseException, model_dir: str | os.PathLike) -> Optional
     left = f" ({free / 2**20:.0f} MiB free)" if free is not None else ""
     return TrainingError(f"no space left on device in {model_dir}{left}: nothing was published and the registry is "
                          f"unchanged; free some space (old versions: KEEP_VERSIONS), then train again ({exc})")
-
-
-def _clean_leftovers(settings: Settings, project_id: int) -> None:
-    """Remove what a killed job of this project left (its work folder, a half-copied publish). Never served:
-    the registry only lists whole version folders."""
-    root = Registry.for_project(settings.model_dir, project_id).root
-    for pattern in (".work", ".publish-*", ".trash-*"):
-        for path in root.glob(pattern):
-            shutil.rmtree(path, ignore_errors=True)

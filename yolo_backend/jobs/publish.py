@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from typing import Optional
 
 from ..registry import Registry
@@ -60,19 +58,6 @@ def publish_decision(settings: Settings, metrics: Optional[dict], baseline: Opti
 
 def prune_versions(registry: Registry, keep: int, protect: set[str]) -> list[str]:
     """Delete the oldest versions beyond ``keep`` (never the newest or a protected one). Returns their names."""
-    if keep <= 0:
-        return []
-    versions = registry.versions()
-    latest = registry.latest()
-    removed = []
-    for version in versions[:-keep] if len(versions) > keep else []:
-        if version.name in protect or (latest is not None and version.name == latest.name):
-            continue
-        trash = version.path.with_name(f".trash-{version.name}")
-        try:
-            os.rename(version.path, trash)  # gone for readers at once, then deleted
-            shutil.rmtree(trash, ignore_errors=True)
-            removed.append(version.name)
-        except OSError as exc:
-            log.warning("could not remove old version %s: %s", version.path, exc)
-    return removed
+    return registry.prune(keep, protect)
+
+

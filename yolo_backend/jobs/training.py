@@ -132,8 +132,7 @@ def train_and_publish(settings: Settings, project_id: int, examples: list[Exampl
     log.info("training project %s on %d image(s), validating on %d, from %s", project_id, len(train), len(val),
              parent or f"an untrained {DEFAULT_GRAPH}")
     registry = Registry.for_project(settings.model_dir, project_id)
-    work = registry.root / ".work" / (job_id or f"run-{os.getpid()}")
-    work.mkdir(parents=True, exist_ok=True)
+    work = registry.work_folder(job_id or f"run-{os.getpid()}")
     try:
         data = TrainingData(train, val, names, start_checkpoint, parent, work / "model.pt", settings,
                             dict(extra or {}))

@@ -175,13 +175,9 @@ def drop_unfinished_versions(model_dir: Path, last_version: int) -> None:
     """Remove versions a killed round published after the last finished one (so the resumed round starts from
     the same model as the first try)."""
     registry = Registry.for_project(model_dir, PROJECT_ID)
-    stale = [v for v in registry.versions() if v.number > last_version]
-    for version in stale:
-        log.info("removing %s, published by an unfinished round", version.path)
-        shutil.rmtree(version.path, ignore_errors=True)
-    if stale:
-        latest = registry.versions()
-        (registry.root / "LATEST").write_text(latest[-1].name if latest else "")
+    stale = [v.name for v in registry.versions() if v.number > last_version]
+    for name in registry.remove(stale):
+        log.info("removed %s, published by an unfinished round", name)
 
 
 # --- the simulation -----------------------------------------------------------------------------------------------
