@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 
 from yolo_backend.logs import configure_logging
@@ -80,8 +79,8 @@ def _parse_with(pairs: list[str]) -> tuple[dict, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Label Studio ML backend (YOLOv7)")
-    parser.add_argument("-p", "--port", type=int, default=int(os.environ.get("PORT", 9090)))
-    parser.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
+    parser.add_argument("-p", "--port", type=int, default=None, help="port (default: PORT, else 9090)")
+    parser.add_argument("--host", default=None, help="address to bind (default: HOST, else 0.0.0.0)")
     parser.add_argument("--debug", action="store_true", help="Flask debug mode (auto-reload, never in production)")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR (default: LOG_LEVEL)")
     parser.add_argument("--model-dir", default=None, help="folder of published model versions (MODEL_DIR)")
@@ -91,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     overrides, backend_kwargs = _parse_with(args.with_)
-    if args.model_dir:
-        overrides["model_dir"] = args.model_dir
+    for name in ("host", "port", "model_dir"):  # arguments win over the environment
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
     if args.log_level:
         overrides["log_level"] = args.log_level
     try:
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         return check_model(settings)
     if check_model(settings, quiet=True):  # a broken model is refused before the port is bound
         return 2
-    warning = exposure_warning(args.host, settings)
+    warning = exposure_warning(settings.host, settings)
     if warning:
         logging.getLogger("_wsgi").warning(warning)
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     application = build_app(settings, **backend_kwargs)
     # Flask's threaded server, each request read whole within REQUEST_READ_TIMEOUT_S before the app runs.
-    application.run(host=args.host, port=args.port, debug=args.debug, threaded=True, use_reloader=args.debug,
+    application.run(host=settings.host, port=settings.port, debug=args.debug, threaded=True, use_reloader=args.debug,
                     request_handler=BufferingRequestHandler.with_limits(limits))
     return 0
 

@@ -7,7 +7,11 @@ Every value can be changed through the environment variable named beside it.
 
 import os
 
-bind = os.environ.get("GUNICORN_BIND", f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '9090')}")
+from yolo_backend.settings import Settings as _Settings  # standard library only: no torch in the master
+
+# HOST and PORT are settings (their defaults live in yolo_backend/settings.py); GUNICORN_BIND wins.
+_host, _port = os.environ.get("HOST", _Settings.host), os.environ.get("PORT", _Settings.port)
+bind = os.environ.get("GUNICORN_BIND", f"{_host}:{_port}")
 workers = int(os.environ.get("GUNICORN_WORKERS", "1"))
 threads = int(os.environ.get("GUNICORN_THREADS", "8"))
 # gthread, except that a thread gets a request only once it has arrived whole: slow clients cannot hold the threads
@@ -36,8 +40,7 @@ preload_app = False
 
 # Say so when the port is open to the network without Basic Auth, and refuse a broken model before the port is
 # bound: every checkpoint that would serve is load-checked once in a child process (the master itself stays free of
-# torch). `serve` has checked already and says so.
-MODEL_CHECKED_ENV = "YOLO_BACKEND_MODEL_CHECKED"
+# torch; yolo_backend.serve.check_model). `serve` has checked already and says so (MODEL_CHECKED_ENV).
 # A MODEL_PATH that does not exist (yet) is waited for, not refused: under a supervisor (docker compose's
 # `restart: unless-stopped`, systemd) an exit would restart the server in a loop, and the usual fix is to copy the
 # file in (`docker compose cp best.pt server:/data/weights/best.pt`), which then takes effect without a restart.
@@ -61,31 +64,25 @@ def on_starting(server):
         warning = exposure_warning(address.rsplit(":", 1)[0] if ":" in address else address, settings)
         if warning and not address.startswith("unix:"):
             server.log.warning(warning)
+    from yolo_backend.serve import MODEL_CHECKED_ENV
+
     if os.environ.get(MODEL_CHECKED_ENV) == "1":
         return
     _wait_for_model_path(server, settings.model_path)
-    _check_model(server, settings)
+    _check_model(server)
 
 
-def _check_model(server, settings) -> None:
-    """`_wsgi.py --check` in a child process, said before (it can take minutes on a busy machine) and after."""
-    import subprocess
+def _check_model(server) -> None:
+    """The start-up model check (yolo_backend.serve.check_model); a broken model: one line, exit 2."""
     import sys
-    import time
 
-    from yolo_backend.serve import model_check_subject
+    from yolo_backend.serve import ModelCheckFailed, check_model
 
-    server.log.info("checking %s (can take a minute on a busy machine) ...", model_check_subject(settings))
-    started = time.monotonic()
-    wsgi = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_wsgi.py")
-    result = subprocess.run([sys.executable, wsgi, "--check"], capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.stderr.write(result.stderr)
+    try:
+        check_model(dict(os.environ), say=server.log.info)
+    except ModelCheckFailed as exc:
+        sys.stderr.write(f"error: {exc}\n")
         sys.exit(2)
-    for line in result.stdout.splitlines():
-        if line.strip():
-            server.log.info("model check: %s", line.removeprefix("ok: "))
-    server.log.info("model check passed in %.1f s", time.monotonic() - started)
 
 
 def _wait_for_model_path(server, path) -> None:

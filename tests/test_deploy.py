@@ -108,7 +108,8 @@ def test_compose_passes_every_setting_in_dotenv_to_server_and_worker(tmp_path):
     that value, the compose file's own defaults included; PORT there is the host's port, not the container's."""
     from yolo_backend.settings import Settings
 
-    names = [f.name.upper() for f in dataclasses.fields(Settings)]
+    # HOST and PORT: inside the container the server always binds 0.0.0.0:9090; PORT in .env is the host's port.
+    names = [f.name.upper() for f in dataclasses.fields(Settings) if f.name not in ("host", "port")]
     values = {name: f"{name.lower()}-from-dotenv" for name in names}
     values["BASIC_AUTH_PASS"] = "a b#c"  # quoted: spaces and '#' survive
     dotenv = "".join(f"{name}={value}\n" for name, value in values.items() if name != "BASIC_AUTH_PASS")
@@ -355,7 +356,7 @@ def test_server_waits_for_a_missing_model_path_instead_of_exiting(tmp_path, star
         _wait(lambda: _health(port), 120, "server /health after the copy", [(proc, log)])
         text = log.read_text()
         assert f"MODEL_PATH={model_path} is there now" in text
-        assert f"checking the model MODEL_PATH={model_path}" in text and "can take a minute" in text
+        assert f"loading the model MODEL_PATH={model_path}" in text and "can take a minute" in text
         assert re.search(r"model check passed in \d+\.\d s", text), text
     finally:
         _stop(proc)

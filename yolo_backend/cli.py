@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from .logs import configure_logging
+from .yolov7.graphs import DEFAULT_GRAPH, GRAPH_NAMES  # plain data: no torch
 
 EXIT_USAGE = 2
 
@@ -189,20 +190,19 @@ def _format_anchors(anchors, strides) -> str:
 # --- serve ------------------------------------------------------------------------------------------------------
 
 def _add_serve(subparsers) -> None:
-    import os
-
     p = subparsers.add_parser("serve", help="run the ML backend HTTP server (gunicorn)",
                               description="Run the Label Studio ML backend server on its settings (environment).")
-    p.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"), help="address to bind (default 0.0.0.0)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")), help="port (default 9090)")
+    p.add_argument("--host", default=None, help="address to bind (default: HOST, else 0.0.0.0)")
+    p.add_argument("--port", type=int, default=None, help="port (default: PORT, else 9090)")
     p.set_defaults(handler=_run_serve)
 
 
 def _run_serve(args) -> int:
     from .serve import ModelCheckFailed, serve
 
+    settings = _settings()
     try:
-        return serve(args.host, args.port)
+        return serve(_pick(args.host, settings.host), _pick(args.port, settings.port))
     except ModelCheckFailed as exc:  # the loader's message says what is wrong with which file
         raise CliError(str(exc)) from None
 
@@ -270,7 +270,8 @@ def _add_train(subparsers) -> None:
     p.add_argument("--data", required=True, help="data.yaml or dataset folder")
     p.add_argument("--weights", default=None,
                    help="start checkpoint (ours or official YOLOv7); omit for a random init of --graph")
-    p.add_argument("--graph", default="yolov7-tiny", help="graph for a random init (yolov7-tiny, yolov7)")
+    p.add_argument("--graph", default=DEFAULT_GRAPH, help=f"graph for a random init (default {DEFAULT_GRAPH}; "
+                   f"{', '.join(GRAPH_NAMES)})")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--img-size", type=int, default=640, help="training and validation size (multiple of 32)")
     p.add_argument("--out", required=True, help="checkpoint file to write")

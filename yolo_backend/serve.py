@@ -41,18 +41,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from .logs import configure_logging
 from .processes import PR_SET_CHILD_SUBREAPER, Child, children_of, descendants, prctl, reap
-from .settings import Settings, exposure_warning, mask_password
+from .settings import PATH_SETTINGS, Settings, exposure_warning, mask_password
 
 log = logging.getLogger("yolo_backend.serve")
 
 # The repository root holds _wsgi.py, model_backend.py and gunicorn.conf.py.
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# Settings holding paths that children must all resolve the same way.
-PATH_SETTINGS = ("MODEL_DIR", "MODEL_PATH", "IMAGE_CACHE_DIR", "ONNX_CACHE_DIR")
 WORKER_WARM_S = 3.0            # after the first SIGTERM, how long the worker may take before it is told again
 STOP_TIMEOUT_S = 45.0          # after that, a child that still runs is killed
 RESTART_BACKOFF_MAX_S = 60.0
@@ -74,8 +72,9 @@ def child_environment(settings: Settings, base: Optional[dict] = None, cwd: Opti
     the repository root). Unset path settings get their (absolute) defaults, so every child agrees."""
     env = dict(os.environ if base is None else base)
     cwd = Path(cwd or os.getcwd())
-    for key in PATH_SETTINGS:
-        value = env.get(key) or getattr(settings, key.lower())
+    for name in PATH_SETTINGS:  # settings holding paths that children must all resolve the same way
+        key = name.upper()
+        value = env.get(key) or getattr(settings, name)
         if value:
             env[key] = str((cwd / os.path.expanduser(str(value))).resolve())
     # Python output straight to the terminal, in order.
@@ -135,12 +134,13 @@ def model_check_subject(settings: Settings) -> str:
     return f"{published} (if any)"
 
 
-def check_model(env: dict[str, str]) -> None:
+def check_model(env: dict[str, str], say: Callable[..., None] = log.info) -> None:
     """Load-check every model that would serve (``_wsgi.py --check``) in a child process, before anything
-    starts, so the supervisor stays free of torch; ModelCheckFailed with the loader's one-line message. Said before
-    and after, with its duration: on a busy machine it can take minutes with nothing else to show."""
-    log.info("model check: loading %s once in a child process (can take a minute on a busy machine) ...",
-             model_check_subject(Settings.from_env(env=env)))
+    starts, so the supervisor (``serve``, gunicorn's master) stays free of torch; ModelCheckFailed with the
+    loader's one-line message. Said before and after (``say``), with its duration: on a busy machine it can take
+    minutes with nothing else to show. The one home of the start-up check (``serve`` and gunicorn.conf.py)."""
+    say("model check: loading %s once in a child process (can take a minute on a busy machine) ...",
+        model_check_subject(Settings.from_env(env=env)))
     started = time.monotonic()
     result = subprocess.run([sys.executable, str(PROJECT_ROOT / "_wsgi.py"), "--check"], env=env,
                             cwd=PROJECT_ROOT, capture_output=True, text=True)
@@ -150,8 +150,8 @@ def check_model(env: dict[str, str]) -> None:
         raise ModelCheckFailed(message.removeprefix("error: "))
     for line in result.stdout.splitlines():
         if line.strip():
-            log.info("model check: %s", line.removeprefix("ok: "))
-    log.info("model check passed in %.1f s", time.monotonic() - started)
+            say("model check: %s", line.removeprefix("ok: "))
+    say("model check passed in %.1f s", time.monotonic() - started)
 
 
 def _needs_embedded_broker(env: dict[str, str]) -> bool:

@@ -121,6 +121,10 @@ class Settings:
         DEFAULT_MAX_IMAGE_PIXELS, "Images with more pixels are refused before decoding (a small file can hold a huge image); "
         "120 MP keeps every phone and drone photo. Applies to predictions, training and conversion. 0: no cap.")
     # --- HTTP --------------------------------------------------------------------------------
+    host: str = setting(
+        "0.0.0.0", "Address the server listens on (`serve`, `python _wsgi.py`, gunicorn.conf.py; a `--host` argument "
+        "wins). Beyond loopback, set BASIC_AUTH_USER and BASIC_AUTH_PASS.")
+    port: int = setting(9090, "Port the server listens on (a `--port` argument wins).")
     basic_auth_user: Optional[str] = setting(None, "Require HTTP Basic Auth with this user (with BASIC_AUTH_PASS).")
     basic_auth_pass: Optional[str] = setting(None, "Password for BASIC_AUTH_USER.")
     max_request_mb: float = setting(
@@ -225,7 +229,7 @@ class Settings:
                 raise SettingsError(f"{name.upper()}={value} must be a positive multiple of 32 (e.g. 320, 640)")
         for name in ("predict_batch_size", "train_batch_size", "max_detections", "image_timeout",
                      "train_time_budget_s", "train_epochs", "train_lr", "max_request_mb", "max_concurrent_predicts",
-                     "max_queued_projects", "predict_deadline_s", "pool_chunk_size", "request_read_timeout_s"):
+                     "max_queued_projects", "predict_deadline_s", "pool_chunk_size", "request_read_timeout_s", "port"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must be greater than 0")
         for name in ("image_cache_mb", "keep_versions", "torch_threads", "max_image_pixels", "train_nominal_batch",

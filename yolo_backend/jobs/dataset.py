@@ -20,13 +20,14 @@ from ..labelstudio.client import LabelStudioAPIError
 from ..labelstudio.regions import BadRegion, is_box_region, region_box
 from ..labelstudio.urls import cut, shorten
 from ..settings import Settings
+from ..yolov7 import graphs
 from . import TrainingError
 
 log = logging.getLogger(__name__)
 
 VALIDATION_PERCENT = 20           # share of tasks (by hash of the task id) used for validation
 DOWNLOAD_THREADS = 4
-DEFAULT_GRAPH = "yolov7-tiny"     # what a trainer starts from without a start checkpoint (random init)
+DEFAULT_GRAPH = graphs.DEFAULT_GRAPH  # what a trainer starts from without a start checkpoint (random init)
 
 
 @dataclass

@@ -142,3 +142,10 @@ def holder_alive(connection, keys: Keys, job_id: str) -> bool:
         except PermissionError:
             return True
     return True
+
+
+def job_status_of(job) -> str:
+    """An RQ job's status as a plain string ("queued", "started", "finished", ...): rq returns a JobStatus enum
+    (or, in older versions, a string). The one place that reads it."""
+    status = job.get_status(refresh=False)
+    return str(getattr(status, "value", status))

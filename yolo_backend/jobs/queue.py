@@ -38,7 +38,7 @@ from typing import Any, Optional
 
 from ..errors import RequestRefused
 from ..settings import Settings, mask_password
-from .keys import LOCK_TTL_S, SETTLE_S, Keys, holder_alive, text
+from .keys import LOCK_TTL_S, SETTLE_S, Keys, holder_alive, job_status_of, text
 from .pending import FlushReport, PendingRequests
 from .slots import SlotKind, WaitingSlots
 
@@ -301,8 +301,7 @@ class TrainingQueue:
                 job = Job.fetch(job_id, connection=connection)
             except NoSuchJobError:
                 return {"job": job_id, "status": "unknown", "error": f"no job {job_id} in queue {self.queue_name}"}
-            status = str(job.get_status(refresh=False).value if hasattr(job.get_status(refresh=False), "value")
-                         else job.get_status(refresh=False))
+            status = job_status_of(job)
             meta = job.get_meta(refresh=False) or {}
             info: dict[str, Any] = {
                 "job": job.id, "status": status, "project": meta.get("project"), "event": meta.get("event"),

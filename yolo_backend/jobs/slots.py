@@ -34,7 +34,7 @@ from enum import Enum
 from typing import Callable, Optional
 
 from ..errors import RequestRefused
-from .keys import RESERVE_GRACE_S, RESERVE_TTL_S, START_GRACE_S, Keys, holder_alive, text
+from .keys import RESERVE_GRACE_S, RESERVE_TTL_S, START_GRACE_S, Keys, holder_alive, job_status_of, text
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class WaitingSlots:
 
         with contextlib.suppress(Exception):  # already started: it finds its slot taken and does not run
             job = Job.fetch(job_id, connection=self.connection)
-            if _status(job) in NOT_STARTED:
+            if job_status_of(job) in NOT_STARTED:
                 job.cancel()
 
     def alive(self, slot: Slot) -> bool:
@@ -215,7 +215,7 @@ class WaitingSlots:
             job = Job.fetch(slot.job, connection=self.connection)
         except NoSuchJobError:
             return False
-        status = _status(job)
+        status = job_status_of(job)
         if status in NOT_STARTED:
             return True
         if status != "started":
@@ -246,6 +246,3 @@ class WaitingSlots:
         return bool(self.connection.eval(RELEASE, 2, *self._keys(project_id)[:2], project_id, job_id))
 
 
-def _status(job) -> str:
-    status = job.get_status(refresh=False)
-    return str(getattr(status, "value", status))

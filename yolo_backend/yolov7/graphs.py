@@ -31,6 +31,8 @@ from typing import Any, Dict, List
 
 Layer = List[Any]
 
+# The graph a model starts from when there is no checkpoint (a random init): training, the untrained placeholder.
+DEFAULT_GRAPH = "yolov7-tiny"
 HEAD_TYPES = ("Detect", "IDetect")
 REPCONV_FORMS = ("branches", "reparameterised")
 LAYER_KINDS = ("conv", "mp", "sp", "concat", "upsample", "sppcspc", "repconv", "detect")

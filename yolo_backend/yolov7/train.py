@@ -59,7 +59,7 @@ class TrainConfig(AugmentConfig):
     # --- what to train on and from ---
     data: Optional[str] = None            # data.yaml or dataset folder (or give train_samples/val_samples)
     weights: Optional[str] = None         # start checkpoint (ours or reference); None = random init of `graph`
-    graph: str = "yolov7-tiny"            # graph for random init
+    graph: str = graphs.DEFAULT_GRAPH     # graph for random init
     width: float = 1.0                    # channel width multiplier for random init (small test graphs)
     out: Optional[str] = None             # checkpoint to write (atomically); None = do not save
     export_onnx: bool = False             # also write <out>.onnx

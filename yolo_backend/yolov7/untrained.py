@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-UNTRAINED_GRAPH = "yolov7-tiny"
+from .graphs import DEFAULT_GRAPH as UNTRAINED_GRAPH  # graphs.py: plain data, no torch
+
 UNTRAINED_VERSION = "v0-untrained"  # the name its checkpoint (and the version published from it) carries
 
 

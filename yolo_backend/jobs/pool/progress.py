@@ -9,7 +9,7 @@ import time
 from datetime import timezone
 from typing import Any, Optional
 
-from ..keys import text
+from ..keys import job_status_of, text
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,7 @@ def queued_run(connection, keys, project_id: int) -> Optional[dict]:
         job = Job.fetch(job_id, connection=connection)
     except NoSuchJobError:
         return None
-    state = job.get_status(refresh=False)
-    if getattr(state, "value", state) not in NOT_STARTED:
+    if job_status_of(job) not in NOT_STARTED:
         return None  # started: it deletes the key itself in a moment
     reason = str((job.meta or {}).get("reason") or "")
     published = re.fullmatch(r"published (\S+)", reason)
