@@ -77,10 +77,6 @@ class Keys:
         """Set: task ids whose prediction of ``version`` is stored (a retried chunk stores no second one)."""
         return f"{self.prefix}:project:{project_id}:pool-stored:{version}"
 
-    @property
-    def stats(self) -> str:
-        return f"{self.prefix}:stats"
-
 
 # Delete a key only if it holds our value (a job releasing its lock).
 DELETE_IF_EQUAL = """

@@ -225,11 +225,6 @@ class ImageFetcher:
             what = f"{self.session.base_url or ''}{what}"
         return ImageCache.key_for(what)
 
-    def fetch_bytes(self, url: str, task_id: Optional[int] = None) -> bytes:
-        """The image file's bytes (from the cache when there). Failures -> ImageFetchError with the reason."""
-        data, _, _ = self._fetch(url, task_id)
-        return data
-
     def _fetch(self, url: str, task_id: Optional[int]) -> tuple[bytes, Optional[str], bool]:
         """(bytes, cache key or None, whether they came from the cache)."""
         if not isinstance(url, str) or not url.strip():

@@ -269,16 +269,6 @@ class DetectHead(nn.Module):
         self._decode_cache = {}
         return super()._apply(fn, recurse)
 
-    def set_anchors_and_strides(self, anchors_px: torch.Tensor, strides: torch.Tensor) -> None:
-        """Set anchors (nl, na, 2) in pixels and level strides, keeping both buffers consistent."""
-        with torch.no_grad():
-            anchors_px = anchors_px.to(self.anchor_grid).view(self.nl, self.na, 2)
-            strides = strides.to(self.anchor_grid).view(self.nl)
-            self.anchor_grid.copy_(anchors_px.view(self.nl, 1, self.na, 1, 1, 2))
-            self.anchors.copy_(anchors_px / strides.view(-1, 1, 1))
-            self.stride.copy_(strides)
-        self._decode_cache = {}
-
     @torch.no_grad()
     def fuse(self) -> None:
         """Fold ImplicitA/ImplicitM into the convs: conv(x + a) * m == (W*m) x + (W a + b) * m."""

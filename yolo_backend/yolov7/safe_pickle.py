@@ -36,21 +36,6 @@ class PickledRecord:
 class PickledArray(PickledRecord):
     """Stand-in for a numpy array (reference checkpoints keep e.g. ``best_fitness`` as one)."""
 
-    def to_numpy(self):
-        """The array, for plain numeric dtypes; None otherwise (object arrays are never rebuilt)."""
-        import numpy as np
-
-        try:
-            _version, shape, dtype, fortran, raw = self.state
-            code = dtype.args[0]
-            order = dtype.state[1] if isinstance(dtype.state, tuple) and len(dtype.state) > 1 else "|"
-            np_dtype = np.dtype((order if order in "<>|=" else "") + code)
-            if np_dtype.kind not in "biuf" or not isinstance(raw, (bytes, bytearray)):
-                return None
-            return np.frombuffer(bytes(raw), dtype=np_dtype).reshape(shape, order="F" if fortran else "C")
-        except Exception:  # metadata only: never fail a load over it
-            return None
-
 
 class PickledScalar(PickledRecord):
     """Stand-in for a numpy scalar."""
