@@ -7,30 +7,30 @@ Every value can be changed through the environment variable named beside it.
 
 import os
 
-from yolo_backend.settings import Settings as _Settings  # standard library only: no torch in the master
+from yolo_backend.settings import Settings as _Settings, process_default  # standard library only: no torch here
 
 # HOST and PORT are settings (their defaults live in yolo_backend/settings.py); GUNICORN_BIND wins.
 _host, _port = os.environ.get("HOST", _Settings.host), os.environ.get("PORT", _Settings.port)
-bind = os.environ.get("GUNICORN_BIND", f"{_host}:{_port}")
-workers = int(os.environ.get("GUNICORN_WORKERS", "1"))
-threads = int(os.environ.get("GUNICORN_THREADS", "8"))
+bind = process_default("GUNICORN_BIND") or f"{_host}:{_port}"
+workers = int(process_default("GUNICORN_WORKERS"))
+threads = int(process_default("GUNICORN_THREADS"))
 # gthread, except that a thread gets a request only once it has arrived whole: slow clients cannot hold the threads
 # (yolo_backend/server/request_buffering.py). Each request must arrive within REQUEST_READ_TIMEOUT_S (30 s; 408
 # after it), its head within 64 KiB (431), its body within MAX_REQUEST_MB (413). `-k gthread` gives plain gthread.
 worker_class = "yolo_backend.server.request_buffering.BufferingThreadWorker"
 # Open connections per worker process, slow ones included; more wait in the listen backlog.
-worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "1000"))
+worker_connections = int(process_default("GUNICORN_WORKER_CONNECTIONS"))
 # Label Studio waits up to its ML timeout for /predict; a CPU batch of large images can take a while.
-timeout = int(os.environ.get("GUNICORN_TIMEOUT", "300"))
-graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
+timeout = int(process_default("GUNICORN_TIMEOUT"))
+graceful_timeout = int(process_default("GUNICORN_GRACEFUL_TIMEOUT"))
 keepalive = 5
 # GUNICORN_ACCESS_LOG="" turns the access log off.
-accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "-") or None
+accesslog = process_default("GUNICORN_ACCESS_LOG") or None
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 # gunicorn >= 25.1 opens a control socket at one fixed path per user ($HOME/.gunicorn/gunicorn.ctl), which
 # several servers on one machine (or a read-only home in a container) would fight over: off unless a path is given.
-_control_socket = os.environ.get("GUNICORN_CONTROL_SOCKET")
+_control_socket = process_default("GUNICORN_CONTROL_SOCKET")
 if _control_socket:
     control_socket = _control_socket
 else:

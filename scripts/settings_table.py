@@ -1,4 +1,4 @@
-"""Write the settings table from yolo_backend/settings.py into README.md (between the settings-table markers).
+"""Write the settings tables from yolo_backend/settings.py into README.md (between the settings-table markers).
 
     python scripts/settings_table.py          # rewrite README.md
     python scripts/settings_table.py --check  # exit 1 if README.md is out of date
@@ -26,6 +26,9 @@ def render(readme: str) -> str:
 def main() -> int:
     path = ROOT / "README.md"
     current = path.read_text()
+    if current.count(START) != 1 or current.count(END) != 1:
+        print(f"README.md must hold the settings table between one {START} and one {END} line")
+        return 1
     wanted = render(current)
     if "--check" in sys.argv:
         if current != wanted:

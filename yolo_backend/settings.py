@@ -258,12 +258,25 @@ class Settings:
 
     @classmethod
     def table(cls) -> str:
-        """Markdown table of every setting (README.md embeds it)."""
-        rows = ["| variable | default | meaning |", "|---|---|---|"]
-        for f in dataclasses.fields(cls):
-            default = "" if f.default is None else f"`{f.default}`"
-            rows.append(f"| `{f.name.upper()}` | {default} | {f.metadata['doc']} |")
-        return "\n".join(rows)
+        """The README's settings tables: what a user sets to connect and train, then tuning, then the server
+        process's own variables (read by gunicorn.conf.py and Label Studio's Local Storage)."""
+        def rows(fields) -> list[str]:
+            out = ["| variable | default | meaning |", "|---|---|---|"]
+            for f in fields:
+                default = "" if f.default is None else f"`{f.default}`"
+                out.append(f"| `{f.name.upper()}` | {default} | {f.metadata['doc']} |")
+            return out
+
+        fields = dataclasses.fields(cls)
+        mine = [f for f in fields if f.name in YOU_SET]
+        process = ["| variable | default | meaning |", "|---|---|---|"] + [
+            f"| `{name}` | {f'`{default}`' if default else ''} | {doc} |" for name, default, doc in PROCESS_VARIABLES]
+        return "\n".join(["**You set these** (to connect to Label Studio, serve your checkpoint and train):", "",
+                          *rows(sorted(mine, key=lambda f: YOU_SET.index(f.name))), "",
+                          "**Tuning** (the defaults are measured choices; see each line):", "",
+                          *rows([f for f in fields if f.name not in YOU_SET]), "",
+                          "**The server process** (read by `gunicorn.conf.py` and for Local Storage, not by the "
+                          "settings class):", "", *process])
 
 
 # Query parameters that carry a secret in a Redis URL (redis-py reads ``?password=``).
@@ -316,6 +329,30 @@ def exposure_warning(host: str, settings: "Settings") -> Optional[str]:
 
 
 PATH_SETTINGS = ("model_path", "model_dir", "image_cache_dir", "onnx_cache_dir")
+# The settings a user sets to connect and train, in the order README lists them; the rest are tuning.
+YOU_SET = ("label_studio_url", "label_studio_api_key", "model_path", "img_size", "backend_url", "basic_auth_user",
+           "basic_auth_pass", "host", "port", "model_dir", "redis_url", "device")
+# Variables of the server process itself: (name, default, meaning). gunicorn.conf.py reads its defaults from here.
+PROCESS_VARIABLES = (
+    ("GUNICORN_WORKERS", "1", "Server processes; each loads its own model (few processes with several threads fit "
+                              "best)."),
+    ("GUNICORN_THREADS", "8", "Threads per server process (keep above MAX_CONCURRENT_PREDICTS)."),
+    ("GUNICORN_WORKER_CONNECTIONS", "1000", "Open connections per server process, slow ones included; more wait "
+                                            "in the listen backlog."),
+    ("GUNICORN_TIMEOUT", "300", "Seconds a worker process may be silent before gunicorn restarts it."),
+    ("GUNICORN_GRACEFUL_TIMEOUT", "30", "Seconds a stopping server gives running requests."),
+    ("GUNICORN_ACCESS_LOG", "-", "Access log target (`-`: stderr; empty: off)."),
+    ("GUNICORN_BIND", "", "Full bind address (wins over HOST and PORT), e.g. `unix:/run/ml.sock`."),
+    ("GUNICORN_CONTROL_SOCKET", "", "gunicorn's control socket path (off unless set)."),
+    ("LOCAL_FILES_DOCUMENT_ROOT", "", "Label Studio's Local Storage root (also LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT): "
+                                      "`/data/local-files/?d=` images are read from disk here when they exist."),
+)
+
+
+def process_default(name: str) -> str:
+    """A server-process variable's value: the environment's, else its default in PROCESS_VARIABLES."""
+    default = next(default for variable, default, _ in PROCESS_VARIABLES if variable == name)
+    return os.environ.get(name, default)
 TASK_SCORE_STRATEGIES = ("uncertainty", "max_confidence", "mean_confidence", "count", "margin_sum", "margin_mean",
                          "entropy_sum", "entropy_mean", "objectness")
 INFERENCE_BACKENDS = ("auto", "torch", "onnxruntime")
