@@ -334,17 +334,22 @@ def test_fine_tune_records_its_size_and_serving_follows_it(tmp_path):
 
 
 def test_checkpoints_without_a_recorded_size_serve_at_640(ckpt_dir, tmp_path):
-    from yolo_backend.yolov7.checkpoint import DEFAULT_IMG_SIZE, serving_img_size, trained_img_size
+    from yolo_backend.yolov7.checkpoint import DEFAULT_IMG_SIZE, is_size_guess, serving_img_size, trained_img_size
 
     official = ckpt_dir / "yolov7-tiny_fire-smoke_ref-trained.pt"   # trained at 320, but records no size
     assert trained_img_size(official) is None
     assert DEFAULT_IMG_SIZE == 640
-    assert serving_img_size(official) == (640, "official checkpoint: 640")
+    guess = "a guess: the checkpoint records no training size; set {} to the size it was trained at"
+    assert serving_img_size(official) == (640, guess.format("img_size"))
+    assert serving_img_size(official, None, "IMG_SIZE") == (640, guess.format("IMG_SIZE"))
+    assert is_size_guess(serving_img_size(official)[1]) and not is_size_guess("trained at 320")
     assert serving_img_size(official, 320, "--img-size") == (320, "--img-size=320")
     model = build_model(graphs.get_graph("yolov7-tiny", head="Detect"), nc=1).eval()
     for metadata in ({}, {"training": {"img_size": 300}}, {"training": {"img_size": "320"}}, {"training": 320}):
-        path = save_checkpoint(tmp_path / "m.pt", model, metadata=metadata)   # untrained, or nothing usable
+        path = save_checkpoint(tmp_path / "m.pt", model, metadata=metadata)   # nothing usable recorded
         assert trained_img_size(path) is None, metadata
-        assert serving_img_size(path) == (640, "no training size recorded: 640")
+        assert serving_img_size(path) == (640, guess.format("img_size"))
+    path = save_checkpoint(tmp_path / "m.pt", model, metadata={"untrained": True})   # any size will do: no guess
+    assert serving_img_size(path) == (640, "untrained: 640")
     path = save_checkpoint(tmp_path / "m.pt", model, metadata={"training": {"img_size": 416}})
     assert serving_img_size(path) == (416, "trained at 416")

@@ -79,19 +79,42 @@ def test_detect_single_image_prints_summary(shared_dir, two_valid_images):
     assert [line.split()[0] for line in result.stdout.splitlines()[1:]] == ["fire", "fire"]
 
 
-def test_info(shared_dir):
-    result = run_cli("info", "--weights", str(shared_dir / REF_TRAINED))
+GUESS = ("a guess: the checkpoint records no training size; set IMG_SIZE to the size it was trained at, or let the "
+         "first training measure it")
+
+
+def test_info(shared_dir, tmp_path):
+    result = run_cli("info", "--weights", str(shared_dir / REF_TRAINED), env_extra={"MODEL_DIR": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for needle in ("yolov7-tiny", "IDetect", "fire, smoke", "nc:", "P3/8: 10x13 16x30 33x23", "strides:    8, 16, 32"):
         assert needle in out, out
-    as_json = json.loads(run_cli("info", "--weights", str(shared_dir / REF_TRAINED), "--json").stdout)
+    as_json = json.loads(run_cli("info", "--weights", str(shared_dir / REF_TRAINED), "--json",
+                                 env_extra={"MODEL_DIR": str(tmp_path)}).stdout)
     assert as_json["nc"] == 2 and list(as_json["names"]) == ["fire", "smoke"]
     assert [int(s) for s in as_json["strides"]] == [8, 16, 32]
     assert as_json["parameters"] > 5_000_000
-    # an official checkpoint records no training size: it serves at 640
-    assert "trained at: not recorded" in out and "serves at:  640 (official checkpoint: 640)" in out, out
+    # an official checkpoint records no training size: it serves at 640, and says that this is a guess
+    assert "trained at: not recorded" in out and f"serves at:  640 ({GUESS})" in out, out
     assert as_json["trained_img_size"] is None and as_json["serve_img_size"] == 640
+    assert as_json["serve_img_size_guess"] is True
+
+
+def test_info_shows_the_size_a_training_measured(shared_dir, tmp_path):
+    from yolo_backend.serving_size import MeasuredSize, SizeScore, record_size
+
+    record_size(tmp_path, shared_dir / REF_TRAINED, MeasuredSize(
+        320, (SizeScore(320, 0.747, 0.261, 0.31), SizeScore(640, 0.181, 0.044, 0.058)), 47, "ref-4d19862a", 3))
+    env = {"MODEL_DIR": str(tmp_path)}
+    out = run_cli("info", "--weights", str(shared_dir / REF_TRAINED), env_extra=env).stdout
+    assert "serves at:  320 (measured on 47 annotated images of project 3: mAP@0.5 0.747 at 320, 0.181 at 640)" \
+        in out, out
+    as_json = json.loads(run_cli("info", "--weights", str(shared_dir / REF_TRAINED), "--json", env_extra=env).stdout)
+    assert as_json["serve_img_size"] == 320 and as_json["serve_img_size_guess"] is False
+    assert as_json["serve_img_size_measured"]["images"] == 47
+    # IMG_SIZE still wins
+    out = run_cli("info", "--weights", str(shared_dir / REF_TRAINED), env_extra={**env, "IMG_SIZE": "416"}).stdout
+    assert "serves at:  416 (IMG_SIZE=416)" in out, out
 
 
 def test_info_on_truncated_checkpoint_is_a_clean_error(shared_dir):
@@ -197,7 +220,7 @@ def test_val_without_img_size_follows_the_same_rule(shared_dir, ref_trained_as_o
     assert main([*args, "--weights", str(ref_trained_as_ours)]) == 0
     assert "evaluating at img_size 320 (trained at 320)" in capsys.readouterr().err
     assert main([*args, "--weights", str(shared_dir / REF_TRAINED)]) == 0
-    assert "evaluating at img_size 640 (official checkpoint: 640)" in capsys.readouterr().err
+    assert f"evaluating at img_size 640 ({GUESS})" in capsys.readouterr().err
     monkeypatch.setenv("IMG_SIZE", "416")
     assert main([*args, "--weights", str(ref_trained_as_ours)]) == 0
     assert "evaluating at img_size 416 (IMG_SIZE=416)" in capsys.readouterr().err

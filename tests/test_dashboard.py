@@ -286,6 +286,15 @@ def test_job_progress_for_each_phase():
                              "result": {"published": False, "model_version": "v3-x", "decision": "worse"}})
     assert rejected["message"] == "not published: worse" and rejected["result_version"] is None
     assert job_progress({"phase": "reading annotations", "status": "started"})["fraction"] is None
+    # the epoch total as the job estimates it (jobs.training.TrainingProgress): "at most" before an epoch is timed
+    assert first["epochs_text"] == "1 of 4" and downloading["epochs_text"] is None
+    assert job_progress({"phase": "training", "progress": {"epoch": 1, "epochs": 30, "epochs_note": "at most"}}
+                        )["epochs_text"] == "1 of at most 30"
+    assert job_progress({"phase": "training", "progress": {"epoch": 3, "epochs": 14, "epochs_note": "about"}}
+                        )["epochs_text"] == "3 of about 14"
+    waited = job_progress({"phase": "done", "status": "finished", "result": {
+        "published": False, "waiting": True, "reason": "waiting for 7 more annotations: ..."}})
+    assert waited["message"] == "waiting for 7 more annotations: ..."
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -457,7 +466,8 @@ def run_job_in_process(tmp_path, monkeypatch, tasks, trainer: str) -> Path:
     model_path.write_bytes(b"not loaded: the trainer fails or there is nothing to train")
     for key, value in {"MODEL_DIR": str(tmp_path / "models"), "MODEL_PATH": str(model_path),
                        "IMAGE_CACHE_DIR": str(tmp_path / "cache"), "LABEL_STUDIO_URL": label_studio.url,
-                       "LABEL_STUDIO_API_KEY": TOKEN, "BACKEND_URL": FAKE_BACKEND_URL}.items():
+                       "LABEL_STUDIO_API_KEY": TOKEN, "BACKEND_URL": FAKE_BACKEND_URL,
+                       "MIN_ANNOTATIONS_FIRST_TRAINING": "0"}.items():
         monkeypatch.setenv(key, value)
     try:
         run_training_job(PROJECT, "START_TRAINING", {}, {"settle_s": 0, "trainer": trainer})
@@ -695,3 +705,84 @@ def test_pool_status_reads_the_waiting_coordinator_from_redis(tmp_path, redis_se
         assert pool["queued"] is None and pool["state_text"] == "done"
     finally:
         training.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# what a version rests on: compared or not, the size the model it replaced was compared at; the serving size;
+# a project waiting for its first training
+# --------------------------------------------------------------------------------------------------------------
+
+def test_a_version_published_without_a_comparison_is_marked_so_everywhere(tmp_path):
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"weights")
+    registry = Registry.for_project(tmp_path / "models", PROJECT)
+    measured = {"size": 320, "reason": "measured on 12 annotated images of project 3: mAP@0.5 0.747 at 320, 0.181 "
+                "at 640", "guess": False, "measured_now": True}
+    registry.publish(checkpoint, {"parent": "best-4d19862a", "metrics": metrics(0.4, images=2),
+                                  "decision": "not compared: only 2 validation image(s), too few to compare (need 4)",
+                                  "compared": False, "parent_img_size": measured, "annotations": 10,
+                                  "val_images": 2, "train_images": 8}, name="v1-20261201T100000")
+    registry.publish(checkpoint, {"parent": "v1-20261201T100000", "metrics": metrics(0.5), "decision": "better",
+                                  "compared": True, "parent_img_size": {"size": 320, "reason": "trained at 320"},
+                                  "annotations": 60, "val_images": 12, "train_images": 48},
+                     name="v2-20261201T110000")
+    client, _ = make_app(tmp_path)
+    (project,) = client.get("/status", query_string={"project": PROJECT}).json["projects"]
+    v2, v1 = project["versions"]
+    assert (v1["compared"], v1["not_compared"], v2["compared"], v2["not_compared"]) == (False, True, True, False)
+    assert v1["parent_img_size"] == 320 and v1["parent_img_size_measured_now"] is True
+    details = {d["name"]: d for d in client.get("/versions", query_string={"project": PROJECT}).json["details"]}
+    assert details["v1-20261201T100000"]["not_compared"] is True
+    assert details["v2-20261201T110000"]["not_compared"] is False
+    page = client.get("/dashboard").get_data(as_text=True)
+    rows = re.findall(r'<td class="why">(.*?)</td>\s*<td class="name parent">(.*?)</td>', page, re.S)
+    assert len(rows) == 2
+    assert '<span class="tag not-compared">not compared</span>: not compared: only 2' in rows[1][0]
+    assert "not compared" not in rows[0][0]
+    assert "at 320, measured on 12 annotated images of project 3" in rows[1][1]
+    assert 'at 320</span>' in rows[0][1]   # the size the replaced version was compared at, no measurement
+    assert "published and marked “not compared”" in page   # the rule, in the page's own words
+
+
+def test_the_page_says_the_serving_size_is_a_guess_until_measured(tmp_path, start_checkpoint):
+    import shutil
+
+    from yolo_backend.serving_size import MeasuredSize, SizeScore, record_size
+
+    best = shutil.copy(start_checkpoint, tmp_path / "best.pt")
+    client, settings = make_app(tmp_path, model_path=str(best))
+    client.post("/setup", json={"project": f"{PROJECT}.1", "schema": CONFIG})
+    (project,) = client.get("/status", query_string={"project": PROJECT}).json["projects"]
+    guess = ("a guess: the checkpoint records no training size; set IMG_SIZE to the size it was trained at, or let "
+             "the first training measure it")
+    assert project["serving_img_size"] == {"size": 640, "reason": guess, "guess": True, "text": f"640 ({guess})"}
+    page = client.get("/dashboard").get_data(as_text=True)
+    assert f'<p class="img-size guess" id="img-size-{PROJECT}">Inference size: <b>640</b> ({guess})</p>' in page
+    record_size(settings.model_dir, best, MeasuredSize(
+        320, (SizeScore(320, 0.7, 0.3, 0.34), SizeScore(640, 0.2, 0.1, 0.11)), 12, "best", PROJECT))
+    (project,) = client.get("/status", query_string={"project": PROJECT}).json["projects"]
+    assert project["serving_img_size"]["size"] == 320 and project["serving_img_size"]["guess"] is False
+    assert "Inference size: <b>320</b> (measured on 12 annotated images" in client.get("/dashboard").get_data(
+        as_text=True)
+
+
+def test_a_project_waiting_for_its_first_training_says_how_many_more(tmp_path):
+    model_dir = tmp_path / "models"
+    history.record_run(model_dir, PROJECT, {"trained": False, "published": False, "waiting": True,
+                                            "annotations": 3, "annotations_needed": 10,
+                                            "reason": "waiting for 7 more annotations: ..."}, "job-1", 0.5)
+    client, _ = make_app(tmp_path)
+    (project,) = client.get("/status", query_string={"project": PROJECT}).json["projects"]
+    assert project["versions"] == [] and project["waiting_for_annotations"]["more"] == 7
+    page = client.get("/dashboard").get_data(as_text=True)
+    assert "<b>Waiting for 7 more annotations</b> before the first training: 3 of 10 annotated images" in page
+    assert "Nothing trained or published yet." in page
+    # the next request saw 9: one more to go, and the page reloads (its stamp changed)
+    stamp = project["stamp"]
+    history.record_run(model_dir, PROJECT, {"trained": False, "published": False, "waiting": True,
+                                            "annotations": 9, "annotations_needed": 10, "reason": "..."}, "job-2")
+    (project,) = client.get("/status", query_string={"project": PROJECT}).json["projects"]
+    assert project["waiting_for_annotations"]["text"].startswith("waiting for 1 more annotation before")
+    assert project["stamp"] != stamp
+    assert "yolo_backend_training_jobs{outcome=\"waiting\",project=\"3\"} 2.0" in \
+        client.get("/prometheus").get_data(as_text=True)

@@ -120,6 +120,7 @@ class Env:
             "REDIS_URL": redis_url, "RQ_QUEUE_NAME": queue_name, "IMG_SIZE": "128", "TRAIN_IMG_SIZE": "160",
             "TORCH_THREADS": "1", "KEEP_VERSIONS": "2", "LOG_LEVEL": "INFO",
             "POOL_SCORING": "false",  # the training queue alone here; pool scoring: test_pool.py and the e2e test
+            "MIN_ANNOTATIONS_FIRST_TRAINING": "1",  # 6 annotated tasks train (the rule: test_the_first_training_*)
             **settings,
         }
         self.settings = Settings.from_env(self.env)
@@ -608,13 +609,19 @@ def test_publish_decision_and_split_rules():
 
     settings = Settings.from_env({})
     good, bad = {"map50": 0.8, "map": 0.4}, {"map50": 0.5, "map": 0.2}
-    assert publish_decision(settings, good, bad, 10)[0] is True
-    assert publish_decision(settings, good, good, 10)[0] is True       # not worse: equal is fine
-    assert publish_decision(settings, bad, good, 10) == (False, publish_decision(settings, bad, good, 10)[1])
-    assert "FORCE_PUBLISH" in publish_decision(settings, bad, good, 10)[1]
-    assert publish_decision(Settings.from_env({"FORCE_PUBLISH": "true"}), bad, good, 10)[0] is True
-    assert publish_decision(settings, bad, good, 2)[0] is True          # too few validation images to judge
-    assert publish_decision(settings, bad, None, 10)[0] is True         # nothing to compare with
+    assert publish_decision(settings, good, bad, 10)[:1] == (True,)
+    assert publish_decision(settings, good, good, 10).publish is True   # not worse: equal is fine
+    refused = publish_decision(settings, bad, good, 10)
+    assert (refused.publish, refused.compared) == (False, True) and "FORCE_PUBLISH" in refused.why
+    forced = publish_decision(Settings.from_env({"FORCE_PUBLISH": "true"}), bad, good, 10)
+    assert (forced.publish, forced.compared) == (True, True) and "FORCE_PUBLISH is on" in forced.why
+    # Nothing to compare on: published, and marked so (the version's meta, /versions, the dashboard).
+    few = publish_decision(settings, bad, good, 2)
+    assert (few.publish, few.compared) == (True, False)
+    assert few.why == "not compared: only 2 validation image(s), too few to compare (need 4)"
+    alone = publish_decision(settings, bad, None, 10)
+    assert (alone.publish, alone.compared) == (True, False) and alone.why.startswith("not compared: no current")
+    assert publish_decision(Settings.from_env({"FORCE_PUBLISH": "true"}), bad, good, 2).compared is False
     # Within PUBLISH_TOLERANCE_SE standard errors of the current model: noise, published; beyond: refused.
     slightly = {"map50": 0.79, "map": 0.395}                           # fitness lower than good's by 0.0055
     assert publish_decision(settings, slightly, good, 40, 0.01)[0] is True
@@ -681,3 +688,257 @@ def test_review_fixes_leftover_reservation_expired_lock_process_space_and_a_refu
     report = store.flush(enqueue)
     assert report.queued == [2] and queued == [2] and list(report.kept) == [1]
     assert [r["project"] for r in store.records()] == [1]  # kept for later
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the size a start model is compared and served at (jobs/sizing.py), the first-training minimum, "not compared"
+# --------------------------------------------------------------------------------------------------------------
+
+def examples_of(count: int, size: int = 64) -> list:
+    """``count`` examples kept at ``size`` (as collect_examples keeps them at TRAIN_IMG_SIZE), each able to read
+    its 'original' (twice as large) again."""
+    from yolo_backend.jobs.dataset import Example
+
+    found = []
+    for task_id in range(1, count + 1):
+        original = np.full((2 * size, 2 * size, 3), 40 + task_id, np.uint8)
+        boxes = np.array([[10.0, 10.0, 60.0, 50.0]], np.float32)
+        found.append(Example(task_id, original[::2, ::2].copy(), boxes / 2, np.array([0]),
+                             lambda original=original: original, 0.5))
+    return found
+
+
+class FakeEvaluator:
+    """Scores the start model by size (mAP@0.5, mAP@0.5:0.95) and records its calls."""
+
+    def __init__(self, scores: dict):
+        self.scores, self.calls = scores, []
+
+    def __call__(self, checkpoint, examples, names, size):
+        self.calls.append((size, len(examples), tuple(names)))
+        map50, map_ = self.scores[size]
+        return {"map50": map50, "map": map_}
+
+
+def refuse(*args):
+    raise AssertionError("measured again, but the size was known")
+
+
+@pytest.fixture
+def sized(tmp_path, start_checkpoint):
+    """Settings with the start checkpoint (fire, smoke; records no training size) as MODEL_PATH, IMG_SIZE unset."""
+    best = Path(shutil.copy(start_checkpoint, tmp_path / "best.pt"))
+    return Settings.from_env({}, model_dir=str(tmp_path / "models"), model_path=str(best), train_img_size=320,
+                             device="cpu")
+
+
+def test_a_start_model_that_records_no_size_is_measured_and_the_better_size_serves(sized):
+    from yolo_backend.detector_settings import serving_size
+    from yolo_backend.jobs.sizing import start_model_size
+
+    evaluator = FakeEvaluator({320: (0.747, 0.26), 640: (0.181, 0.04)})
+    found = start_model_size(sized, sized.model_path, "best-1", examples_of(12), ["Fire", "Smoke"], 3, "job-7",
+                             evaluate=evaluator)
+    assert evaluator.calls == [(320, 12, ("Fire", "Smoke")), (640, 12, ("Fire", "Smoke"))]
+    assert (found.size, found.guess, found.measured_now) == (320, False, True)
+    assert found.reason == "measured on 12 annotated images of project 3: mAP@0.5 0.747 at 320, 0.181 at 640"
+    meta = found.meta()
+    assert meta["measured"]["job"] == "job-7" and [s["size"] for s in meta["measured"]["scores"]] == [320, 640]
+    # recorded for the file: every detector built from the settings now serves it at 320, saying why
+    assert serving_size(sized.model_path, sized).size == 320
+    assert serving_size(sized.model_path, sized).reason == found.reason
+    # and the next job does not measure again
+    again = start_model_size(sized, sized.model_path, "best-1", examples_of(12), ["fire", "smoke"], evaluate=refuse)
+    assert (again.size, again.measured_now, again.reason) == (320, False, found.reason)
+
+
+def test_img_size_or_a_recorded_training_size_is_never_measured(sized, tmp_path):
+    from dataclasses import replace
+
+    from yolo_backend.jobs.sizing import start_model_size
+    from yolo_backend.yolov7.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+    from yolo_backend.yolov7.untrained import build_untrained_checkpoint
+
+    found = start_model_size(replace(sized, img_size=416), sized.model_path, "best-1", examples_of(12),
+                             ["fire", "smoke"], evaluate=refuse)
+    assert (found.size, found.reason, found.guess) == (416, "IMG_SIZE=416", False)
+    model = model_from_checkpoint(load_checkpoint(sized.model_path), fuse=False)
+    ours = save_checkpoint(tmp_path / "ours.pt", model, metadata={"training": {"img_size": 256}})
+    found = start_model_size(sized, str(ours), "v1-x", examples_of(12), ["fire", "smoke"], evaluate=refuse)
+    assert (found.size, found.reason) == (256, "trained at 256")
+    untrained = build_untrained_checkpoint(tmp_path / "untrained.pt", ["fire", "smoke"])
+    found = start_model_size(sized, str(untrained), "v0-untrained", examples_of(12), ["fire", "smoke"],
+                             evaluate=refuse)
+    assert found.size == 320 and found.reason.startswith("untrained") and not found.guess
+
+
+def test_no_evidence_keeps_the_guess_and_little_evidence_is_measured_again(sized, caplog):
+    from yolo_backend.jobs.sizing import start_model_size
+    from yolo_backend.serving_size import measured_size
+
+    guess = ("a guess: the checkpoint records no training size; set IMG_SIZE to the size it was trained at, or let "
+             "the first training measure it")
+    tie = FakeEvaluator({320: (0.0, 0.0), 640: (0.0, 0.0)})   # finds nothing at either size
+    found = start_model_size(sized, sized.model_path, "best-1", examples_of(12), ["fire", "smoke"], evaluate=tie)
+    assert (found.size, found.reason, found.guess) == (640, guess, True)
+    assert measured_size(sized.model_dir, sized.model_path) is None
+    # other classes than the labels: nothing to measure on
+    found = start_model_size(sized, sized.model_path, "best-1", examples_of(12), ["person"], evaluate=refuse)
+    assert found.guess and "cannot be measured" in caplog.text
+    # 3 images: used (and recorded), but measured again by the next job, which has more
+    few = start_model_size(sized, sized.model_path, "best-1", examples_of(3), ["fire", "smoke"],
+                           evaluate=FakeEvaluator({320: (0.2, 0.1), 640: (0.5, 0.2)}))
+    assert few.size == 640 and not few.guess and not few.measured.settled
+    assert measured_size(sized.model_dir, sized.model_path).size == 640
+    # a measurement that fails goes on with what was known
+    failing = FakeEvaluator({})   # KeyError at the first size
+    found = start_model_size(sized, sized.model_path, "best-1", examples_of(12), ["fire", "smoke"], evaluate=failing)
+    assert (found.size, found.reason) == (640, few.reason) and "could not measure" in caplog.text
+    more = FakeEvaluator({320: (0.7, 0.3), 640: (0.4, 0.1)})
+    found = start_model_size(sized, sized.model_path, "best-1", examples_of(30), ["fire", "smoke"], evaluate=more)
+    assert len(more.calls) == 2 and found.size == 320 and found.measured.images == 30
+    assert measured_size(sized.model_dir, sized.model_path).settled
+
+
+def test_the_probe_spreads_over_the_tasks_and_reads_originals_at_the_larger_size():
+    from yolo_backend.jobs.dataset import ExampleImages, class_map
+    from yolo_backend.jobs.sizing import spread
+
+    examples = examples_of(120)
+    picked = spread(examples, 50)
+    assert len(picked) == 50 and picked[0].task_id == 1 and picked[-1].task_id > 110
+    images = ExampleImages(examples[:2], 128, class_map(["smoke", "fire"], ["fire", "smoke"]))
+    image, labels = images.get(0)
+    assert image.shape == (128, 128, 3) and images.reloaded == 1          # the original, not the 64 px copy
+    assert labels.tolist() == [[1.0, 10.0, 10.0, 60.0, 50.0]]            # class renumbered, boxes in 128 px
+    image, labels = ExampleImages(examples[:1], 32).get(0)
+    assert image.shape == (32, 32, 3) and labels[0, 1:].tolist() == [2.5, 2.5, 15.0, 12.5]
+    assert class_map(["fire"], ["fire", "smoke"]) is None
+
+
+def test_train_and_publish_compares_at_the_measured_size_and_marks_not_compared(sized):
+    from yolo_backend.jobs.training import train_and_publish
+    from yolo_backend.registry import Registry
+
+    seen = {}
+
+    def trainer(data, callback):
+        seen["start_img_size"] = data.start_img_size
+        shutil.copyfile(data.start_checkpoint, data.out_path)
+        return {"path": str(data.out_path), "metrics": {"map50": 0.5, "map": 0.2}, "baseline_metrics": None}
+
+    evaluator = FakeEvaluator({320: (0.747, 0.26), 640: (0.181, 0.04)})
+    summary, version = train_and_publish(sized, 5, examples_of(12), ["fire", "smoke"], trainer,
+                                         job_id="job-1", size_evaluator=evaluator)
+    assert seen["start_img_size"] == 320 and len(evaluator.calls) == 2
+    assert summary["start_img_size"]["size"] == 320 and summary["start_img_size"]["measured_now"] is True
+    assert summary["compared"] is False and summary["decision"].startswith("not compared: ")
+    meta = Registry.for_project(sized.model_dir, 5).latest().meta()
+    assert meta["compared"] is False and meta["parent_img_size"]["size"] == 320
+    assert meta["parent_img_size"]["reason"].startswith("measured on 12 annotated images of project 5")
+
+
+def test_the_first_training_waits_for_enough_annotations(tmp_path, monkeypatch, start_checkpoint):
+    """3 annotated tasks: the job ends at once as "waiting" (no image downloaded, nothing trained), and the
+    dashboard says how many more; 10: it trains (MIN_ANNOTATIONS_FIRST_TRAINING's default)."""
+    from yolo_backend.jobs.history import read_runs
+    from yolo_backend.jobs.job import run_training_job
+    from yolo_backend.runtime import BackendContext
+    from yolo_backend.server.status import project_status
+
+    def task(i):
+        return {"id": i, "data": {"image": f"/data/upload/1/img{i}.png"},
+                "annotations": [{"id": i, "result": [box(10, 20, 30, 40)], "was_cancelled": False}]}
+
+    model_dir = tmp_path / "models"
+    with FakeLabelStudio([task(i) for i in range(1, 4)]) as label_studio:
+        for key, value in {"MODEL_DIR": str(model_dir), "MODEL_PATH": str(start_checkpoint), "IMG_SIZE": "128",
+                           "TRAIN_IMG_SIZE": "160", "IMAGE_CACHE_DIR": str(tmp_path / "cache"),
+                           "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": TOKEN,
+                           "BACKEND_URL": FAKE_BACKEND_URL}.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.delenv("MIN_ANNOTATIONS_FIRST_TRAINING", raising=False)
+        options = {"settle_s": 0, "trainer": "tests.test_jobs:fake_train"}
+        result = run_training_job(1, "START_TRAINING", {}, options)
+        assert result["waiting"] is True and result["trained"] is False and not seen_calls(model_dir)
+        assert result["reason"] == ("waiting for 7 more annotations: the first training needs 10 annotated images "
+                                    "(MIN_ANNOTATIONS_FIRST_TRAINING), the project has 3")
+        assert not [k for k in label_studio.hits if "/data/upload/" in k]   # no image was downloaded
+        [run] = read_runs(model_dir, 1)
+        assert (run["outcome"], run["annotations"], run["annotations_needed"]) == ("waiting", 3, 10)
+        context = BackendContext.from_settings(Settings.from_env(), loader=fake_loader)
+        status = project_status(context, 1)
+        assert status["waiting_for_annotations"]["more"] == 7 and status["versions"] == []
+        assert status["waiting_for_annotations"]["text"].startswith("waiting for 7 more annotations")
+
+        label_studio.tasks.extend(task(i) for i in range(4, 11))
+        label_studio.images.update({f"img{i}.png": label_studio.images["img1.png"] for i in range(4, 11)})
+        result = run_training_job(1, "START_TRAINING", {}, options)
+        assert result["published"] is True and len(seen_calls(model_dir)) == 1
+        status = project_status(context, 1)
+        assert status["waiting_for_annotations"] is None and status["versions"][0]["status"] == "published"
+        # published: later requests never wait, whatever the count
+        monkeypatch.setenv("MIN_ANNOTATIONS_FIRST_TRAINING", "1000")
+        assert run_training_job(1, "START_TRAINING", {}, options)["trained"] is True
+
+
+def test_the_reference_checkpoint_trained_at_320_measures_320(shared_dir, ckpt_dir, tmp_path, torch_one_thread):
+    """The issue's case with the real engine: the reference-trained yolov7-tiny (trained at 320, recording no size)
+    on 12 fire-smoke validation photos (608 px, kept at 320 as a job keeps them, read again for 640)."""
+    from yolo_backend.jobs.dataset import Example, scale_to
+    from yolo_backend.jobs.sizing import start_model_size
+    from yolo_backend.serving_size import measured_size
+    from yolo_backend.yolov7.dataset import load_data
+
+    photos = load_data(str(shared_dir / "data" / "fire-smoke")).val[:12]
+    examples = []
+    for task_id, sample in enumerate(photos, 1):
+        small, r = scale_to(sample.load_image(), 320)
+        examples.append(Example(task_id, small, sample.boxes * r, sample.classes.copy(), sample.load_image, r))
+    checkpoint = str(ckpt_dir / "yolov7-tiny_fire-smoke_ref-trained.pt")
+    settings = Settings.from_env({}, model_dir=str(tmp_path / "models"), train_img_size=320, device="cpu")
+    found = start_model_size(settings, checkpoint, "ref", examples, ["fire", "smoke"], 1)
+    scores = {s.size: s.map50 for s in found.measured.scores}
+    assert found.size == 320 and found.measured_now and scores[320] > scores[640] + 0.2, scores
+    assert measured_size(settings.model_dir, checkpoint).size == 320
+
+
+def test_progress_phases_and_a_steady_epoch_total(tmp_path):
+    """The engine re-plans its epochs to the time budget after each one (the issue saw 14, 17, 14, 13): the job
+    shows "at most" the plan until an epoch is timed, then the lower median of the recent plans; and the engine's
+    "setup" ("reading data") is a phase of its own, not a message that stays on for the whole training."""
+    from yolo_backend.jobs.job import JobReporter
+    from yolo_backend.jobs.training import TrainingProgress
+    from yolo_backend.server.status import job_progress
+
+    class Job:
+        id, meta = "train-1-x", {}
+
+        def save_meta(self):
+            pass
+
+    job = Job()
+    reporter = JobReporter(job, Settings.from_env({}, model_dir=str(tmp_path)))
+    progress = TrainingProgress(30, reporter.progress)
+    reporter.progress({"phase": "preparing", "message": "preparing 40 training and 10 validation images"})
+    progress({"phase": "setup", "message": "reading data"})
+    assert job.meta["phase"] == "preparing" and "reading data" not in str(job.meta)
+    shown = []
+    for epoch, planned in enumerate((30, 14, 17, 14, 13)):
+        for iteration in range(2):
+            progress({"phase": "train", "epoch": epoch, "epochs": planned, "iteration": iteration, "iterations": 2,
+                      "loss": 1.0, "elapsed": float(epoch)})
+            reporter.update({}, force=True)
+            view = job_progress({"phase": job.meta["phase"], "status": "started", "progress": job.meta["progress"]})
+            assert view["phase"] == "training" and view["message"] is None, view
+            shown.append(view["epochs_text"])
+        progress({"phase": "eval", "epoch": epoch, "epochs": planned, "message": "evaluating"})
+        assert job.meta["phase"] == "evaluating"
+    assert shown[::2] == ["1 of at most 30", "2 of about 14", "3 of about 14", "4 of about 14", "5 of about 14"]
+    # never below the epoch running; the epoch limit itself is exact
+    late = TrainingProgress(30, lambda e: None)
+    assert [late.fields({"phase": "train", "epoch": e, "epochs": p})["epochs"] for e, p in
+            ((0, 30), (1, 3), (2, 3), (3, 4), (4, 5))] == [30, 3, 3, 4, 5]
+    exact = TrainingProgress(6, lambda e: None)
+    assert [exact.fields({"phase": "epoch", "epoch": e, "epochs": 6})["epochs_note"] for e in range(3)] == \
+        ["at most", None, None]

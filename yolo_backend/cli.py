@@ -143,14 +143,18 @@ def _add_info(subparsers) -> None:
 def _run_info(args) -> int:
     _require_file(args.weights)
     settings = _settings()
-    from .detector_settings import img_size_for
+    from .detector_settings import serving_size
     from .yolov7.checkpoint import describe, load_checkpoint, model_from_checkpoint, trained_img_size
 
     ckpt = load_checkpoint(args.weights)
     # Describe the training-form graph: its parameter count is the one users know (fusing folds BN away).
     info = describe(model_from_checkpoint(ckpt, device="cpu", fuse=False))
     info["trained_img_size"] = trained_img_size(ckpt)  # None: not recorded (official YOLOv7 checkpoints)
-    info["serve_img_size"], info["serve_img_size_reason"] = img_size_for(ckpt, settings)
+    # The server's rule: IMG_SIZE, else what a training measured (MODEL_DIR), else the training size, else 640.
+    size = serving_size(ckpt, settings)
+    info["serve_img_size"], info["serve_img_size_reason"], info["serve_img_size_guess"] = \
+        size.size, size.reason, size.guess
+    info["serve_img_size_measured"] = size.measured.to_json() if size.measured else None
     if args.json:
         print(json.dumps(info, indent=1, default=str))
         return 0
@@ -168,7 +172,7 @@ def _run_info(args) -> int:
             key, value = "trained at", value if value is not None else "not recorded"
         elif key == "serve_img_size":
             key, value = "serves at", f"{value} ({info['serve_img_size_reason']})"
-        elif key == "serve_img_size_reason":
+        elif key in ("serve_img_size_reason", "serve_img_size_guess", "serve_img_size_measured"):
             continue
         print(f"{key + ':':<11} {value}")
     return 0

@@ -12,6 +12,12 @@ Which checkpoint serves a project, first match wins:
      are empty until it has learned from the first annotations.
 Without a label config either, predicting raises NoModelError, which says what to set.
 
+The size a checkpoint serves at (``detector_settings.serving_size``): IMG_SIZE, else the size a training measured for
+a checkpoint that records none (MODEL_DIR/serving-sizes.json, ``serving_size.py``), else the size it was trained at,
+else 640 as a guess, said as such in the load log line (a WARNING) and on the dashboard (``serving_size``). A new
+measurement is picked up like a new version: the file's stat is part of the stamp, and the model is loaded again at
+the measured size.
+
 Finding the source costs a few stats (re-checked at most every ``check_interval`` seconds); version names come
 from the registry or from the checkpoint's sha256 (cached), so ``/setup`` never loads a model. The model itself
 is loaded lazily on first use, under a lock, and kept per version: a request holds a ``LoadedModel`` reference and
@@ -28,11 +34,12 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .registry import Registry, RegistryError, checkpoint_version
+from .serving_size import measured_size, sizes_stamp
 from .settings import Settings
 from .yolov7.untrained import UNTRAINED_GRAPH, UNTRAINED_VERSION, build_untrained_checkpoint
 
@@ -53,6 +60,7 @@ class ModelSource:
     path: Path      # the checkpoint file
     version: str    # the model_version predictions carry
     origin: str     # where it was found, for log lines
+    measured_size: Optional[int] = None  # the size a training measured for it (IMG_SIZE unset); a change reloads
 
 
 @dataclass(frozen=True)
@@ -72,8 +80,14 @@ class LoadedModel:
 
     @property
     def img_size_reason(self) -> Optional[str]:
-        """Why it runs at that size: "trained at 320", "IMG_SIZE=640", "official checkpoint: 640"."""
+        """Why it runs at that size: "trained at 320", "IMG_SIZE=640", "measured on 47 annotated images of project
+        3: mAP@0.5 0.747 at 320, 0.181 at 640", "a guess: the checkpoint records no training size; ..."."""
         return getattr(self.detector, "img_size_reason", None)
+
+    @property
+    def img_size_guess(self) -> bool:
+        """Whether the size is the 640 guess for a checkpoint that records no training size."""
+        return bool(getattr(self.detector, "img_size_guess", False))
 
 
 # (checkpoint path, settings) -> (detector, class names)
@@ -111,6 +125,14 @@ def resolve_source(settings: Settings, project_id: Optional[int], use_pin: bool 
     untrained placeholder (``v0-untrained``) never wins over a real MODEL_PATH: it only stood in while none was
     set; versions trained from it do.
     """
+    source = _resolve_source(settings, project_id, use_pin)
+    if source is None or settings.img_size is not None:
+        return source
+    measured = measured_size(settings.model_dir, source.path)
+    return replace(source, measured_size=measured.size) if measured is not None else source
+
+
+def _resolve_source(settings: Settings, project_id: Optional[int], use_pin: bool) -> Optional[ModelSource]:
     registries = Registry.lookup_order(settings.model_dir, project_id)
     pinned = settings.model_version if use_pin else None
     if pinned:
@@ -199,6 +221,7 @@ class ModelHolder:
         self._load_lock = threading.Lock()
         self._sources: dict[Optional[int], tuple[float, tuple, Optional[ModelSource]]] = {}
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._sizes: dict[str, Any] = {}  # source key -> ServingSize, for the dashboard (``serving_size``)
         self.loads = 0  # how many times a model was loaded (metrics, tests)
         self._said: set = set()  # log lines already written once
 
@@ -208,6 +231,7 @@ class ModelHolder:
 
     def _stamp(self, project_id: Optional[int]) -> tuple:
         stamps: list[Any] = [r.stamp() for r in self._registries(project_id)]
+        stamps.append(sizes_stamp(self.settings.model_dir))  # a measured size: loaded again at that size
         if self.settings.model_path:
             try:
                 st = os.stat(self.settings.model_path)
@@ -288,7 +312,7 @@ class ModelHolder:
                 "MODEL_PATH=/models/best.pt, or publish a trained version into MODEL_DIR="
                 f"{self.settings.model_dir} (with a label config that has RectangleLabels, an untrained model is "
                 "built for it instead)")
-        key = f"{source.version}@{source.path}"
+        key = f"{source.version}@{source.path}@{source.measured_size}"
         with self._lock:
             model = self._models.get(key)
             if model is not None:
@@ -307,8 +331,9 @@ class ModelHolder:
             model = LoadedModel(source, detector, tuple(names))
             self.loads += 1
             size = f"img_size {model.img_size} ({model.img_size_reason})" if model.img_size else "img_size unknown"
-            log.info("loaded model %s (%s; classes: %s; %s) in %.2f s", source.version, source.origin,
-                     ", ".join(model.names), size, time.perf_counter() - started)
+            log.log(logging.WARNING if model.img_size_guess else logging.INFO,
+                    "loaded model %s (%s; classes: %s; %s) in %.2f s", source.version, source.origin,
+                    ", ".join(model.names), size, time.perf_counter() - started)
             with self._lock:
                 self._models[key] = model
                 while len(self._models) > self.keep_models:
@@ -359,3 +384,30 @@ class ModelHolder:
     def loaded_versions(self) -> list[str]:
         with self._lock:
             return [m.version for m in self._models.values()]
+
+    def serving_size(self, project_id: Optional[int] = None, labels: Sequence[str] = ()):
+        """The size the model serving ``project_id`` runs at and why (a ``detector_settings.ServingSize``), for the
+        dashboard, without loading a model: the loaded model's own when it is loaded, else the rule applied to its
+        checkpoint (read once per file and measurement). None when nothing serves or the file cannot be read."""
+        from .detector_settings import ServingSize, serving_size
+
+        source = self.source(project_id)
+        if source is None:
+            return ServingSize(640, "untrained: 640") if labels else None
+        key = f"{source.version}@{source.path}@{source.measured_size}"
+        with self._lock:
+            model = self._models.get(key)
+            known = self._sizes.get(key)
+        if model is not None and model.img_size:
+            return ServingSize(model.img_size, model.img_size_reason or "", model.img_size_guess)
+        if known is None:
+            try:
+                known = serving_size(source.path, self.settings)
+            except Exception as exc:  # a damaged file: the load says why when it is served
+                log.debug("serving size of %s unknown: %s", source.path, exc)
+                return None
+            with self._lock:
+                if len(self._sizes) > 64:  # one per version served since; old versions are gone
+                    self._sizes.clear()
+                self._sizes[key] = known
+        return known

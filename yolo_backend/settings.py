@@ -75,8 +75,10 @@ class Settings:
         0, "CPU threads for inference; 0 picks the number of physical cores available to the process.")
     img_size: Optional[int] = setting(
         None, "Inference size: the long side of the letterboxed image (multiple of 32). Unset: the size the "
-        "checkpoint was trained at when it records one (ours do, e.g. 320 from TRAIN_IMG_SIZE), else 640 (official "
-        "YOLOv7 checkpoints); when set it wins for every checkpoint.")
+        "checkpoint was trained at when it records one (ours do, e.g. 320 from TRAIN_IMG_SIZE); for one that records "
+        "none (official YOLOv7 `best.pt`), the size the project's first training measured as the better one on the "
+        "annotated images (`MODEL_DIR/serving-sizes.json`), and until then 640 as a guess (the log, `info` and the "
+        "dashboard say so). When set it wins for every checkpoint: set it to the size your `best.pt` was trained at.")
     inference_backend: str = setting(
         "auto", "`auto` (ONNX Runtime on the CPU when it imports, torch on CUDA), `torch` or `onnxruntime`.")
     onnx_cache_dir: str = setting(
@@ -168,6 +170,12 @@ class Settings:
     train_warmup_epochs: float = setting(
         1.0, "Epochs of learning-rate warm-up per job. Jobs start from a trained model, so one epoch is enough; "
         "the reference's 3 were most of a CPU job.")
+    min_annotations_first_training: int = setting(
+        10, "Annotated images a project needs before its first training: a request before that ends at once, "
+        "recorded as \"waiting\" (the dashboard says how many more). One image trained for the whole time budget and "
+        "published unchecked; with 10, about 8 train and 2 validate (still too few to compare with the start model: "
+        "the version is marked \"not compared\"; about 30 give the 4+ validation images a comparison needs). "
+        "0: train from the first annotation.")
     keep_versions: int = setting(5, "Published versions kept per project; older ones are deleted (0 keeps all).")
     force_publish: bool = setting(
         False, "Publish every trained model, even when it is worse on the validation split than the current one.")
@@ -233,6 +241,7 @@ class Settings:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must be greater than 0")
         for name in ("image_cache_mb", "keep_versions", "torch_threads", "max_image_pixels", "train_nominal_batch",
+                     "min_annotations_first_training",
                      "train_warmup_epochs", "pool_clusters", "publish_tolerance_se"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must not be negative")

@@ -12,8 +12,10 @@ Settings changed from the defaults: only IMAGE_CACHE_DIR and ONNX_CACHE_DIR, mov
 (defaults ./data/... under the repository root): the same behaviour (fresh caches, as on a first start), nothing
 written into the checkout. Training runs on its defaults (TRAIN_EPOCHS 30, TRAIN_TIME_BUDGET_S 300, TRAIN_IMG_SIZE
 320, TRAIN_BATCH_SIZE 8): on a dozen annotations the epoch limit ends a job in well under a minute on 2 cores, so
-the CI time stays bounded without touching them. Inference too (IMG_SIZE 640, TORCH_THREADS auto), and gunicorn,
-TRAINING_ACTIONS, FORCE_PUBLISH (off), POOL_SCORING (on: the worker also scores every task after each publish).
+the CI time stays bounded without touching them. Inference too (IMG_SIZE unset: the reference checkpoint, which
+records no training size, serves at 640 until the first training measures it, TORCH_THREADS auto), and gunicorn,
+TRAINING_ACTIONS, FORCE_PUBLISH (off), POOL_SCORING (on: the worker also scores every task after each publish),
+MIN_ANNOTATIONS_FIRST_TRAINING (10: requests before the tenth annotation end as "waiting").
 """
 from __future__ import annotations
 

@@ -122,7 +122,8 @@ class Stack:
                     "IMAGE_CACHE_DIR": str(tmp_path / "cache"), "LABEL_STUDIO_URL": self.label_studio.url,
                     "LABEL_STUDIO_API_KEY": TOKEN, "BACKEND_URL": FAKE_BACKEND_URL, "REDIS_URL": redis_url,
                     "RQ_QUEUE_NAME": f"dashboard-{os.getpid()}-{time.monotonic_ns()}", "IMG_SIZE": "128",
-                    "TRAIN_IMG_SIZE": "160", "TORCH_THREADS": "1", "LOG_LEVEL": "INFO"}
+                    "TRAIN_IMG_SIZE": "160", "TORCH_THREADS": "1", "LOG_LEVEL": "INFO",
+                    "MIN_ANNOTATIONS_FIRST_TRAINING": "1"}  # the first training on make_tasks()' 6 annotations
         settings = Settings.from_env(self.env)
         self.queue = TrainingQueue(settings, job_options={"trainer": TRAINER, "settle_s": 0,
                                                           "lock_ttl": 5})

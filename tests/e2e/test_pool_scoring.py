@@ -77,6 +77,7 @@ def test_pool_scoring_clusters_and_uncertainty_sampling(label_studio, redis_serv
         "IMG_SIZE": "320", "TORCH_THREADS": "1", "LOG_LEVEL": "INFO",
         "TRAIN_IMG_SIZE": "320", "TRAIN_EPOCHS": "1", "TRAIN_TIME_BUDGET_S": "30", "TRAIN_BATCH_SIZE": "4",
         "FORCE_PUBLISH": "true", "POOL_CHUNK_SIZE": "15", "POOL_CLUSTERS": "3", "UNCERTAINTY_SAMPLING": "true",
+        "MIN_ANNOTATIONS_FIRST_TRAINING": str(ANNOTATED),  # the one training below sees all of them
     }
     backend, url = harness.start_backend(workdir, env)
     workers = [harness.ManagedProcess(f"rq-worker-{n}", [sys.executable, "-m", "yolo_backend", "worker"],

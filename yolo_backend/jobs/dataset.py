@@ -1,10 +1,15 @@
 """The training data, from Label Studio: every annotated task's latest annotation (a submitted one without boxes is
 a negative image), its image scaled to the training size, and the train / validation split by a hash of the task
 id (stable across jobs: a task never changes sides). Bad regions are skipped and counted (labelstudio/regions.py).
+
+Evaluating a model at a size larger than the training size (a start model that serves at 640) needs the images
+larger than they are kept: ``example_eval_set`` reads each one again from the image cache (``Example.reload``),
+one batch at a time, so memory stays that of the training-size copies.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -38,6 +43,8 @@ class Example:
     image: np.ndarray
     boxes: np.ndarray
     classes: np.ndarray
+    reload: Optional[Callable[[], np.ndarray]] = None  # the original image again (None: ``image`` is all there is)
+    scale: float = 1.0                                  # ``image`` is the original scaled by this (<= 1)
 
 
 @dataclass
@@ -52,6 +59,7 @@ class TrainingData:
     out_path: Path
     settings: Settings
     extra: dict = field(default_factory=dict)
+    start_img_size: Optional[int] = None  # the size to evaluate the start model at (its serving size, jobs/sizing.py)
 
 
 Trainer = Callable[[TrainingData, Callable[[dict], None]], dict]
@@ -156,7 +164,8 @@ def collect_examples(context, project_id: int, target, tasks: list[dict], size: 
         for region in bad:
             log.warning("task %s: %s; skipped", shorten(task.get("id"), 40), cut(region.message, 400))
         small, r = scale_to(image, size)
-        return Example(int(task["id"]), np.ascontiguousarray(small), boxes * r, classes), unknown, bad
+        reload = functools.partial(context.images.load, url, task.get("id"))  # from the image cache, when needed
+        return Example(int(task["id"]), np.ascontiguousarray(small), boxes * r, classes, reload, r), unknown, bad
 
     examples = []
     with ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS, thread_name_prefix="train-download") as pool:
@@ -174,3 +183,61 @@ def collect_examples(context, project_id: int, target, tasks: list[dict], size: 
         log.warning("%d annotated box(es) carry labels that are not in the label config (%s); skipped",
                     counts["unknown_labels"], ", ".join(target.labels))
     return sorted(examples, key=lambda e: e.task_id), counts
+
+
+def usable_annotations(tasks: list[dict]) -> int:
+    """How many of ``tasks`` have a latest annotation that was not cancelled (what a training would use, images
+    permitting)."""
+    return sum(1 for task in tasks if latest_annotation(task) is not None)
+
+
+class ExampleImages:
+    """Examples as an evaluation set reads them (``yolov7.dataset.ResizedImages``' interface: ``len`` and
+    ``get(i) -> (image, labels [class, x1, y1, x2, y2])``) at long side ``size``. An image kept smaller than that
+    is read again at full size (``Example.reload``) and dropped after use; ``class_map`` renumbers the classes
+    (label index -> the model's class index)."""
+
+    def __init__(self, examples: list[Example], size: int, class_map: Optional[list[int]] = None):
+        self.examples, self.size, self.class_map = list(examples), size, class_map
+        self.reloaded = 0   # how many came from the image cache (tests, log)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def get(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        from ..yolov7.preprocess import resize_long_side
+
+        example = self.examples[index]
+        image, boxes = example.image, example.boxes
+        if max(image.shape[:2]) < self.size and example.reload is not None and example.scale < 1:
+            try:
+                image, boxes = example.reload(), example.boxes / example.scale
+                self.reloaded += 1
+            except Exception as exc:  # gone from the cache and the source: the kept copy, upscaled, will do
+                log.info("task %s: image not available again (%s); evaluating its smaller copy", example.task_id,
+                         cut(exc, 200))
+        resized, r = resize_long_side(image, self.size)
+        classes = example.classes if self.class_map is None else np.asarray(
+            [self.class_map[c] for c in example.classes], np.int64)
+        labels = np.zeros((len(boxes), 5), np.float32)
+        labels[:, 0] = classes
+        labels[:, 1:] = boxes * r
+        return resized, labels
+
+
+def example_eval_set(examples: list[Example], size: int, class_map: Optional[list[int]] = None):
+    """A ``yolov7.dataset.EvalSet`` over ``examples`` at ``size`` that keeps nothing (``ExampleImages``)."""
+    from ..yolov7.dataset import EvalSet
+
+    eval_set = EvalSet([], size, cache=False)
+    eval_set.images = ExampleImages(examples, size, class_map)  # its one source of images (EvalSet.__iter__)
+    return eval_set
+
+
+def class_map(model_names: list[str], label_names: list[str]) -> Optional[list[int]]:
+    """Label index -> the model's class index, matched case-insensitively; None when the two name sets differ
+    (the model cannot be scored on these labels)."""
+    index = {str(name).lower(): i for i, name in enumerate(model_names)}
+    if len(index) != len(model_names) or sorted(index) != sorted(str(n).lower() for n in label_names):
+        return None
+    return [index[str(name).lower()] for name in label_names]

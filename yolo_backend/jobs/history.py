@@ -13,7 +13,9 @@ One line per run, appended by the job that holds the project's lock (so one writ
      "train_images": 30, "val_images": 8, "metrics": {...}, "baseline_metrics": {...},
      "epochs_run": 10, "train_seconds": 81.0, "job_seconds": 95.3}
 
-``outcome`` is one of OUTCOMES. Writing never raises: a run must not fail because its history could not be
+``outcome`` is one of OUTCOMES: "waiting" is a request before the project's first training that found fewer
+annotations than MIN_ANNOTATIONS_FIRST_TRAINING (``annotations``, ``annotations_needed``); a published run with
+``compared`` false was published without a comparison with the model it replaced (too few validation images). Writing never raises: a run must not fail because its history could not be
 written (a warning is logged instead). The file is trimmed to the last MAX_RUNS runs.
 """
 
@@ -33,13 +35,14 @@ from ..registry import Registry
 log = logging.getLogger(__name__)
 
 HISTORY_FILE = "history.jsonl"
-OUTCOMES = ("published", "rejected", "skipped", "failed")
+OUTCOMES = ("published", "rejected", "skipped", "failed", "waiting")
 MAX_RUNS = 1000
 
 # Summary fields (of ``train_project``) copied into a run's record as they are.
 _SUMMARY_FIELDS = ("event", "parent", "annotated_tasks", "negatives", "boxes", "image_failed", "cancelled_only",
                    "unknown_labels", "train_images", "val_images", "metrics", "baseline_metrics", "epochs_run",
-                   "best_epoch", "stopped_by_budget", "train_seconds", "labels")
+                   "best_epoch", "stopped_by_budget", "train_seconds", "labels", "compared", "start_img_size",
+                   "annotations", "annotations_needed")
 
 
 def history_path(model_dir: str | os.PathLike, project_id: int) -> Path:
@@ -48,6 +51,8 @@ def history_path(model_dir: str | os.PathLike, project_id: int) -> Path:
 
 def outcome_of(summary: dict) -> tuple[str, Optional[str]]:
     """(outcome, reason) of a finished run's summary."""
+    if summary.get("waiting"):
+        return "waiting", summary.get("reason")
     if not summary.get("trained"):
         return "skipped", summary.get("reason")
     if summary.get("published"):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from ..registry import Registry
 from ..settings import Settings
@@ -11,7 +11,7 @@ from . import TrainingError
 
 log = logging.getLogger(__name__)
 
-MIN_VALIDATION_IMAGES = 4         # fewer: the comparison with the current model is noise, publish
+MIN_VALIDATION_IMAGES = 4         # fewer: the comparison with the current model is noise, publish "not compared"
 
 
 def current_model(settings: Settings, project_id: int) -> tuple[Optional[str], Optional[str]]:
@@ -33,27 +33,40 @@ def fitness(metrics: Optional[dict]) -> float:
     return engine_fitness(metrics)
 
 
+class Decision(NamedTuple):
+    """Whether a trained model is published, why (for the log and the version's meta), and whether it was compared
+    with the model it replaces at all (False: too few validation images, or nothing to compare with; such a
+    version is marked "not compared" wherever it is shown)."""
+
+    publish: bool
+    why: str
+    compared: bool
+
+
 def publish_decision(settings: Settings, metrics: Optional[dict], baseline: Optional[dict], val_images: int,
-                     fitness_se: Optional[float] = None) -> tuple[bool, str]:
+                     fitness_se: Optional[float] = None) -> Decision:
     """Publish unless the new model is worse than the current one on the job's validation split by more than
     PUBLISH_TOLERANCE_SE standard errors of the difference (``fitness_se``, a paired bootstrap over those images;
-    None: no tolerance). Returns (publish?, why, for the log and the version's meta)."""
-    if settings.force_publish:
-        return True, "FORCE_PUBLISH is on"
+    None: no tolerance). With fewer than MIN_VALIDATION_IMAGES validation images, or no current model to compare
+    with, it is published not compared."""
     if val_images < MIN_VALIDATION_IMAGES:
-        return True, f"only {val_images} validation image(s): too few to compare (need {MIN_VALIDATION_IMAGES})"
+        why = f"not compared: only {val_images} validation image(s), too few to compare (need {MIN_VALIDATION_IMAGES})"
+        return Decision(True, f"{why}; FORCE_PUBLISH is on" if settings.force_publish else why, False)
     if baseline is None:
-        return True, "no current model with these labels to compare with"
+        why = "not compared: no current model with these labels to compare with"
+        return Decision(True, f"{why}; FORCE_PUBLISH is on" if settings.force_publish else why, False)
     new, old = fitness(metrics), fitness(baseline)
+    if settings.force_publish:
+        return Decision(True, f"FORCE_PUBLISH is on (validation fitness {new:.4f}, current {old:.4f})", True)
     if new >= old:
-        return True, f"validation fitness {new:.4f} >= current {old:.4f}"
+        return Decision(True, f"validation fitness {new:.4f} >= current {old:.4f}", True)
     margin = settings.publish_tolerance_se * (fitness_se or 0.0)
     noise = f"{settings.publish_tolerance_se:g} x SE {fitness_se:.4f} on {val_images} images" \
         if fitness_se is not None else "no SE"
     if new >= old - margin:
-        return True, f"validation fitness {new:.4f} < current {old:.4f}, within the noise ({noise})"
-    return False, (f"validation fitness {new:.4f} < current {old:.4f} by more than the noise ({noise}; raise "
-                   f"PUBLISH_TOLERANCE_SE or set FORCE_PUBLISH=true to publish anyway)")
+        return Decision(True, f"validation fitness {new:.4f} < current {old:.4f}, within the noise ({noise})", True)
+    return Decision(False, f"validation fitness {new:.4f} < current {old:.4f} by more than the noise ({noise}; raise "
+                           f"PUBLISH_TOLERANCE_SE or set FORCE_PUBLISH=true to publish anyway)", True)
 
 
 def prune_versions(registry: Registry, keep: int, protect: set[str]) -> list[str]:

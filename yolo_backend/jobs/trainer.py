@@ -1,6 +1,7 @@
 """The trainer seam: ``trainer(data: TrainingData, callback) -> dict``. The default is the fine-tuning engine
-(``yolo_backend.yolov7.train``), which also evaluates the current model on the same validation set; tests plug in
-a fast fake by ``"module:function"`` path.
+(``yolo_backend.yolov7.train``), which also evaluates the current model on the same validation set, at that
+model's own serving size (``TrainingData.start_img_size``: jobs/sizing.py); tests plug in a fast fake by
+``"module:function"`` path.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import logging
 from typing import Any, Callable, Optional
 
 from . import TrainingError
-from .dataset import DEFAULT_GRAPH, Trainer, TrainingData
+from .dataset import DEFAULT_GRAPH, Trainer, TrainingData, class_map, example_eval_set
 
 log = logging.getLogger(__name__)
 
@@ -18,10 +19,8 @@ JOB_EMA_TAU = 100.0  # EMA decay ramps to its 0.9999 over about this many optimi
 
 def fine_tune_trainer(data: TrainingData, callback: Callable[[dict], None]) -> dict:
     """Fine-tune with ``yolo_backend.yolov7.train`` and evaluate the current model on the same validation set."""
-    from ..yolov7.checkpoint import load_checkpoint, model_from_checkpoint
     from ..yolov7.dataset import Sample
-    from ..yolov7.metrics import paired_fitness_se
-    from ..yolov7.train import TrainConfig, evaluate_images, fine_tune
+    from ..yolov7.train import TrainConfig, fine_tune
 
     settings = data.settings
 
@@ -46,26 +45,41 @@ def fine_tune_trainer(data: TrainingData, callback: Callable[[dict], None]) -> d
         progress="log", names=list(data.names), train_samples=train, val_samples=val or None,
         serve_conf=settings.model_score_threshold, seed=int(data.extra.get("seed", 0)))
     result = fine_tune(config, callback)
-    baseline = fitness_se = None
-    if val and data.start_checkpoint:
-        callback({"phase": "evaluating", "message": "evaluating the current model on the validation set"})
-        try:
-            current = model_from_checkpoint(load_checkpoint(data.start_checkpoint), device="cpu", fuse=True)
-            if [n.lower() for n in current.names] == [n.lower() for n in data.names]:
-                matched = evaluate_images(current, val, list(data.names), img_size=settings.train_img_size,
-                                          serve_conf=settings.model_score_threshold)
-                baseline = matched.compute()
-                if result.val_images is not None:
-                    fitness_se = paired_fitness_se(result.val_images, matched)
-            else:
-                log.info("the current model's classes (%s) differ from the label config's (%s): not compared",
-                         ", ".join(current.names), ", ".join(data.names))
-        except Exception as exc:  # the comparison is advisory; training succeeded
-            log.warning("could not evaluate the current model %s: %s", data.start_checkpoint, exc)
+    baseline, fitness_se = evaluate_start_model(data, result.val_images, callback) if val and data.start_checkpoint \
+        else (None, None)
     return {"path": str(result.path), "metrics": result.metrics, "baseline_metrics": baseline,
             "fitness_se": fitness_se,
             "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
             "stopped_by_budget": result.stopped_by_budget, "seconds": round(result.seconds, 1)}
+
+
+def evaluate_start_model(data: TrainingData, new_images, callback: Callable[[dict], None]) \
+        -> tuple[Optional[dict], Optional[float]]:
+    """(metrics of the start model on the validation split at ``data.start_img_size``, the paired SE of the new
+    model's fitness minus its, from ``new_images``: the new model's per-image matches); (None, None) when the two
+    cannot be compared (other classes, an unreadable file). Images are read again at full size where the size is
+    larger than they are kept (``example_eval_set``)."""
+    from ..yolov7.checkpoint import load_checkpoint, model_from_checkpoint
+    from ..yolov7.metrics import paired_fitness_se
+    from ..yolov7.train import evaluate_images
+
+    settings = data.settings
+    size = data.start_img_size or settings.train_img_size
+    callback({"phase": "evaluating", "message": f"evaluating the current model on the validation set at {size}"})
+    try:
+        current = model_from_checkpoint(load_checkpoint(data.start_checkpoint), device="cpu", fuse=True)
+        mapping = class_map(list(current.names), list(data.names))
+        if mapping is None:
+            log.info("the current model's classes (%s) differ from the label config's (%s): not compared",
+                     ", ".join(current.names), ", ".join(data.names))
+            return None, None
+        matched = evaluate_images(current, example_eval_set(data.val, size, mapping), list(current.names),
+                                  img_size=size, serve_conf=settings.model_score_threshold)
+        fitness_se = paired_fitness_se(new_images, matched) if new_images is not None else None
+        return matched.compute(), fitness_se
+    except Exception as exc:  # the comparison is advisory; training succeeded
+        log.warning("could not evaluate the current model %s: %s", data.start_checkpoint, exc)
+        return None, None
 
 
 def import_by_path(spec: str, what: str, default_attr: str) -> Any:

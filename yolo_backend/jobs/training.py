@@ -1,11 +1,17 @@
 """A training run for one project (the body of ``YOLOv7Backend.fit()``), top to bottom:
 
-1. read every annotated task through the Label Studio API and its images (``dataset``);
-2. split train / validation by task id, fine-tune from the model serving the project, bounded by
-   TRAIN_TIME_BUDGET_S (``trainer``), publish when not worse on validation and prune (``publish``);
+1. read every annotated task through the Label Studio API; a project that has published nothing yet waits for
+   MIN_ANNOTATIONS_FIRST_TRAINING usable annotations (the run ends at once, outcome "waiting"); then its images
+   (``dataset``);
+2. split train / validation by task id; find the size the model serving the project is compared at, measuring it
+   when its checkpoint records none (``sizing``); fine-tune from it, bounded by TRAIN_TIME_BUDGET_S (``trainer``),
+   publish when not worse on validation, or "not compared" when the split is too small to say, and prune
+   (``publish``);
 3. switch Label Studio to the new version (``sync``) and queue the scoring of every task with it (``pool``).
 
-The RQ job that runs it is ``job.run_training_job``. Progress goes to the ``progress`` callback (the job's meta).
+The RQ job that runs it is ``job.run_training_job``. Progress goes to the ``progress`` callback (the job's meta):
+phases "reading annotations", "downloading", "measuring", "preparing", "training" (epoch of a steady estimate of
+the total, ``TrainingProgress``), "evaluating", "publishing", "syncing label studio", "done".
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import logging
 import os
 import shutil
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -23,8 +30,10 @@ from ..yolov7.untrained import UNTRAINED_VERSION
 from ..registry import ModelVersion, Registry
 from ..settings import Settings
 from . import TrainingError
-from .dataset import DEFAULT_GRAPH, Example, TrainingData, annotated_tasks, collect_examples, split_examples
+from .dataset import (DEFAULT_GRAPH, Example, TrainingData, annotated_tasks, collect_examples, split_examples,
+                      usable_annotations)
 from .publish import current_model, prune_versions, publish_decision
+from .sizing import SizeEvaluator, start_model_size
 from .sync import sync_label_studio
 from .trainer import Trainer, fine_tune_trainer
 
@@ -60,6 +69,12 @@ def train_project(context, project_id: Optional[int], event: str = "START_TRAINI
     target = find_rectangle_target(parse_label_config(label_config), settings.from_name)
     names = list(target.labels)
     tasks = annotated_tasks(client, project_id)
+    waiting = first_training_wait(settings, project_id, usable_annotations(tasks))
+    if waiting is not None:
+        log.info("project %s: %s", project_id, waiting["reason"])
+        report({"phase": "done", "message": waiting["reason"]})
+        return {"project": project_id, "event": event, "labels": names, "annotated_tasks": len(tasks),
+                "trained": False, "published": False, **waiting}
     examples, counts = collect_examples(context, project_id, target, tasks, settings.train_img_size, report)
     log.info("project %s: %d annotated task(s), %d usable (%d negative, %d boxes); %d with only cancelled "
              "annotations, %d image(s) failed", project_id, len(tasks), len(examples), counts["negatives"],
@@ -91,6 +106,18 @@ def train_project(context, project_id: Optional[int], event: str = "START_TRAINI
     return summary
 
 
+def first_training_wait(settings: Settings, project_id: int, annotations: int) -> Optional[dict]:
+    """The summary fields of a run that waits for more annotations (a project that has published no version yet
+    and has fewer than MIN_ANNOTATIONS_FIRST_TRAINING usable annotations), else None."""
+    need = settings.min_annotations_first_training
+    if annotations >= need or Registry.for_project(settings.model_dir, project_id).versions():
+        return None
+    more = need - annotations
+    return {"waiting": True, "annotations": annotations, "annotations_needed": need,
+            "reason": f"waiting for {more} more annotation{'s' if more != 1 else ''}: the first training needs {need} "
+                      f"annotated images (MIN_ANNOTATIONS_FIRST_TRAINING), the project has {annotations}"}
+
+
 def queue_pool_scoring(settings: Settings, project_id: int, version: str) -> dict:
     """After a publish, in an RQ job: queue the project's pool scoring on the same queue (POOL_SCORING)."""
     if not settings.pool_scoring:
@@ -117,9 +144,12 @@ def queue_pool_scoring(settings: Settings, project_id: int, version: str) -> dic
 def train_and_publish(settings: Settings, project_id: int, examples: list[Example], names: list[str],
                       trainer: Optional[Trainer] = None, report: Optional[Callable[[dict], None]] = None,
                       job_id: Optional[str] = None, meta: Optional[dict] = None,
-                      extra: Optional[dict] = None) -> tuple[dict, Optional[ModelVersion]]:
+                      extra: Optional[dict] = None, size_evaluator: Optional[SizeEvaluator] = None) \
+        -> tuple[dict, Optional[ModelVersion]]:
     """One training round on ``examples``, the part of ``fit()`` after the data is read: split train/validation,
-    fine-tune from the current version, publish when the rule says so, prune old versions.
+    find the size the current version is compared at (measured on ``examples`` when its checkpoint records none;
+    ``size_evaluator`` replaces the engine there), fine-tune from it, publish when the rule says so, prune old
+    versions.
 
     Returns (summary fields, the published version or None when not published). ``meta`` goes into the published
     version's meta.json; ``extra`` to the trainer (``TrainingData.extra``). The simulator calls this too, so its
@@ -131,20 +161,28 @@ def train_and_publish(settings: Settings, project_id: int, examples: list[Exampl
         start_checkpoint, parent = str(untrained_checkpoint(settings.model_dir, names)[0]), UNTRAINED_VERSION
     log.info("training project %s on %d image(s), validating on %d, from %s", project_id, len(train), len(val),
              parent or f"an untrained {DEFAULT_GRAPH}")
+    start_size = start_model_size(settings, start_checkpoint, parent, examples, names, project_id, job_id, report,
+                                  size_evaluator)
+    if settings.img_size is not None and settings.img_size != settings.train_img_size:
+        log.info("the new model is compared at TRAIN_IMG_SIZE=%d but will serve at IMG_SIZE=%d",
+                 settings.train_img_size, settings.img_size)
     registry = Registry.for_project(settings.model_dir, project_id)
     work = registry.work_folder(job_id or f"run-{os.getpid()}")
     try:
         data = TrainingData(train, val, names, start_checkpoint, parent, work / "model.pt", settings,
-                            dict(extra or {}))
-        report({"phase": "training", "train_images": len(train), "val_images": len(val)})
-        outcome = (trainer or fine_tune_trainer)(data, lambda e: report(_training_progress(e)))
+                            dict(extra or {}), start_size.size)
+        report({"phase": "preparing", "train_images": len(train), "val_images": len(val),
+                "message": f"preparing {len(train)} training and {len(val)} validation images"})
+        outcome = (trainer or fine_tune_trainer)(data, TrainingProgress(settings.train_epochs, report))
         metrics, baseline = outcome.get("metrics"), outcome.get("baseline_metrics")
-        publish, why = publish_decision(settings, metrics, baseline, len(val), outcome.get("fitness_se"))
+        decision = publish_decision(settings, metrics, baseline, len(val), outcome.get("fitness_se"))
+        why = decision.why
         summary: dict[str, Any] = dict(
             trained=True, train_images=len(train), val_images=len(val), parent=parent, metrics=metrics,
-            baseline_metrics=baseline, fitness_se=outcome.get("fitness_se"), decision=why,
+            baseline_metrics=baseline, fitness_se=outcome.get("fitness_se"), decision=why, compared=decision.compared,
+            start_img_size=start_size.meta(),
             **{k: outcome[k] for k in ("epochs_run", "best_epoch", "stopped_by_budget") if k in outcome})
-        if not publish:
+        if not decision.publish:
             log.info("project %s: new model not published: %s", project_id, why)
             summary.update(published=False, model_version=parent)
             report({"phase": "done", "message": f"not published: {why}"})
@@ -155,8 +193,9 @@ def train_and_publish(settings: Settings, project_id: int, examples: list[Exampl
             raise TrainingError(f"the trainer reported {path}, which does not exist")
         version = registry.publish(path, {
             "project": project_id, "parent": parent, "metrics": metrics, "baseline_metrics": baseline,
-            "decision": why, **(meta or {}), "train_images": len(train), "val_images": len(val),
-            "labels": names, "train_seconds": outcome.get("seconds"), "img_size": settings.train_img_size})
+            "decision": why, "compared": decision.compared, "parent_img_size": start_size.meta(), **(meta or {}),
+            "train_images": len(train), "val_images": len(val), "labels": names,
+            "train_seconds": outcome.get("seconds"), "img_size": settings.train_img_size})
         log.info("project %s: published %s (%s)", project_id, version.name, why)
         removed = prune_versions(registry, settings.keep_versions, {settings.model_version or ""})
         if removed:
@@ -168,14 +207,46 @@ def train_and_publish(settings: Settings, project_id: int, examples: list[Exampl
     return summary, version
 
 
-def _training_progress(event: dict) -> dict:
-    """The fine-tuning engine's callback events -> the job's progress fields."""
-    phase = event.get("phase")
-    keep = ("epoch", "epochs", "iteration", "iterations", "loss", "box", "obj", "cls", "lr", "elapsed", "metrics",
-            "message", "seconds")
-    progress = {k: event[k] for k in keep if k in event and event[k] is not None}
-    if "epoch" in progress:
-        progress["epoch"] = int(progress["epoch"]) + 1  # 1-based for people
-    mapped = {"setup": "training", "train": "training", "epoch": "training", "eval": "evaluating",
-              "done": "trained"}.get(phase, phase or "training")
-    return {"phase": mapped, **progress}
+class TrainingProgress:
+    """The fine-tuning engine's callback events -> the job's progress fields, sent to ``report``.
+
+    The engine re-plans its epochs to the time budget after each one (from the mean of the last 3 epoch times), so
+    its total moves (14, 17, 14, 13). People get a steady estimate: before any epoch has been timed, the plan
+    (TRAIN_EPOCHS) as an upper bound ("at most 30"); then the lower median of the plans of the last PLANS_KEPT epochs ("about
+    14"), never below the epoch running. Phases: the engine's "setup" is "preparing" (with its own message, so
+    no "reading data" stays behind), train/epoch events are "training", "eval" is "evaluating".
+    """
+
+    PLANS_KEPT = 5
+    PHASES = {"setup": "preparing", "train": "training", "epoch": "training", "eval": "evaluating",
+              "done": "trained"}
+
+    def __init__(self, max_epochs: int, report: Callable[[dict], None]):
+        self.max_epochs, self.report = max(1, int(max_epochs)), report
+        self.plans: deque[tuple[int, int]] = deque(maxlen=self.PLANS_KEPT)  # (epoch, its planned total)
+
+    def __call__(self, event: dict) -> None:
+        self.report(self.fields(event))
+
+    def fields(self, event: dict) -> dict:
+        phase = event.get("phase")
+        keep = ("epoch", "epochs", "iteration", "iterations", "loss", "box", "obj", "cls", "lr", "elapsed",
+                "metrics", "message", "seconds")
+        progress = {k: event[k] for k in keep if k in event and event[k] is not None}
+        if isinstance(event.get("epoch"), int):
+            progress["epoch"] = event["epoch"] + 1  # 1-based for people
+            if isinstance(event.get("epochs"), int):
+                progress["epochs"], progress["epochs_note"] = self.estimate(event["epoch"], event["epochs"])
+        if phase == "setup":
+            progress["message"] = "preparing the training data and the model"
+        return {"phase": self.PHASES.get(phase, phase or "training"), **progress}
+
+    def estimate(self, epoch: int, planned: int) -> tuple[int, Optional[str]]:
+        """(total to show, "about" / "at most" / None) at 0-based ``epoch`` whose plan is ``planned``."""
+        if epoch >= 1 and (not self.plans or self.plans[-1][0] != epoch):
+            self.plans.append((epoch, planned))  # the plan made when this epoch started (timed epochs behind it)
+        if not self.plans:  # the time budget may end the run before the epochs it plans
+            return planned, "at most"
+        ordered = sorted(total for _, total in self.plans)
+        total = max(ordered[(len(ordered) - 1) // 2], epoch + 1)
+        return total, None if total == self.max_epochs else "about"

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 
 from flask import Blueprint, Flask, Response, abort, current_app, jsonify, render_template_string, request
 
+from ..jobs.publish import MIN_VALIDATION_IMAGES
 from . import charts
 from . import status as dashboard_status
 from .prometheus import PredictMetrics, StateCollector, exposition
@@ -167,7 +168,10 @@ def render_page(data: dict, nonce: str) -> str:
                                   num=_num, duration=_duration,
                                   model_class=current_app.extensions["ml_backend"].backend_class.__name__,
                                   threshold=data["serve_threshold"], min_val=dashboard_status.MIN_VAL_IMAGES,
-                                  min_boxes=dashboard_status.MIN_CLASS_BOXES)
+                                  min_boxes=dashboard_status.MIN_CLASS_BOXES,
+                                  min_compare=MIN_VALIDATION_IMAGES,
+                                  min_first=current_app.extensions["ml_backend"]["context"].settings
+                                  .min_annotations_first_training)
 
 
 PAGE = """<!doctype html>
@@ -205,6 +209,9 @@ PAGE = """<!doctype html>
   .status-failed { color: #c62828; font-weight: 600; } .status-skipped { color: #666; font-weight: 600; }
   .serving { background: #eef6ff; }
   .tag { font-size: .8em; background: #1f77b4; color: #fff; border-radius: 3px; padding: 0 4px; }
+  .tag.not-compared { background: #b35900; }
+  .img-size.guess { color: #b35900; } .img-size.guess b { color: #b35900; }
+  .status-waiting { color: #666; font-weight: 600; }
   ul.warnings { font-family: ui-monospace, monospace; font-size: .85em; padding-left: 1.2em; }
   tr.per-class td { font-size: .92em; color: #444; padding-top: 0; }
   tr.has-classes td { border-bottom: none; }
@@ -220,8 +227,10 @@ PAGE = """<!doctype html>
 </header>
 <p class="muted">Models learn from the annotations in Label Studio: each training run reads every annotated task,
 fine-tunes the model serving the project, measures it on the validation images (about 20% of the annotated tasks,
-always the same ones) and publishes it only when it is not worse than the model serving. Backend class:
-{{ model_class }}.</p>
+always the same ones) and publishes it only when it is not worse than the model serving, each at the size it
+serves at. With fewer than {{ min_compare }} validation images there is nothing to compare on: the version is
+published and marked “not compared”. A project's first training waits for {{ min_first }} annotated images
+(MIN_ANNOTATIONS_FIRST_TRAINING). Backend class: {{ model_class }}.</p>
 
 <section id="queue">
 <h2>Training queue</h2>
@@ -252,6 +261,10 @@ here after their first prediction or training.</p>
 <section class="project" id="project-{{ p.project }}" data-project="{{ p.project }}" data-stamp="{{ p.stamp }}">
 <h2>Project {{ p.project }} — serving <span id="serving-{{ p.project }}">{{ p.serving_version or "no model" }}</span></h2>
 {% if p.serving_note %}<p class="muted">{{ p.serving_note }}</p>{% endif %}
+{% set z = p.serving_img_size %}
+{% if z %}<p class="img-size{{ ' guess' if z.guess else '' }}" id="img-size-{{ p.project }}">Inference size: <b>{{ z.size }}</b> ({{ z.reason }})</p>{% endif %}
+{% set w = p.waiting_for_annotations %}
+{% if w %}<p class="card waiting" id="waiting-{{ p.project }}"><b>Waiting for {{ w.more }} more annotation{{ "" if w.more == 1 else "s" }}</b> before the first training: {{ w.annotations }} of {{ w.needed }} annotated images (MIN_ANNOTATIONS_FIRST_TRAINING).</p>{% endif %}
 
 <h3>Current training job</h3>
 {% set j = p.job %}
@@ -260,7 +273,7 @@ here after their first prediction or training.</p>
     <span>job: <b class="job-id">{{ j.job if j else "none yet" }}</b></span>
     <span>state: <b class="job-status">{{ j.status if j else "–" }}</b></span>
     <span>phase: <b class="job-phase">{{ j.phase if j and j.phase else "–" }}</b></span>
-    <span>epoch: <b class="job-epoch">{% if j and j.epoch %}{{ j.epoch }} of {{ j.epochs }}{% else %}–{% endif %}</b></span>
+    <span>epoch: <b class="job-epoch">{{ j.epochs_text if j and j.epochs_text else "–" }}</b></span>
     <span>loss: <b class="job-loss">{{ num(j.loss, 4) if j else "–" }}</b></span>
     <span>time left: <b class="job-eta">{{ ("about " ~ duration(j.eta_seconds)) if j and j.eta_seconds is not none else "–" }}</b></span>
   </div>
@@ -268,7 +281,7 @@ here after their first prediction or training.</p>
   <div class="progress"><div class="bar" role="progressbar" aria-label="training progress" aria-valuemin="0"
        aria-valuemax="100" aria-valuenow="{{ pct }}"><div class="fill" style="width: {{ pct }}%"></div></div>
     <b class="job-percent">{{ pct }} %</b></div>
-  <div class="muted job-message">{% if j and j.error %}error: {{ j.error }}{% elif j and j.message %}{{ j.message }}{% elif not j %}Training starts when an annotation is submitted in Label Studio with “Start model training on annotation submission” on (or with “Start Training”).{% endif %}</div>
+  <div class="muted job-message">{% if j and j.error %}error: {{ j.error }}{% elif j and j.message %}{{ j.message }}{% elif not j %}Training starts when an annotation is submitted in Label Studio with “Start model training on annotation submission” on (or with “Start Training”); the first one once the project has {{ p.min_annotations_first_training }} annotated images.{% endif %}</div>
 </div>
 
 <h3>Pool scoring</h3>
@@ -311,8 +324,8 @@ class's with fewer than {{ min_boxes }} boxes.</p>
 {% set m = v.metrics or {} %}
 <tr class="{{ 'serving' if v.serving else '' }}{{ ' has-classes' if m.per_class else '' }}">
   <td class="name">{{ v.name or "(not published)" }}{% if v.serving %} <span class="tag">serving</span>{% endif %}{% if v.job %}<br><span class="muted">job {{ v.job }}</span>{% endif %}</td>
-  <td class="why"><span class="status-{{ v.status }}">{{ v.status }}</span>{% if v.reason %}: {{ v.reason }}{% endif %}</td>
-  <td class="name parent">{{ v.parent or ("random init" if v.untrained else "–") }}</td>
+  <td class="why"><span class="status-{{ v.status }}">{{ v.status }}</span>{% if v.not_compared %} <span class="tag not-compared">not compared</span>{% endif %}{% if v.reason %}: {{ v.reason }}{% endif %}</td>
+  <td class="name parent">{{ v.parent or ("random init" if v.untrained else "–") }}{% if v.parent_img_size %}<span class="evidence">at {{ v.parent_img_size }}{% if v.parent_img_size_measured_now %}, {{ v.parent_img_size_reason }}{% endif %}</span>{% endif %}</td>
   <td class="n created">{% if v.created_iso %}<span>{{ v.created_iso[:10] }}</span> <span>{{ v.created_iso[11:19] }}</span>{% else %}–{% endif %}</td>
   <td class="n">{% if v.images is not none %}{{ v.images }} ({{ v.positives if v.positives is not none else "?" }} / {{ v.negatives if v.negatives is not none else "?" }}){% else %}–{% endif %}</td>
   <td class="n">{% if v.train_images is not none %}{{ v.train_images }} / {{ v.val_images }}{% else %}–{% endif %}</td>
@@ -372,7 +385,7 @@ problems show up here).</p>
     set(card, ".job-id", job.job || "none yet");
     set(card, ".job-status", job.status || "–");
     set(card, ".job-phase", job.phase || "–");
-    set(card, ".job-epoch", job.epoch ? job.epoch + " of " + job.epochs : "–");
+    set(card, ".job-epoch", job.epochs_text || "–");
     set(card, ".job-loss", num(job.loss, 4));
     set(card, ".job-eta", job.eta_seconds === null ? "–" : "about " + duration(job.eta_seconds));
     set(card, ".job-message", job.error ? "error: " + job.error : (job.message || ""));

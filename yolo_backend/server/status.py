@@ -150,7 +150,18 @@ def version_entry(version: ModelVersion, project_id: Optional[int]) -> dict:
             "train_images": _number(meta.get("train_images")), "val_images": _number(meta.get("val_images")),
             "train_seconds": _number(meta.get("train_seconds")), "untrained": untrained,
             "metrics": metrics_summary(meta.get("metrics"), meta.get("val_images")),
-            "baseline_metrics": metrics_summary(meta.get("baseline_metrics"), meta.get("val_images"))}
+            "baseline_metrics": metrics_summary(meta.get("baseline_metrics"), meta.get("val_images")),
+            **comparison(meta.get("compared"), meta.get("parent_img_size"))}
+
+
+def comparison(compared: Any, parent_size: Any) -> dict:
+    """Whether a run's model was compared with the model it replaced (False: published "not compared", too few
+    validation images or nothing to compare with; None: not known, a run from before this was recorded) and the
+    size that model was compared at, with why ("measured on 47 annotated images ...")."""
+    size = parent_size if isinstance(parent_size, dict) else {}
+    return {"compared": compared if isinstance(compared, bool) else None, "not_compared": compared is False,
+            "parent_img_size": _number(size.get("size")), "parent_img_size_reason": size.get("reason"),
+            "parent_img_size_measured_now": bool(size.get("measured_now"))}
 
 
 def run_entry(run: dict, project_id: int) -> dict:
@@ -163,7 +174,8 @@ def run_entry(run: dict, project_id: int) -> dict:
             "train_seconds": _number(run.get("train_seconds")) or _number(run.get("job_seconds")),
             "untrained": False,
             "metrics": metrics_summary(run.get("metrics"), run.get("val_images")),
-            "baseline_metrics": metrics_summary(run.get("baseline_metrics"), run.get("val_images"))}
+            "baseline_metrics": metrics_summary(run.get("baseline_metrics"), run.get("val_images")),
+            **comparison(run.get("compared"), run.get("start_img_size"))}
 
 
 def registries(settings: Settings, project_id: Optional[int]) -> list[tuple[Optional[int], Registry]]:
@@ -177,11 +189,14 @@ def registries(settings: Settings, project_id: Optional[int]) -> list[tuple[Opti
 
 def project_entries(settings: Settings, project_id: int) -> list[dict]:
     """The project's versions and runs, newest first: every published version still in the registry, and every
-    run of the history that is not one of them (rejected, failed, nothing to train on, or pruned since)."""
+    run of the history that is not one of them (rejected, failed, nothing to train on, or pruned since). Requests
+    that waited for more annotations are no runs (``waiting_for_annotations`` says the newest)."""
     published = {v.name: version_entry(v, project_id)
                  for v in Registry.for_project(settings.model_dir, project_id).versions()}
     entries = list(published.values())
     for run in read_runs(settings.model_dir, project_id):
+        if run.get("outcome") == "waiting":
+            continue
         if run.get("outcome") == "published" and run.get("version") in published:
             entry = published[run["version"]]
             entry["job_seconds"] = run.get("job_seconds")
@@ -191,6 +206,35 @@ def project_entries(settings: Settings, project_id: int) -> list[dict]:
             entry["reason"] = f"{run.get('reason')}; since removed (KEEP_VERSIONS={settings.keep_versions})"
         entries.append(entry)
     return sorted(entries, key=lambda e: e.get("created") or 0, reverse=True)
+
+
+def waiting_for_annotations(settings: Settings, project_id: int, versions: list[dict]) -> Optional[dict]:
+    """While the project's newest run waited for MIN_ANNOTATIONS_FIRST_TRAINING annotations (and nothing is
+    published for it): {annotations, needed, more, text}; else None."""
+    if any(entry.get("in_registry") for entry in versions):
+        return None
+    runs = read_runs(settings.model_dir, project_id, limit=1)
+    if not runs or runs[-1].get("outcome") != "waiting":
+        return None
+    have, need = _number(runs[-1].get("annotations")), _number(runs[-1].get("annotations_needed"))
+    if have is None or need is None or have >= need:
+        return None
+    more = need - have
+    return {"annotations": have, "needed": need, "more": more, "time_iso": _iso(runs[-1].get("time")),
+            "text": f"waiting for {_plural(more, 'more annotation', 'more annotations')} before the first training "
+                    f"({have} of {need}, MIN_ANNOTATIONS_FIRST_TRAINING)"}
+
+
+def serving_size(context, project_id: Optional[int], labels: tuple) -> Optional[dict]:
+    """The size the serving model runs at and why ({size, reason, guess}), None when unknown."""
+    try:
+        found = context.models.serving_size(project_id, labels)
+    except (NoModelError, RegistryError, OSError):
+        return None
+    if found is None:
+        return None
+    return {"size": found.size, "reason": found.reason, "guess": found.guess,
+            "text": f"{found.size} ({found.reason})"}
 
 
 def learning_curve(entries: list[dict]) -> list[dict]:
@@ -262,9 +306,13 @@ def job_progress(job: Optional[dict], time_budget: Optional[float] = None) -> Op
     result = job.get("result") if isinstance(job.get("result"), dict) else {}
     message = progress.get("message")
     if status == "finished" and result:  # say what the run ended with
-        message = (f"published {result.get('model_version')}" if result.get("published")
-                   else f"not published: {result.get('decision') or result.get('reason') or 'see the log'}")
+        message = (f"published {result.get('model_version')}" if result.get("published") else
+                   result.get("reason") if result.get("waiting") else
+                   f"not published: {result.get('decision') or result.get('reason') or 'see the log'}")
+    note = progress.get("epochs_note")
+    epochs_text = f"{epoch} of {f'{note} ' if note else ''}{epochs}" if known_epochs and epoch else None
     return finite({"job": job.get("job"), "status": status, "phase": phase, "epoch": epoch, "epochs": epochs,
+                   "epochs_note": note, "epochs_text": epochs_text,
                    "loss": progress.get("loss"), "images": progress.get("images"), "total": progress.get("total"),
                    "message": message, "fraction": None if fraction is None else min(1.0, fraction),
                    "eta_seconds": None if eta is None else round(eta, 1),
@@ -294,15 +342,20 @@ def current_job(context, project_id: int) -> tuple[Optional[dict], dict]:
 # Everything for one project, and for the page
 # --------------------------------------------------------------------------------------------------------------
 
+def project_labels(context, project_id: Optional[int]) -> tuple:
+    """The RectangleLabels of the project's last label config seen by this process (() when none)."""
+    config = context.label_configs.get(project_id)
+    if not config:
+        return ()
+    try:
+        return tuple(find_rectangle_target(parse_label_config(config), context.settings.from_name).labels)
+    except LabelConfigError:
+        return ()
+
+
 def serving_version(context, project_id: Optional[int]) -> tuple[Optional[str], Optional[str]]:
     """(the version the project's predictions carry now, or None; why None)."""
-    labels: tuple = ()
-    config = context.label_configs.get(project_id)
-    if config:
-        try:
-            labels = tuple(find_rectangle_target(parse_label_config(config), context.settings.from_name).labels)
-        except LabelConfigError:
-            labels = ()
+    labels = project_labels(context, project_id)
     try:
         version = context.models.version(project_id, labels)
     except (NoModelError, RegistryError) as exc:
@@ -360,7 +413,13 @@ def project_status(context, project_id: int) -> dict:
     job, training = current_job(context, project_id)
     # Changes when a version or run is added or the serving version changes: the page then reloads.
     stamp = f"{len(entries)}:{entries[0].get('created') if entries else 0}:{serving}"
+    size = serving_size(context, project_id, project_labels(context, project_id)) if serving else None
+    waiting = waiting_for_annotations(context.settings, project_id, entries)
+    if waiting:  # the page reloads when it changes (one more annotation)
+        stamp += f":{waiting['annotations']}"
     return {"project": project_id, "serving_version": serving, "serving_note": why, "stamp": stamp,
+            "serving_img_size": size, "waiting_for_annotations": waiting,
+            "min_annotations_first_training": context.settings.min_annotations_first_training,
             "versions": entries,
             "learning_curve": learning_curve(entries),
             "job": job_progress(job, context.settings.train_time_budget_s),

@@ -140,8 +140,9 @@ class ExampleCache:
         if task_id not in self._examples:
             sample = self.pool.sample(task_id)
             small, r = scale_to(sample.load_image(), self.size)
+            # sample.load_image reads the original again when a start model is measured at a larger size
             self._examples[task_id] = Example(task_id, np.ascontiguousarray(small), sample.boxes * r,
-                                              sample.classes.copy())
+                                              sample.classes.copy(), sample.load_image, r)
         return self._examples[task_id]
 
 
@@ -259,15 +260,15 @@ class Simulation:
         from ..yolov7.dataset import EvalSet
         from ..yolov7.train import evaluate
 
-        key = json.dumps([file_sha256(checkpoint), settings.img_size, settings.model_score_threshold,
-                          self.config.test])
+        # the server's rule: IMG_SIZE, else a size measured in the run's MODEL_DIR, else the training size, else 640
+        size, _ = img_size_for(checkpoint, settings)
+        key = json.dumps([file_sha256(checkpoint), size, settings.model_score_threshold, self.config.test])
         path = self.out / "cache" / f"test-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
         try:
             return json.loads(path.read_text())
         except (OSError, ValueError):
             pass
         loaded = load_checkpoint(checkpoint)
-        size, _ = img_size_for(loaded, settings)  # the server's rule: IMG_SIZE, else the training size, else 640
         if size not in self._test_sets:
             self._test_sets[size] = EvalSet(self.pool.test, size)
         model = model_from_checkpoint(loaded, device="cpu", fuse=True)

@@ -74,7 +74,11 @@ def score_images(detector, images: Sequence[Callable[[], np.ndarray]],
 # --- the cache ----------------------------------------------------------------------------------------------------
 
 def cache_key(checkpoint: str, ids: Sequence[int], settings: Settings) -> str:
-    what = {"model": file_sha256(checkpoint), "ids": list(map(int, ids)), "img_size": settings.img_size,
+    from ..detector_settings import img_size_for
+
+    # the size it serves at, not IMG_SIZE alone: a size measured in the run's MODEL_DIR changes the scores
+    what = {"model": file_sha256(checkpoint), "ids": list(map(int, ids)), "img_size": img_size_for(checkpoint,
+                                                                                                   settings)[0],
             "floor": settings.score_floor, "iou": settings.iou_threshold, "max_det": settings.max_detections}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
 

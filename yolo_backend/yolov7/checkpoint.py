@@ -445,8 +445,10 @@ def inference_model(ckpt: LoadedCheckpoint, device: Union[str, torch.device] = "
 # --------------------------------------------------------------------------------------------------------------
 
 # The inference size of a checkpoint that records no training size (official YOLOv7 checkpoints: the reference's
-# own default, and the size its COCO weights were trained at).
+# own default, and the size its COCO weights were trained at). For a checkpoint trained at another size it is a
+# guess, and the reason says so (``SIZE_GUESS``): the app measures such checkpoints (yolo_backend/serving_size.py).
 DEFAULT_IMG_SIZE = 640
+SIZE_GUESS = "a guess: the checkpoint records no training size"
 
 
 def trained_img_size(checkpoint: Union[LoadedCheckpoint, PathLike]) -> Optional[int]:
@@ -467,16 +469,22 @@ def serving_img_size(checkpoint: Union[LoadedCheckpoint, PathLike], img_size: Op
                      setting: str = "img_size") -> Tuple[int, str]:
     """(size, why): the inference size for ``checkpoint`` and the reason, for logs. The one rule: an explicit
     ``img_size`` (named ``setting`` in the reason, e.g. ``IMG_SIZE`` or ``--img-size``) wins; else the size the
-    checkpoint was trained at when it records one; else DEFAULT_IMG_SIZE (640)."""
+    checkpoint was trained at when it records one; else DEFAULT_IMG_SIZE (640), for an untrained model because
+    any size will do, for any other as a guess (the reason starts with SIZE_GUESS and names ``setting``)."""
     if img_size is not None:
         return int(img_size), f"{setting}={int(img_size)}"
     ckpt = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint)
     trained = trained_img_size(ckpt)
     if trained is not None:
         return trained, f"trained at {trained}"
-    if ckpt.source == "reference":
-        return DEFAULT_IMG_SIZE, f"official checkpoint: {DEFAULT_IMG_SIZE}"
-    return DEFAULT_IMG_SIZE, f"no training size recorded: {DEFAULT_IMG_SIZE}"
+    if ckpt.source == "yolo-backend" and ckpt.metadata.get("untrained"):
+        return DEFAULT_IMG_SIZE, f"untrained: {DEFAULT_IMG_SIZE}"
+    return DEFAULT_IMG_SIZE, f"{SIZE_GUESS}; set {setting} to the size it was trained at"
+
+
+def is_size_guess(reason: Optional[str]) -> bool:
+    """Whether a ``serving_img_size`` reason is the 640 guess."""
+    return bool(reason) and str(reason).startswith(SIZE_GUESS)
 
 
 # --------------------------------------------------------------------------------------------------------------
