@@ -170,7 +170,7 @@ def render_page(data: dict, nonce: str) -> str:
                                   threshold=data["serve_threshold"], min_val=dashboard_status.MIN_VAL_IMAGES,
                                   min_boxes=dashboard_status.MIN_CLASS_BOXES,
                                   min_compare=MIN_VALIDATION_IMAGES,
-                                  min_first=current_app.extensions["ml_backend"]["context"].settings
+                                  min_first=current_app.extensions["ml_backend"].context.settings
                                   .min_annotations_first_training)
 
 
