@@ -27,6 +27,7 @@ from ..labelstudio.urls import cut, shorten
 from ..settings import Settings
 from ..yolov7 import graphs
 from . import TrainingError
+from .states import JobPhase
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def collect_examples(context, project_id: int, target, tasks: list[dict], size: 
         finally:
             with lock:
                 done[0] += 1
-                report({"phase": "downloading", "images": done[0], "total": len(chosen)})
+                report({"phase": JobPhase.DOWNLOADING, "images": done[0], "total": len(chosen)})
         height, width = image.shape[:2]
         boxes, classes, unknown, bad = annotation_boxes(annotation, target, width, height)
         for region in bad:

@@ -31,11 +31,12 @@ from typing import Any, Optional
 
 from ..atomic import atomic_write
 from ..registry import Registry
+from .states import RunOutcome
 
 log = logging.getLogger(__name__)
 
 HISTORY_FILE = "history.jsonl"
-OUTCOMES = ("published", "rejected", "skipped", "failed", "waiting")
+OUTCOMES = tuple(outcome.value for outcome in RunOutcome)
 MAX_RUNS = 1000
 
 # Summary fields (of ``train_project``) copied into a run's record as they are.
@@ -49,23 +50,23 @@ def history_path(model_dir: str | os.PathLike, project_id: int) -> Path:
     return Registry.for_project(model_dir, project_id).root / HISTORY_FILE
 
 
-def outcome_of(summary: dict) -> tuple[str, Optional[str]]:
+def outcome_of(summary: dict) -> tuple[RunOutcome, Optional[str]]:
     """(outcome, reason) of a finished run's summary."""
     if summary.get("waiting"):
-        return "waiting", summary.get("reason")
+        return RunOutcome.WAITING, summary.get("reason")
     if not summary.get("trained"):
-        return "skipped", summary.get("reason")
+        return RunOutcome.SKIPPED, summary.get("reason")
     if summary.get("published"):
-        return "published", summary.get("decision")
-    return "rejected", summary.get("decision")
+        return RunOutcome.PUBLISHED, summary.get("decision")
+    return RunOutcome.REJECTED, summary.get("decision")
 
 
 def record_run(model_dir: str | os.PathLike, project_id: int, summary: dict, job_id: Optional[str] = None,
                job_seconds: Optional[float] = None) -> Optional[dict]:
     """Append the record of a run that returned ``summary``. Returns the record (None when it was not written)."""
     outcome, reason = outcome_of(summary)
-    record: dict[str, Any] = {"time": time.time(), "job": job_id, "outcome": outcome, "reason": reason,
-                              "version": summary.get("model_version") if outcome == "published" else None,
+    record: dict[str, Any] = {"time": time.time(), "job": job_id, "outcome": outcome.value, "reason": reason,
+                              "version": summary.get("model_version") if outcome is RunOutcome.PUBLISHED else None,
                               "images": summary.get("examples")}
     record.update({k: summary[k] for k in _SUMMARY_FIELDS if k in summary})
     record["job_seconds"] = None if job_seconds is None else round(job_seconds, 1)
@@ -75,7 +76,7 @@ def record_run(model_dir: str | os.PathLike, project_id: int, summary: dict, job
 def record_failure(model_dir: str | os.PathLike, project_id: int, error: BaseException, event: Optional[str] = None,
                    job_id: Optional[str] = None, job_seconds: Optional[float] = None) -> Optional[dict]:
     """Append the record of a run that raised ``error``."""
-    record = {"time": time.time(), "job": job_id, "event": event, "outcome": "failed",
+    record = {"time": time.time(), "job": job_id, "event": event, "outcome": RunOutcome.FAILED.value,
               "reason": f"{type(error).__name__}: {error}", "version": None,
               "job_seconds": None if job_seconds is None else round(job_seconds, 1)}
     return _append(model_dir, project_id, record)

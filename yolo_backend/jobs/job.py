@@ -24,6 +24,7 @@ from ..registry import Registry
 from ..settings import Settings
 from . import TrainingError
 from .trainer import load_trainer
+from .states import JobPhase, plain
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class JobReporter:
         root.addHandler(self._tail_handler)
         if root.level > logging.INFO or root.level == logging.NOTSET:
             root.setLevel(logging.INFO)
-        self.update({"log_file": str(self.log_path), "pid": os.getpid(), "phase": "started"}, force=True)
+        self.update({"log_file": str(self.log_path), "pid": os.getpid(), "phase": JobPhase.STARTED}, force=True)
         if self.job is not None:
             self._flusher.start()
         return self
@@ -81,7 +82,7 @@ class JobReporter:
         self._stop.set()
         if exc is not None:
             log.error("training job failed: %s: %s", type(exc).__name__, exc)
-            self.update({"phase": "failed", "error": f"{type(exc).__name__}: {exc}"}, force=True)
+            self.update({"phase": JobPhase.FAILED, "error": f"{type(exc).__name__}: {exc}"}, force=True)
         root = logging.getLogger()
         for handler in (self._handler, self._tail_handler):
             if handler is not None:
@@ -100,6 +101,7 @@ class JobReporter:
     def update(self, fields: dict, force: bool = False) -> None:
         if self.job is None:
             return
+        fields = {k: plain(v) for k, v in fields.items()}  # job meta holds plain words, not this package's Enums
         with self._lock:
             if "progress" in fields and isinstance(self.job.meta.get("progress"), dict) and \
                     fields.get("phase", self.job.meta.get("phase")) == self.job.meta.get("phase"):
@@ -193,7 +195,7 @@ def _project_lock(connection, keys, heartbeat: _Heartbeat, project_id: int, job_
             if said != ahead:
                 log.info("job %s of project %s is %s; waiting for it", ahead, project_id,
                          "training" if holder else "ahead in line")
-                reporter.progress({"phase": "waiting", "message": f"waiting for job {ahead} of this project"})
+                reporter.progress({"phase": JobPhase.WAITING, "message": f"waiting for job {ahead} of this project"})
                 said = ahead
             time.sleep(LOCK_POLL_S)
     except BaseException:
@@ -236,7 +238,7 @@ def run_training_job(project_id: int, event: str = "START_TRAINING", payload: Op
         if ticket is None:
             log.info("training job %s of project %s does not run: job %s took its place (it covers this request)",
                      job.id, project_id, replaced_by)
-            job.meta.update(phase="superseded", superseded_by=replaced_by)
+            job.meta.update(phase=JobPhase.SUPERSEDED.value, superseded_by=replaced_by)
             with contextlib.suppress(Exception):
                 job.save_meta()
             return {"project": project_id, "trained": False, "published": False,
@@ -281,7 +283,7 @@ def _train(settings: Settings, project_id: int, event: str, options: dict, train
             raise
         raise error from exc
     history.record_run(settings.model_dir, project_id, result, job_id, time.monotonic() - run_started)
-    reporter.update({"phase": "done", "result_version": result.get("model_version")}, force=True)
+    reporter.update({"phase": JobPhase.DONE, "result_version": result.get("model_version")}, force=True)
     return result
 
 

@@ -41,6 +41,7 @@ from ..settings import Settings, mask_password
 from .keys import LOCK_TTL_S, SETTLE_S, Keys, holder_alive, job_status_of, text
 from .pending import FlushReport, PendingRequests
 from .slots import SlotKind, WaitingSlots
+from .states import JobPhase
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ class TrainingQueue:
             at_front=True, job_id=job_id, job_timeout=job_timeout(self.settings), result_ttl=RESULT_TTL_S,
             failure_ttl=RESULT_TTL_S, description=f"train project {project_id} ({info['event']})",
             meta={"project": project_id, "event": info["event"], "requested_at": info["requested_at"],
-                  "phase": "queued"})
+                  "phase": JobPhase.QUEUED.value})
 
     # --- Redis down: durable pending requests -----------------------------------------------------------
     def _record_pending(self, project_id: int, info: dict, exc: BaseException) -> None:

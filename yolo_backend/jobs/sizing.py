@@ -24,6 +24,7 @@ from typing import Callable, Optional
 from ..serving_size import MeasuredSize, SizeScore, best_size, measured_size, record_size
 from ..settings import Settings
 from .dataset import Example, class_map, example_eval_set
+from .states import JobPhase
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def start_model_size(settings: Settings, checkpoint: str, version: Optional[str]
         return fallback
     probe = spread(examples, SIZE_PROBE_IMAGES)
     sizes = candidate_sizes(settings)
-    (report or (lambda event: None))({"phase": "measuring", "message": (
+    (report or (lambda event: None))({"phase": JobPhase.MEASURING, "message": (
         f"measuring the start model at {' and '.join(map(str, sizes))} on {len(probe)} annotated images (it "
         "records no training size)")})
     evaluate = evaluate or functools.partial(evaluate_checkpoint, device=settings.device,

@@ -36,6 +36,7 @@ from .publish import current_model, prune_versions, publish_decision
 from .sizing import SizeEvaluator, start_model_size
 from .sync import sync_label_studio
 from .trainer import Trainer, fine_tune_trainer
+from .states import JobPhase
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +57,13 @@ def train_project(context, project_id: Optional[int], event: str = "START_TRAINI
                             "personal access token or legacy token) in the worker's environment")
     started = time.monotonic()
 
-    report({"phase": "reading annotations"})
+    report({"phase": JobPhase.READING_ANNOTATIONS})
     try:
         context.connection.require(project_id)  # the key reads and writes only where this backend is connected
         project = client.get_project(project_id)
     except ProjectNotFound as exc:  # a made-up, deleted or foreign project: nothing to retry
         log.warning("project %s: %s; training request dropped", project_id, exc)
-        report({"phase": "done", "message": f"project {project_id} does not exist in Label Studio"})
+        report({"phase": JobPhase.DONE, "message": f"project {project_id} does not exist in Label Studio"})
         return {"project": project_id, "event": event, "trained": False, "published": False,
                 "reason": f"project {project_id} does not exist in Label Studio ({exc})"}
     label_config = project.get("label_config") or label_config
@@ -72,7 +73,7 @@ def train_project(context, project_id: Optional[int], event: str = "START_TRAINI
     waiting = first_training_wait(settings, project_id, usable_annotations(tasks))
     if waiting is not None:
         log.info("project %s: %s", project_id, waiting["reason"])
-        report({"phase": "done", "message": waiting["reason"]})
+        report({"phase": JobPhase.DONE, "message": waiting["reason"]})
         return {"project": project_id, "event": event, "labels": names, "annotated_tasks": len(tasks),
                 "trained": False, "published": False, **waiting}
     examples, counts = collect_examples(context, project_id, target, tasks, settings.train_img_size, report)
@@ -82,7 +83,7 @@ def train_project(context, project_id: Optional[int], event: str = "START_TRAINI
     summary: dict[str, Any] = {"project": project_id, "event": event, "labels": names, **counts,
                                "examples": len(examples)}
     if not examples:
-        report({"phase": "done", "message": "nothing to train on"})
+        report({"phase": JobPhase.DONE, "message": "nothing to train on"})
         return {**summary, "trained": False, "published": False,
                 "reason": "no annotated task with a usable annotation and image"}
 
@@ -93,7 +94,7 @@ def train_project(context, project_id: Optional[int], event: str = "START_TRAINI
     if version is None:
         return summary
 
-    report({"phase": "syncing label studio", "model_version": version.name})
+    report({"phase": JobPhase.SYNCING, "model_version": version.name})
     try:
         summary["label_studio"] = sync_label_studio(context, client, project_id, label_config,
                                                     version.name)
@@ -102,7 +103,7 @@ def train_project(context, project_id: Optional[int], event: str = "START_TRAINI
         summary["label_studio"] = {"error": str(exc)}
     summary["pool_scoring"] = queue_pool_scoring(settings, project_id, version.name)
     summary["seconds"] = round(time.monotonic() - started, 1)
-    report({"phase": "done", "model_version": version.name, "metrics": outcome.get("metrics")})
+    report({"phase": JobPhase.DONE, "model_version": version.name, "metrics": outcome.get("metrics")})
     return summary
 
 
@@ -171,7 +172,7 @@ def train_and_publish(settings: Settings, project_id: int, examples: list[Exampl
     try:
         data = TrainingData(train, val, names, start_checkpoint, parent, work / "model.pt", settings,
                             dict(extra or {}), start_size.size)
-        report({"phase": "preparing", "train_images": len(train), "val_images": len(val),
+        report({"phase": JobPhase.PREPARING, "train_images": len(train), "val_images": len(val),
                 "message": f"preparing {len(train)} training and {len(val)} validation images"})
         outcome = (trainer or fine_tune_trainer)(data, TrainingProgress(settings.train_epochs, report))
         metrics, baseline = outcome.get("metrics"), outcome.get("baseline_metrics")
@@ -185,9 +186,9 @@ def train_and_publish(settings: Settings, project_id: int, examples: list[Exampl
         if not decision.publish:
             log.info("project %s: new model not published: %s", project_id, why)
             summary.update(published=False, model_version=parent)
-            report({"phase": "done", "message": f"not published: {why}"})
+            report({"phase": JobPhase.DONE, "message": f"not published: {why}"})
             return summary, None
-        report({"phase": "publishing"})
+        report({"phase": JobPhase.PUBLISHING})
         path = Path(outcome.get("path") or data.out_path)
         if not path.is_file():
             raise TrainingError(f"the trainer reported {path}, which does not exist")
@@ -218,8 +219,8 @@ class TrainingProgress:
     """
 
     PLANS_KEPT = 5
-    PHASES = {"setup": "preparing", "train": "training", "epoch": "training", "eval": "evaluating",
-              "done": "trained"}
+    PHASES = {"setup": JobPhase.PREPARING, "train": JobPhase.TRAINING, "epoch": JobPhase.TRAINING,
+              "eval": JobPhase.EVALUATING, "done": JobPhase.TRAINED}  # the engine's words -> the job's
 
     def __init__(self, max_epochs: int, report: Callable[[dict], None]):
         self.max_epochs, self.report = max(1, int(max_epochs)), report
@@ -239,7 +240,7 @@ class TrainingProgress:
                 progress["epochs"], progress["epochs_note"] = self.estimate(event["epoch"], event["epochs"])
         if phase == "setup":
             progress["message"] = "preparing the training data and the model"
-        return {"phase": self.PHASES.get(phase, phase or "training"), **progress}
+        return {"phase": self.PHASES.get(phase, phase or JobPhase.TRAINING), **progress}
 
     def estimate(self, epoch: int, planned: int) -> tuple[int, Optional[str]]:
         """(total to show, "about" / "at most" / None) at 0-based ``epoch`` whose plan is ``planned``."""

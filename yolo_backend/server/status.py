@@ -20,6 +20,7 @@ from ..labelstudio.config import LabelConfigError, find_rectangle_target, parse_
 from ..registry import ModelVersion, Registry, RegistryError
 from ..settings import Settings
 from ..model_holder import NoModelError
+from ..jobs.states import JobPhase, RunOutcome
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ def project_entries(settings: Settings, project_id: int) -> list[dict]:
                  for v in Registry.for_project(settings.model_dir, project_id).versions()}
     entries = list(published.values())
     for run in read_runs(settings.model_dir, project_id):
-        if run.get("outcome") == "waiting":
+        if run.get("outcome") == RunOutcome.WAITING:
             continue
         if run.get("outcome") == "published" and run.get("version") in published:
             entry = published[run["version"]]
@@ -214,7 +215,7 @@ def waiting_for_annotations(settings: Settings, project_id: int, versions: list[
     if any(entry.get("in_registry") for entry in versions):
         return None
     runs = read_runs(settings.model_dir, project_id, limit=1)
-    if not runs or runs[-1].get("outcome") != "waiting":
+    if not runs or runs[-1].get("outcome") != RunOutcome.WAITING:
         return None
     have, need = _number(runs[-1].get("annotations")), _number(runs[-1].get("annotations_needed"))
     if have is None or need is None or have >= need:
@@ -282,21 +283,21 @@ def job_progress(job: Optional[dict], time_budget: Optional[float] = None) -> Op
     fraction: Optional[float] = None
     epoch, epochs = progress.get("epoch"), progress.get("epochs")
     known_epochs = isinstance(epoch, (int, float)) and isinstance(epochs, (int, float)) and epochs > 0
-    if phase == "training" and known_epochs:
+    if phase == JobPhase.TRAINING and known_epochs:
         iteration, iterations = progress.get("iteration"), progress.get("iterations")
         within = (iteration + 1) / iterations if isinstance(iteration, int) and iterations else 0.0
         fraction = (max(0, epoch - 1) + min(1.0, within)) / epochs
-    elif phase == "evaluating" and known_epochs:  # validation after epoch `epoch` (1-based) of training
+    elif phase == JobPhase.EVALUATING and known_epochs:  # validation after epoch `epoch` (1-based) of training
         fraction = epoch / epochs
-    elif phase == "downloading" and progress.get("total"):
+    elif phase == JobPhase.DOWNLOADING and progress.get("total"):
         fraction = progress.get("images", 0) / progress["total"]
-    elif phase in ("evaluating", "trained", "publishing", "syncing label studio"):
+    elif phase in (JobPhase.EVALUATING, JobPhase.TRAINED, JobPhase.PUBLISHING, JobPhase.SYNCING):
         fraction = 1.0  # the training itself is over
-    if status == "finished" or phase == "done":
+    if status == "finished" or phase == JobPhase.DONE:
         fraction = 1.0
     eta = None
     elapsed = progress.get("elapsed")
-    if phase == "training" and fraction is not None and fraction < 1 and isinstance(elapsed, (int, float)):
+    if phase == JobPhase.TRAINING and fraction is not None and fraction < 1 and isinstance(elapsed, (int, float)):
         if time_budget:
             fraction = max(fraction, min(1.0, elapsed / time_budget))
         if fraction > 0:

@@ -10,6 +10,7 @@ from datetime import timezone
 from typing import Any, Optional
 
 from ..keys import job_status_of, text
+from ..states import PoolState
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class RunStatus:
         pipe = self.connection.pipeline()
         pipe.delete(self.key)
         pipe.hset(self.key, mapping={"version": version, "total": total, "done": done, "done_at_start": done,
-                                     "failed": 0, "chunks": 0, "chunks_done": 0, "state": "scoring",
+                                     "failed": 0, "chunks": 0, "chunks_done": 0, "state": PoolState.SCORING.value,
                                      "reason": reason, "job": job_id or "", "started_at": now, "updated_at": now})
         pipe.execute()
 
@@ -58,7 +59,7 @@ class RunStatus:
         """True for the one caller that sees the run complete (every chunk done, the coordinator finished): it
         sweeps up after the run and then calls ``done()``."""
         status = self.read()
-        if status.get("state") == "scoring" and status.get("chunks_done", 0) >= status.get("chunks", 0) and \
+        if status.get("state") == PoolState.SCORING and status.get("chunks_done", 0) >= status.get("chunks", 0) and \
                 status.get("coordinated"):
             return bool(self.connection.hsetnx(self.key, "finished_at", time.time()))  # one caller only
         return False
@@ -67,7 +68,7 @@ class RunStatus:
         """The run is over (after the sweep): what /status, the dashboard and waiting clients see."""
         if self.connection is None:
             return
-        self.connection.hset(self.key, "state", "done")
+        self.connection.hset(self.key, "state", PoolState.DONE.value)
         status = self.read()
         log.info("project %s: pool scoring with %s done: %d of %d task(s) have a prediction, %d failed",
                  self.project_id, status.get("version"), status.get("done", 0), status.get("total", 0),
@@ -83,7 +84,7 @@ class RunStatus:
 
     def fail(self, message: str) -> None:
         if self.connection is not None:
-            self.connection.hset(self.key, mapping={"state": "failed", "error": message[:500],
+            self.connection.hset(self.key, mapping={"state": PoolState.FAILED.value, "error": message[:500],
                                                     "updated_at": time.time()})
 
 
@@ -141,6 +142,6 @@ def _read_run(connection, keys, project_id: int) -> dict:
     status["rate"] = round(scored / elapsed, 3) if scored > 0 else 0.0
     left = max(0, status.get("total", 0) - status.get("done", 0) - status.get("failed", 0))
     status["left"] = left
-    status["eta_s"] = round(left / status["rate"], 1) if status["rate"] > 0 and status.get("state") == "scoring" \
+    status["eta_s"] = round(left / status["rate"], 1) if status["rate"] > 0 and status.get("state") == PoolState.SCORING \
         else None
     return status

@@ -9,6 +9,7 @@ from typing import Optional
 
 from ...settings import Settings
 from .run import score_chunk, score_project
+from ..states import JobPhase, plain
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def run_pool_chunk(project_id: int, version: str, tasks: list[dict], stale: dict
 
     def progress(event: dict) -> None:
         if job is not None:
-            job.meta.update(event)
+            job.meta.update({k: plain(v) for k, v in event.items()})
             with contextlib.suppress(Exception):
                 job.save_meta()
 
@@ -74,7 +75,7 @@ def enqueue_pool_run(connection, queue_name: str, project_id: int, reason: str, 
             COORDINATOR_FUNCTION, project_id, reason, options or {}, job_id=job_id,
             job_timeout=COORDINATOR_TIMEOUT_S, result_ttl=7 * 24 * 3600, failure_ttl=7 * 24 * 3600,
             description=f"score the pool of project {project_id} ({reason})",
-            meta={"project": project_id, "kind": "pool", "phase": "queued", "reason": reason})
+            meta={"project": project_id, "kind": "pool", "phase": JobPhase.QUEUED.value, "reason": reason})
 
     joined = WaitingSlots(connection, Keys(queue_name), SlotKind.POOL).request(
         project_id, max_waiting, create, lambda: f"pool-{project_id}-{uuid.uuid4().hex[:12]}")

@@ -13,6 +13,7 @@ from ...settings import Settings
 from .clustering import load_or_fit_clusters
 from .plan import cluster_path, plan
 from .scorer import STORED_TTL_S, PoolScorer, Superseded
+from ..states import JobPhase, PoolState
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def score_project(settings: Settings, project_id: int, reason: str = "requested"
 
 def _joins_a_running_run(scorer: PoolScorer, version: str) -> bool:
     previous = scorer.status.read()
-    alive = previous.get("version") == version and previous.get("state") == "scoring" and \
+    alive = previous.get("version") == version and previous.get("state") == PoolState.SCORING and \
         time.time() - previous.get("updated_at", 0) < RUN_ALIVE_S
     if alive:
         log.info("project %s: a pool-scoring run with %s is going on: this request joins it", scorer.project_id,
@@ -146,7 +147,7 @@ def _queue_chunks(scorer: PoolScorer, run: RunPlan, chunks: list[list[dict]], qu
                       job_timeout=CHUNK_TIMEOUT_S, result_ttl=24 * 3600, failure_ttl=7 * 24 * 3600,
                       description=f"score pool of project {project_id} with {version}: chunk {n + 1} of "
                                   f"{len(chunks)} ({len(chunk)} tasks)",
-                      meta={"project": project_id, "kind": "pool-chunk", "phase": "queued"})
+                      meta={"project": project_id, "kind": "pool-chunk", "phase": JobPhase.QUEUED.value})
     return len(chunks)
 
 
@@ -175,7 +176,7 @@ def score_chunk(settings: Settings, project_id: int, version: str, tasks: list[d
         done[1] += failed
         scorer.status.add(version, stored, failed)
         if progress:
-            progress({"phase": "scoring", "done": done[0], "failed": done[1], "total": len(tasks)})
+            progress({"phase": JobPhase.SCORING, "done": done[0], "failed": done[1], "total": len(tasks)})
 
     try:
         stored, failed = scorer.score_and_store(version, tasks, centroids, stale, report)
