@@ -408,7 +408,8 @@ def _add_simulate(subparsers) -> None:
     p.add_argument("--time-budget", type=float, help="training seconds per round (default TRAIN_TIME_BUDGET_S)")
     p.add_argument("--epochs", type=int, help="most epochs per round (default TRAIN_EPOCHS)")
     p.add_argument("--img-size", type=int, help="training size (default TRAIN_IMG_SIZE)")
-    p.add_argument("--serve-img-size", type=int, help="scoring and test size (default: as the server, IMG_SIZE, else the size the model was trained at)")
+    p.add_argument("--serve-img-size", type=int, help="scoring and test size (default: as the server, IMG_SIZE, "
+                   "else the size the model was trained at)")
     p.add_argument("--clusters", choices=("none", "source", "kmeans"), default="none",
                    help="score strategies pick by Label Studio's cluster rule: source: the images of one Roboflow "
                         "source photo form a cluster; kmeans: k-means on the pool's embeddings each round "

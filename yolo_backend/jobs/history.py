@@ -15,7 +15,8 @@ One line per run, appended by the job that holds the project's lock (so one writ
 
 ``outcome`` is one of OUTCOMES: "waiting" is a request before the project's first training that found fewer
 annotations than MIN_ANNOTATIONS_FIRST_TRAINING (``annotations``, ``annotations_needed``); a published run with
-``compared`` false was published without a comparison with the model it replaced (too few validation images). Writing never raises: a run must not fail because its history could not be
+``compared`` false was published without a comparison with the model it replaced (too few validation images).
+Writing never raises: a run must not fail because its history could not be
 written (a warning is logged instead). The file is trimmed to the last MAX_RUNS runs.
 """
 

@@ -211,11 +211,11 @@ def train_and_publish(settings: Settings, project_id: int, examples: list[Exampl
 class TrainingProgress:
     """The fine-tuning engine's callback events -> the job's progress fields, sent to ``report``.
 
-    The engine re-plans its epochs to the time budget after each one (from the mean of the last 3 epoch times), so
-    its total moves (14, 17, 14, 13). People get a steady estimate: before any epoch has been timed, the plan
-    (TRAIN_EPOCHS) as an upper bound ("at most 30"); then the lower median of the plans of the last PLANS_KEPT epochs ("about
-    14"), never below the epoch running. Phases: the engine's "setup" is "preparing" (with its own message, so
-    no "reading data" stays behind), train/epoch events are "training", "eval" is "evaluating".
+    The engine re-plans its epochs to the time budget after each one (from the mean of the last 3 epoch times),
+    so its total moves (14, 17, 14, 13). People get a steady estimate: before any epoch has been timed, the plan
+    (TRAIN_EPOCHS) as an upper bound ("at most 30"); then the lower median of the plans of the last PLANS_KEPT
+    epochs ("about 14"), never below the epoch running. Phases: the engine's "setup" is "preparing" (with its
+    own message, so no "reading data" stays behind), train/epoch events are "training", "eval" is "evaluating".
     """
 
     PLANS_KEPT = 5

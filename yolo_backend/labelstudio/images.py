@@ -233,7 +233,8 @@ class ImageFetcher:
         if how == "file":
             try:
                 if os.path.getsize(what) > MAX_IMAGE_BYTES:
-                    raise ImageFetchError(f"{shorten(url)}: {shorten(what)} is larger than {MAX_IMAGE_BYTES >> 20} MiB; refused")
+                    raise ImageFetchError(f"{shorten(url)}: {shorten(what)} is larger than "
+                                          f"{MAX_IMAGE_BYTES >> 20} MiB; refused")
                 return Path(what).read_bytes(), None, False
             except OSError as exc:
                 raise ImageFetchError(f"{shorten(url)}: cannot read {shorten(what)}: {exc}") from None
@@ -264,12 +265,14 @@ class ImageFetcher:
                     if response.status_code >= 400:
                         hint = {404: "not found", 401: "unauthorised", 403: "forbidden"}.get(response.status_code,
                                                                                            "error")
-                        raise ImageFetchError(f"{shorten(original)}: HTTP {response.status_code} ({hint}) from {shorten(response.url)}")
+                        raise ImageFetchError(f"{shorten(original)}: HTTP {response.status_code} ({hint}) from "
+                                              f"{shorten(response.url)}")
                     chunks, total = [], 0
                     for chunk in response.iter_content(1 << 16):
                         total += len(chunk)
                         if total > MAX_IMAGE_BYTES:
-                            raise ImageFetchError(f"{shorten(original)}: larger than {MAX_IMAGE_BYTES >> 20} MiB; refused")
+                            raise ImageFetchError(f"{shorten(original)}: larger than {MAX_IMAGE_BYTES >> 20} MiB; "
+                                                  "refused")
                         chunks.append(chunk)
                         deadline.check()
                     deadline.check()
@@ -277,7 +280,8 @@ class ImageFetcher:
             raise ImageFetchError(f"{shorten(original)}: {exc}") from None
         except (requests.RequestException, OSError, DeadlinePassed) as exc:
             if deadline.passed or isinstance(exc, requests.Timeout):
-                raise ImageFetchError(f"{shorten(original)}: timed out after {self.timeout:g} s (IMAGE_TIMEOUT)") from None
+                raise ImageFetchError(f"{shorten(original)}: timed out after {self.timeout:g} s "
+                                      "(IMAGE_TIMEOUT)") from None
             raise ImageFetchError(f"{shorten(original)}: download failed: {shorten(exc)}") from None
         return b"".join(chunks)
 

@@ -184,7 +184,8 @@ def registries(settings: Settings, project_id: Optional[int]) -> list[tuple[Opti
     if project_id is not None:
         return [(project_id, Registry.for_project(settings.model_dir, project_id)),
                 (None, Registry(settings.model_dir))]
-    found: list[tuple[Optional[int], Registry]] = [(int(r.root.name), r) for r in Registry.all_projects(settings.model_dir)]
+    found: list[tuple[Optional[int], Registry]] = [(int(r.root.name), r)
+                                                   for r in Registry.all_projects(settings.model_dir)]
     return found + [(None, Registry(settings.model_dir))]
 
 

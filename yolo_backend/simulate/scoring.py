@@ -87,8 +87,11 @@ def save_scored(path: Path, pool: ScoredPool) -> None:
     counts = np.array([len(d) for d in pool.detections], np.int64)
     first = pool.detections[0] if pool.detections else None
     nc = len(first.names) if first is not None else 0
-    cat = (lambda key, shape: np.concatenate([getattr(d, key).reshape(shape) for d in pool.detections])
-           if pool.detections else np.zeros((0,) + shape[1:]))
+    def cat(key: str, shape: tuple) -> np.ndarray:
+        if not pool.detections:
+            return np.zeros((0,) + shape[1:])
+        return np.concatenate([getattr(d, key).reshape(shape) for d in pool.detections])
+
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, ids=np.array(pool.ids, np.int64), counts=counts, embeddings=pool.embeddings,
              boxes=cat("boxes", (-1, 4)), scores=cat("scores", (-1,)), labels=cat("labels", (-1,)),

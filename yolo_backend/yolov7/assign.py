@@ -28,9 +28,14 @@ def ota_assign(predictions: List[torch.Tensor], targets: torch.Tensor, anchors: 
     nl = len(predictions)
     grids = [p.shape[2:4] for p in predictions]
     candidates = match_targets(targets, anchors, grids, anchor_t)
-    empty = lambda level: LevelTargets(*(torch.zeros(0, dtype=torch.long, device=device) for _ in range(4)),  # noqa: E731
-                                       torch.zeros(0, 4, device=device), torch.zeros(0, dtype=torch.long, device=device),
-                                       torch.zeros(0, 2, device=device), torch.zeros(0, dtype=torch.long, device=device))
+
+    def empty(level: int) -> LevelTargets:
+        def none(*shape, dtype=None):
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
+        return LevelTargets(*(none(0, dtype=torch.long) for _ in range(4)), none(0, 4), none(0, dtype=torch.long),
+                            none(0, 2), none(0, dtype=torch.long))
+
     if targets.shape[0] == 0:
         return [empty(i) for i in range(nl)]
     height = grids[0][0] * strides[0]

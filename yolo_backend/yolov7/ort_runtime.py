@@ -8,7 +8,8 @@ eval mode, and carries the same ``names``, ``nc``, ``stride``, ``graph``, ``grap
 
 The ONNX file is exported once per checkpoint and kept in the cache folder the caller names (ONNX_CACHE_DIR in
 the app), named after the checkpoint's sha256, the export code's version and the opset, so a changed file or a
-changed exporter never reuses a stale graph. The cache keeps the ``CACHE_KEEP`` most recently used exports (every training publishes a new
+changed exporter never reuses a stale graph. The cache keeps the ``CACHE_KEEP`` most recently used exports (every
+training publishes a new
 checkpoint, so it would otherwise grow by one file per version); a pruned one is simply exported again when needed.
 Anything that goes wrong (no onnxruntime, export or session failure, an export that does not match
 the torch model) falls back to the torch module with a warning: serving never depends on this optimisation.

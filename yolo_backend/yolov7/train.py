@@ -406,6 +406,44 @@ def _data(config: TrainConfig) -> DataSpec:
     return spec
 
 
+@dataclass
+class _Run:
+    """One fine-tuning run's parts, made by ``_setup``."""
+
+    config: TrainConfig
+    started: float
+    device: torch.device
+    progress: "Progress"
+    spec: DataSpec
+    names: List[str]
+    origin: Any
+    model: YOLOv7
+    train_set: TrainingSet
+    eval_set: Optional[EvalSet]
+    loader: Any
+    loss_fn: YoloLoss
+    optimizer: torch.optim.Optimizer
+    ema: Optional[ModelEMA]
+    scaler: Any
+    state: LoopState
+
+    @property
+    def kept_model(self) -> YOLOv7:
+        """The weights kept: the EMA's when there is one."""
+        return self.ema.ema if self.ema is not None else self.model
+
+
+@dataclass
+class _Best:
+    """The best epoch so far by validation fitness (its weights on the CPU; None: keep the last weights)."""
+
+    fitness: float = -1.0
+    state: Optional[Dict[str, torch.Tensor]] = None
+    metrics: Optional[Dict[str, Any]] = None
+    epoch: int = -1
+    images: Any = None
+
+
 def fine_tune(config: TrainConfig, callback: Optional[Callback] = None) -> TrainResult:
     """Train ``config.weights`` (or a random init) on ``config``'s data; keep the best EMA weights by validation
     fitness (the last ones without validation data); write them to ``config.out`` when set.
@@ -413,6 +451,13 @@ def fine_tune(config: TrainConfig, callback: Optional[Callback] = None) -> Train
     ``callback(dict)`` receives progress events: phase "setup", "train" (per iteration: epoch, iteration,
     loss parts, lr), "eval" (epoch, metrics), "done" (metrics, path).
     """
+    run = _setup(config, callback)
+    history, best = _train_epochs(run)
+    return _finish(run, history, best)
+
+
+def _setup(config: TrainConfig, callback: Optional[Callback]) -> _Run:
+    """Seed, threads, device, data, model, loader, loss, optimiser, EMA, AMP and the loop's state."""
     started = time.monotonic()
     config.validate()
     seed_everything(config.seed)
@@ -421,9 +466,8 @@ def fine_tune(config: TrainConfig, callback: Optional[Callback] = None) -> Train
     device = select_device(config.device)
     progress = Progress(config.progress, callback)
     progress.emit({"phase": "setup", "message": "reading data"})
-
     spec = _data(config)
-    names = spec.names
+    names = list(spec.names)
     model, origin = prepare_model(config, names)
     model = model.to(device).train()
     train_set = TrainingSet(spec.train, config.img_size, config.augment_config(), config.seed, config.cache)
@@ -432,95 +476,112 @@ def fine_tune(config: TrainConfig, callback: Optional[Callback] = None) -> Train
         train_set, batch_size=config.batch_size, shuffle=True, num_workers=config.workers, collate_fn=collate,
         generator=torch.Generator().manual_seed(config.seed), persistent_workers=config.workers > 0,
         pin_memory=device.type == "cuda")
-    loss_fn = YoloLoss.for_model(model, config.loss_gains(), config.img_size, config.assigner)
     accumulate = max(round(config.nominal_batch / config.batch_size), 1)
     weight_decay = config.weight_decay * config.batch_size * accumulate / config.nominal_batch
-    optimizer = build_optimizer(model, config.lr0, config.momentum, weight_decay)
-    ema = ModelEMA(model, config.ema_decay, config.ema_tau) if config.ema else None
     use_amp = config.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp) if use_amp else None
-    nb = len(loader)
-    state = LoopState(iterations_per_epoch=nb, warmup_iterations=warmup_iterations(config, nb),
+    state = LoopState(iterations_per_epoch=len(loader), warmup_iterations=warmup_iterations(config, len(loader)),
                       accumulate=accumulate, full_accumulate=accumulate, planned_epochs=config.epochs)
     log.info("training %d images (%d negatives), validating on %d, %d classes (%s), img %d, batch %d "
              "(accumulate %d), %d iterations/epoch, warmup %d iterations, device %s", len(spec.train),
              sum(1 for s in spec.train if len(s.classes) == 0), len(spec.val), len(names), ", ".join(names),
-             config.img_size, config.batch_size, accumulate, nb, state.warmup_iterations, device)
+             config.img_size, config.batch_size, accumulate, len(loader), state.warmup_iterations, device)
+    return _Run(config, started, device, progress, spec, names, origin, model, train_set, eval_set, loader,
+                YoloLoss.for_model(model, config.loss_gains(), config.img_size, config.assigner),
+                build_optimizer(model, config.lr0, config.momentum, weight_decay),
+                ModelEMA(model, config.ema_decay, config.ema_tau) if config.ema else None,
+                torch.amp.GradScaler(device.type, enabled=use_amp) if use_amp else None, state)
 
+
+def _train_epochs(run: _Run) -> Tuple[List[Dict[str, Any]], _Best]:
+    """The epochs, within the time budget (re-planned after each epoch from the last epochs' times); returns
+    each epoch's record and the best one."""
+    config, state = run.config, run.state
     history: List[Dict[str, Any]] = []
-    best_fitness, best_state, best_metrics, best_epoch, best_images = -1.0, None, None, -1, None
+    best = _Best()
     epoch_seconds: List[float] = []
     eval_seconds = 0.0
     save_reserve = 5.0 + (10.0 if config.export_onnx else 0.0)
-    epoch = 0
     for epoch in range(config.epochs):
         epoch_start = time.monotonic()
         if config.time_budget is not None:
-            left = config.time_budget - (epoch_start - started) - save_reserve
+            left = config.time_budget - (epoch_start - run.started) - save_reserve
             if epoch_seconds:
-                per_epoch = float(np.mean(epoch_seconds[-3:]))
-                fits = int(left // per_epoch)
+                fits = int(left // float(np.mean(epoch_seconds[-3:])))
                 if fits < 1:
                     break
                 # Re-plan the schedule so the learning rate reaches its end value within the budget.
                 state.planned_epochs = min(config.epochs, epoch + fits)
-            state.deadline = started + config.time_budget - save_reserve - eval_seconds
-        train_set.set_epoch(epoch)
-        losses = train_one_epoch(model, loader, optimizer, loss_fn, config, state, epoch, device, ema, scaler,
-                                 progress, started)
+            state.deadline = run.started + config.time_budget - save_reserve - eval_seconds
+        run.train_set.set_epoch(epoch)
+        losses = train_one_epoch(run.model, run.loader, run.optimizer, run.loss_fn, config, state, epoch, run.device,
+                                 run.ema, run.scaler, run.progress, run.started)
         last = state.stopped or epoch + 1 >= state.planned_epochs
         record: Dict[str, Any] = {"epoch": epoch, **losses}
-        kept_model = ema.ema if ema is not None else model
-        if eval_set is not None and ((epoch + 1) % config.eval_interval == 0 or last):
+        if run.eval_set is not None and ((epoch + 1) % config.eval_interval == 0 or last):
             eval_start = time.monotonic()
-            progress.emit({"phase": "eval", "epoch": epoch, "epochs": state.planned_epochs,
-                           "message": "evaluating"})
-            matched = evaluate_images(kept_model, eval_set, names, config.img_size, config.eval_conf,
-                                      config.eval_iou, batch_size=config.eval_batch_size,
-                                      serve_conf=config.serve_conf, pad=config.eval_pad)
-            metrics = matched.compute()
+            record["metrics"] = _evaluate_epoch(run, epoch, best)
             eval_seconds = time.monotonic() - eval_start
-            record["metrics"] = metrics
-            score = fitness(metrics)
-            if score > best_fitness:
-                best_fitness, best_metrics, best_epoch, best_images = score, metrics, epoch, matched
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in kept_model.state_dict().items()}
-        elif eval_set is None:
-            best_epoch = epoch
-            best_state = None  # the last weights are kept
+        elif run.eval_set is None:
+            best.epoch, best.state = epoch, None  # the last weights are kept
         record["seconds"] = time.monotonic() - epoch_start
         epoch_seconds.append(record["seconds"])
         history.append(record)
-        summary = {k: record[k] for k in ("box", "obj", "cls", "loss")}
-        m = record.get("metrics")
-        log.info("epoch %d/%d done in %.1fs: loss %.4f%s", epoch + 1, state.planned_epochs, record["seconds"],
-                 losses["loss"], f", mAP@.5 {m['map50']:.4f} mAP@.5:.95 {m['map']:.4f}" if m else "")
-        progress.emit({"phase": "epoch", "epoch": epoch, "epochs": state.planned_epochs, **summary,
-                       "metrics": m, "seconds": record["seconds"], "elapsed": time.monotonic() - started})
+        _say_epoch(run, epoch, record, losses)
         if last:
             break
-    epochs_run = len(history)
+    return history, best
 
-    final = copy.deepcopy(ema.ema if ema is not None else model).cpu().eval()
-    if best_state is not None:
-        final.load_state_dict(best_state)
+
+def _evaluate_epoch(run: _Run, epoch: int, best: _Best) -> Dict[str, Any]:
+    """Validation of the kept weights after ``epoch``; ``best`` takes them when their fitness is the best yet."""
+    config = run.config
+    run.progress.emit({"phase": "eval", "epoch": epoch, "epochs": run.state.planned_epochs, "message": "evaluating"})
+    matched = evaluate_images(run.kept_model, run.eval_set, run.names, config.img_size, config.eval_conf,
+                              config.eval_iou, batch_size=config.eval_batch_size, serve_conf=config.serve_conf,
+                              pad=config.eval_pad)
+    metrics = matched.compute()
+    score = fitness(metrics)
+    if score > best.fitness:
+        best.fitness, best.metrics, best.epoch, best.images = score, metrics, epoch, matched
+        best.state = {k: v.detach().to("cpu", copy=True) for k, v in run.kept_model.state_dict().items()}
+    return metrics
+
+
+def _say_epoch(run: _Run, epoch: int, record: Dict[str, Any], losses: Dict[str, float]) -> None:
+    m = record.get("metrics")
+    log.info("epoch %d/%d done in %.1fs: loss %.4f%s", epoch + 1, run.state.planned_epochs, record["seconds"],
+             losses["loss"], f", mAP@.5 {m['map50']:.4f} mAP@.5:.95 {m['map']:.4f}" if m else "")
+    run.progress.emit({"phase": "epoch", "epoch": epoch, "epochs": run.state.planned_epochs,
+                       **{k: record[k] for k in ("box", "obj", "cls", "loss")}, "metrics": m,
+                       "seconds": record["seconds"], "elapsed": time.monotonic() - run.started})
+
+
+def _finish(run: _Run, history: List[Dict[str, Any]], best: _Best) -> TrainResult:
+    """The kept weights (the best epoch's), saved with their metadata (and exported) when ``config.out`` is set."""
+    config, state = run.config, run.state
+    epochs_run = len(history)
+    stopped = state.stopped or epochs_run < config.epochs
+    final = copy.deepcopy(run.kept_model).cpu().eval()
+    if best.state is not None:
+        final.load_state_dict(best.state)
     path = onnx_path = None
     if config.out:
-        metadata = {"kind": "fine-tuned", "metrics": best_metrics, "best_epoch": best_epoch,
-                    "epochs_run": epochs_run, "stopped_by_budget": state.stopped or epochs_run < config.epochs,
-                    "seconds": round(time.monotonic() - started, 1), "parent": config.parent_version or origin,
-                    "origin": origin, "data": spec.source, "train_images": len(spec.train),
-                    "val_images": len(spec.val), "training": config.settings()}
-        path = save_checkpoint(config.out, final, names, metadata, weights="ema" if ema is not None else "model")
+        metadata = {"kind": "fine-tuned", "metrics": best.metrics, "best_epoch": best.epoch,
+                    "epochs_run": epochs_run, "stopped_by_budget": stopped,
+                    "seconds": round(time.monotonic() - run.started, 1),
+                    "parent": config.parent_version or run.origin, "origin": run.origin, "data": run.spec.source,
+                    "train_images": len(run.spec.train), "val_images": len(run.spec.val),
+                    "training": config.settings()}
+        path = save_checkpoint(config.out, final, run.names, metadata,
+                               weights="ema" if run.ema is not None else "model")
         log.info("saved %s", path)
         if config.export_onnx:
             onnx_path = export(final, Path(config.out).with_suffix(".onnx"), config.img_size)
-    seconds = time.monotonic() - started
-    progress.emit({"phase": "done", "metrics": best_metrics, "best_epoch": best_epoch, "epochs_run": epochs_run,
-                   "path": str(path) if path else None, "elapsed": seconds})
-    return TrainResult(path, onnx_path, best_metrics, best_epoch, epochs_run,
-                       state.stopped or epochs_run < config.epochs, seconds, history, list(names), final,
-                       best_images)
+    seconds = time.monotonic() - run.started
+    run.progress.emit({"phase": "done", "metrics": best.metrics, "best_epoch": best.epoch, "epochs_run": epochs_run,
+                       "path": str(path) if path else None, "elapsed": seconds})
+    return TrainResult(path, onnx_path, best.metrics, best.epoch, epochs_run, stopped, seconds, history,
+                       list(run.names), final, best.images)
 
 
 def export(model: YOLOv7, path: Union[str, Path], img_size: int = 640) -> Optional[Path]:

@@ -142,6 +142,7 @@ def _read_run(connection, keys, project_id: int) -> dict:
     status["rate"] = round(scored / elapsed, 3) if scored > 0 else 0.0
     left = max(0, status.get("total", 0) - status.get("done", 0) - status.get("failed", 0))
     status["left"] = left
-    status["eta_s"] = round(left / status["rate"], 1) if status["rate"] > 0 and status.get("state") == PoolState.SCORING \
+    scoring = status["rate"] > 0 and status.get("state") == PoolState.SCORING
+    status["eta_s"] = round(left / status["rate"], 1) if scoring \
         else None
     return status
