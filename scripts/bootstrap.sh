@@ -46,4 +46,20 @@ say "installing what $reqs lists that is missing (onnxruntime, Flask, gunicorn, 
 "$py" -m pip install -q -r "$reqs"
 say "installing this checkout into .venv (pip install -e .)"
 "$py" -m pip install -q --no-deps -e .
+
+# The dashboard's browser test drives the distribution's Chromium through its chromedriver (nothing downloaded at
+# test time). As root with apt-get, --dev installs them when missing; otherwise it says the command.
+if [ "$dev" = 1 ]; then
+    if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then
+        say "Chromium and chromedriver are installed (the dashboard's browser test uses them)"
+    elif [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        say "installing Chromium and chromedriver with apt-get (the dashboard's browser test; about 300 MB)"
+        if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+                >/dev/null; }; then
+            say "apt-get could not install chromium chromium-driver: the browser test will skip and say so"
+        fi
+    else
+        say "no Chromium: the browser test will skip (to run it: sudo apt-get install -y chromium chromium-driver)"
+    fi
+fi
 say ".venv ready ($("$py" -c 'import torch; print("torch", torch.__version__)'))"

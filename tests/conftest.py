@@ -1,4 +1,11 @@
-"""Shared test set-up: keep torch to few threads (the CI machine has 2 cores) and run end-to-end tests last."""
+"""Shared test set-up: keep torch to few threads (the CI machine has 2 cores), run end-to-end tests last, and say
+where the test data is.
+
+Test data: ``../shared`` beside the repository (CI has it; ``YOLO_BACKEND_SHARED`` names another folder, e.g. a
+path that does not exist to test a checkout without it). Without it, ``shared_dir`` is a generated stand-in with
+the same layout (tests/synthetic.py); only the tests that compare with the reference implementation's own outputs
+(``reference_outputs``) skip.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,11 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = REPO_ROOT.parent / "shared"
+SHARED = Path(os.environ.get("YOLO_BACKEND_SHARED") or REPO_ROOT.parent / "shared")
+HAVE_SHARED = SHARED.is_dir()
+# Why a test that compares with what only the real data holds skips without ../shared.
+NO_REFERENCE_OUTPUTS = (f"{SHARED} is absent: this test compares with what only the real ../shared holds (the "
+                        "reference YOLOv7 code's outputs, or numbers measured on its trained checkpoint)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -27,9 +38,23 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip(f"{SHARED} is absent (the shared data folder sits beside the repository in CI)")
-    return SHARED
+    """../shared, or without it a generated folder of the same layout: images with drawn fire and smoke, YOLO
+    labels, checkpoints in the reference file format under the same names (tests/synthetic.py; built once, cached)."""
+    if HAVE_SHARED:
+        return SHARED
+    from tests.synthetic import cached_shared
+
+    return cached_shared()
+
+
+@pytest.fixture(scope="session")
+def reference_outputs() -> Path:
+    """The real checkpoint folder of ../shared, for tests that compare with the reference implementation's own
+    outputs or with numbers measured on its trained checkpoint (generated data cannot stand in for those): skips
+    without ../shared."""
+    if not HAVE_SHARED:
+        pytest.skip(NO_REFERENCE_OUTPUTS)
+    return SHARED / "data" / "yolov7-checkpoints"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -48,13 +73,13 @@ def onnx_cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ckpt_dir(shared_dir) -> Path:
-    """The shared reference checkpoints (skips only when ../shared is absent)."""
+    """The checkpoints in the reference file format: ../shared's, or the generated ones of the same names."""
     return shared_dir / "data" / "yolov7-checkpoints"
 
 
 @pytest.fixture(scope="session")
 def ref_input(ckpt_dir):
-    """The reference input tensor (1, 3, 320, 416) the .ref_out.npy files were made from."""
+    """The input tensor (1, 3, 320, 416) the .ref_out.npy files were made from (generated without ../shared)."""
     import numpy as np
     import torch
 

@@ -56,7 +56,7 @@ def _pickle_globals(data: bytes) -> set:
     return names
 
 
-def test_allow_list_covers_every_global_of_the_official_release_pickle(ckpt_dir):
+def test_allow_list_covers_every_global_of_the_official_release_pickle(ckpt_dir, reference_outputs):
     data = (ckpt_dir / "official_yolov7-tiny_release.data.pkl").read_bytes()
     used = _pickle_globals(data)
     assert {"__builtin__.set", "torch.HalfStorage", "torch._utils._rebuild_parameter",
@@ -64,7 +64,7 @@ def test_allow_list_covers_every_global_of_the_official_release_pickle(ckpt_dir)
     assert used <= ALLOWED_GLOBALS, sorted(used - ALLOWED_GLOBALS)
 
 
-def test_official_release_structure_unpickles_and_builds(ckpt_dir):
+def test_official_release_structure_unpickles_and_builds(ckpt_dir, reference_outputs):
     """The real release's data.pkl (no tensor data) through the same safe unpickler, storages faked."""
     from torch._weights_only_unpickler import Unpickler
 
@@ -245,7 +245,7 @@ def test_importing_does_not_initialise_cuda():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
-def test_load_model_on_cuda_matches_reference(ckpt_dir):
+def test_load_model_on_cuda_matches_reference(ckpt_dir, reference_outputs):
     model = load_model(ckpt_dir / "yolov7-tiny_fire-smoke_ref-trained.pt", device="cuda")
     x = torch.from_numpy(np.load(ckpt_dir / "ref_input_1x3x320x416.npy")).cuda()
     with torch.inference_mode():

@@ -250,7 +250,7 @@ def ref_trained(shared_dir):
     return load_model(shared_dir / "data/yolov7-checkpoints/yolov7-tiny_fire-smoke_ref-trained.pt", device="cpu")
 
 
-def test_parity_with_reference_detect_on_valid_images(shared_dir, ref_trained):
+def test_parity_with_reference_detect_on_valid_images(shared_dir, reference_outputs, ref_trained):
     reference = json.loads((shared_dir / "data/yolov7-checkpoints/"
                             "yolov7-tiny_fire-smoke_ref-trained.valid_detections_320.json").read_text())
     folder = shared_dir / "data/fire-smoke/images/valid"

@@ -79,8 +79,9 @@ def assert_dry_run_table(result, out: Path, results: dict, parity_names: list[st
 
 
 @pytest.fixture(scope="module")
-def packed(shared_dir, tmp_path_factory) -> Path:
-    """What `gpu_check.sh --pack` copies for a device machine (the data a GPU run uses)."""
+def packed(reference_outputs, tmp_path_factory) -> Path:
+    """What `gpu_check.sh --pack` copies for a device machine (the data a GPU run uses): ../shared's own files,
+    the reference outputs among them."""
     dest = tmp_path_factory.mktemp("pack") / "gpu-check-data"
     result = subprocess.run(["bash", str(SCRIPT), "--pack", str(dest)], cwd=ROOT, capture_output=True, text=True,
                             timeout=120)
@@ -139,7 +140,7 @@ def test_a_failed_set_up_fails_the_run_and_says_so(tmp_path):
     assert "**FAIL**" in (out / "table.md").read_text() and (out / "log.txt").is_file()
 
 
-def test_fp16_bound_holds_for_fp16_arithmetic_on_the_cpu(shared_dir):
+def test_fp16_bound_holds_for_fp16_arithmetic_on_the_cpu(shared_dir, reference_outputs):
     """The fp16 bound the GPU run applies (gpu_check_steps: 2 px, 0.01) against fp16 on the CPU, the same
     arithmetic width: the shared yolov7-tiny checkpoints stay well inside it (measured 0.47 px, 1.6e-3)."""
     import numpy as np

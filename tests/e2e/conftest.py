@@ -2,6 +2,10 @@
 
 Session scope: one Label Studio per mode ("legacy" then "jwt"), each started once and stopped at the end
 (pytest finishes one mode's instance before it starts the next, so only one runs at a time).
+
+Data: ``shared_data`` is ../shared/data, or without it the generated stand-in of the same layout (tests/conftest.py
+``shared_dir``, tests/synthetic.py): drawn fire and smoke, and a yolov7-tiny that finds them under the real
+detector's file name.
 """
 from __future__ import annotations
 
@@ -13,9 +17,6 @@ import pytest
 
 from . import harness
 
-SHARED = harness.REPO_ROOT.parent / "shared" / "data"
-VALID_IMAGES = SHARED / "fire-smoke" / "images" / "valid"
-REFERENCE_CHECKPOINT = SHARED / "yolov7-checkpoints" / "yolov7-tiny_fire-smoke_ref-trained.pt"
 MODES = ("legacy", "jwt")
 
 
@@ -29,9 +30,22 @@ def pytest_runtest_makereport(item, call):
             report.sections.append((f"{process.name} log", process.log_tail(80)))
 
 
-def require_shared_data() -> None:
-    if not VALID_IMAGES.is_dir() or not REFERENCE_CHECKPOINT.is_file():
-        pytest.skip(f"needs the shared data next to the repository ({VALID_IMAGES}, {REFERENCE_CHECKPOINT})")
+@pytest.fixture(scope="session")
+def shared_data(shared_dir) -> Path:
+    """../shared/data or its generated stand-in: fire-smoke/, hot-fire/, yolov7-checkpoints/."""
+    return shared_dir / "data"
+
+
+@pytest.fixture(scope="session")
+def valid_images(shared_data) -> Path:
+    """The 47 fire/smoke validation images (labels in ../../labels/valid)."""
+    return shared_data / "fire-smoke" / "images" / "valid"
+
+
+@pytest.fixture(scope="session")
+def detector_checkpoint(shared_data) -> Path:
+    """The trained fire/smoke yolov7-tiny in the reference file format (an official checkpoint to our backend)."""
+    return shared_data / "yolov7-checkpoints" / "yolov7-tiny_fire-smoke_ref-trained.pt"
 
 
 @pytest.fixture(scope="session", params=MODES)
@@ -56,14 +70,12 @@ class ImageSet:
 
 
 @pytest.fixture(scope="session")
-def fire_smoke_images(tmp_path_factory) -> ImageSet:
-    """Six real validation photos, a 912x608 and a 1280x720 image composed from real photos (JPEG)."""
-    require_shared_data()
+def fire_smoke_images(valid_images, tmp_path_factory) -> ImageSet:
+    """Six validation photos, a 912x608 and a 1280x720 image composed from them (JPEG)."""
     from PIL import Image
 
-    photos = sorted(VALID_IMAGES.glob("*.jpg"))
-    if len(photos) < 46:
-        pytest.skip(f"expected the 47 shared validation images in {VALID_IMAGES}, found {len(photos)}")
+    photos = sorted(valid_images.glob("*.jpg"))
+    assert len(photos) >= 46, f"expected the 47 validation images in {valid_images}, found {len(photos)}"
     root = tmp_path_factory.mktemp("images")
     upload_dir, url_dir = root / "upload", root / "served"
     upload_dir.mkdir()
@@ -100,15 +112,14 @@ class Backend:
 
 
 @pytest.fixture(scope="session")
-def yolo_backend(label_studio, tmp_path_factory) -> Backend:
+def yolo_backend(label_studio, detector_checkpoint, tmp_path_factory) -> Backend:
     """Our ML backend server (`python _wsgi.py --host 127.0.0.1 --port P`) wired to this mode's Label Studio."""
-    require_shared_data()
     wsgi = harness.REPO_ROOT / "_wsgi.py"
     if not wsgi.is_file():
         pytest.fail(f"{wsgi} does not exist: the ML backend server is missing")
     workdir = tmp_path_factory.mktemp(f"backend-{'legacy' if label_studio.legacy_tokens else 'jwt'}")
     env = {
-        "MODEL_PATH": str(REFERENCE_CHECKPOINT),
+        "MODEL_PATH": str(detector_checkpoint),
         "MODEL_DIR": str(workdir / "models"),
         "IMAGE_CACHE_DIR": str(workdir / "image-cache"),
         "LABEL_STUDIO_URL": label_studio.url,

@@ -2,7 +2,7 @@
 
 Label Studio in its default JWT-only mode (the API key is a personal access token); our backend started exactly
 as the README says (`python -m yolo_backend serve --host 127.0.0.1 --port P`, embedded broker: no REDIS_URL);
-a fire/smoke project with 50 uploaded real photos and one large non-square photo given by URL. We connect,
+a fire/smoke project with 50 uploaded photos and one large non-square photo given by URL. We connect,
 retrieve predictions for every task, check that sorting by prediction score works without a manual step, turn on
 "start training on annotation submission", submit a dozen annotations (fast saves), wait for a new version that
 the project switches to and that new predictions carry, watch /health the whole time, and finally SIGTERM
@@ -34,7 +34,6 @@ import requests
 from yolo_backend.processes import descendants
 
 from . import harness
-from .conftest import REFERENCE_CHECKPOINT, SHARED, require_shared_data
 from .test_ls_predict import ordered_scores
 from .test_training_loop import yolo_result
 
@@ -52,27 +51,26 @@ LARGE_SIZE = (2000, 1125)   # the non-square photo given by URL
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def acceptance_images(tmp_path_factory):
+def acceptance_images(shared_data, tmp_path_factory):
     """40 train photos (37 with boxes, 3 without any), 10 valid photos to upload, and a 2000x1125 photo by URL.
 
     Returns (upload paths, served folder, served names, {file name: YOLO annotation result}).
     """
-    require_shared_data()
     import cv2
 
-    root = SHARED / "fire-smoke"
+    root = shared_data / "fire-smoke"
     label_of = lambda split, photo: root / "labels" / split / (photo.stem + ".txt")  # noqa: E731
     train = sorted((root / "images" / "train").glob("*.jpg"))
     valid = sorted((root / "images" / "valid").glob("*.jpg"))
     positives = [p for p in train if label_of("train", p).is_file() and label_of("train", p).read_text().strip()]
     negatives = [p for p in train if label_of("train", p).is_file() and not label_of("train", p).read_text().strip()]
-    if len(positives) < 37 * 18 or len(negatives) < 3 or len(valid) < 47:
-        pytest.skip("needs the shared fire/smoke images (877 train with labels, some empty; 47 valid)")
+    assert len(positives) >= 37 and len(negatives) >= 3 and len(valid) >= 47, f"{root}: too few images"
     folder = tmp_path_factory.mktemp("acceptance-images")
     upload_dir, served = folder / "upload", folder / "served"
     upload_dir.mkdir()
     served.mkdir()
-    chosen = positives[::18][:37] + negatives[:3] + valid[0:40:4]
+    every = min(18, len(positives) // 37)   # spread over the real set's 717 positives; the generated set has 100
+    chosen = positives[::every][:37] + negatives[:3] + valid[0:40:4]
     results = {photo.name: yolo_result(label_of("train", photo)) for photo in chosen[:40]}
     upload = [Path(shutil.copy(photo, upload_dir / photo.name)) for photo in chosen]
     # A large non-square photo from a real one (not among the uploads): true size 2000x1125.
@@ -182,7 +180,7 @@ def process_table(pids: list[int]) -> dict[int, str]:
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("label_studio", ["jwt"], indirect=True)
-def test_acceptance_whole_loop(label_studio, acceptance_images, tmp_path_factory):
+def test_acceptance_whole_loop(label_studio, acceptance_images, detector_checkpoint, tmp_path_factory):
     import cv2
 
     upload, served, served_names, annotation_of = acceptance_images
@@ -204,7 +202,7 @@ def test_acceptance_whole_loop(label_studio, acceptance_images, tmp_path_factory
         workdir = tmp_path_factory.mktemp("acceptance-backend")
         env = {
             "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.api_key,
-            "MODEL_PATH": str(REFERENCE_CHECKPOINT), "MODEL_DIR": str(workdir / "models"),
+            "MODEL_PATH": str(detector_checkpoint), "MODEL_DIR": str(workdir / "models"),
             "REDIS_URL": "", "REDIS_HOST": "",  # whatever our own environment says: the embedded broker
             "IMAGE_CACHE_DIR": str(workdir / "image-cache"), "ONNX_CACHE_DIR": str(workdir / "onnx-cache"),
         }
@@ -255,7 +253,7 @@ def run_scenario(api, project_id, url, tasks, sizes, annotation_of, backend, tim
              json={"selectedItems": {"all": True, "excluded": []}})
     timings["predictions for 51 tasks"] = time.monotonic() - started
     regions = check_predictions(api, tasks, sizes, first_version)
-    assert regions > 0, "the reference-trained checkpoint found nothing on 51 real fire/smoke photos"
+    assert regions > 0, "the reference-trained checkpoint found nothing on the 51 fire/smoke photos"
     timings["regions"] = regions
 
     # Without any manual step, sorting by prediction score gives non-null ascending scores.

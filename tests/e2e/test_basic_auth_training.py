@@ -10,7 +10,6 @@ import pytest
 import requests
 
 from . import harness
-from .conftest import REFERENCE_CHECKPOINT, VALID_IMAGES, require_shared_data
 
 pytestmark = [pytest.mark.e2e]
 
@@ -18,17 +17,16 @@ USER, PASSWORD = "ml-backend", "a long shared secret"
 
 
 @pytest.mark.parametrize("label_studio", ["jwt"], indirect=True)
-def test_training_triggers_through_basic_auth(label_studio, tmp_path_factory):
+def test_training_triggers_through_basic_auth(label_studio, valid_images, detector_checkpoint, tmp_path_factory):
     from yolo_backend.jobs.redis_server import RedisServer
 
-    require_shared_data()
     api = label_studio.api
     project_id = api.create_project("basic auth e2e", harness.FIRE_SMOKE_LABEL_CONFIG)["id"]
-    tasks = harness.import_images(api, project_id, sorted(VALID_IMAGES.glob("*.jpg"))[:2])
+    tasks = harness.import_images(api, project_id, sorted(valid_images.glob("*.jpg"))[:2])
     workdir = tmp_path_factory.mktemp("auth-backend")
     with RedisServer(workdir / "valkey") as redis_server:
         env = {
-            "MODEL_PATH": str(REFERENCE_CHECKPOINT), "MODEL_DIR": str(workdir / "models"),
+            "MODEL_PATH": str(detector_checkpoint), "MODEL_DIR": str(workdir / "models"),
             "IMAGE_CACHE_DIR": str(workdir / "image-cache"), "LABEL_STUDIO_URL": label_studio.url,
             "LABEL_STUDIO_API_KEY": label_studio.api_key, "REDIS_URL": redis_server.url,
             "RQ_QUEUE_NAME": "e2e-basic-auth", "BASIC_AUTH_USER": USER, "BASIC_AUTH_PASS": PASSWORD,

@@ -10,8 +10,9 @@ too few images to say. Without a worker, on a registry of twelve versions with r
 1280 px without sideways scrolling, the learning curve is drawn, and the pool card's live update says a run is
 queued. Screenshots go to tests/artifacts/ (YOLO_BACKEND_TEST_ARTIFACTS overrides; ignored by git).
 
-Without Chromium the test is skipped, except in CI (CI set), where it fails: `.ci/run` installs it
-(apt-get install chromium chromium-driver).
+Without Chromium the test is skipped (the message says how to install it), except in CI (CI set), where it fails:
+`.ci/run` installs it (apt-get install chromium chromium-driver), as `scripts/bootstrap.sh --dev` does when run as
+root.
 """
 
 from __future__ import annotations
@@ -73,8 +74,9 @@ def require_chromium() -> None:
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
     if not missing:
         return
-    message = (f"{' and '.join(missing)} missing: install the distribution's browser and driver "
-               "(apt-get install -y chromium chromium-driver)")
+    message = (f"{' and '.join(missing)} missing: install the distribution's browser and driver with "
+               "`sudo apt-get install -y chromium chromium-driver` (`./scripts/bootstrap.sh --dev` does it when run "
+               "as root)")
     if os.environ.get("CI"):
         pytest.fail(message + "; .ci/run installs them, so in CI this is an error")
     pytest.skip(message)

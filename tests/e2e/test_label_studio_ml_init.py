@@ -19,7 +19,6 @@ import pytest
 import requests
 
 from . import harness
-from .conftest import REFERENCE_CHECKPOINT, VALID_IMAGES, require_shared_data
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -97,8 +96,7 @@ def _our_predictions(tmp_path: Path, tasks: list[dict], env: dict[str, str]) -> 
     return response.json
 
 
-def test_label_studio_ml_init_gives_a_working_backend(tmp_path):
-    require_shared_data()
+def test_label_studio_ml_init_gives_a_working_backend(valid_images, detector_checkpoint, tmp_path):
     venv = ensure_label_studio_ml()
     bin_dir = venv / "bin"
 
@@ -115,7 +113,7 @@ def test_label_studio_ml_init_gives_a_working_backend(tmp_path):
     assert "from model_backend import YOLOv7Backend" in (backend_dir / "_wsgi.py").read_text()
 
     # 2. start, with our settings in the environment.
-    settings_env = {"MODEL_PATH": str(REFERENCE_CHECKPOINT), "MODEL_DIR": str(tmp_path / "models"),
+    settings_env = {"MODEL_PATH": str(detector_checkpoint), "MODEL_DIR": str(tmp_path / "models"),
                     "IMAGE_CACHE_DIR": str(tmp_path / "image-cache"), "INFERENCE_BACKEND": "torch",
                     "TORCH_THREADS": "1", "OMP_NUM_THREADS": "1"}
     env.update(settings_env)
@@ -133,7 +131,7 @@ def test_label_studio_ml_init_gives_a_working_backend(tmp_path):
                                  timeout=60)
         assert response.status_code == 200 and response.json().get("model_version"), response.text
 
-        images = sorted(VALID_IMAGES.glob("*.jpg"))[:4]
+        images = sorted(valid_images.glob("*.jpg"))[:4]
         tasks = [{"id": i + 1, "data": {"image": _data_uri(path)}} for i, path in enumerate(images)]
         response = requests.post(f"{url}/predict", json={"tasks": tasks, "label_config": CONFIG,
                                                          "project": "1.1700000000", "params": {}}, timeout=300)
@@ -160,7 +158,7 @@ def test_label_studio_ml_init_gives_a_working_backend(tmp_path):
 
     ours = _our_predictions(tmp_path, tasks, settings_env)["results"]
     assert len(classic) == len(ours) == len(tasks)
-    version = checkpoint_version(REFERENCE_CHECKPOINT)
+    version = checkpoint_version(detector_checkpoint)
     assert sum(len(item["result"]) for item in classic) > 0, "the reference checkpoint found nothing"
     for got, expected in zip(classic, ours):
         assert got["model_version"] == expected["model_version"] == version

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from . import harness
-from .conftest import VALID_IMAGES, require_shared_data
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -44,14 +43,13 @@ def assert_same_labels(expected_dir: Path, got_dir: Path, names: list[str]) -> N
 
 
 @pytest.fixture()
-def yolo_dataset(label_studio, tmp_path) -> Path:
-    """Under Label Studio's local-files root: 3 real photos with labels, a 640x360 one and an empty-label negative."""
-    require_shared_data()
+def yolo_dataset(label_studio, valid_images, tmp_path) -> Path:
+    """Under Label Studio's local-files root: 3 photos with labels, a 640x360 one and an empty-label negative."""
     root = label_studio.files_root / f"yolo-{tmp_path.name}"
     (root / "images").mkdir(parents=True)
     (root / "labels").mkdir()
-    labels_dir = VALID_IMAGES.parent.parent / "labels" / "valid"
-    for photo in sorted(VALID_IMAGES.glob("*.jpg"))[:3]:
+    labels_dir = valid_images.parent.parent / "labels" / "valid"
+    for photo in sorted(valid_images.glob("*.jpg"))[:3]:
         shutil.copy(photo, root / "images" / photo.name)
         shutil.copy(labels_dir / f"{photo.stem}.txt", root / "labels" / f"{photo.stem}.txt")
     wide = cv2.resize(cv2.imread(str(photo)), (640, 360))

@@ -180,7 +180,7 @@ def test_predictions_from_our_backend(label_studio, yolo_backend, fire_smoke_ima
         assert (detections.width, detections.height) == (width, height)
         match_regions(prediction["result"], detections, width, height)
         regions_total += len(prediction["result"])
-    assert regions_total > 0, "the reference-trained checkpoint found nothing on real fire/smoke photos"
+    assert regions_total > 0, "the reference-trained checkpoint found nothing on the fire/smoke photos"
     print(f"\n[{'legacy' if label_studio.legacy_tokens else 'jwt'}] {len(tasks)} tasks, {regions_total} regions, "
           f"retrieve took {retrieve_seconds:.1f} s, model_version {version}")
 

@@ -1,12 +1,12 @@
 """Issue 14, end to end: pool scoring with a real Label Studio 1.23 (JWT, personal access token), a real
 Redis-protocol server and two real RQ workers.
 
-A project of 120 real hot-fire images is connected and trained once (a few annotations, training on submit).
-After the publish the worker scores the whole pool in chunk jobs that both workers share: every task then has
-exactly one prediction of the new version, with a finite score and a cluster; the project's sampling is
-uncertainty sampling (UNCERTAINTY_SAMPLING=true) and Label Studio's own ``/api/projects/{id}/next`` serves the
-tasks in the order its rule gives for the stored scores and clusters (least-solved cluster first, then the lowest
-score), which is not simply the score order.
+A project of 120 hot-fire images (../shared's, or generated ones) is connected and trained once (a few annotations,
+training on submit). After the publish the worker scores the whole pool in chunk jobs that both workers share:
+every task then has exactly one prediction of the new version, with a finite score and a cluster; the project's
+sampling is uncertainty sampling (UNCERTAINTY_SAMPLING=true) and Label Studio's own ``/api/projects/{id}/next``
+serves the tasks in the order its rule gives for the stored scores and clusters (least-solved cluster first, then
+the lowest score), which is not simply the score order.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import pytest
 import requests
 
 from . import harness
-from .conftest import REFERENCE_CHECKPOINT, SHARED, require_shared_data
 from .test_training_loop import yolo_result
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -31,12 +30,10 @@ TIMEOUT_S = 900
 
 
 @pytest.fixture(scope="module")
-def pool_images(tmp_path_factory) -> dict[Path, list[dict]]:
-    require_shared_data()
-    root = SHARED / "hot-fire"
+def pool_images(shared_data, tmp_path_factory) -> dict[Path, list[dict]]:
+    root = shared_data / "hot-fire"
     photos = sorted((root / "images" / "val").glob("*.jpg"))
-    if len(photos) < POOL_IMAGES:
-        pytest.skip(f"needs {POOL_IMAGES} hot-fire validation images in {root}")
+    assert len(photos) >= POOL_IMAGES, f"needs {POOL_IMAGES} hot-fire validation images in {root}"
     folder = tmp_path_factory.mktemp("pool-images")
     return {Path(shutil.copy(p, folder / p.name)): yolo_result(root / "labels" / "val" / (p.stem + ".txt"))
             for p in photos[:POOL_IMAGES]}
@@ -55,7 +52,8 @@ def _next_by_rule(predictions: dict[int, dict], unlabelled: set[int], solved: li
 
 
 @pytest.mark.parametrize("label_studio", ["jwt"], indirect=True)
-def test_pool_scoring_clusters_and_uncertainty_sampling(label_studio, redis_server, pool_images, tmp_path_factory):
+def test_pool_scoring_clusters_and_uncertainty_sampling(label_studio, redis_server, pool_images, detector_checkpoint,
+                                                        tmp_path_factory):
     from redis import Redis
     from rq import Queue
     from rq.job import Job
@@ -70,7 +68,7 @@ def test_pool_scoring_clusters_and_uncertainty_sampling(label_studio, redis_serv
     workdir = tmp_path_factory.mktemp("pool-backend")
     queue_name = "e2e-pool"
     env = {
-        "MODEL_PATH": str(REFERENCE_CHECKPOINT), "MODEL_DIR": str(workdir / "models"),
+        "MODEL_PATH": str(detector_checkpoint), "MODEL_DIR": str(workdir / "models"),
         "IMAGE_CACHE_DIR": str(workdir / "image-cache"),
         "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.api_key,
         "REDIS_URL": redis_server.url, "RQ_QUEUE_NAME": queue_name,

@@ -18,11 +18,10 @@ import pytest
 import requests
 
 from . import harness
-from .conftest import REFERENCE_CHECKPOINT, SHARED, require_shared_data
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-LABELS = ["fire", "smoke"]          # class ids of the shared fire/smoke labels
+LABELS = ["fire", "smoke"]          # class ids of the fire/smoke labels
 SAVE_LIMIT_S = 1.5
 PUBLISH_TIMEOUT_S = 900
 
@@ -42,16 +41,14 @@ def yolo_result(label_file: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def loop_images(tmp_path_factory):
-    """13 real photos with their labels (9 to annotate with boxes, 4 left unlabelled) and 3 negatives."""
-    require_shared_data()
-    root = SHARED / "fire-smoke"
+def loop_images(shared_data, tmp_path_factory):
+    """13 photos with their labels (9 to annotate with boxes, 4 left unlabelled) and 3 negatives."""
+    root = shared_data / "fire-smoke"
     valid = sorted((root / "images" / "valid").glob("*.jpg"))
     negatives = sorted(p for p in (root / "images" / "train").glob("*.jpg")
                        if (root / "labels" / "train" / (p.stem + ".txt")).is_file()
                        and not (root / "labels" / "train" / (p.stem + ".txt")).read_text().strip())
-    if len(valid) < 39 or len(negatives) < 3:
-        pytest.skip("needs the shared fire/smoke images (47 valid, some empty-label train images)")
+    assert len(valid) >= 39 and len(negatives) >= 3, f"{root}: 47 valid images and some empty-label train images"
     folder = tmp_path_factory.mktemp("loop-images")
     chosen = {}
     for photo in valid[0:39:3]:  # 13 photos
@@ -64,7 +61,7 @@ def loop_images(tmp_path_factory):
 
 @pytest.mark.parametrize("label_studio", ["jwt"], indirect=True)
 def test_annotations_train_publish_and_switch_label_studio(label_studio, redis_server, loop_images,
-                                                           tmp_path_factory):
+                                                           detector_checkpoint, tmp_path_factory):
     from yolo_backend.registry import Registry
 
     api = label_studio.api
@@ -75,7 +72,7 @@ def test_annotations_train_publish_and_switch_label_studio(label_studio, redis_s
 
     workdir = tmp_path_factory.mktemp("loop-backend")
     env = {
-        "MODEL_PATH": str(REFERENCE_CHECKPOINT), "MODEL_DIR": str(workdir / "models"),
+        "MODEL_PATH": str(detector_checkpoint), "MODEL_DIR": str(workdir / "models"),
         "IMAGE_CACHE_DIR": str(workdir / "image-cache"),
         "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.api_key,
         "REDIS_URL": redis_server.url, "RQ_QUEUE_NAME": "e2e-training",
