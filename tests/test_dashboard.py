@@ -457,7 +457,7 @@ def failing_train(data, callback):
     raise RuntimeError("out of memory while training")
 
 
-def run_job_in_process(tmp_path, monkeypatch, tasks, trainer: str) -> Path:
+def run_job_in_process(tmp_path, monkeypatch, tasks, trainer) -> Path:
     from tests.support import LEGACY as TOKEN, FakeLabelStudio
     from yolo_backend.jobs.job import run_training_job
 
@@ -469,8 +469,9 @@ def run_job_in_process(tmp_path, monkeypatch, tasks, trainer: str) -> Path:
                        "LABEL_STUDIO_API_KEY": TOKEN, "BACKEND_URL": FAKE_BACKEND_URL,
                        "MIN_ANNOTATIONS_FIRST_TRAINING": "0"}.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setattr("yolo_backend.jobs.training.fine_tune_trainer", trainer)
     try:
-        run_training_job(PROJECT, "START_TRAINING", {}, {"settle_s": 0, "trainer": trainer})
+        run_training_job(PROJECT, "START_TRAINING", {}, {"settle_s": 0})
     finally:
         label_studio.close()
     return tmp_path / "models"
@@ -480,7 +481,7 @@ def test_training_job_records_a_run_that_failed(tmp_path, monkeypatch):
     from tests.test_jobs import make_tasks
 
     with pytest.raises(RuntimeError, match="out of memory"):
-        run_job_in_process(tmp_path, monkeypatch, make_tasks(), "tests.test_dashboard:failing_train")
+        run_job_in_process(tmp_path, monkeypatch, make_tasks(), failing_train)
     (run,) = history.read_runs(tmp_path / "models", PROJECT)
     assert run["outcome"] == "failed" and run["reason"] == "RuntimeError: out of memory while training"
     assert run["event"] == "START_TRAINING" and run["job_seconds"] >= 0
@@ -488,7 +489,7 @@ def test_training_job_records_a_run_that_failed(tmp_path, monkeypatch):
 
 def test_training_job_records_a_run_with_nothing_to_train(tmp_path, monkeypatch):
     tasks = [{"id": 1, "data": {"image": "/data/upload/1/img1.png"}, "annotations": []}]
-    run_job_in_process(tmp_path, monkeypatch, tasks, "tests.test_dashboard:failing_train")
+    run_job_in_process(tmp_path, monkeypatch, tasks, failing_train)
     (run,) = history.read_runs(tmp_path / "models", PROJECT)
     assert run["outcome"] == "skipped" and run["images"] == 0
     assert "no annotated task" in run["reason"]

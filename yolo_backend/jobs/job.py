@@ -23,7 +23,6 @@ from ..logs import LOG_FORMAT
 from ..registry import Registry
 from ..settings import Settings
 from . import TrainingError
-from .trainer import load_trainer
 from .states import JobPhase, plain
 
 log = logging.getLogger(__name__)
@@ -220,16 +219,14 @@ def run_training_job(project_id: int, event: str = "START_TRAINING", payload: Op
     from .keys import LOCK_TTL_S, SETTLE_S, Keys
     from .slots import SlotKind, WaitingSlots
 
-    options = {"settle_s": SETTLE_S, "lock_ttl": LOCK_TTL_S, "trainer": None,
-               **(options or {})}
+    options = {"settle_s": SETTLE_S, "lock_ttl": LOCK_TTL_S, **(options or {})}
     job = get_current_job()
     settings = Settings.from_env()
     project_id = int(project_id)
     if job is None:  # in process (tests, tools): no queue, no lock
         with JobReporter(None, settings) as reporter:
             log.info("training project %s (%s) in process %d", project_id, event, os.getpid())
-            return _train(settings, project_id, event, options, load_trainer(options.get("trainer")), None,
-                          reporter)
+            return _train(settings, project_id, event, options, None, reporter)
     keys = Keys(job.origin)
     slots = WaitingSlots(job.connection, keys, SlotKind.TRAINING)
     with _Heartbeat(job.connection, keys, job.id, options["lock_ttl"]) as heartbeat:
@@ -247,20 +244,19 @@ def run_training_job(project_id: int, event: str = "START_TRAINING", payload: Op
             with JobReporter(job, settings) as reporter:
                 log.info("training job %s for project %s (%s) in process %d", job.id, project_id, event,
                          os.getpid())
-                trainer = load_trainer(options.get("trainer"))
                 with _project_lock(job.connection, keys, heartbeat, project_id, job.id, ticket,
                                    options["lock_ttl"], reporter):
                     # Only now, holding the project's lock and before reading the annotations, a new trigger
                     # queues a new job; until here (another job of the project trains) triggers coalesce into
                     # this one, so a burst never leaves more than one job waiting.
                     slots.release(project_id, job.id)
-                    return _train(settings, project_id, event, options, trainer, job, reporter)
+                    return _train(settings, project_id, event, options, job, reporter)
         finally:
             with contextlib.suppress(Exception):  # failed before the lock: the slot is free for the next trigger
                 slots.release(project_id, job.id)
 
 
-def _train(settings: Settings, project_id: int, event: str, options: dict, trainer, job,
+def _train(settings: Settings, project_id: int, event: str, options: dict, job,
            reporter: JobReporter) -> dict:
     """Holding the project's lock (or in process): clean up after a killed job, let Label Studio finish saving, and
     train the project (``training.train_project``); the run goes into the project's history either way."""
@@ -274,8 +270,7 @@ def _train(settings: Settings, project_id: int, event: str, options: dict, train
     job_id = job.id if job else None
     run_started = time.monotonic()
     try:
-        result = train_project(context, project_id, event, progress=reporter.progress, trainer=trainer,
-                               job_id=job_id)
+        result = train_project(context, project_id, event, progress=reporter.progress, job_id=job_id)
     except Exception as exc:  # kept in the project's run history (dashboard), then the job fails
         error = no_space_error(exc, settings.model_dir) or exc
         history.record_failure(settings.model_dir, project_id, error, event, job_id, time.monotonic() - run_started)

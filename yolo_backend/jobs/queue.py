@@ -76,7 +76,7 @@ class TrainingQueue:
         self.queue_name = queue_name or settings.rq_queue_name
         self.pending_dir = Path(pending_dir) if pending_dir else Path(settings.model_dir) / "pending"
         self.pending_store = PendingRequests(self.pending_dir, settings.max_queued_projects)
-        # Passed to every job: settle_s, lock_ttl, trainer (a "module:function" seam for tests).
+        # Passed to every job: settle_s, lock_ttl.
         self.job_options = {"settle_s": SETTLE_S, "lock_ttl": LOCK_TTL_S, **(job_options or {})}
         self.job_function = job_function  # the RQ job by path (a seam for tests: one that starts slowly)
         self.retry_interval = retry_interval

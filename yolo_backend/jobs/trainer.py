@@ -1,17 +1,15 @@
 """The trainer seam: ``trainer(data: TrainingData, callback) -> dict``. The default is the fine-tuning engine
 (``yolo_backend.yolov7.train``), which also evaluates the current model on the same validation set, at that
-model's own serving size (``TrainingData.start_img_size``: jobs/sizing.py); tests plug in a fast fake by
-``"module:function"`` path.
+model's own serving size (``TrainingData.start_img_size``: jobs/sizing.py). ``train_project(trainer=...)`` takes
+another; the tests' workers put a fast fake in its place (tests/fake_worker.py).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
-from . import TrainingError
-from .dataset import DEFAULT_GRAPH, Trainer, TrainingData, class_map, example_eval_set
+from .dataset import DEFAULT_GRAPH, TrainingData, class_map, example_eval_set
 
 log = logging.getLogger(__name__)
 
@@ -80,20 +78,3 @@ def evaluate_start_model(data: TrainingData, new_images, callback: Callable[[dic
     except Exception as exc:  # the comparison is advisory; training succeeded
         log.warning("could not evaluate the current model %s: %s", data.start_checkpoint, exc)
         return None, None
-
-
-def import_by_path(spec: str, what: str, default_attr: str) -> Any:
-    """``"package.module:name"`` -> that object (the seams a job is configured with); TrainingError otherwise."""
-    module_name, _, attr = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), attr or default_attr)
-    except (ImportError, AttributeError) as exc:
-        raise TrainingError(f"{what} {spec!r} cannot be imported: {exc}") from None
-
-
-def load_trainer(spec: Optional[str]) -> Trainer:
-    """``"package.module:function"`` -> that function; None -> the fine-tuning engine."""
-    return import_by_path(spec, "trainer", "train") if spec else fine_tune_trainer
-
-
-# --------------------------------------------------------------------------------------------------------------

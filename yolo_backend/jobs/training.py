@@ -30,12 +30,12 @@ from ..yolov7.untrained import UNTRAINED_VERSION
 from ..registry import ModelVersion, Registry
 from ..settings import Settings
 from . import TrainingError
-from .dataset import (DEFAULT_GRAPH, Example, TrainingData, annotated_tasks, collect_examples, split_examples,
+from .dataset import (DEFAULT_GRAPH, Example, Trainer, TrainingData, annotated_tasks, collect_examples, split_examples,
                       usable_annotations)
 from .publish import current_model, prune_versions, publish_decision
 from .sizing import SizeEvaluator, start_model_size
 from .sync import sync_label_studio
-from .trainer import Trainer, fine_tune_trainer
+from .trainer import fine_tune_trainer
 from .states import JobPhase
 
 log = logging.getLogger(__name__)
