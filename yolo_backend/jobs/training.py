@@ -175,28 +175,29 @@ def train_and_publish(settings: Settings, project_id: int, examples: list[Exampl
         report({"phase": JobPhase.PREPARING, "train_images": len(train), "val_images": len(val),
                 "message": f"preparing {len(train)} training and {len(val)} validation images"})
         outcome = (trainer or fine_tune_trainer)(data, TrainingProgress(settings.train_epochs, report))
-        metrics, baseline = outcome.get("metrics"), outcome.get("baseline_metrics")
-        decision = publish_decision(settings, metrics, baseline, len(val), outcome.get("fitness_se"))
+        metrics, baseline = outcome.metrics, outcome.baseline_metrics
+        decision = publish_decision(settings, metrics, baseline, len(val), outcome.fitness_se)
         why = decision.why
         summary: dict[str, Any] = dict(
             trained=True, train_images=len(train), val_images=len(val), parent=parent, metrics=metrics,
-            baseline_metrics=baseline, fitness_se=outcome.get("fitness_se"), decision=why, compared=decision.compared,
+            baseline_metrics=baseline, fitness_se=outcome.fitness_se, decision=why, compared=decision.compared,
             start_img_size=start_size.meta(),
-            **{k: outcome[k] for k in ("epochs_run", "best_epoch", "stopped_by_budget") if k in outcome})
+            **{k: getattr(outcome, k) for k in ("epochs_run", "best_epoch", "stopped_by_budget")
+               if getattr(outcome, k) is not None})
         if not decision.publish:
             log.info("project %s: new model not published: %s", project_id, why)
             summary.update(published=False, model_version=parent)
             report({"phase": JobPhase.DONE, "message": f"not published: {why}"})
             return summary, None
         report({"phase": JobPhase.PUBLISHING})
-        path = Path(outcome.get("path") or data.out_path)
+        path = Path(outcome.path or data.out_path)
         if not path.is_file():
             raise TrainingError(f"the trainer reported {path}, which does not exist")
         version = registry.publish(path, {
             "project": project_id, "parent": parent, "metrics": metrics, "baseline_metrics": baseline,
             "decision": why, "compared": decision.compared, "parent_img_size": start_size.meta(), **(meta or {}),
             "train_images": len(train), "val_images": len(val), "labels": names,
-            "train_seconds": outcome.get("seconds"), "img_size": settings.train_img_size})
+            "train_seconds": outcome.seconds, "img_size": settings.train_img_size})
         log.info("project %s: published %s (%s)", project_id, version.name, why)
         removed = prune_versions(registry, settings.keep_versions, {settings.model_version or ""})
         if removed:
