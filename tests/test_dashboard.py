@@ -240,7 +240,9 @@ def test_status_json_has_every_number_of_the_page(trained):
     assert project["job_warnings"] == ["[2026-12-01 10:00:01] [WARNING] [x] task 7: image not available"]
     assert body["queue"]["failed"] == 2 and body["queue"]["coalesced"] == 3
     assert client.get("/status").json["projects"][0]["project"] == PROJECT  # all projects without ?project
-    assert client.get("/status", query_string={"project": "x"}).status_code == 400
+    for bad in ("x", "\u00b9", "9" * 5000, "0"):  # digits int() refuses, more than int() reads, not an id
+        reply = client.get("/status", query_string={"project": bad})
+        assert reply.status_code == 400 and "is not a project id" in reply.get_data(as_text=True), bad
 
 
 def test_versions_keeps_its_fields_and_adds_per_version_metrics(trained):

@@ -39,7 +39,7 @@ def children_of(pid: int) -> list[int]:
     except OSError:
         return found
     for name in entries:
-        if not name.isdigit():
+        if not (name.isascii() and name.isdigit()):
             continue
         try:
             with open(f"/proc/{name}/stat", "rb") as f:

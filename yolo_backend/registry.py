@@ -83,7 +83,8 @@ class Registry:
     @classmethod
     def all_projects(cls, model_dir: str | os.PathLike) -> list["Registry"]:
         """The registries of every project that has one, by project id."""
-        ids = sorted(int(p.name) for p in (Path(model_dir) / PROJECTS_DIR).glob("*") if p.name.isdigit())
+        names = [p.name for p in (Path(model_dir) / PROJECTS_DIR).glob("*")]
+        ids = sorted(int(name) for name in names if name.isascii() and name.isdigit())
         return [cls.for_project(model_dir, pid) for pid in ids]
 
     @classmethod

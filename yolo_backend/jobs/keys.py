@@ -130,7 +130,7 @@ def holder_alive(connection, keys: Keys, job_id: str) -> bool:
     if not beat:
         return False
     space, _, pid = beat.rpartition(":")
-    if space == process_space() and pid.isdigit():
+    if space == process_space() and pid.isascii() and pid.isdigit():
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:

@@ -24,6 +24,7 @@ from flask import Blueprint, Flask, Response, abort, current_app, jsonify, rende
 from ..jobs.publish import MIN_VALIDATION_IMAGES
 from . import charts
 from . import status as dashboard_status
+from .base import parse_project_id
 from .prometheus import PredictMetrics, StateCollector, exposition
 from .status import version_details  # noqa: F401  (app.py adds these to /versions)
 
@@ -75,12 +76,10 @@ def register_dashboard(app: Flask, context, health_view: Callable[[], Any], pred
 
 def _project_arg() -> Optional[int]:
     """``?project=<id>`` (None: every project); anything but an integer answers 400."""
-    project = request.args.get("project")
-    if not project:
-        return None
-    if not project.isdigit():
-        abort(400, description=f"project {project[:40]!r} is not a project id (an integer)")
-    return int(project)
+    try:  # the rule /predict and /webhook use; str.isdigit() would pass digits int() refuses ("¹")
+        return parse_project_id(request.args.get("project"))
+    except ValueError as exc:
+        abort(400, description=str(exc))
 
 
 # --------------------------------------------------------------------------------------------------------------

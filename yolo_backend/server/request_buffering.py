@@ -401,7 +401,7 @@ class BufferingRequestHandler(WSGIRequestHandler):
         length = environ.get("CONTENT_LENGTH", "")
         if environ.get("wsgi.input_terminated"):  # chunked: werkzeug's reader ends at the last chunk
             body = environ["wsgi.input"].read(self.limits.max_body_bytes + 1)
-        elif length.isdigit() and int(length) <= self.limits.max_body_bytes:
+        elif length.isascii() and length.isdigit() and int(length) <= self.limits.max_body_bytes:
             body = self.rfile.read(int(length))
             if len(body) < int(length):
                 raise ConnectionError("the client sent less than its Content-Length")

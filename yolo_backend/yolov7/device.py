@@ -36,7 +36,7 @@ def select_device(spec: Optional[str] = "auto") -> torch.device:
         return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
     if text == "cpu":
         return torch.device("cpu")
-    index = int(text.split(":")[1]) if ":" in text else (int(text) if text.isdigit() else 0)
+    index = int(text.split(":")[1]) if ":" in text else (int(text) if text.isascii() and text.isdigit() else 0)
     if not torch.cuda.is_available():
         reason = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
         raise DeviceError(f"device {spec!r} was asked for but {reason}; set DEVICE=cpu or DEVICE=auto")
