@@ -54,6 +54,11 @@ def test_several_controls_need_from_name():
         find_rectangle_target(parsed, from_name="nope")
 
 
+def test_a_skipped_control_is_no_candidate():
+    parsed = parse_label_config(TWO.replace('name="objects"', 'name="objects" model_skip="true"'))
+    assert find_rectangle_target(parsed).from_name == "hazard"
+
+
 def test_missing_rectangle_labels_says_what_to_add():
     with pytest.raises(LabelConfigError) as err:
         find_rectangle_target(parse_label_config(NO_RECT))

@@ -143,8 +143,9 @@ def chosen_class_without_box(annotation: dict, box_names: Sequence[str],
         return False
     for region in result:
         names = class_choices.get(str(region.get("from_name")), ())
-        value = region.get("value") if isinstance(region.get("value"), dict) else {}
-        picked = value.get("choices") if str(region.get("type", "")).lower() == "choices" else None
+        value = region.get("value")
+        picked = value.get("choices") if isinstance(value, dict) and str(region.get("type", "")).lower() == "choices" \
+            else None
         if names and isinstance(picked, list) and any(str(p) in names for p in picked):
             return True
     return False

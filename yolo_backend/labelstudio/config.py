@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +88,24 @@ def check_label_config_size(label_config: str) -> None:
                                "none: remove it")
 
 
+# How a true model_skip="..." is written (controls.py reads the attribute and refuses other words).
+TRUE_WORDS = ("true", "yes", "1")
+
+
+def is_skipped(info: Mapping[str, Any]) -> bool:
+    """Whether a parsed control has ``model_skip="true"`` (it gets no predictions)."""
+    return str((info.get("attrs") or {}).get("model_skip", "")).strip().lower() in TRUE_WORDS
+
+
 def find_rectangle_target(parsed: Mapping[str, dict], from_name: Optional[str] = None) -> RectangleTarget:
-    """The RectangleLabels control (attached to an Image) to predict for.
+    """The RectangleLabels control (attached to an Image, without ``model_skip="true"``) to convert for; the server
+    and training serve several (``controls.read_controls``).
 
     With several candidates, ``from_name`` (the FROM_NAME setting) picks one; without it the error names them.
     """
     candidates = {}
     for name, info in parsed.items():
-        if info.get("type") not in RECTANGLE_CONTROLS:
+        if info.get("type") not in RECTANGLE_CONTROLS or is_skipped(info):
             continue
         images = [(to, inp) for to, inp in zip(info.get("to_name", []), info.get("inputs", []))
                   if inp.get("type") in IMAGE_OBJECTS and inp.get("value")]
@@ -198,9 +208,8 @@ def map_classes_to_labels(class_names: Sequence[str], config_labels: Sequence[st
     map_lower = {k.lower(): v for k, v in label_map.items()}
     mapped: list[Optional[str]] = []
     for name in class_names:
-        label = by_predicted.get(name.lower()) or label_map.get(name) or map_lower.get(name.lower()) \
-            or labels_by_lower.get(name.lower())
-        mapped.append(label)
+        mapped.append(by_predicted.get(name.lower()) or label_map.get(name) or map_lower.get(name.lower())
+                      or labels_by_lower.get(name.lower()))
     mapping = LabelMapping(tuple(mapped), tuple(label for label in config_labels if label not in mapped))
     if check_leftovers:
         check_unmatched(class_names, [mapping])

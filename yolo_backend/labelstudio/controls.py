@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
 
-from .config import (IMAGE_OBJECTS, LabelConfigError, LabelMapping, RectangleTarget, check_unmatched,
+from .config import (IMAGE_OBJECTS, TRUE_WORDS, LabelConfigError, LabelMapping, RectangleTarget, check_unmatched,
                      map_classes_to_labels)
 from .results import choices_region, detections_to_regions
 
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 THRESHOLD_ATTR = "model_score_threshold"
 SKIP_ATTR = "model_skip"
 PREDICTED_ATTR = "predicted_values"
-TRUE_WORDS = ("true", "yes", "1")
 FALSE_WORDS = ("false", "no", "0", "")
 
 
