@@ -1,7 +1,8 @@
 """Predictions for Label Studio tasks, below the server, the worker and the backend class.
 
-``Predictor(context)`` turns a project's label config and tasks into the items Label Studio stores: which control
-the boxes go to and which class becomes which label (``labelstudio.config``), the model serving the project
+``Predictor(context)`` turns a project's label config and tasks into the items Label Studio stores: which controls
+get results and which class becomes which label (``labelstudio.controls``: every served RectangleLabels gets its
+boxes, every served Choices an image-level answer, from one forward pass), the model serving the project
 (``model_holder``), each task's image (``labelstudio.images``), the detector's boxes, the regions and the task score
 (``active_learning``), and an item without ``result`` for a task whose image could not be had (Label Studio asks for
 it again). ``predict`` works in chunks and stops at PREDICT_DEADLINE_S, returning what it left undone;
