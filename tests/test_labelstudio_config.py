@@ -54,6 +54,11 @@ def test_several_controls_need_from_name():
         find_rectangle_target(parsed, from_name="nope")
 
 
+def test_a_skipped_control_is_no_candidate():
+    parsed = parse_label_config(TWO.replace('name="objects"', 'name="objects" model_skip="true"'))
+    assert find_rectangle_target(parsed).from_name == "hazard"
+
+
 def test_missing_rectangle_labels_says_what_to_add():
     with pytest.raises(LabelConfigError) as err:
         find_rectangle_target(parse_label_config(NO_RECT))
@@ -123,6 +128,7 @@ def test_parsed_label_config_has_the_classic_shape():
         "inputs": [{"type": "Image", "valueType": None, "value": "image"},
                    {"type": "Image", "valueType": None, "value": "other"}],
         "labels": ["fire", "Smoke"],
-        "labels_attrs": {"fire": {"value": "fire", "background": "red"}, "Smoke": {"value": "smoke", "alias": "Smoke"}}}
+        "labels_attrs": {"fire": {"value": "fire", "background": "red"}, "Smoke": {"value": "smoke", "alias": "Smoke"}},
+        "attrs": {"name": "label", "toName": "image,image2"}}
     assert parsed["ta"]["inputs"] == [{"type": "Text", "valueType": None, "value": "text"}] and parsed["ta"]["labels"] == []
     assert parse_label_config("") == {} and parse_label_config(None) == {}

@@ -1,7 +1,8 @@
 """Predictions for Label Studio tasks, below the server, the worker and the backend class.
 
-``Predictor(context)`` turns a project's label config and tasks into the items Label Studio stores: which control
-the boxes go to and which class becomes which label (``labelstudio.config``), the model serving the project
+``Predictor(context)`` turns a project's label config and tasks into the items Label Studio stores: which controls
+get results and which class becomes which label (``labelstudio.controls``: every served RectangleLabels gets its
+boxes, every served Choices an image-level answer, from one forward pass), the model serving the project
 (``model_holder``), each task's image (``labelstudio.images``), the detector's boxes, the regions and the task score
 (``active_learning``), and an item without ``result`` for a task whose image could not be had (Label Studio asks for
 it again). ``predict`` works in chunks and stops at PREDICT_DEADLINE_S, returning what it left undone;
@@ -23,10 +24,10 @@ import numpy as np
 
 from .active_learning import task_score
 from .labelstudio.client import LabelStudioAuthError
-from .labelstudio.config import (LabelConfigError, LabelMapping, RectangleTarget, find_rectangle_target,
-                                 map_classes_to_labels, parse_label_config, parse_label_map)
+from .labelstudio.config import LabelConfigError, LabelMapping, parse_label_config, parse_label_map
+from .labelstudio.controls import ConfigControls, ServedControl, ServedRectangles, read_controls
 from .labelstudio.images import ImageFetchError, shown_url
-from .labelstudio.results import detections_to_regions, failed_task_prediction, task_prediction
+from .labelstudio.results import failed_task_prediction, task_prediction
 from .labelstudio.urls import cut
 from .model_holder import LoadedModel
 from .runtime import BackendContext
@@ -46,11 +47,12 @@ NO_IMAGE_FIELD = _NoImageField()
 
 @dataclass(frozen=True)
 class Serving:
-    """What predictions for one project need: the config's RectangleLabels target, the model, classes -> labels."""
+    """What predictions for one project need: the config's served controls, the model, and each control with the
+    model's classes mapped to its labels (``served``, config order: RectangleLabels, then Choices)."""
 
-    target: RectangleTarget
+    controls: ConfigControls
     model: LoadedModel
-    mapping: LabelMapping
+    served: tuple[ServedControl, ...]
 
     @property
     def version(self) -> str:
@@ -84,10 +86,10 @@ class Predictor:
 
     # --- what serves ------------------------------------------------------------------------------------------
     def labels(self, label_config: Optional[str]) -> tuple[str, ...]:
-        """The RectangleLabels labels of a label config ((): none usable). With nothing configured they size the
-        untrained model a project starts from."""
+        """The served RectangleLabels' labels of a label config ((): none usable). With nothing configured they size
+        the untrained model a project starts from."""
         try:
-            return tuple(find_rectangle_target(parse_label_config(label_config), self.settings.from_name).labels)
+            return read_controls(parse_label_config(label_config), self.settings.from_name).labels
         except LabelConfigError:
             return ()
 
@@ -96,12 +98,13 @@ class Predictor:
         return self.context.models.version(project_id, self.labels(label_config))
 
     def serving(self, project_id: Optional[int], label_config: Optional[str]) -> Serving:
-        """Target, model and mapping for the project (LabelConfigError, NoModelError say what is wrong)."""
-        target = find_rectangle_target(parse_label_config(label_config), self.settings.from_name)
-        model = self.context.models.get(project_id, target.labels)
-        mapping = map_classes_to_labels(model.names, target.labels, parse_label_map(self.settings.label_map))
-        _log_skipped_classes(model.names, mapping, model.version)
-        return Serving(target, model, mapping)
+        """Controls, model and mappings for the project (LabelConfigError, NoModelError say what is wrong)."""
+        controls = read_controls(parse_label_config(label_config), self.settings.from_name)
+        model = self.context.models.get(project_id, controls.labels)
+        served = controls.bind(model.names, parse_label_map(self.settings.label_map))
+        _log_skipped_classes(model.names, [s.mapping for s in served if isinstance(s, ServedRectangles)],
+                             model.version)
+        return Serving(controls, model, served)
 
     # --- predicting -------------------------------------------------------------------------------------------
     def predict(self, project_id: Optional[int], label_config: Optional[str], tasks: list[dict]) -> PredictionRun:
@@ -137,11 +140,11 @@ class Predictor:
         return max(1, self.settings.predict_batch_size) * 2
 
     def _chunk(self, tasks: list[dict], offset: int, serving: Serving, embed: bool = False) -> list[ScoredTask]:
-        images = self._load_images(tasks, serving.target.data_key)
+        images = self._load_images(tasks, serving.controls.data_key)
         ok = [i for i, image in enumerate(images) if isinstance(image, np.ndarray)]
         # ``embed`` only when asked: a loader's detector need not know it (it then cannot score a pool).
         extra = {"embed": True} if embed else {}
-        found = serving.model.detector.detect([images[i] for i in ok], conf=self.settings.score_floor, **extra) \
+        found = serving.model.detector.detect([images[i] for i in ok], conf=self._floor(serving), **extra) \
             if ok else []
         by_task = dict(zip(ok, found))
         return [self._scored(task, offset + i, images[i], by_task.get(i), serving) for i, task in enumerate(tasks)]
@@ -152,10 +155,17 @@ class Predictor:
             return ScoredTask(task_prediction([], None, version))
         if detections is None:  # the image could not be had: Label Studio asks again later
             return ScoredTask(failed_task_prediction(version))
-        shown = detections.above(settings.model_score_threshold)
-        regions = detections_to_regions(shown, serving.target, serving.mapping, version, task.get("id", position))
+        key = task.get("id", position)
+        regions = [region for n, served in enumerate(serving.served)  # first control: the ids it always had
+                   for region in served.results(detections, settings.model_score_threshold, version,
+                                                key if n == 0 else f"{key}:{served.control.name}")]
         score = task_score(detections, settings.task_score, settings.model_score_threshold, settings.score_floor)
         return ScoredTask(task_prediction(regions, score, version), detections.embedding)
+
+    def _floor(self, serving: Serving) -> float:
+        """The detector's score floor: SCORE_FLOOR, or lower where a control's model_score_threshold is."""
+        thresholds = [s.control.threshold for s in serving.served if s.control.threshold is not None]
+        return min([self.settings.score_floor, *thresholds])
 
     # --- images -----------------------------------------------------------------------------------------------
     def _load_images(self, tasks: list[dict], data_key: str) -> list:
@@ -201,14 +211,16 @@ def _log_once(key, level: int, message: str, *args) -> None:
         log.log(level, message, *args)
 
 
-def _log_skipped_classes(names, mapping: LabelMapping, version: str) -> None:
-    skipped = tuple(names[i] for i in mapping.skipped_classes)
+def _log_skipped_classes(names, mappings: list[LabelMapping], version: str) -> None:
+    """Log once which classes no served RectangleLabels shows, and which labels no class becomes."""
+    skipped = tuple(name for i, name in enumerate(names) if all(m.label_of(i) is None for m in mappings))
+    unlearned = tuple(label for m in mappings for label in m.unlearned_labels)
     if skipped:
-        _log_once(("skipped", version, skipped, mapping.labels), logging.INFO,
+        _log_once(("skipped", version, skipped, tuple(m.labels for m in mappings)), logging.INFO,
                   "classes %s of model %s match no label of the config and are not predicted (add the labels or "
                   "map them with LABEL_MAP)", ", ".join(skipped), version)
-    if mapping.unlearned_labels:
-        _log_once(("unlearned", version, mapping.unlearned_labels), logging.WARNING,
+    if unlearned:
+        _log_once(("unlearned", version, unlearned), logging.WARNING,
                   "labels %s of the config are not classes of model %s, so it never predicts them; the next "
                   "training learns them from the annotations (if they are other names for the model's classes, set "
-                  "LABEL_MAP)", ", ".join(mapping.unlearned_labels), version)
+                  "LABEL_MAP)", ", ".join(unlearned), version)

@@ -86,7 +86,8 @@ class Settings:
         "in the user's cache folder, shared by every command.")
     # --- predictions -------------------------------------------------------------------------
     model_score_threshold: float = setting(
-        0.25, "Boxes at or above this confidence are shown to the annotator.")
+        0.25, "Boxes at or above this confidence are shown to the annotator (a control's `model_score_threshold` "
+        "wins).")
     iou_threshold: float = setting(0.45, "IoU threshold of the class-aware non-maximum suppression.")
     max_detections: int = setting(300, "Most boxes kept per image.")
     score_floor: float = setting(
@@ -102,9 +103,11 @@ class Settings:
         "request and stores nothing when the answer takes more than its 100 s; tasks not reached by then get no "
         "prediction in that answer (Label Studio asks for them again).")
     from_name: Optional[str] = setting(
-        None, "Name of the RectangleLabels control to predict for when the label config has several.")
+        None, "Name of the one RectangleLabels control to predict for (unset: every one without `model_skip`, "
+        "when they are on one image).")
     label_map: Optional[str] = setting(
-        None, "Map checkpoint classes to config labels: `fire=Fire,smoke=Smoke` or a JSON object.")
+        None, "Map checkpoint classes to config labels: `fire=Fire,smoke=Smoke` or a JSON object (a label's "
+        "`predicted_values` wins).")
     # --- Label Studio ------------------------------------------------------------------------
     label_studio_url: Optional[str] = setting(
         None, "Label Studio base URL, used to fetch images and annotations (e.g. http://localhost:8080).")

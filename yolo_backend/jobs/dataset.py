@@ -1,5 +1,6 @@
 """The training data, from Label Studio: every annotated task's latest annotation (a submitted one without boxes is
-a negative image), its image scaled to the training size, and the train / validation split by a hash of the task
+a negative image; one with a class chosen in a served Choices control but no box drawn is left out: the class is
+there, its box unknown), its image scaled to the training size, and the train / validation split by a hash of the task
 id (stable across jobs: a task never changes sides). Bad regions are skipped and counted (labelstudio/regions.py).
 
 Evaluating a model at a size larger than the training size (a start model that serves at 640) needs the images
@@ -16,12 +17,13 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from ..labelstudio.annotations import latest_annotation
 from ..labelstudio.client import LabelStudioAPIError
+from ..labelstudio.controls import ConfigControls
 from ..labelstudio.regions import BadRegion, is_box_region, region_box
 from ..labelstudio.urls import cut, shorten
 from ..settings import Settings
@@ -102,15 +104,15 @@ def annotated_tasks(client, project_id: int) -> list[dict]:
         raise TrainingError(str(exc)) from None
 
 
-def annotation_boxes(annotation: dict, target, width: int, height: int) \
+def annotation_boxes(annotation: dict, target, width: int, height: int, from_names: Optional[Sequence[str]] = None) \
         -> tuple[np.ndarray, np.ndarray, list, list[BadRegion]]:
-    """The annotation's rectangles for ``target`` in pixels of a ``width`` x ``height`` image (the rule:
-    labelstudio/regions.py): (boxes xyxy, class ids by the config's label order, labels that match no config
-    label, bad regions skipped)."""
+    """The annotation's rectangles for ``target`` (or the controls ``from_names``) in pixels of a ``width`` x
+    ``height`` image (the rule: labelstudio/regions.py): (boxes xyxy, class ids by the config's label order, labels
+    that match no config label, bad regions skipped)."""
     index = {label.lower(): i for i, label in enumerate(target.labels)}
     boxes, classes, unknown, bad = [], [], [], []
     for region in annotation.get("result") or []:
-        if not is_box_region(region, target.from_name):
+        if not is_box_region(region, from_names or target.from_name):
             continue
         box = region_box(region, (width, height))
         if isinstance(box, BadRegion):
@@ -146,16 +148,40 @@ def scale_to(image: np.ndarray, size: int) -> tuple[np.ndarray, float]:
     return resize_long_side(image, size, allow_upscale=False)
 
 
+def chosen_class_without_box(annotation: dict, box_names: Sequence[str],
+                              class_choices: Mapping[str, Sequence[str]]) -> bool:
+    """Whether the annotation chose a class in a Choices control (``class_choices``: control -> the choices that
+    name a box label) and drew no box in the ``box_names`` controls: not a negative, and no box to learn."""
+    result = [r for r in annotation.get("result") or [] if isinstance(r, dict)]
+    if any(is_box_region(region, box_names) for region in result):
+        return False
+    for region in result:
+        names = class_choices.get(str(region.get("from_name")), ())
+        value = region.get("value")
+        picked = value.get("choices") if isinstance(value, dict) and str(region.get("type", "")).lower() == "choices" \
+            else None
+        if names and isinstance(picked, list) and any(str(p) in names for p in picked):
+            return True
+    return False
+
+
 def collect_examples(context, project_id: int, target, tasks: list[dict], size: int,
-                     report: Callable[[dict], None]) -> tuple[list[Example], dict]:
-    """Tasks -> examples (images downloaded through the shared cache); counts of what was used and skipped."""
+                     report: Callable[[dict], None], controls: Optional[ConfigControls] = None) \
+        -> tuple[list[Example], dict]:
+    """Tasks -> examples (images downloaded through the shared cache); counts of what was used and skipped.
+    ``controls``: the config's served controls (boxes of every served RectangleLabels; Choices answers)."""
     counts = {"annotated_tasks": len(tasks), "cancelled_only": 0, "image_failed": 0, "negatives": 0, "boxes": 0,
-              "unknown_labels": 0, "bad_regions": 0}
+              "unknown_labels": 0, "bad_regions": 0, "class_chosen_without_box": 0}
+    box_names = controls.box_names if controls is not None else (target.from_name,)
+    class_choices = controls.class_choices() if controls is not None else {}
     chosen = []
     for task in tasks:
         annotation = latest_annotation(task)
         if annotation is None:
             counts["cancelled_only"] += 1
+            continue
+        if chosen_class_without_box(annotation, box_names, class_choices):
+            counts["class_chosen_without_box"] += 1
             continue
         chosen.append((task, annotation))
     done = [0]
@@ -175,7 +201,7 @@ def collect_examples(context, project_id: int, target, tasks: list[dict], size: 
                 done[0] += 1
                 report({"phase": JobPhase.DOWNLOADING, "images": done[0], "total": len(chosen)})
         height, width = image.shape[:2]
-        boxes, classes, unknown, bad = annotation_boxes(annotation, target, width, height)
+        boxes, classes, unknown, bad = annotation_boxes(annotation, target, width, height, box_names)
         for region in bad:
             log.warning("task %s: %s; skipped", shorten(task.get("id"), 40), cut(region.message, 400))
         small, r = scale_to(image, size)

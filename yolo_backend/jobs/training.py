@@ -45,7 +45,8 @@ def train_project(context, project_id: Optional[int], event: str = "START_TRAINI
                   job_id: Optional[str] = None, label_config: Optional[str] = None) -> dict:
     """Train the project (``context``: a ``runtime.BackendContext``) on its Label Studio annotations and publish;
     returns a summary dict. ``label_config``: used when Label Studio's project has none."""
-    from ..labelstudio.config import find_rectangle_target, parse_label_config
+    from ..labelstudio.config import parse_label_config
+    from ..labelstudio.controls import read_controls
 
     report = progress or (lambda event: None)
     settings = context.settings
@@ -67,7 +68,8 @@ def train_project(context, project_id: Optional[int], event: str = "START_TRAINI
         return {"project": project_id, "event": event, "trained": False, "published": False,
                 "reason": f"project {project_id} does not exist in Label Studio ({exc})"}
     label_config = project.get("label_config") or label_config
-    target = find_rectangle_target(parse_label_config(label_config), settings.from_name)
+    controls = read_controls(parse_label_config(label_config), settings.from_name)
+    target = controls.box_target()
     names = list(target.labels)
     tasks = annotated_tasks(client, project_id)
     waiting = first_training_wait(settings, project_id, usable_annotations(tasks))
@@ -76,10 +78,12 @@ def train_project(context, project_id: Optional[int], event: str = "START_TRAINI
         report({"phase": JobPhase.DONE, "message": waiting["reason"]})
         return {"project": project_id, "event": event, "labels": names, "annotated_tasks": len(tasks),
                 "trained": False, "published": False, **waiting}
-    examples, counts = collect_examples(context, project_id, target, tasks, settings.train_img_size, report)
+    examples, counts = collect_examples(context, project_id, target, tasks, settings.train_img_size, report,
+                                        controls)
     log.info("project %s: %d annotated task(s), %d usable (%d negative, %d boxes); %d with only cancelled "
-             "annotations, %d image(s) failed", project_id, len(tasks), len(examples), counts["negatives"],
-             counts["boxes"], counts["cancelled_only"], counts["image_failed"])
+             "annotations, %d with a class chosen but no box drawn, %d image(s) failed", project_id, len(tasks),
+             len(examples), counts["negatives"], counts["boxes"], counts["cancelled_only"],
+             counts["class_chosen_without_box"], counts["image_failed"])
     summary: dict[str, Any] = {"project": project_id, "event": event, "labels": names, **counts,
                                "examples": len(examples)}
     if not examples:

@@ -2,7 +2,8 @@
 
 Imports no torch: it works on ``Detections`` (numpy) from the detector layer and on plain JSON.
 
-  config.py        label config -> the RectangleLabels control to predict for; checkpoint classes -> config labels
+  config.py        label config parsing; checkpoint classes -> config labels (LABEL_MAP, predicted_values)
+  controls.py      the controls served (RectangleLabels, Choices), one object per tag, with their model_* attributes
   results.py       Detections -> Label Studio prediction JSON (percent boxes, scores, model_version)
   regions.py       annotated regions -> boxes; annotations.py: which annotation of a task counts
   urls.py          which origin a URL reaches (the HTTP client's reading); refusing parser-dependent URLs

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ def parse_label_config(label_config: Optional[str]) -> dict:
 
     One entry per control tag (a tag with ``toName``), as label-studio-ml's ``parsed_label_config`` has it:
     ``{name: {"type", "to_name": [...], "inputs": [{"type", "valueType", "value"}], "labels": [...],
-    "labels_attrs": {label: attributes}}}``, read through label-studio-sdk's public ``LabelInterface``.
+    "labels_attrs": {label: attributes}}}``, read through label-studio-sdk's public ``LabelInterface``, plus
+    ``"attrs"``: the control tag's own attributes (``model_score_threshold``, ``model_skip``: ``controls.py``).
     """
     if not label_config or not label_config.strip():
         return {}
@@ -66,6 +67,7 @@ def parse_label_config(label_config: Optional[str]) -> dict:
                         "value": str(obj.value or "").lstrip("$")} for obj in control.objects],
             "labels": list(control.labels or []),
             "labels_attrs": {label: dict(tag.attr) for label, tag in (control.labels_attrs or {}).items()},
+            "attrs": dict(control.attr or {}),
         }
     labels = sum(len(info["labels"]) for info in parsed.values())
     if labels > MAX_LABELS:
@@ -86,14 +88,24 @@ def check_label_config_size(label_config: str) -> None:
                                "none: remove it")
 
 
+# How a true model_skip="..." is written (controls.py reads the attribute and refuses other words).
+TRUE_WORDS = ("true", "yes", "1")
+
+
+def is_skipped(info: Mapping[str, Any]) -> bool:
+    """Whether a parsed control has ``model_skip="true"`` (it gets no predictions)."""
+    return str((info.get("attrs") or {}).get("model_skip", "")).strip().lower() in TRUE_WORDS
+
+
 def find_rectangle_target(parsed: Mapping[str, dict], from_name: Optional[str] = None) -> RectangleTarget:
-    """The RectangleLabels control (attached to an Image) to predict for.
+    """The RectangleLabels control (attached to an Image, without ``model_skip="true"``) to convert for; the server
+    and training serve several (``controls.read_controls``).
 
     With several candidates, ``from_name`` (the FROM_NAME setting) picks one; without it the error names them.
     """
     candidates = {}
     for name, info in parsed.items():
-        if info.get("type") not in RECTANGLE_CONTROLS:
+        if info.get("type") not in RECTANGLE_CONTROLS or is_skipped(info):
             continue
         images = [(to, inp) for to, inp in zip(info.get("to_name", []), info.get("inputs", []))
                   if inp.get("type") in IMAGE_OBJECTS and inp.get("value")]
@@ -166,17 +178,23 @@ class LabelMapping:
 
 
 def map_classes_to_labels(class_names: Sequence[str], config_labels: Sequence[str],
-                          label_map: Optional[Mapping[str, str]] = None) -> LabelMapping:
-    """Map checkpoint classes to config labels: explicit ``label_map`` first, then a case-insensitive match.
+                          label_map: Optional[Mapping[str, str]] = None,
+                          predicted: Optional[Mapping[str, Sequence[str]]] = None,
+                          check_leftovers: bool = True, trained_on_labels: bool = False) -> LabelMapping:
+    """Map checkpoint classes to config labels: a label's ``predicted_values`` (``predicted``: label -> class
+    names) first, then the explicit ``label_map``, then a case-insensitive match.
 
     Classes that match no label are skipped, and labels no class matches are ``unlearned_labels`` (both logged
     by the caller): a label added to the config for a class the model has not learned yet is normal in active
     learning (training adds it). When both sides have leftovers, a label was almost always misspelt or renamed
-    ("Flame" vs class "fire"), so that is a LabelConfigError saying which label and what to change.
+    ("Flame" vs class "fire"), so that is a LabelConfigError saying which label and what to change
+    (``check_leftovers=False``: the caller checks that over several controls, ``check_unmatched``).
+    ``trained_on_labels``: the model's classes are the config's labels (trained by this backend on it): then
+    ``predicted`` named the classes of the checkpoint the project started from, and values it lacks are ignored.
     """
     label_map = dict(label_map or {})
     classes_text = ", ".join(class_names) or "none"
-    labels_by_lower = {}
+    labels_by_lower: dict[str, str] = {}
     for label in config_labels:
         labels_by_lower.setdefault(label.lower(), label)
     for cls, label in label_map.items():
@@ -186,18 +204,45 @@ def map_classes_to_labels(class_names: Sequence[str], config_labels: Sequence[st
         if label not in config_labels:
             raise LabelConfigError(f"LABEL_MAP maps {cls!r} to {label!r}, which is not a label of the config "
                                    f"(labels: {', '.join(config_labels) or 'none'})")
+    by_predicted = _predicted_classes(class_names, predicted or {}, trained_on_labels)
     map_lower = {k.lower(): v for k, v in label_map.items()}
     mapped: list[Optional[str]] = []
     for name in class_names:
-        label = label_map.get(name) or map_lower.get(name.lower()) or labels_by_lower.get(name.lower())
-        mapped.append(label)
-    unused = [label for label in config_labels if label not in mapped]
-    unmatched = [name for name, label in zip(class_names, mapped) if label is None]
+        mapped.append(by_predicted.get(name.lower()) or label_map.get(name) or map_lower.get(name.lower())
+                      or labels_by_lower.get(name.lower()))
+    mapping = LabelMapping(tuple(mapped), tuple(label for label in config_labels if label not in mapped))
+    if check_leftovers:
+        check_unmatched(class_names, [mapping])
+    return mapping
+
+
+def _predicted_classes(class_names: Sequence[str], predicted: Mapping[str, Sequence[str]],
+                       trained_on_labels: bool = False) -> dict[str, str]:
+    """{class name (lower case): label} from the labels' ``predicted_values``; a value that is no class of the model
+    is an error (unless ``trained_on_labels``: see ``map_classes_to_labels``)."""
+    known = {c.lower() for c in class_names}
+    found: dict[str, str] = {}
+    for label, values in predicted.items():
+        missing = [v for v in values if v.lower() not in known]
+        if missing and not trained_on_labels:
+            raise LabelConfigError(
+                f"label {label!r} has predicted_values naming {', '.join(map(repr, missing))}, which the model does "
+                f"not have (classes: {', '.join(class_names) or 'none'}); fix predicted_values to name its classes")
+        for value in values:
+            found.setdefault(value.lower(), label)
+    return found
+
+
+def check_unmatched(class_names: Sequence[str], mappings: Sequence[LabelMapping]) -> None:
+    """The misspelt-label check of ``map_classes_to_labels`` over several controls: a label no class maps to, while
+    some class has a label in none of them."""
+    unused = [label for m in mappings for label in m.unlearned_labels]
+    unmatched = [name for i, name in enumerate(class_names) if all(m.label_of(i) is None for m in mappings)]
     if unused and (unmatched or not class_names):
         label = unused[0]
+        classes_text = ", ".join(class_names) or "none"
         raise LabelConfigError(
             f"label {label!r} in the config has no class in the checkpoint (classes: {classes_text}) while class "
             f"{unmatched[0] if unmatched else '-'!r} has no label; rename the label or set LABEL_MAP (e.g. "
             f"LABEL_MAP={unmatched[0] if unmatched else 'cls'}={label})"
             + (f"; also without a class: {', '.join(map(repr, unused[1:]))}" if unused[1:] else ""))
-    return LabelMapping(tuple(mapped), tuple(unused))

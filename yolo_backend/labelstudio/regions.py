@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 BORDER_TOLERANCE = 1e-6  # a box edge this far past the border (in image fractions) is not reported as clipped
 
@@ -56,11 +56,13 @@ class BadRegion:
     message: str
 
 
-def is_box_region(region: Any, from_name: Optional[str] = None) -> bool:
-    """Whether ``region`` is a rectangle of the control ``from_name`` (any control when None)."""
+def is_box_region(region: Any, from_name: Union[str, Sequence[str], None] = None) -> bool:
+    """Whether ``region`` is a rectangle of the control ``from_name`` (or of one of several controls; any control
+    when None)."""
     if not isinstance(region, dict) or str(region.get("type", "")).lower() != "rectanglelabels":
         return False
-    return from_name is None or region.get("from_name") in (None, from_name)
+    names = (from_name,) if isinstance(from_name, str) else from_name
+    return names is None or region.get("from_name") is None or region.get("from_name") in names
 
 
 def region_box(region: dict, image_size: Optional[tuple[float, float]] = None) -> Union[RegionBox, BadRegion]:

@@ -8,6 +8,9 @@ applied), top-left corner plus width/height, with the image size alongside:
      "value": {"x": 10.0, "y": 20.0, "width": 30.0, "height": 40.0, "rotation": 0, "rectanglelabels": ["fire"]},
      "score": 0.87}
 
+A Choices control gets one image-level result: ``{"from_name": "fire_seen", "to_name": "image", "type": "choices",
+"value": {"choices": ["fire"]}, "score": 0.87}``.
+
 One prediction per task: {"result": [...regions], "score": task_score, "model_version": "..."}; a task whose
 image could not be had gets an item without "result", which Label Studio skips (and asks for again later).
 """
@@ -65,6 +68,14 @@ def detections_to_regions(detections, target: RectangleTarget, mapping: LabelMap
             "score": float(detections.scores[i]),
         })
     return regions
+
+
+def choices_region(from_name: str, to_name: str, choices: list[str], score: float, model_version: str = "",
+                   task_key: Any = "") -> dict:
+    """An image-level Choices result: ``{"from_name", "to_name", "type": "choices", "value": {"choices": [...]},
+    "score"}``."""
+    return {"id": region_id(model_version, task_key, 0), "from_name": from_name, "to_name": to_name,
+            "type": "choices", "value": {"choices": list(choices)}, "score": float(score)}
 
 
 def task_prediction(regions: list[dict], score: Optional[float], model_version: str) -> dict:

@@ -14,7 +14,8 @@ from typing import Optional
 from flask import Blueprint, jsonify, request
 
 from ..errors import RequestRefused
-from ..labelstudio.config import find_rectangle_target, parse_label_config
+from ..labelstudio.config import parse_label_config
+from ..labelstudio.controls import check_control_attributes, read_controls
 from ..labelstudio.connection import Link
 from ..labelstudio.results import is_failed_prediction
 from .base import NO_MODEL_VERSION, Answer
@@ -55,8 +56,8 @@ def setup():
         optional_string(body, "label_config", "the label config XML as a string")
     hostname = optional_string(body, "hostname", "a string URL")
     access_token = optional_string(body, "access_token", "a string")
-    if schema:
-        parse_label_config(schema)  # parsed before it is kept: LabelConfigError (400) says what is wrong
+    if schema:  # parsed before it is kept: LabelConfigError (400) says what is wrong
+        check_control_attributes(parse_label_config(schema))
     s.context.session.update_from_setup(hostname, access_token)
     remember_config(s, project_id, schema)
     # Extra params are free JSON typed by the user in Label Studio: never let them replace our own arguments.
@@ -191,8 +192,10 @@ def validate():
     config = body.get("config") or body.get("label_config") or body.get("schema")
     if not isinstance(config, str):
         raise BadRequest("send the label config XML as 'config'")
-    target = find_rectangle_target(parse_label_config(config), s.context.settings.from_name)
-    return jsonify(status="ok", from_name=target.from_name, to_name=target.to_name, labels=list(target.labels))
+    controls = read_controls(parse_label_config(config), s.context.settings.from_name)
+    served = [*controls.rectangles, *controls.choices]
+    return jsonify(status="ok", from_name=served[0].name, to_name=served[0].to_name, labels=list(controls.labels),
+                   controls=[c.name for c in served])
 
 
 # --- policy ----------------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from collections import deque
 from typing import Any, Optional
 
 from ..jobs.history import finite, read_runs
-from ..labelstudio.config import LabelConfigError, find_rectangle_target, parse_label_config
+from ..labelstudio.config import LabelConfigError, parse_label_config
+from ..labelstudio.controls import read_controls
 from ..registry import ModelVersion, Registry, RegistryError
 from ..settings import Settings
 from ..model_holder import NoModelError
@@ -345,12 +346,13 @@ def current_job(context, project_id: int) -> tuple[Optional[dict], dict]:
 # --------------------------------------------------------------------------------------------------------------
 
 def project_labels(context, project_id: Optional[int]) -> tuple:
-    """The RectangleLabels of the project's last label config seen by this process (() when none)."""
+    """The served RectangleLabels' labels of the project's last label config seen by this process (() when
+    none)."""
     config = context.label_configs.get(project_id)
     if not config:
         return ()
     try:
-        return tuple(find_rectangle_target(parse_label_config(config), context.settings.from_name).labels)
+        return read_controls(parse_label_config(config), context.settings.from_name).labels
     except LabelConfigError:
         return ()
 
