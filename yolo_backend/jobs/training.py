@@ -21,10 +21,12 @@ import os
 import shutil
 import time
 from collections import deque
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..labelstudio.client import ProjectNotFound
+from ..labelstudio.effort import version_effort
 from ..model_holder import untrained_checkpoint
 from ..yolov7.untrained import UNTRAINED_VERSION
 from ..registry import ModelVersion, Registry
@@ -70,18 +72,19 @@ def train_project(context, project_id: Optional[int], event: str = "START_TRAINI
     target = find_rectangle_target(parse_label_config(label_config), settings.from_name)
     names = list(target.labels)
     tasks = annotated_tasks(client, project_id)
+    effort = annotation_effort(project_id, tasks, target.from_name)
     waiting = first_training_wait(settings, project_id, usable_annotations(tasks))
     if waiting is not None:
         log.info("project %s: %s", project_id, waiting["reason"])
         report({"phase": JobPhase.DONE, "message": waiting["reason"]})
         return {"project": project_id, "event": event, "labels": names, "annotated_tasks": len(tasks),
-                "trained": False, "published": False, **waiting}
+                "trained": False, "published": False, "effort": effort, **waiting}
     examples, counts = collect_examples(context, project_id, target, tasks, settings.train_img_size, report)
     log.info("project %s: %d annotated task(s), %d usable (%d negative, %d boxes); %d with only cancelled "
              "annotations, %d image(s) failed", project_id, len(tasks), len(examples), counts["negatives"],
              counts["boxes"], counts["cancelled_only"], counts["image_failed"])
     summary: dict[str, Any] = {"project": project_id, "event": event, "labels": names, **counts,
-                               "examples": len(examples)}
+                               "examples": len(examples), "effort": effort}
     if not examples:
         report({"phase": JobPhase.DONE, "message": "nothing to train on"})
         return {**summary, "trained": False, "published": False,
@@ -105,6 +108,16 @@ def train_project(context, project_id: Optional[int], event: str = "START_TRAINI
     summary["seconds"] = round(time.monotonic() - started, 1)
     report({"phase": JobPhase.DONE, "model_version": version.name, "metrics": outcome.get("metrics")})
     return summary
+
+
+def annotation_effort(project_id: int, tasks: list[dict], from_name: Optional[str]) -> Optional[list[dict]]:
+    """What the model saved the annotators, per version, from ``tasks`` (labelstudio/effort.py), as the run
+    history keeps it; None when it could not be worked out (the run goes on: it is a report, not the training)."""
+    try:
+        return [asdict(summary) for summary in version_effort(tasks, from_name)]
+    except Exception as exc:  # odd task JSON must not fail a training
+        log.warning("project %s: could not work out the annotation effort: %s", project_id, exc)
+        return None
 
 
 def first_training_wait(settings: Settings, project_id: int, annotations: int) -> Optional[dict]:
