@@ -95,6 +95,7 @@ def test_the_run_records_the_effort_and_status_page_and_prometheus_show_it(train
     assert shown[V1]["seconds_per_box"] == round((6 * 10 + 3 * 30 + 5 + 2 * 2) / 12, 2)
     v2 = shown[V2]
     assert (v2["tasks"], v2["deleted"], v2["drawn"], v2["via_parent"]) == (3, 3, 3, 0)  # found by time: v2
+    assert (shown[V1]["by_time"], v2["by_time"]) == (0, 3)
     assert v2["too_few"] and v2["share_percent"] is None and v2["note"] == "too few to say (3 tasks; needs 10)"
     assert (shown["no prediction"]["tasks"], shown["no prediction"]["drawn"]) == (1, 1)
 

@@ -315,7 +315,7 @@ here after their first prediction or training.</p>
   <td class="name">{{ v.name }}</td>
   <td class="n">{{ v.tasks }}</td>
   {% if v.too_few %}<td class="too-few" colspan="3">{{ v.note }}</td>{% else %}
-  <td class="n share">{{ ("%g %%" | format(v.share_percent)) if v.share_percent is not none else "no boxes" }}<span class="evidence">of {{ v.final_boxes }} final boxes, {{ v.note }}</span></td>
+  <td class="n share">{{ ("%g %%" | format(v.share_percent)) if v.share_percent is not none else "no boxes" }}<span class="evidence">of {{ v.final_boxes }} final boxes, {{ v.note }}{% if v.by_time %} ({{ v.by_time }} matched by time){% endif %}</span></td>
   <td class="n drawn">{{ v.drawn_per_task }}</td>
   <td class="n seconds">{% if v.median_seconds_shown is not none %}{{ v.median_seconds_shown }}{% if v.seconds_per_box is not none %}<span class="evidence">{{ v.seconds_per_box }} s per final box</span>{% endif %}{% else %}<span class="evidence">{{ v.timed_note }}</span>{% endif %}</td>
   {% endif %}

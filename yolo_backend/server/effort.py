@@ -45,7 +45,8 @@ def effort_entry(summary: EffortSummary) -> dict:
     too_few = summary.tasks < MIN_EFFORT_TASKS
     tasks = f"{summary.tasks} task{'' if summary.tasks == 1 else 's'}"
     shown = not too_few
-    return {**asdict(summary), "name": summary.version or NO_PREDICTION, "too_few": too_few,
+    by_time = summary.tasks - summary.via_parent if summary.version is not None else 0
+    return {**asdict(summary), "name": summary.version or NO_PREDICTION, "too_few": too_few, "by_time": by_time,
             "note": f"too few to say ({tasks}; needs {MIN_EFFORT_TASKS})" if too_few else f"on {tasks}",
             "share_percent": round(100 * summary.model_share, 1) if shown and summary.model_share is not None
             else None,
