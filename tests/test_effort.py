@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from yolo_backend.labelstudio.effort import (BoxMatch, EffortSummary, match_boxes, started_from, task_effort,
-                                             version_effort)
+from yolo_backend.labelstudio.effort import (BoxMatch, EffortSummary, match_boxes, needs_predictions, started_from,
+                                             task_effort, version_effort, with_predictions)
 from yolo_backend.labelstudio.regions import RegionBox, region_box
 
 
@@ -148,3 +148,14 @@ def test_other_controls_and_bad_regions_are_left_out():
     bad = region(10, 10, 0, 20)
     effort = task_effort(task(1, [region(10, 10, 20, 20), other], [region(10, 10, 20, 20), bad, other]), "label")
     assert effort.match == BoxMatch(accepted=1)
+
+
+def test_predictions_listed_by_id_are_put_back_in_full():
+    """Label Studio 1.23's export lists a task's predictions by id; the project's prediction list has them."""
+    listed = [{"id": 1, "predictions": [101], "annotations": []}, {"id": 2, "predictions": [], "annotations": []},
+              {"id": 3, "predictions": [{"id": 103, "model_version": "v1-a"}], "annotations": []}]
+    full = [{"id": 101, "task": 1, "model_version": "v1-a"}, {"id": 102, "task": 2, "model_version": "v1-a"}]
+    assert needs_predictions(listed) and not needs_predictions(listed[1:])
+    tasks = with_predictions(listed, full)
+    assert tasks[0]["predictions"] == [full[0]] and listed[0]["predictions"] == [101]  # a copy
+    assert tasks[1] is listed[1] and tasks[2] is listed[2]  # nothing listed by id: left as they are

@@ -69,6 +69,8 @@ def trained_project(tmp_path, monkeypatch, start_checkpoint):
         monkeypatch.setattr("yolo_backend.jobs.training.fine_tune_trainer", fake_train)
         result = run_training_job(1, "START_TRAINING", {}, {"settle_s": 0})
         assert result["trained"] is True
+        # The export listed the predictions by id (as 1.23 does): the job read them in full, once.
+        assert label_studio.hits.get("/api/predictions/?project=1") == 1
         label_studio.close()  # from here on the numbers come from disk only
         yield model_dir, result
 

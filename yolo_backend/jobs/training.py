@@ -21,12 +21,10 @@ import os
 import shutil
 import time
 from collections import deque
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..labelstudio.client import ProjectNotFound
-from ..labelstudio.effort import version_effort
 from ..model_holder import untrained_checkpoint
 from ..yolov7.untrained import UNTRAINED_VERSION
 from ..registry import ModelVersion, Registry
@@ -34,6 +32,7 @@ from ..settings import Settings
 from . import TrainingError
 from .dataset import (DEFAULT_GRAPH, Example, Trainer, TrainingData, annotated_tasks, collect_examples, split_examples,
                       usable_annotations)
+from .effort import annotation_effort
 from .publish import current_model, prune_versions, publish_decision
 from .sizing import SizeEvaluator, start_model_size
 from .sync import sync_label_studio
@@ -72,7 +71,7 @@ def train_project(context, project_id: Optional[int], event: str = "START_TRAINI
     target = find_rectangle_target(parse_label_config(label_config), settings.from_name)
     names = list(target.labels)
     tasks = annotated_tasks(client, project_id)
-    effort = annotation_effort(project_id, tasks, target.from_name)
+    effort = annotation_effort(client, project_id, tasks, target.from_name)
     waiting = first_training_wait(settings, project_id, usable_annotations(tasks))
     if waiting is not None:
         log.info("project %s: %s", project_id, waiting["reason"])
@@ -108,16 +107,6 @@ def train_project(context, project_id: Optional[int], event: str = "START_TRAINI
     summary["seconds"] = round(time.monotonic() - started, 1)
     report({"phase": JobPhase.DONE, "model_version": version.name, "metrics": outcome.get("metrics")})
     return summary
-
-
-def annotation_effort(project_id: int, tasks: list[dict], from_name: Optional[str]) -> Optional[list[dict]]:
-    """What the model saved the annotators, per version, from ``tasks`` (labelstudio/effort.py), as the run
-    history keeps it; None when it could not be worked out (the run goes on: it is a report, not the training)."""
-    try:
-        return [asdict(summary) for summary in version_effort(tasks, from_name)]
-    except Exception as exc:  # odd task JSON must not fail a training
-        log.warning("project %s: could not work out the annotation effort: %s", project_id, exc)
-        return None
 
 
 def first_training_wait(settings: Settings, project_id: int, annotations: int) -> Optional[dict]:

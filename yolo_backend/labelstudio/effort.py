@@ -19,6 +19,9 @@ axis-aligned bounds, the same rule training uses (``regions.region_box``); IoU i
 pixels, so no image is read. An image the model left empty and the annotator left empty is a task done with no
 box drawn (it counts, with ``empty_agreed``).
 
+Label Studio 1.23's JSON export lists a task's predictions by id only; ``with_predictions`` puts the full ones
+(``GET /api/predictions?project=<id>``) in their place.
+
 Per model version (``version_effort``): tasks, boxes accepted / adjusted / deleted / drawn, the share of final
 boxes that came from the model (accepted or adjusted), and Label Studio's ``lead_time`` (seconds the annotator
 spent on the task): its median per task and the total per final box.
@@ -123,6 +126,23 @@ def started_from(task: dict, annotation: dict) -> tuple[Optional[dict], bool]:
         return None, False
     before = [(when, p) for p in predictions if (when := _time(p.get("created_at"))) is not None and when <= created]
     return (max(before, key=lambda item: item[0])[1], False) if before else (None, False)
+
+
+def needs_predictions(tasks: Iterable[dict]) -> bool:
+    """Whether some task lists its predictions by id (the 1.23 export does), not in full."""
+    return any(not isinstance(p, dict) for t in tasks if isinstance(t, dict) for p in t.get("predictions") or [])
+
+
+def with_predictions(tasks: Iterable[dict], predictions: Iterable[dict]) -> list[dict]:
+    """``tasks``, each one that listed prediction ids given its full predictions (those of ``predictions`` whose
+    ``task`` is its id) instead; the tasks themselves are not changed."""
+    by_task: dict[Any, list[dict]] = {}
+    for prediction in predictions:
+        if isinstance(prediction, dict):
+            by_task.setdefault(prediction.get("task"), []).append(prediction)
+    return [{**t, "predictions": by_task.get(t.get("id"), [])}
+            if isinstance(t, dict) and any(not isinstance(p, dict) for p in t.get("predictions") or []) else t
+            for t in tasks]
 
 
 def _boxes(regions: Iterable, from_name: Optional[str]) -> tuple[list[RegionBox], list[bool]]:
