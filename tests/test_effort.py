@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from yolo_backend.labelstudio.effort import (BoxMatch, EffortSummary, match_boxes, needs_predictions, started_from,
-                                             task_effort, version_effort, with_predictions)
+from yolo_backend.labelstudio.effort import (BoxMatch, EffortSummary, TaskEffort, match_boxes, needs_predictions,
+                                             remembered_or_new, started_from, task_effort, version_effort,
+                                             with_predictions)
 from yolo_backend.labelstudio.regions import RegionBox, region_box
 
 
@@ -159,3 +160,19 @@ def test_predictions_listed_by_id_are_put_back_in_full():
     tasks = with_predictions(listed, full)
     assert tasks[0]["predictions"] == [full[0]] and listed[0]["predictions"] == [101]  # a copy
     assert tasks[1] is listed[1] and tasks[2] is listed[2]  # nothing listed by id: left as they are
+
+
+def test_an_earlier_measure_stands_in_for_a_prediction_deleted_since():
+    """Pool scoring deleted the v1 prediction an annotation started from (Label Studio cleared parent_prediction):
+    the record an earlier run kept for that annotation counts, not "no prediction"."""
+    before = task_effort(task(1, [region(10, 10, 20, 20)], [region(10, 10, 20, 20)], lead=4.0))
+    assert before.version == "v1-a" and before.annotation_id == 201
+    gone = task(1, [], [region(10, 10, 20, 20)], version=None, lead=4.0)
+    now = task_effort(gone)
+    assert now.version is None and now.match == BoxMatch(drawn=1)
+    remembered = {201: TaskEffort.from_record(before.record())}
+    assert remembered[201] == before
+    assert remembered_or_new([now], remembered) == [before]
+    other = task_effort(task(2, [], [region(10, 10, 20, 20)], version=None))  # never had one: stays as it is
+    assert remembered_or_new([other], remembered) == [other]
+    assert TaskEffort.from_record({"match": {"accepted": "x"}}) is None

@@ -55,24 +55,53 @@ def make_tasks() -> list[dict]:
     return tasks
 
 
-@pytest.fixture
-def trained_project(tmp_path, monkeypatch, start_checkpoint):
+def settings_env(monkeypatch, tmp_path, label_studio, start_checkpoint):
+    for key, value in {"MODEL_DIR": str(tmp_path / "models"), "MODEL_PATH": str(start_checkpoint),
+                       "IMG_SIZE": "128", "TRAIN_IMG_SIZE": "160", "IMAGE_CACHE_DIR": str(tmp_path / "cache"),
+                       "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": TOKEN,
+                       "BACKEND_URL": FAKE_BACKEND_URL, "POOL_SCORING": "false"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr("yolo_backend.jobs.training.fine_tune_trainer", fake_train)
+
+
+def train() -> dict:
     from yolo_backend.jobs.job import run_training_job
 
-    model_dir = tmp_path / "models"
+    result = run_training_job(1, "START_TRAINING", {}, {"settle_s": 0})
+    assert result["trained"] is True
+    return result
+
+
+@pytest.fixture
+def trained_project(tmp_path, monkeypatch, start_checkpoint):
     with FakeLabelStudio(make_tasks()) as label_studio:
-        for key, value in {"MODEL_DIR": str(model_dir), "MODEL_PATH": str(start_checkpoint), "IMG_SIZE": "128",
-                           "TRAIN_IMG_SIZE": "160", "IMAGE_CACHE_DIR": str(tmp_path / "cache"),
-                           "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": TOKEN,
-                           "BACKEND_URL": FAKE_BACKEND_URL, "POOL_SCORING": "false"}.items():
-            monkeypatch.setenv(key, value)
-        monkeypatch.setattr("yolo_backend.jobs.training.fine_tune_trainer", fake_train)
-        result = run_training_job(1, "START_TRAINING", {}, {"settle_s": 0})
-        assert result["trained"] is True
+        settings_env(monkeypatch, tmp_path, label_studio, start_checkpoint)
+        result = train()
         # The export listed the predictions by id (as 1.23 does): the job read them in full, once.
         assert label_studio.hits.get("/api/predictions/?project=1") == 1
         label_studio.close()  # from here on the numbers come from disk only
-        yield model_dir, result
+        yield tmp_path / "models", result
+
+
+def test_numbers_stay_when_pool_scoring_deletes_the_predictions_annotators_started_from(tmp_path, monkeypatch,
+                                                                                        start_checkpoint):
+    """After a new version, pool scoring replaces the v1 predictions of the annotated tasks (Label Studio clears
+    their parent_prediction): the next run still counts them under v1, from what the first run measured."""
+    with FakeLabelStudio(make_tasks()) as label_studio:
+        settings_env(monkeypatch, tmp_path, label_studio, start_checkpoint)
+        first = {e["version"]: e for e in train()["effort"]}
+        for item in label_studio.tasks:
+            item["predictions"] = [prediction(300 + item["id"], "v3-20260106T000000", [], day=6)]
+            for annotation in item["annotations"]:
+                annotation["parent_prediction"] = None
+        second = {e["version"]: e for e in train()["effort"]}
+    assert second == first and second[V1]["tasks"] == 12
+    # Without the first run's records the same tasks could not be told apart from drawing from scratch.
+    (tmp_path / "models" / "projects" / "1" / "effort-tasks.json").unlink()
+    with FakeLabelStudio(label_studio.tasks) as label_studio:
+        settings_env(monkeypatch, tmp_path, label_studio, start_checkpoint)
+        third = {e["version"]: e for e in train()["effort"]}
+    assert list(third) == [None] and third[None]["tasks"] == 16
 
 
 def test_the_run_records_the_effort_and_status_page_and_prometheus_show_it(trained_project):
@@ -80,7 +109,7 @@ def test_the_run_records_the_effort_and_status_page_and_prometheus_show_it(train
     from yolo_backend.server.app import create_app
     from yolo_backend.settings import Settings
 
-    model_dir, result = trained_project
+    _, result = trained_project
     by_version = {e["version"]: e for e in result["effort"]}
     assert set(by_version) == {V1, V2, None}
     v1 = by_version[V1]

@@ -23,7 +23,7 @@ def region(x, y, w, h, label="fire", origin=None):
 
 
 @pytest.mark.parametrize("label_studio", ["legacy"], indirect=True)
-def test_parent_prediction_origins_and_lead_time_give_the_numbers(label_studio):
+def test_parent_prediction_origins_and_lead_time_give_the_numbers(label_studio, tmp_path):
     from yolo_backend.jobs.dataset import annotated_tasks
     from yolo_backend.jobs.effort import annotation_effort
     from yolo_backend.labelstudio.api import LabelStudioClient
@@ -51,7 +51,7 @@ def test_parent_prediction_origins_and_lead_time_give_the_numbers(label_studio):
     assert first["parent_prediction"] == ids[0] and first["lead_time"] == 12.5
     assert first["result"][0]["origin"] == "prediction"  # the region's origin is kept as sent
 
-    [v1] = annotation_effort(client, project, exported, "label")
+    [v1] = annotation_effort(client, tmp_path, project, exported, "label")
     assert v1["version"] == "v1-20260101T000000" and v1["tasks"] == 3 and v1["via_parent"] == 2
     assert (v1["accepted"], v1["adjusted"], v1["deleted"], v1["drawn"]) == (1, 1, 1, 2)
     assert v1["model_share"] == 0.5 and v1["median_seconds"] == 20.0

@@ -71,7 +71,7 @@ def train_project(context, project_id: Optional[int], event: str = "START_TRAINI
     target = find_rectangle_target(parse_label_config(label_config), settings.from_name)
     names = list(target.labels)
     tasks = annotated_tasks(client, project_id)
-    effort = annotation_effort(client, project_id, tasks, target.from_name)
+    effort = annotation_effort(client, settings.model_dir, project_id, tasks, target.from_name)
     waiting = first_training_wait(settings, project_id, usable_annotations(tasks))
     if waiting is not None:
         log.info("project %s: %s", project_id, waiting["reason"])

@@ -20,7 +20,9 @@ pixels, so no image is read. An image the model left empty and the annotator lef
 box drawn (it counts, with ``empty_agreed``).
 
 Label Studio 1.23's JSON export lists a task's predictions by id only; ``with_predictions`` puts the full ones
-(``GET /api/predictions?project=<id>``) in their place.
+(``GET /api/predictions?project=<id>``) in their place. Pool scoring deletes a task's older predictions (unless
+KEEP_OLD_PREDICTIONS), and Label Studio then clears ``parent_prediction``: ``remembered_or_new`` keeps what an
+earlier run measured for the same annotation while its prediction was there (the job stores those records).
 
 Per model version (``version_effort``): tasks, boxes accepted / adjusted / deleted / drawn, the share of final
 boxes that came from the model (accepted or adjusted), and Label Studio's ``lead_time`` (seconds the annotator
@@ -30,7 +32,7 @@ spent on the task): its median per task and the total per final box.
 from __future__ import annotations
 
 import statistics
-from dataclasses import astuple, dataclass, field, fields
+from dataclasses import asdict, astuple, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any, Iterable, Optional, Sequence
 
@@ -99,6 +101,32 @@ class TaskEffort:
     match: BoxMatch
     lead_time: Optional[float]     # seconds, Label Studio's lead_time of the annotation
     via_parent: bool = False       # the prediction was named by parent_prediction (else: by time, or none)
+    annotation_id: Any = None
+
+    def record(self) -> dict:
+        return {"task": self.task_id, "annotation": self.annotation_id, "version": self.version,
+                "match": asdict(self.match), "lead_time": self.lead_time, "via_parent": self.via_parent}
+
+    @classmethod
+    def from_record(cls, data: Any) -> Optional["TaskEffort"]:
+        """Read back from ``record()``'s form; None when it is not one."""
+        try:
+            match = BoxMatch(*(int(data["match"][k]) for k in ("accepted", "adjusted", "deleted", "drawn")))
+            lead = data.get("lead_time")
+            version = data.get("version")
+            return cls(data.get("task"), None if version is None else str(version), match,
+                       float(lead) if isinstance(lead, (int, float)) else None, bool(data.get("via_parent")),
+                       data.get("annotation"))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+
+
+def remembered_or_new(found: Iterable[TaskEffort], remembered: dict[Any, TaskEffort]) -> list[TaskEffort]:
+    """``found``, where a task's prediction is no longer known (None; pool scoring deletes a task's older
+    predictions, and Label Studio then clears ``parent_prediction``) the record of the same annotation measured by
+    an earlier run, while its prediction was still there."""
+    return [remembered.get(e.annotation_id, e) if e.version is None and e.annotation_id is not None else e
+            for e in found]
 
 
 def _time(value: Any) -> Optional[datetime]:
@@ -169,7 +197,8 @@ def task_effort(task: dict, from_name: Optional[str] = None) -> Optional[TaskEff
     lead = annotation.get("lead_time")
     lead = float(lead) if isinstance(lead, (int, float)) and not isinstance(lead, bool) and lead >= 0 else None
     version = None if prediction is None else str(prediction.get("model_version") or "")
-    return TaskEffort(task.get("id"), version, match_boxes(predicted, final, manual), lead, via_parent)
+    return TaskEffort(task.get("id"), version, match_boxes(predicted, final, manual), lead, via_parent,
+                      annotation.get("id"))
 
 
 @dataclass(frozen=True)
@@ -234,13 +263,20 @@ class VersionEffort:
             round((m.accepted + m.adjusted) / m.final_boxes, 4) if m.final_boxes else None)
 
 
-def version_effort(tasks: Iterable[dict], from_name: Optional[str] = None) -> list[EffortSummary]:
-    """The tasks' effort by the version they started from, in order of first appearance (None: no prediction)."""
+def task_efforts(tasks: Iterable[dict], from_name: Optional[str] = None) -> list[TaskEffort]:
+    """Each task's effort (tasks with only cancelled annotations left out)."""
+    found = (task_effort(task, from_name) for task in tasks if isinstance(task, dict))
+    return [effort for effort in found if effort is not None]
+
+
+def summarise(efforts: Iterable[TaskEffort]) -> list[EffortSummary]:
+    """The efforts by the version they started from, in order of first appearance (None: no prediction)."""
     by_version: dict[Optional[str], VersionEffort] = {}
-    for task in tasks:
-        if not isinstance(task, dict):
-            continue
-        effort = task_effort(task, from_name)
-        if effort is not None:
-            by_version.setdefault(effort.version, VersionEffort(effort.version)).add(effort)
+    for effort in efforts:
+        by_version.setdefault(effort.version, VersionEffort(effort.version)).add(effort)
     return [v.summary() for v in by_version.values()]
+
+
+def version_effort(tasks: Iterable[dict], from_name: Optional[str] = None) -> list[EffortSummary]:
+    """The tasks' effort by the version they started from (``summarise`` of ``task_efforts``)."""
+    return summarise(task_efforts(tasks, from_name))
