@@ -140,6 +140,8 @@ def test_the_run_records_the_effort_and_status_page_and_prometheus_show_it(train
     assert boxes[("no prediction", "drawn")] == 1
     tasks = {s.labels["version"]: s.value for s in families["yolo_backend_annotation_tasks"].samples}
     assert tasks == {V1: 12, V2: 3, "no prediction": 1}
+    seconds = {s.labels["version"]: s.value for s in families["yolo_backend_annotation_median_seconds"].samples}
+    assert seconds == {V1: 10.0, V2: 8.0, "no prediction": 40.0}
 
 
 def test_a_project_without_a_recorded_effort_says_not_known(tmp_path):
