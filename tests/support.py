@@ -94,7 +94,8 @@ class FakeLabelStudio:
     for ``s3://bucket/dir/c.png`` (a redirect to a 20x20 PNG), ``/public/<name>`` (12x34, no key needed).
 
     API: one project (``project``); ``tasks`` (with their ``annotations``) listed by ``/api/tasks`` and exported
-    by ``/api/projects/<id>/export``; ``POST /api/predictions`` kept in ``predictions``; ``model-versions``
+    by ``/api/projects/<id>/export`` (their ``predictions`` by id, as 1.23 does; ``GET /api/predictions`` lists
+    them in full); ``POST /api/predictions`` kept in ``predictions``; ``model-versions``
     (extended: the versions of ``predictions`` and ``ml_backends``, by default one at FAKE_BACKEND_URL);
     PATCHing the project's ``model_version`` is refused until a prediction of that version is stored (``patch_attempts``: every PATCH
     asked, ``patches``: the accepted ones); clearing ``api_open`` holds the project API's answers until it is set.
@@ -221,8 +222,13 @@ class FakeLabelStudio:
                 else jsonify(counts)
 
         @app.get("/api/projects/<int:pid>/export", strict_slashes=False)
-        def export(pid):
-            return jsonify([t for t in self.tasks if t["annotations"]])
+        def export(pid):  # as 1.23 exports them: a task's predictions by id
+            return jsonify([{**t, "predictions": [p.get("id") for p in t.get("predictions") or []]}
+                            for t in self.tasks if t["annotations"]])
+
+        @app.get("/api/predictions", strict_slashes=False)
+        def prediction_list():  # the tasks' own predictions in full (``?project=``), with their task's id
+            return jsonify([{**p, "task": t["id"]} for t in self.tasks for p in t.get("predictions") or []])
 
         @app.get("/api/tasks", strict_slashes=False)
         def task_list():

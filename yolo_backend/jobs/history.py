@@ -13,6 +13,8 @@ One line per run, appended by the job that holds the project's lock (so one writ
      "train_images": 30, "val_images": 8, "metrics": {...}, "baseline_metrics": {...},
      "epochs_run": 10, "train_seconds": 81.0, "job_seconds": 95.3}
 
+``effort`` is what the model saved the annotators, per version, over every annotation the run read (a list of
+``labelstudio.effort.EffortSummary`` as dicts; the newest run's is what the dashboard shows).
 ``outcome`` is one of OUTCOMES: "waiting" is a request before the project's first training that found fewer
 annotations than MIN_ANNOTATIONS_FIRST_TRAINING (``annotations``, ``annotations_needed``); a published run with
 ``compared`` false was published without a comparison with the model it replaced (too few validation images).
@@ -44,7 +46,7 @@ MAX_RUNS = 1000
 _SUMMARY_FIELDS = ("event", "parent", "annotated_tasks", "negatives", "boxes", "image_failed", "cancelled_only",
                    "unknown_labels", "train_images", "val_images", "metrics", "baseline_metrics", "epochs_run",
                    "best_epoch", "stopped_by_budget", "train_seconds", "labels", "compared", "start_img_size",
-                   "annotations", "annotations_needed")
+                   "annotations", "annotations_needed", "effort")
 
 
 def history_path(model_dir: str | os.PathLike, project_id: int) -> Path:

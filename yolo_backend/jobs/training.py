@@ -32,6 +32,7 @@ from ..settings import Settings
 from . import TrainingError
 from .dataset import (DEFAULT_GRAPH, Example, Trainer, TrainingData, annotated_tasks, collect_examples, split_examples,
                       usable_annotations)
+from .effort import annotation_effort
 from .publish import current_model, prune_versions, publish_decision
 from .sizing import SizeEvaluator, start_model_size
 from .sync import sync_label_studio
@@ -72,12 +73,13 @@ def train_project(context, project_id: Optional[int], event: str = "START_TRAINI
     target = controls.box_target()
     names = list(target.labels)
     tasks = annotated_tasks(client, project_id)
+    effort = annotation_effort(client, settings.model_dir, project_id, tasks, controls.box_names)
     waiting = first_training_wait(settings, project_id, usable_annotations(tasks))
     if waiting is not None:
         log.info("project %s: %s", project_id, waiting["reason"])
         report({"phase": JobPhase.DONE, "message": waiting["reason"]})
         return {"project": project_id, "event": event, "labels": names, "annotated_tasks": len(tasks),
-                "trained": False, "published": False, **waiting}
+                "trained": False, "published": False, "effort": effort, **waiting}
     examples, counts = collect_examples(context, project_id, target, tasks, settings.train_img_size, report,
                                         controls)
     log.info("project %s: %d annotated task(s), %d usable (%d negative, %d boxes); %d with only cancelled "
@@ -85,7 +87,7 @@ def train_project(context, project_id: Optional[int], event: str = "START_TRAINI
              len(examples), counts["negatives"], counts["boxes"], counts["cancelled_only"],
              counts["class_chosen_without_box"], counts["image_failed"])
     summary: dict[str, Any] = {"project": project_id, "event": event, "labels": names, **counts,
-                               "examples": len(examples)}
+                               "examples": len(examples), "effort": effort}
     if not examples:
         report({"phase": JobPhase.DONE, "message": "nothing to train on"})
         return {**summary, "trained": False, "published": False,

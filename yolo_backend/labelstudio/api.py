@@ -116,6 +116,12 @@ class LabelStudioClient:
 
         return self._call(f"GET predictions of project {int(project_id)}", listing)
 
+    def prediction_records(self, project_id: int) -> list[dict]:
+        """Every prediction of the project in full (id, task, model_version, created_at, result, ...): Label
+        Studio 1.23's task export lists a task's predictions by id only."""
+        return self._call(f"GET predictions of project {int(project_id)}", lambda sdk: [
+            _as_dict(p) for p in sdk.predictions.list(project=int(project_id))])
+
     def delete_prediction(self, prediction_id: int) -> None:
         def delete(sdk: "LabelStudio") -> None:
             try:

@@ -301,6 +301,32 @@ here after their first prediction or training.</p>
   <div class="muted pool-message">{% if q and q.error %}error: {{ q.error }}{% elif not q %}After each new version every task of the project gets a prediction of it, with its task score and image cluster, so Label Studio sorts and samples the whole project by the newest model.{% endif %}</div>
 </div>
 
+<h3>What the model saves annotators</h3>
+{% set e = p.effort %}
+<div class="card effort" id="effort-{{ p.project }}">
+{% if e and e.versions %}
+<p class="muted">From the annotations the newest training run read ({{ e.time_iso | replace("T", " ") | replace("Z", " UTC") }}): each task's final boxes against the prediction the annotator started from, by the version that made it. “From the model”: of the boxes in the final annotations, the share that was a predicted box accepted as is (IoU ≥ 0.9) or adjusted (IoU ≥ 0.5). An accepted wrong box counts as a saving too. Fewer than {{ e.min_tasks }} tasks: too few to say.</p>
+<div class="table-wrap"><table class="effort-table">
+<thead><tr><th>version</th><th>tasks</th><th>from the model</th><th>boxes drawn per task</th><th>median seconds per task</th><th>accepted / adjusted / deleted / drawn</th></tr></thead>
+<tbody>
+{% for v in e.versions %}
+<tr data-version="{{ v.name }}">
+  <td class="name">{{ v.name }}</td>
+  <td class="n">{{ v.tasks }}</td>
+  {% if v.too_few %}<td class="too-few" colspan="3">{{ v.note }}</td>{% else %}
+  <td class="n share">{{ ("%g %%" | format(v.share_percent)) if v.share_percent is not none else "no boxes" }}<span class="evidence">of {{ v.final_boxes }} final boxes, {{ v.note }}{% if v.by_time %} ({{ v.by_time }} matched by time){% endif %}</span></td>
+  <td class="n drawn">{{ v.drawn_per_task }}</td>
+  <td class="n seconds">{% if v.median_seconds_shown is not none %}{{ v.median_seconds_shown }}{% if v.seconds_per_box is not none %}<span class="evidence">{{ v.seconds_per_box }} s per final box</span>{% endif %}{% else %}<span class="evidence">{{ v.timed_note }}</span>{% endif %}</td>
+  {% endif %}
+  <td class="n">{{ v.accepted }} / {{ v.adjusted }} / {{ v.deleted }} / {{ v.drawn }}</td>
+</tr>
+{% endfor %}
+</tbody></table></div>
+{% else %}
+<p class="muted">Not known yet: worked out by each training run from the annotations it reads.</p>
+{% endif %}
+</div>
+
 <div class="charts">
   <div>{{ p.curve_svg | safe }}{% if p.curve_left_out %}<p class="muted curve-left-out">{{ p.curve_left_out }}</p>{% endif %}</div>
   <div>{{ p.per_class_svg | safe }}</div>

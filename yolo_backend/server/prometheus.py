@@ -14,6 +14,11 @@ Read from shared state when scraped (so every server process reports the same nu
     yolo_backend_redis_up                             1 when the training queue's Redis answers
     yolo_backend_serving_version_info{project,version} 1 for the version each project is served with
     yolo_backend_serving_version_number{project}      its number N (v<N>-...), -1 for a checkpoint by path
+    yolo_backend_annotation_tasks{project,version}    annotated tasks the newest training run read, by the version
+                                                      of the prediction they started from ("no prediction": none)
+    yolo_backend_annotation_boxes{project,version,outcome}  their boxes: accepted, adjusted, deleted, drawn
+    yolo_backend_annotation_median_seconds{project,version} median Label Studio lead_time per task
+    (recounted by each run over all annotations, so gauges: a deleted annotation makes them go down)
 
 Each app has its own ``CollectorRegistry`` (tests make many apps in one process). With several gunicorn workers
 the request counters are per worker process; run one worker (the default) or scrape each.
@@ -34,6 +39,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from ..jobs.history import OUTCOMES, read_runs
 from . import status as dashboard_status
+from .effort import NO_PREDICTION, newest_effort
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +161,27 @@ class StateCollector:
             if fraction is not None:
                 progress.add_metric([label], fraction)
         yield from (jobs, progress, info, number, pool_tasks, pool_rate)
+        yield from self._effort(projects)
         yield from self._queue()
+
+    def _effort(self, projects: list[int]):
+        tasks = GaugeMetricFamily("yolo_backend_annotation_tasks", "Annotated tasks the newest training run read, "
+                                  "by the model version of the prediction they started from",
+                                  labels=["project", "version"])
+        boxes = GaugeMetricFamily("yolo_backend_annotation_boxes", "Boxes of those tasks by outcome: predicted and "
+                                  "accepted, adjusted, deleted; or drawn", labels=["project", "version", "outcome"])
+        seconds = GaugeMetricFamily("yolo_backend_annotation_median_seconds", "Median Label Studio lead_time per "
+                                    "task", labels=["project", "version"])
+        for project_id in projects:
+            found, _ = newest_effort(self.context.settings, project_id)
+            for summary in found:
+                labels = [str(project_id), summary.version if summary.version is not None else NO_PREDICTION]
+                tasks.add_metric(labels, summary.tasks)
+                for outcome in ("accepted", "adjusted", "deleted", "drawn"):
+                    boxes.add_metric([*labels, outcome], getattr(summary, outcome))
+                if summary.median_seconds is not None:
+                    seconds.add_metric(labels, summary.median_seconds)
+        yield from (tasks, boxes, seconds)
 
     def _running_fraction(self, project_id: int) -> Optional[float]:
         try:

@@ -16,6 +16,7 @@ from collections import deque
 from typing import Any, Optional
 
 from ..jobs.history import finite, read_runs
+from .effort import effort_status
 from ..labelstudio.config import LabelConfigError, parse_label_config
 from ..labelstudio.controls import read_controls
 from ..registry import ModelVersion, Registry, RegistryError
@@ -428,6 +429,7 @@ def project_status(context, project_id: int) -> dict:
             "learning_curve": learning_curve(entries),
             "job": job_progress(job, context.settings.train_time_budget_s),
             "pool": pool_progress(context, project_id, serving),
+            "effort": effort_status(context.settings, project_id),
             "job_warnings": job_warnings(job), "is_training": bool(training.get("is_training")),
             "waiting_job": training.get("waiting_job"), "pending_requests": training.get("pending_requests", 0),
             "redis": training.get("redis", "up" if context.training is not None else None)}
