@@ -9,7 +9,7 @@ device.
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,8 @@ def ota_assign(predictions: List[torch.Tensor], targets: torch.Tensor, anchors: 
         def none(*shape, dtype=None):
             return torch.zeros(*shape, dtype=dtype, device=device)
 
-        return LevelTargets(*(none(0, dtype=torch.long) for _ in range(4)), none(0, 4), none(0, dtype=torch.long),
+        return LevelTargets(none(0, dtype=torch.long), none(0, dtype=torch.long), none(0, dtype=torch.long),
+                            none(0, dtype=torch.long), none(0, 4), none(0, dtype=torch.long),
                             none(0, 2), none(0, dtype=torch.long))
 
     if targets.shape[0] == 0:
@@ -48,7 +49,8 @@ def ota_assign(predictions: List[torch.Tensor], targets: torch.Tensor, anchors: 
         rows.append(torch.stack((torch.full_like(c.image, level), c.image, c.anchor, c.gj, c.gi), 1))
     cand = torch.unique(torch.cat(rows, 0), dim=0)
 
-    chosen = {level: [] for level in range(nl)}  # level -> list of (cand rows, gt index)
+    # level -> list of (cand rows, gt index)
+    chosen: Dict[int, List[Tuple[torch.Tensor, torch.Tensor]]] = {level: [] for level in range(nl)}
     for b in cand[:, 1].unique():
         gt_rows = (targets[:, 0] == b).nonzero(as_tuple=True)[0]
         cb = cand[cand[:, 1] == b]
@@ -78,7 +80,7 @@ def ota_assign(predictions: List[torch.Tensor], targets: torch.Tensor, anchors: 
         cost = cls_cost + IOU_COST_WEIGHT * -torch.log(iou + 1e-8)
         matching = torch.zeros_like(cost, dtype=torch.bool)
         for g in range(len(gt_rows)):
-            matching[g, cost[g].topk(int(min(k[g], cost.shape[1])), largest=False).indices] = True
+            matching[g, cost[g].topk(min(int(k[g]), cost.shape[1]), largest=False).indices] = True
         claimed = matching.sum(0) > 1
         if claimed.any():  # a candidate claimed by several boxes goes to the cheapest
             cheapest = cost[:, claimed].argmin(0)
