@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Optional
+from typing import Any, Optional, overload
 
 # The job waits this long before reading the annotations: Label Studio sends START_TRAINING while it is still
 # saving the annotation that triggered it.
@@ -99,7 +99,15 @@ return {0, holder or '', first or ''}
 """
 
 
-def text(value) -> Optional[str]:
+@overload
+def text(value: None) -> None: ...
+
+
+@overload
+def text(value: bytes | str | int | float) -> str: ...
+
+
+def text(value: Any) -> Optional[str]:
     """A Redis reply (bytes or None) as text."""
     if value is None:
         return None
