@@ -176,7 +176,7 @@ def map_classes_to_labels(class_names: Sequence[str], config_labels: Sequence[st
     """
     label_map = dict(label_map or {})
     classes_text = ", ".join(class_names) or "none"
-    labels_by_lower = {}
+    labels_by_lower: dict[str, str] = {}
     for label in config_labels:
         labels_by_lower.setdefault(label.lower(), label)
     for cls, label in label_map.items():
@@ -189,8 +189,7 @@ def map_classes_to_labels(class_names: Sequence[str], config_labels: Sequence[st
     map_lower = {k.lower(): v for k, v in label_map.items()}
     mapped: list[Optional[str]] = []
     for name in class_names:
-        label = label_map.get(name) or map_lower.get(name.lower()) or labels_by_lower.get(name.lower())
-        mapped.append(label)
+        mapped.append(label_map.get(name) or map_lower.get(name.lower()) or labels_by_lower.get(name.lower()))
     unused = [label for label in config_labels if label not in mapped]
     unmatched = [name for name, label in zip(class_names, mapped) if label is None]
     if unused and (unmatched or not class_names):
