@@ -42,6 +42,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Callable, Optional
 
 from .logs import configure_logging
@@ -205,7 +206,7 @@ class Supervisor:
         self._broker_started = 0.0
 
     # signals ---------------------------------------------------------------------------------------------------
-    def _on_signal(self, signum, _frame) -> None:
+    def _on_signal(self, signum: int, _frame: Optional[FrameType]) -> None:
         if self.stop_signal is None:
             self.stop_signal = signum
             log.info("%s: stopping the server, the worker and the broker", signal.Signals(signum).name)
