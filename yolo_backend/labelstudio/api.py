@@ -221,9 +221,10 @@ def _as_dict(item: Any) -> dict:
 def _api_error(what: str, url: str, exc: ApiError) -> LabelStudioAPIError:
     status = exc.status_code
     body = exc.body if isinstance(exc.body, str) else json.dumps(exc.body, default=str)
-    hints: dict[Optional[int], str] = {400: "Label Studio refused the request as it is",
-            404: "check that LABEL_STUDIO_URL is Label Studio's address and the key's user can see the project",
-            }
+    hints: dict[Optional[int], str] = {
+        400: "Label Studio refused the request as it is",
+        404: "check that LABEL_STUDIO_URL is Label Studio's address and the key's user can see the project",
+    }
     hint = hints.get(status, "")
     if status is not None and status >= 500:
         hint = "Label Studio failed on it: see Label Studio's log; the next training tries again"
