@@ -97,8 +97,9 @@ class FakeLabelStudio:
     by ``/api/projects/<id>/export`` (their ``predictions`` by id, as 1.23 does; ``GET /api/predictions`` lists
     them in full); ``POST /api/predictions`` kept in ``predictions``; ``model-versions``
     (extended: the versions of ``predictions`` and ``ml_backends``, by default one at FAKE_BACKEND_URL);
-    PATCHing the project's ``model_version`` is refused until a prediction of that version is stored (``patch_attempts``: every PATCH
-    asked, ``patches``: the accepted ones); clearing ``api_open`` holds the project API's answers until it is set.
+    PATCHing the project's ``model_version`` is refused until a prediction of that version is stored
+    (``patch_attempts``: every PATCH asked, ``patches``: the accepted ones); clearing ``api_open`` holds the
+    project API's answers until it is set.
 
     Recorded: ``hits`` (per path and query), ``auth_seen`` (the Authorization header of each image request),
     ``refreshes``.

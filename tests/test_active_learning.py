@@ -20,8 +20,8 @@ def dets(scores, class_probs=None, names=("fire", "smoke")):
     if class_probs is None:
         class_probs = np.tile(np.array([[0.95, 0.02]], np.float32), (n, 1))
     boxes = np.tile(np.array([[0, 0, 10, 10]], np.float32), (n, 1))
-    return Detections(boxes, scores, np.zeros(n, np.int64), scores, np.asarray(class_probs, np.float32).reshape(n, len(names)),
-                      100, 100, names)
+    probs = np.asarray(class_probs, np.float32).reshape(n, len(names))
+    return Detections(boxes, scores, np.zeros(n, np.int64), scores, probs, 100, 100, names)
 
 
 def score(d, strategy="uncertainty"):

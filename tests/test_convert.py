@@ -153,7 +153,7 @@ def test_polygon_lines_are_read_as_their_bounding_box(tmp_path):
     assert len(read_label_file(path, 2, ProblemLog(strict=True))) == 1
 
 
-# --- YOLO -> Label Studio -> YOLO ---------------------------------------------------------------------------------------
+# --- YOLO -> Label Studio -> YOLO -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("as_annotations", [False, True])
 def test_round_trip_non_square_and_empty(dataset, tmp_path, as_annotations):

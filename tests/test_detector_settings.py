@@ -163,7 +163,8 @@ def test_the_sizes_file_survives_damage_and_keeps_other_entries(start_checkpoint
     model_dir = tmp_path / "models"
     record_size(model_dir, start_checkpoint, measured(320))
     record_size(model_dir, trained_at_320, measured(640))            # a second checkpoint: both kept
-    assert measured_size(model_dir, start_checkpoint).size == 320 and measured_size(model_dir, trained_at_320).size == 640
+    assert measured_size(model_dir, start_checkpoint).size == 320
+    assert measured_size(model_dir, trained_at_320).size == 640
     record_size(model_dir, start_checkpoint, measured(640, images=40))  # measured again: replaced
     assert measured_size(model_dir, start_checkpoint).images == 40 and len(read_sizes(model_dir)) == 2
     sizes_path(model_dir).write_text("{not json")

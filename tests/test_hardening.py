@@ -337,7 +337,8 @@ def test_a_model_damaged_after_start_answers_503_without_a_traceback(tmp_path, m
     with caplog.at_level(logging.ERROR):
         reply = client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": "data:,"}}],
                                               "label_config": CONFIG})
-    assert reply.status_code == 503 and "is damaged" in reply.json["error"] and "cannot be loaded" in reply.json["error"]
+    assert reply.status_code == 503
+    assert "is damaged" in reply.json["error"] and "cannot be loaded" in reply.json["error"]
     assert not any(record.exc_info for record in caplog.records)
     assert client.get("/health").status_code == 200
     assert issubclass(ModelLoadError, Exception)
@@ -419,7 +420,8 @@ def test_the_same_pixel_cap_in_training_folders_and_conversion(tmp_path, monkeyp
     assert "bomb.png" in caplog.text and "MAX_IMAGE_PIXELS" in caplog.text
     with pytest.raises(FileTooLarge, match="bomb.png.*MAX_IMAGE_PIXELS"):
         read_image(root / "images" / "bomb.png")
-    done = subprocess.run([sys.executable, "YoloToLabelStudio.py", "dataset", str(root), "--out", str(tmp_path / "t.json"),
+    done = subprocess.run([sys.executable, "YoloToLabelStudio.py", "dataset", str(root),
+                           "--out", str(tmp_path / "t.json"),
                            "--labels", "fire", "--no-progress", "--url-prefix", "http://files.example/"],
                           cwd=str(Path(__file__).resolve().parents[1]), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

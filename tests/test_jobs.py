@@ -169,7 +169,7 @@ class Env:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.stop_workers()
-            raise AssertionError("burst worker did not finish\n" + self.worker_logs())
+            raise AssertionError("burst worker did not finish\n" + self.worker_logs()) from None
         assert process.returncode == 0, self.worker_logs()
 
     def registry(self, project_id: int = 1) -> Registry:
@@ -460,7 +460,8 @@ def test_queued_projects_are_capped_and_a_project_label_studio_lacks_is_dropped(
         jobs = {job_id: job_status(client, job_id) for job_id in env.queue.queue().finished_job_registry.get_job_ids()}
         dropped = [s for s in jobs.values() if s["project"] == 99]
         assert len(dropped) == 1 and dropped[0]["status"] == "finished", jobs
-        assert "does not exist in Label Studio" in dropped[0]["result"]["reason"] and not dropped[0]["result"]["trained"]
+        assert "does not exist in Label Studio" in dropped[0]["result"]["reason"]
+        assert not dropped[0]["result"]["trained"]
         assert env.worker_logs().count("no project 99") == 1  # one log line, no retry
         assert [s["result"]["published"] for s in jobs.values() if s["project"] == 1] == [True]
     finally:
@@ -532,8 +533,11 @@ def test_two_workers_two_servers_one_training_at_a_time_at_most_one_waiting(tmp_
         import requests
 
         for _, url in servers:
-            wait_for(lambda: requests.get(f"{url}/versions", params={"project": 1}, timeout=10).json()[
-                "model_version"] == latest, 20, f"{url} to serve {latest}")
+            def serves_latest(url: str = url) -> bool:
+                answer = requests.get(f"{url}/versions", params={"project": 1}, timeout=10).json()
+                return answer["model_version"] == latest
+
+            wait_for(serves_latest, 20, f"{url} to serve {latest}")
     finally:
         for process, _ in servers:
             process.stop()

@@ -128,7 +128,9 @@ def test_parsed_label_config_has_the_classic_shape():
         "inputs": [{"type": "Image", "valueType": None, "value": "image"},
                    {"type": "Image", "valueType": None, "value": "other"}],
         "labels": ["fire", "Smoke"],
-        "labels_attrs": {"fire": {"value": "fire", "background": "red"}, "Smoke": {"value": "smoke", "alias": "Smoke"}},
+        "labels_attrs": {"fire": {"value": "fire", "background": "red"},
+                         "Smoke": {"value": "smoke", "alias": "Smoke"}},
         "attrs": {"name": "label", "toName": "image,image2"}}
-    assert parsed["ta"]["inputs"] == [{"type": "Text", "valueType": None, "value": "text"}] and parsed["ta"]["labels"] == []
+    assert parsed["ta"]["inputs"] == [{"type": "Text", "valueType": None, "value": "text"}]
+    assert parsed["ta"]["labels"] == []
     assert parse_label_config("") == {} and parse_label_config(None) == {}

@@ -149,9 +149,8 @@ def test_image_embeddings_come_from_the_same_pass_on_both_backends(ckpt_dir, onn
         plain = detector.detect(images)
         for with_embedding, without in zip(found[backend], plain):
             np.testing.assert_array_equal(with_embedding.boxes, without.boxes)
-            assert without.embedding is None and with_embedding.embedding.shape == (torch_model.head.m[0].in_channels
-                                                                                     + torch_model.head.m[1].in_channels
-                                                                                     + torch_model.head.m[2].in_channels,)
+            channels = sum(torch_model.head.m[i].in_channels for i in range(3))
+            assert without.embedding is None and with_embedding.embedding.shape == (channels,)
         assert found[backend][0].above(0.5).embedding is found[backend][0].embedding
     single = Detector(torch_model, img_size=320, conf=0.1)
     for image, detections in zip(images, found["torch"]):

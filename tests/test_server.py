@@ -194,7 +194,8 @@ def test_label_config_problems_say_what_to_change(tmp_path, model_file):
     assert response.status_code == 400
     assert "label 'Flame' in the config has no class in the checkpoint (classes: fire, smoke)" in response.json["error"]
     assert "LABEL_MAP" in response.json["error"]
-    response = client.post("/predict", json={"tasks": tasks, "label_config": '<View><Image name="i" value="$i"/></View>'})
+    no_rectangles = '<View><Image name="i" value="$i"/></View>'
+    response = client.post("/predict", json={"tasks": tasks, "label_config": no_rectangles})
     assert response.status_code == 400 and "RectangleLabels" in response.json["error"]
     client, _, _ = make_client(tmp_path, model_file, label_map="fire=Flame")
     assert client.post("/predict", json={"tasks": tasks, "label_config": flame}).status_code == 200

@@ -170,7 +170,8 @@ def test_the_open_files_limit_is_raised_for_worker_connections_or_fewer_are_acce
     stub, now = worker(1024, resource.RLIM_INFINITY)
     assert now == (1000 + request_buffering.FD_MARGIN, resource.RLIM_INFINITY) and stub.worker_connections == 1000
     stub, now = worker(300, 300)
-    assert stub.worker_connections == 300 - request_buffering.FD_MARGIN and "at most 236 connections" in stub.log.lines[0]
+    assert stub.worker_connections == 300 - request_buffering.FD_MARGIN
+    assert "at most 236 connections" in stub.log.lines[0]
     stub, now = worker(4096, 4096)
     assert now == (4096, 4096) and stub.worker_connections == 1000 and not stub.log.lines
 

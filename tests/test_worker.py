@@ -18,23 +18,26 @@ def test_worker_stop_does_not_wait_a_minute_for_its_pubsub_thread(redis_server):
     stopping thread goes on only once the pubsub thread has read the reply."""
     connection = Redis.from_url(redis_server.url)
     for worker_class in (TrainingWorker, SimpleTrainingWorker):
-        worker = worker_class([Queue("stop-test", connection=connection)], connection=connection)
-        worker.subscribe()
-        pubsub, thread = worker.pubsub, worker.pubsub_thread
-        wait_for(lambda: pubsub.subscribed, 5, "the worker did not subscribe")
-        send = pubsub.unsubscribe
-
-        def unsubscribe_then_let_the_reader_run(*args):
-            result = send(*args)
-            wait_for(lambda: not pubsub.subscribed, 5, "the pubsub thread did not read the UNSUBSCRIBE reply")
-            return result
-
-        pubsub.unsubscribe = unsubscribe_then_let_the_reader_run
-        stopping = threading.Thread(target=worker.unsubscribe, daemon=True)
-        began = time.monotonic()
-        stopping.start()
-        stopping.join(15)
-        assert not stopping.is_alive(), f"{worker_class.__name__}.unsubscribe hangs"
-        assert time.monotonic() - began < 5
-        wait_for(lambda: not thread.is_alive(), 5, "the pubsub thread still runs")
+        assert_unsubscribe_is_quick(worker_class([Queue("stop-test", connection=connection)], connection=connection))
     connection.close()
+
+
+def assert_unsubscribe_is_quick(worker):
+    worker.subscribe()
+    pubsub, thread = worker.pubsub, worker.pubsub_thread
+    wait_for(lambda: pubsub.subscribed, 5, "the worker did not subscribe")
+    send = pubsub.unsubscribe
+
+    def unsubscribe_then_let_the_reader_run(*args):
+        result = send(*args)
+        wait_for(lambda: not pubsub.subscribed, 5, "the pubsub thread did not read the UNSUBSCRIBE reply")
+        return result
+
+    pubsub.unsubscribe = unsubscribe_then_let_the_reader_run
+    stopping = threading.Thread(target=worker.unsubscribe, daemon=True)
+    began = time.monotonic()
+    stopping.start()
+    stopping.join(15)
+    assert not stopping.is_alive(), f"{type(worker).__name__}.unsubscribe hangs"
+    assert time.monotonic() - began < 5
+    wait_for(lambda: not thread.is_alive(), 5, "the pubsub thread still runs")

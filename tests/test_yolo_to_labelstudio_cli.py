@@ -171,6 +171,7 @@ def test_split_converts_one_split_only(dataset, tmp_path):
     tasks = json.loads(out.read_text())
     assert [t["data"]["image"].rsplit("/", 1)[-1] for t in tasks] == ["neg.jpg"]
     run("dataset", dataset, "--split", "train", "--out", out, "--url-prefix", "http://files.example/", "--no-progress")
-    assert sorted(t["data"]["image"].rsplit("/", 1)[-1] for t in json.loads(out.read_text())) == ["tall.png", "wide.jpg"]
+    names = sorted(t["data"]["image"].rsplit("/", 1)[-1] for t in json.loads(out.read_text()))
+    assert names == ["tall.png", "wide.jpg"]
     assert_one_line_error(run("dataset", dataset, "--split", "test", "--out", out, "--url-prefix", "x",
                               check_rc=None), "no images in split 'test'", "train, val")

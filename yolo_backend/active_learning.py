@@ -61,13 +61,13 @@ import numpy as np
 
 from typing import Optional, Sequence
 
-from .clusters import serve_sequence
+from .clusters import Scores, serve_sequence
 from .settings import TASK_SCORE_STRATEGIES as STRATEGIES  # one list: the setting validates against it
 
 _EPS = 1e-6
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
+def _logit(p: np.ndarray | np.float64) -> np.ndarray:
     p = np.clip(p, _EPS, 1.0 - _EPS)
     return np.log(p) - np.log1p(-p)
 
@@ -191,7 +191,7 @@ def select_random(candidates: Sequence[int], k: int, rng: np.random.Generator) -
     return [int(i) for i in rng.choice(pool, size=k, replace=False)] if k else []
 
 
-def select_lowest(candidates: Sequence[int], scores: Sequence[float], k: int,
+def select_lowest(candidates: Sequence[int], scores: Scores, k: int,
                   clusters: Optional[Sequence[int]] = None,
                   solved: Optional[dict[int, int]] = None) -> list[int]:
     """The next ``k`` as Label Studio serves them: lowest score first (ties: lower index first).
@@ -203,13 +203,13 @@ def select_lowest(candidates: Sequence[int], scores: Sequence[float], k: int,
     ``clusters.serve_sequence``.
     """
     candidates = [int(c) for c in candidates]
-    scores = np.asarray(scores, np.float64)
-    if len(candidates) != scores.size:
-        raise ValueError(f"{len(candidates)} candidates but {scores.size} scores")
+    values = np.asarray(scores, np.float64)
+    if len(candidates) != values.size:
+        raise ValueError(f"{len(candidates)} candidates but {values.size} scores")
     if clusters is None:
-        order = sorted(range(len(candidates)), key=lambda j: (scores[j], candidates[j]))
+        order = sorted(range(len(candidates)), key=lambda j: (values[j], candidates[j]))
         return [candidates[j] for j in order[:k]]
-    return [candidates[j] for j in serve_sequence(scores, clusters, solved or {}, k)]
+    return [candidates[j] for j in serve_sequence(values, clusters, solved or {}, k)]
 
 
 def _normalised(vectors: np.ndarray) -> np.ndarray:
@@ -241,13 +241,13 @@ def select_k_center(candidates: Sequence[int], embeddings: np.ndarray, labelled_
     return picked
 
 
-def select_diverse_lowest(candidates: Sequence[int], scores: Sequence[float], embeddings: np.ndarray,
+def select_diverse_lowest(candidates: Sequence[int], scores: Scores, embeddings: np.ndarray,
                           labelled_embeddings: np.ndarray, k: int, shortlist_factor: int = 3) -> list[int]:
     """Uncertainty first, then diversity: the ``shortlist_factor x k`` lowest-scored candidates, of which k-center
     greedy keeps ``k`` (so a batch is not spent on near-duplicates of one doubtful photo)."""
     candidates = [int(c) for c in candidates]
-    scores = np.asarray(scores, np.float64)
-    order = sorted(range(len(candidates)), key=lambda j: (scores[j], candidates[j]))
+    values = np.asarray(scores, np.float64)
+    order = sorted(range(len(candidates)), key=lambda j: (values[j], candidates[j]))
     short = order[:max(k, shortlist_factor * k)]
     emb = np.asarray(embeddings)
     return select_k_center([candidates[j] for j in short], emb[short], labelled_embeddings, k)

@@ -37,7 +37,7 @@ def _base_classes() -> tuple:
     return (LabelStudioMLBase,)
 
 
-class YOLOv7Backend(*_base_classes()):
+class YOLOv7Backend(*_base_classes()):  # type: ignore[misc]  # bases chosen at import time
     """Predicts RectangleLabels boxes with per-region scores and an active-learning task score."""
 
     def setup(self) -> None:

@@ -36,6 +36,8 @@ from typing import Hashable, Iterable, Optional, Sequence, Union
 import numpy as np
 
 _EPS = 1e-12
+
+Scores = Union[Sequence[float], np.ndarray]  # one score per task
 _CHUNK = 2048           # rows per block in assignment: 2048 x 896 float64 is 14 MiB, whatever the pool size
 _FORMAT = 1             # ClusterModel file format
 
@@ -246,31 +248,31 @@ def solved_counts(labelled_clusters: Iterable[Hashable]) -> dict:
     return dict(Counter(labelled_clusters))
 
 
-def next_task_order(scores: Sequence[float], clusters: Sequence[Hashable],
+def next_task_order(scores: Scores, clusters: Sequence[Hashable],
                     solved_clusters: dict) -> list[int]:
     """The positions of the tasks (``scores`` and ``clusters`` aligned, one per task with a current prediction) in
     the order Label Studio's uncertainty sampling ranks them for one annotator: fewest already-labelled tasks in
     the task's cluster first (``solved_clusters``: cluster -> count, missing = 0), then the lowest score, ties by
     position. A NaN score sorts last. The first of this list is the task Label Studio serves next."""
-    scores = np.asarray(scores, np.float64).reshape(-1)
-    if len(clusters) != scores.size:
-        raise ValueError(f"{scores.size} scores but {len(clusters)} cluster ids")
+    values = np.asarray(scores, np.float64).reshape(-1)
+    if len(clusters) != values.size:
+        raise ValueError(f"{values.size} scores but {len(clusters)} cluster ids")
     solved = np.array([solved_clusters.get(c, 0) for c in clusters], np.int64)
-    index = np.arange(scores.size)
-    return [int(j) for j in np.lexsort((index, scores, solved))]
+    index = np.arange(values.size)
+    return [int(j) for j in np.lexsort((index, values, solved))]
 
 
-def serve_sequence(scores: Sequence[float], clusters: Sequence[Hashable], solved_clusters: dict,
+def serve_sequence(scores: Scores, clusters: Sequence[Hashable], solved_clusters: dict,
                    k: int) -> list[int]:
     """The positions of the next ``k`` tasks Label Studio serves one annotator who labels each as it comes: the
     first of ``next_task_order``, then counted as solved in its cluster, again (fewer when the tasks run out)."""
-    scores = np.asarray(scores, np.float64).reshape(-1)
+    values = np.asarray(scores, np.float64).reshape(-1)
     clusters = list(clusters)
     solved = dict(solved_clusters)
-    remaining = list(range(scores.size))
+    remaining = list(range(values.size))
     picked: list[int] = []
     while len(picked) < k and remaining:
-        first = remaining[next_task_order(scores[remaining], [clusters[j] for j in remaining], solved)[0]]
+        first = remaining[next_task_order(values[remaining], [clusters[j] for j in remaining], solved)[0]]
         picked.append(first)
         remaining.remove(first)
         solved[clusters[first]] = solved.get(clusters[first], 0) + 1

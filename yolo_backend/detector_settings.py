@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from .serving_size import GUESS_HINT, MeasuredSize, measured_size
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .yolov7 import Detector
 
 
 def detector_options(settings: Settings) -> dict[str, Any]:
@@ -69,7 +72,7 @@ def img_size_for(checkpoint: Any, settings: Settings, img_size: Optional[int] = 
     return found.size, found.reason
 
 
-def detector_from_settings(path: Union[str, Path], settings: Settings, **overrides: Any):
+def detector_from_settings(path: Union[str, Path], settings: Settings, **overrides: Any) -> Detector:
     """The detector for checkpoint ``path`` configured by ``settings``; ``overrides`` (``Detector.from_checkpoint``'s
     keyword names, e.g. ``conf=0.25``) win where they are not None. Its ``img_size_reason`` says why it runs at
     its ``img_size`` ("trained at 320", "IMG_SIZE=640", "measured on 47 annotated images of project 3: ...",

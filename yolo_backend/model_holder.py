@@ -110,6 +110,7 @@ def validate_checkpoint(path: Path) -> None:
 
 
 def model_path_source(settings: Settings) -> ModelSource:
+    assert settings.model_path is not None  # callers check that MODEL_PATH is set
     path = Path(settings.model_path)
     if not path.is_file():
         raise NoModelError(f"MODEL_PATH={settings.model_path} does not exist or is not a file; "

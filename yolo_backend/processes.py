@@ -21,7 +21,7 @@ PR_SET_CHILD_SUBREAPER = 36
 def prctl(option: int, value: int) -> bool:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(option, value, 0, 0, 0) == 0
+        return bool(libc.prctl(option, value, 0, 0, 0) == 0)
     except (OSError, AttributeError):  # not Linux
         return False
 
@@ -33,7 +33,7 @@ def _die_with_parent() -> None:
 
 def children_of(pid: int) -> list[int]:
     """Direct children of ``pid`` (from /proc; empty where /proc is missing)."""
-    found = []
+    found: list[int] = []
     try:
         entries = os.listdir("/proc")
     except OSError:
@@ -93,11 +93,15 @@ class Child:
     def pid(self) -> Optional[int]:
         return self.proc.pid if self.proc else None
 
+    @property
+    def returncode(self) -> Optional[int]:
+        return self.proc.returncode if self.proc else None
+
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
     def signal(self, signum: int) -> None:
-        if self.running():
+        if self.proc is not None and self.proc.poll() is None:  # running()
             try:
                 self.proc.send_signal(signum)
             except ProcessLookupError:

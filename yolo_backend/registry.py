@@ -146,7 +146,7 @@ class Registry:
 
     def stamp(self) -> tuple:
         """Changes whenever a version is published or removed; a stat or two, cheap enough to poll."""
-        stamps = []
+        stamps: list[Optional[tuple[int, int, int]]] = []
         for path in (self.root / LATEST_FILE, self.root):
             try:
                 st = path.stat()

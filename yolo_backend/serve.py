@@ -42,11 +42,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from types import FrameType
+from typing import TYPE_CHECKING, Callable, Optional
 
 from .logs import configure_logging
 from .processes import PR_SET_CHILD_SUBREAPER, Child, children_of, descendants, prctl, reap
 from .settings import PATH_SETTINGS, Settings, exposure_warning, mask_password
+
+if TYPE_CHECKING:
+    from .jobs.redis_server import RedisServer
 
 log = logging.getLogger("yolo_backend.serve")
 
@@ -192,7 +196,7 @@ class Backoff:
 class Supervisor:
     def __init__(self, host: str, port: int, settings: Settings, env: dict[str, str]):
         self.host, self.port, self.settings, self.env = host, port, settings, env
-        self.broker = None          # jobs.redis_server.RedisServer when embedded
+        self.broker: Optional[RedisServer] = None  # when embedded
         self.worker: Optional[Child] = None
         self.server: Optional[Child] = None
         self.stop_signal: Optional[int] = None
@@ -202,7 +206,7 @@ class Supervisor:
         self._broker_started = 0.0
 
     # signals ---------------------------------------------------------------------------------------------------
-    def _on_signal(self, signum, _frame) -> None:
+    def _on_signal(self, signum: int, _frame: Optional[FrameType]) -> None:
         if self.stop_signal is None:
             self.stop_signal = signum
             log.info("%s: stopping the server, the worker and the broker", signal.Signals(signum).name)
@@ -219,7 +223,7 @@ class Supervisor:
             self.env["REDIS_URL"] = self.broker.url
             log.info("broker: embedded Redis-protocol server (valkey) at %s, pid %d, data in %s",
                      mask_password(self.broker.url),
-                     self.broker.process.pid, data_dir)
+                     self.broker.pid, data_dir)
         else:
             where = self.env.get("REDIS_URL") or f"{self.env['REDIS_HOST']}:{self.env.get('REDIS_PORT', '6379')}"
             log.info("broker: %s (from %s; no embedded broker)", mask_password(where),
@@ -231,12 +235,13 @@ class Supervisor:
     # watch -----------------------------------------------------------------------------------------------------
     def watch(self) -> None:
         """Until a stop signal or a fatal child death."""
+        assert self.server is not None and self.worker is not None  # start() made them
         while self.stop_signal is None and self.failed is None:
             time.sleep(POLL_S)
             reap(self._own_pids())
             if not self.server.running():
                 self.failed = f"the server (gunicorn, pid {self.server.pid}) exited with code " \
-                              f"{self.server.proc.returncode}"
+                              f"{self.server.returncode}"
             elif self.broker is not None and not self.broker.running():
                 self._restart_broker()
             elif not self.worker.running():
@@ -245,10 +250,11 @@ class Supervisor:
             log.error("%s: stopping everything", self.failed)
 
     def _restart_worker(self) -> None:
+        assert self.worker is not None  # restarted after start() made it
         if not self.worker_backoff.pending:
             delay = self.worker_backoff.schedule(time.monotonic() - self.worker.started_at)
             log.error("the worker (pid %d) exited with code %s; restarting it in %.0f s (training requests wait in "
-                      "the queue meanwhile)", self.worker.pid, self.worker.proc.returncode, delay)
+                      "the queue meanwhile)", self.worker.pid, self.worker.returncode, delay)
             self._kill_orphans()  # a work horse it left behind
         elif self.worker_backoff.due():
             self.worker = Child("worker", worker_command(), self.env, PROJECT_ROOT).start()
@@ -259,18 +265,19 @@ class Supervisor:
         requests are kept in MODEL_DIR/pending and queued once it answers."""
         from .jobs.redis_server import RedisServerError
 
+        assert self.broker is not None  # only an embedded broker is restarted
         if not self.broker_backoff.pending:
             delay = self.broker_backoff.schedule(time.monotonic() - self._broker_started)
             log.error("the embedded broker (valkey-server, pid %d) exited with code %s; restarting it in %.0f s "
                       "(predictions go on; training requests are kept in %s and queued when it is back); its log: "
-                      "%s", self.broker.process.pid, self.broker.process.returncode, delay,
+                      "%s", self.broker.pid, self.broker.returncode, delay,
                       Path(self.env["MODEL_DIR"]) / "pending", self.broker.log_tail(3))
         elif self.broker_backoff.due():
             try:
                 self.broker.start()
                 self._broker_started = time.monotonic()
                 log.info("the embedded broker is back at %s (pid %d)", mask_password(self.broker.url),
-                         self.broker.process.pid)
+                         self.broker.pid)
             except RedisServerError as exc:
                 log.error("could not restart the embedded broker: %s", exc)
 
@@ -306,7 +313,7 @@ class Supervisor:
             for child in [c for c in waiting if not c.running()]:
                 waiting.remove(child)
                 log.info("%s (pid %d) stopped after %.1f s (exit code %s)", child.name, child.pid,
-                         time.monotonic() - began, child.proc.returncode)
+                         time.monotonic() - began, child.returncode)
             if not waiting or time.monotonic() - began >= limit_s:
                 return
             time.sleep(min(POLL_S / 4, max(0.0, began + limit_s - time.monotonic())))
@@ -322,7 +329,7 @@ class Supervisor:
         child: SIGTERM, then SIGKILL."""
         live = {c.pid for c in (self.server, self.worker) if c is not None and c.running()}
         if self.broker is not None and self.broker.running():
-            live.add(self.broker.process.pid)
+            live.add(self.broker.pid)
         leftovers = [pid for pid in children_of(os.getpid()) if pid not in live]
         leftovers += [d for pid in leftovers for d in descendants(pid)]
         if not leftovers:

@@ -13,7 +13,7 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 from .image_header import DEFAULT_MAX_IMAGE_PIXELS  # standard library only, like this module
 from .yolov7.inference_backends import DEFAULT_CACHE_DIR as DEFAULT_ONNX_CACHE_DIR  # standard library only
@@ -273,7 +273,7 @@ class Settings:
     def table(cls) -> str:
         """The README's settings tables: what a user sets to connect and train, then tuning, then the server
         process's own variables (read by gunicorn.conf.py and Label Studio's Local Storage)."""
-        def rows(fields) -> list[str]:
+        def rows(fields: Iterable[dataclasses.Field[Any]]) -> list[str]:
             out = ["| variable | default | meaning |", "|---|---|---|"]
             for f in fields:
                 default = "" if f.default is None else f"`{f.default}`"

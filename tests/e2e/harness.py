@@ -67,7 +67,7 @@ def _file_lock(path: Path, timeout: float = 1800.0):
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"another process holds {path} for more than {timeout:.0f} s; "
-                                       "remove it if no install is running")
+                                       "remove it if no install is running") from None
                 time.sleep(2)
         try:
             yield

@@ -69,7 +69,7 @@ def match_regions(regions: list[dict], detections, width: int, height: int) -> N
         f"stored={[(r['value'], r.get('score')) for r in regions]}\nexpected={expected}")
     unmatched = list(regions)
     for want in sorted(expected, key=lambda e: -e["score"]):
-        def distance(region):
+        def distance(region, want=want):
             v = region["value"]
             return max(abs(v[k] - want[k]) for k in ("x", "y", "width", "height"))
         candidates = [r for r in unmatched if r["value"]["rectanglelabels"] == [want["label"]]]
@@ -185,7 +185,8 @@ def test_predictions_from_our_backend(label_studio, yolo_backend, fire_smoke_ima
           f"retrieve took {retrieve_seconds:.1f} s, model_version {version}")
 
     # No manual step: the backend switches the project's model_version to its own, so sorting sees the scores.
-    harness.wait_until(lambda: api.project(project_id)["model_version"] == version, timeout=30,
-                       message=f"project model_version == {version!r} (is {api.project(project_id)['model_version']!r})")
+    harness.wait_until(
+        lambda: api.project(project_id)["model_version"] == version, timeout=30,
+        message=f"project model_version == {version!r} (is {api.project(project_id)['model_version']!r})")
     assert_sorted_by_score(api, project_id, {t: stored[t][0]["score"] for t in tasks})
     assert requests.get(f"{yolo_backend.url}/health", timeout=10).status_code == 200

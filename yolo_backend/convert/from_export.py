@@ -77,7 +77,7 @@ def fetch_export(url: str, api_key: str, project: int, with_predictions: bool = 
         tasks = client.projects.exports.as_json(project)
         if with_predictions:
             # The export lists predictions by id only: fetch them and put the full ones in place.
-            by_task: dict[int, list[dict]] = {}
+            by_task: dict[Optional[int], list[dict]] = {}
             for prediction in client.predictions.list(project=project):
                 item = prediction.model_dump(mode="json")
                 by_task.setdefault(item.get("task"), []).append(item)
@@ -87,7 +87,7 @@ def fetch_export(url: str, api_key: str, project: int, with_predictions: bool = 
     except ConversionError:
         raise
     except Exception as exc:  # the SDK raises ApiError, httpx errors, ...
-        status = getattr(exc, "status_code", None)
+        status: Any = getattr(exc, "status_code", None)
         detail = f"HTTP {status}" if status else f"{type(exc).__name__}: {exc}"
         hint = {401: "check --api-key (a personal access token or a legacy token)",
                 404: f"check --project {project} exists and the key's user can see it"}.get(status, "")
@@ -149,7 +149,7 @@ def class_names_for(tasks: Sequence[dict], ordered: Optional[Sequence[str]], fro
     """The class order: ``ordered`` when given, else the sorted labels found in what will be converted."""
     if ordered:
         return list(ordered)
-    seen = set()
+    seen: set[str] = set()
     for task in tasks:
         chosen = latest_annotation(task) if take == "annotations" else latest_prediction(task)
         for region in (chosen or {}).get("result") or []:
@@ -173,7 +173,7 @@ def export_to_yolo(tasks: Sequence[dict], out_dir: Path, problems: ProblemLog, n
     sources = sources or ImageSources()
     names = class_names_for(tasks, names, from_name, take)
     class_of = {name: i for i, name in enumerate(names)}
-    class_of_lower = {}
+    class_of_lower: dict[str, int] = {}
     for name, i in class_of.items():
         class_of_lower.setdefault(name.lower(), i)
 

@@ -27,7 +27,8 @@ class ProblemLog:
         self.problems: list[Problem] = []
         self.counts: Counter = Counter()
 
-    def report(self, kind: str, where, message: str, line: Optional[int] = None, skipped: str = "skipped") -> None:
+    def report(self, kind: str, where: object, message: str, line: Optional[int] = None,
+               skipped: str = "skipped") -> None:
         self.add(Problem(kind, str(where), message, line), skipped)
 
     def add(self, problem: Problem, skipped: str = "skipped") -> None:

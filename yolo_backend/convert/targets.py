@@ -59,15 +59,17 @@ def split_labels(text: Optional[str]) -> list[str]:
 
 def labels_for_classes(class_names: Sequence[str], config_labels: Sequence[str]) -> list[str]:
     """The config label for each class name (exact, else case-insensitive); every class must have one."""
-    by_lower = {}
-    for label in config_labels:
-        by_lower.setdefault(label.lower(), label)
-    out, missing = [], []
+    by_lower: dict[str, str] = {}
+    for config_label in config_labels:
+        by_lower.setdefault(config_label.lower(), config_label)
+    out: list[str] = []
+    missing: list[str] = []
     for name in class_names:
         label = name if name in config_labels else by_lower.get(name.lower())
         if label is None:
             missing.append(name)
-        out.append(label)
+        else:
+            out.append(label)
     if missing:
         raise ConversionError(
             f"class(es) {', '.join(map(repr, missing))} have no <Label> in the label config (labels: "
@@ -138,7 +140,9 @@ class ImageRefs:
 
     @property
     def root_abs(self) -> Path:
-        return Path(os.path.abspath(self.root_given or self.root))
+        root = self.root_given or self.root
+        assert root is not None  # a mode with a root
+        return Path(os.path.abspath(root))
 
     def ref(self, image: Path) -> str:
         if self.mode == "upload":
@@ -178,7 +182,7 @@ class ImageSources:
     image_dirs: Sequence[Path] = ()
     url_prefix: str = ""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self._by_name: Optional[dict[str, Path]] = None
 
     def _index(self) -> dict[str, Path]:

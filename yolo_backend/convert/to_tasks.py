@@ -121,7 +121,7 @@ class DetectOptions:
     """How to run the checkpoint: the backend's settings (their defaults here, ``from_settings`` for the configured
     ones), so imported predictions match served ones; each field may be changed."""
 
-    img_size: int = _default("img_size")
+    img_size: Optional[int] = _default("img_size")
     threshold: float = _default("model_score_threshold")   # boxes shown
     score_floor: float = _default("score_floor")            # detections feeding the task score
     iou: float = _default("iou_threshold")

@@ -15,7 +15,7 @@ import logging
 import mimetypes
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from ..labelstudio.client import LabelStudioAuthError, LabelStudioSession
 from .problems import ConversionError
@@ -31,7 +31,9 @@ def _batches(images: Sequence[Path], size: int) -> list[list[int]]:
     batches: list[list[int]] = []
     pending = list(range(len(images)))
     while pending:
-        batch, names, rest = [], set(), []
+        batch: list[int] = []
+        names: set[str] = set()
+        rest: list[int] = []
         for i in pending:
             if len(batch) < size and images[i].name not in names:
                 batch.append(i)
@@ -109,7 +111,7 @@ def _upload_files(session: LabelStudioSession, project: int, paths: Sequence[Pat
 
 
 def _attach(session: LabelStudioSession, project: int, task_id: int, ref: str, task: dict, data_key: str) -> dict:
-    record = {"id": task_id, "data": {**task.get("data", {}), data_key: ref}}
+    record: dict[str, Any] = {"id": task_id, "data": {**task.get("data", {}), data_key: ref}}
     for prediction in task.get("predictions") or []:
         _check(session.request("POST", "/api/predictions",
                                json={**prediction, "task": task_id, "project": project}),

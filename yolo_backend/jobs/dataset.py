@@ -271,7 +271,8 @@ def example_eval_set(examples: list[Example], size: int, class_map: Optional[lis
     from ..yolov7.dataset import EvalSet
 
     eval_set = EvalSet([], size, cache=False)
-    eval_set.images = ExampleImages(examples, size, class_map)  # its one source of images (EvalSet.__iter__)
+    # its one source of images (EvalSet.__iter__), duck-typed: EvalSet calls only len() and get()
+    eval_set.images = ExampleImages(examples, size, class_map)  # type: ignore[assignment]
     return eval_set
 
 

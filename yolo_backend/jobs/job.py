@@ -290,7 +290,8 @@ _LOW_SPACE_BYTES = 256 * 1024 * 1024
 
 def no_space_error(exc: BaseException, model_dir: str | os.PathLike) -> Optional[TrainingError]:
     """A TrainingError saying "no space left on device in MODEL_DIR" when ``exc`` is a full disk, else None."""
-    chain, seen = [], exc
+    chain: list[BaseException] = []
+    seen: Optional[BaseException] = exc
     while seen is not None and len(chain) < 10:
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__

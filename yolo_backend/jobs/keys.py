@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional, overload
+
+if TYPE_CHECKING:
+    from redis import Redis
+    from rq.job import Job
 
 # The job waits this long before reading the annotations: Label Studio sends START_TRAINING while it is still
 # saving the annotation that triggered it.
@@ -99,7 +103,15 @@ return {0, holder or '', first or ''}
 """
 
 
-def text(value) -> Optional[str]:
+@overload
+def text(value: None) -> None: ...
+
+
+@overload
+def text(value: bytes | str | int | float) -> str: ...
+
+
+def text(value: Any) -> Optional[str]:
     """A Redis reply (bytes or None) as text."""
     if value is None:
         return None
@@ -123,7 +135,7 @@ def heartbeat_value() -> str:
     return f"{process_space()}:{os.getpid()}"
 
 
-def holder_alive(connection, keys: Keys, job_id: str) -> bool:
+def holder_alive(connection: Redis, keys: Keys, job_id: str) -> bool:
     """Whether the work horse running ``job_id`` is alive: its heartbeat key exists and, when it runs in this
     process table, its process too (a killed horse is known dead at once instead of when its heartbeat expires)."""
     beat = text(connection.get(keys.alive(job_id)))
@@ -140,7 +152,7 @@ def holder_alive(connection, keys: Keys, job_id: str) -> bool:
     return True
 
 
-def job_status_of(job) -> str:
+def job_status_of(job: Job) -> str:
     """An RQ job's status as a plain string ("queued", "started", "finished", ...): rq returns a JobStatus enum
     (or, in older versions, a string). The one place that reads it."""
     status = job.get_status(refresh=False)

@@ -98,6 +98,14 @@ class RedisServer:
         self.log_path = self.data_dir / "valkey.log"
 
     @property
+    def pid(self) -> Optional[int]:
+        return self.process.pid if self.process else None
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self.process.returncode if self.process else None
+
+    @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}{self.host}:{self.port}/0"

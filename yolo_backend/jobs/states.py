@@ -6,6 +6,7 @@ equal to the words stored in RQ job meta, the run history and Redis, so what is 
 from __future__ import annotations
 
 from enum import Enum
+from typing import Any
 
 
 class JobPhase(str, Enum):
@@ -47,6 +48,6 @@ class PoolState(str, Enum):
     FAILED = "failed"
 
 
-def plain(value):
+def plain(value: Any) -> Any:
     """A state as the plain string stored (RQ pickles job meta: an Enum there would need this module to unpickle)."""
     return value.value if isinstance(value, Enum) else value

@@ -5,6 +5,7 @@ UNCERTAINTY_SAMPLING, its sampling. Pool scoring (``pool``) then stores one for 
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 from ..labelstudio.client import LabelStudioAPIError
 from ..labelstudio.version_sync import switch_version
@@ -22,7 +23,7 @@ def task_to_predict(client, project_id: int) -> dict | None:
     return (unlabelled or tasks or [None])[0]
 
 
-def sync_label_studio(context, client, project_id: int, label_config: str, version: str) -> dict:
+def sync_label_studio(context, client, project_id: int, label_config: Optional[str], version: str) -> dict:
     """Store one prediction of ``version`` in Label Studio, then set the project's model_version to it (and its
     sampling with UNCERTAINTY_SAMPLING) through ``switch_version``."""
     from ..predictor import Predictor

@@ -62,6 +62,7 @@ def evaluate_start_model(data: TrainingData, new_images, callback: Callable[[dic
     settings = data.settings
     size = data.start_img_size or settings.train_img_size
     callback({"phase": "evaluating", "message": f"evaluating the current model on the validation set at {size}"})
+    assert data.start_checkpoint is not None  # called only for a run that starts from a checkpoint
     try:
         current = model_from_checkpoint(load_checkpoint(data.start_checkpoint), device="cpu", fuse=True)
         mapping = class_map(list(current.names), list(data.names))

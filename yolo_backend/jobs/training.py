@@ -226,8 +226,9 @@ class TrainingProgress:
     """
 
     PLANS_KEPT = 5
-    PHASES = {"setup": JobPhase.PREPARING, "train": JobPhase.TRAINING, "epoch": JobPhase.TRAINING,
-              "eval": JobPhase.EVALUATING, "done": JobPhase.TRAINED}  # the engine's words -> the job's
+    PHASES: dict[Optional[str], JobPhase] = {  # the engine's words -> the job's
+        "setup": JobPhase.PREPARING, "train": JobPhase.TRAINING, "epoch": JobPhase.TRAINING,
+        "eval": JobPhase.EVALUATING, "done": JobPhase.TRAINED}
 
     def __init__(self, max_epochs: int, report: Callable[[dict], None]):
         self.max_epochs, self.report = max(1, int(max_epochs)), report

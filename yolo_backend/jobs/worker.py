@@ -11,7 +11,7 @@ process imports no torch.
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from redis.exceptions import RedisError
 from rq import SimpleWorker, Worker
@@ -25,7 +25,14 @@ log = logging.getLogger(__name__)
 PUBSUB_STOP_WAIT_S = 1.0
 
 
-class BoundedUnsubscribe:
+# The mixin's methods use the worker's attributes: for the type checker it is a Worker.
+if TYPE_CHECKING:
+    _WorkerBase = Worker
+else:
+    _WorkerBase = object
+
+
+class BoundedUnsubscribe(_WorkerBase):
     """RQ's worker, with a stop that cannot hang in its pubsub thread.
 
     RQ 3.0 ends that thread by sending UNSUBSCRIBE and only then clearing the thread's run flag. When the thread

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, TypeVar
 
 import httpx
 from label_studio_sdk.core.api_error import ApiError
@@ -94,8 +94,11 @@ class LabelStudioClient:
     def tasks(self, project_id: int, with_annotations: bool) -> list[dict]:
         """Every task of the project, page by page; ``with_annotations`` includes annotations and predictions."""
         fields = "all" if with_annotations else "task_only"
-        return self._call(f"GET tasks of project {int(project_id)}", lambda sdk: [
-            _as_dict(task) for task in sdk.tasks.list(project=int(project_id), fields=fields, page_size=PAGE_SIZE)])
+        def listed(sdk: "LabelStudio") -> list[dict]:
+            pages: Iterable[Any] = sdk.tasks.list(project=int(project_id), fields=fields, page_size=PAGE_SIZE)
+            return [_as_dict(task) for task in pages]
+
+        return self._call(f"GET tasks of project {int(project_id)}", listed)
 
     def get_task(self, task_id: int) -> dict:
         return self._call(f"GET task {int(task_id)}", lambda sdk: _as_dict(sdk.tasks.get(id=str(int(task_id)))))
@@ -224,9 +227,11 @@ def _as_dict(item: Any) -> dict:
 def _api_error(what: str, url: str, exc: ApiError) -> LabelStudioAPIError:
     status = exc.status_code
     body = exc.body if isinstance(exc.body, str) else json.dumps(exc.body, default=str)
-    hint = {400: "Label Studio refused the request as it is",
-            404: "check that LABEL_STUDIO_URL is Label Studio's address and the key's user can see the project",
-            }.get(status, "")
+    hints: dict[Optional[int], str] = {
+        400: "Label Studio refused the request as it is",
+        404: "check that LABEL_STUDIO_URL is Label Studio's address and the key's user can see the project",
+    }
+    hint = hints.get(status, "")
     if status is not None and status >= 500:
         hint = "Label Studio failed on it: see Label Studio's log; the next training tries again"
     elif status is not None and 300 <= status < 400:

@@ -106,7 +106,8 @@ class Credential:
         # Network errors propagate as they are: Label Studio being down is not a refused key. The refresh token is
         # the key itself: sent only if the connection is this credential's origin, and never along a redirect.
         request = self._http.prepare_request(requests.Request("POST", url, json={"refresh": self.key}))
-        request.key_origin, request.key_required = self.origin, True
+        # read by our adapter (send); PreparedRequest does not declare them
+        request.key_origin, request.key_required = self.origin, True  # type: ignore[attr-defined]
         response = self._http.send(request, timeout=self.timeout, allow_redirects=False)
         if response.status_code != 200:
             raise LabelStudioAuthError(
@@ -166,6 +167,7 @@ class KeyedAdapter(DeadlineAdapter):
         pool = self.get_connection_with_tls_context(request, verify, proxies=proxies, cert=cert)
         via_proxy = getattr(pool, "proxy", None) is not None and pool.scheme == "http"
         target = _origin_of_prepared(request.url)
+        assert pool.port is not None  # a pool made for a URL: urllib3 fills in the scheme's port
         reached = Origin(pool.scheme, str(pool.host).strip("[]").lower(), int(pool.port))
         return None if via_proxy or target != reached else reached
 
@@ -201,7 +203,7 @@ class LabelStudioSession:
         self._configured_url = normalise_url(url)
         if self._configured_url and api_key and api_key.strip():
             self._configured = Credential(self._configured_url, api_key, "LABEL_STUDIO_API_KEY", timeout, self._http)
-        self._setup: OrderedDict[Origin, Credential] = OrderedDict()  # origin -> the /setup token for it
+        self._setup: OrderedDict[Optional[Origin], Credential] = OrderedDict()  # origin -> the /setup token for it
         self._setup_url: Optional[str] = None  # hostname of the latest /setup with a token (no LABEL_STUDIO_URL)
         self._warned: set[str] = set()
 
@@ -324,7 +326,8 @@ class LabelStudioSession:
         fields = {k: v for k, v in kwargs.items() if k not in _SEND_ARGUMENTS}
         for _ in range(MAX_REDIRECTS + 1):
             request = self._http.prepare_request(requests.Request(method, url, **fields))
-            request.credential, request.refresh = cred, force_refresh
+            request.credential, request.refresh = cred, force_refresh  # type: ignore[attr-defined]  # as above
+            assert request.url is not None  # prepare_request set it
             options = self._http.merge_environment_settings(request.url, send.get("proxies") or {},
                                                             send.get("stream"), send.get("verify"), send.get("cert"))
             try:

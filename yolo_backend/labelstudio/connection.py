@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 from urllib.parse import urlsplit
 
 import requests
@@ -32,6 +32,9 @@ import requests
 from .client import LabelStudioAPIError, ProjectNotFound
 from .deadline import Deadline, deadline_session
 from .urls import UnsafeURL, checked_url, normalise_url, origin_of, shorten
+
+if TYPE_CHECKING:
+    from .api import LabelStudioClient
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +85,7 @@ class ConnectionCheck:
     ``client_factory`` gives an ``api.LabelStudioClient`` or None (no LABEL_STUDIO_URL: nothing can be checked,
     and nothing is done with a key through the API either). ``instance`` gives this deployment's id."""
 
-    def __init__(self, client_factory: Callable[[], Optional[object]], instance: Callable[[], str],
+    def __init__(self, client_factory: Callable[[], Optional["LabelStudioClient"]], instance: Callable[[], str],
                  backend_url: Optional[str] = None, probe: Callable[[str], Optional[str]] = probe_instance,
                  ttl_s: float = 300.0, negative_ttl_s: float = 30.0, remember: int = 1000):
         self._client_factory = client_factory

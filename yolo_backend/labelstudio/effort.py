@@ -174,7 +174,7 @@ def with_predictions(tasks: Iterable[dict], predictions: Iterable[dict]) -> list
             for t in tasks]
 
 
-def _boxes(regions: Iterable, from_name: BoxControls) -> tuple[list[RegionBox], list[bool]]:
+def _boxes(regions: Optional[Iterable], from_name: BoxControls) -> tuple[list[RegionBox], list[bool]]:
     """The usable rectangles of ``regions`` and, for each, whether its origin says it was drawn by hand."""
     boxes, manual = [], []
     for region in regions or []:
@@ -223,7 +223,7 @@ class EffortSummary:
     @classmethod
     def from_dict(cls, data: dict) -> "EffortSummary":
         """Read back from a history line (unknown keys ignored, wrong types replaced by the defaults)."""
-        known = {}
+        known: dict[str, Any] = {}
         for name, default in ((f.name, f.default) for f in fields(cls)):
             value = data.get(name, default)
             if name == "version":

@@ -244,7 +244,7 @@ class ImageFetcher:
             except (IndexError, binascii.Error) as exc:
                 raise ImageFetchError(f"data URI is not valid base64: {exc}") from None
         key = self._cache_key(how, what)
-        if key is not None:
+        if key is not None and self.cache is not None:  # a key only with a cache
             cached = self.cache.get(key)
             if cached is not None:
                 return cached, key, True
@@ -292,7 +292,7 @@ class ImageFetcher:
             image = decode_image(data, self.max_pixels)
         except ImageFetchError as exc:
             raise ImageFetchError(f"{shown_url(url)}: {exc}") from None
-        if key is not None and not cached:
+        if key is not None and self.cache is not None and not cached:
             self.cache.put(key, data)
         return image
 

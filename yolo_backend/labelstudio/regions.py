@@ -68,7 +68,8 @@ def is_box_region(region: Any, from_name: Union[str, Sequence[str], None] = None
 def region_box(region: dict, image_size: Optional[tuple[float, float]] = None) -> Union[RegionBox, BadRegion]:
     """The box of a rectangle region (see the module doc); ``image_size`` is (width, height) in pixels."""
     name = f"region {region.get('id')}" if region.get("id") is not None else "a region"
-    value = region.get("value") if isinstance(region.get("value"), dict) else {}
+    given = region.get("value")
+    value = given if isinstance(given, dict) else {}
     labels = value.get("rectanglelabels") or []
     if not isinstance(labels, list) or not labels:
         return BadRegion("region without label", f"{name} has no rectanglelabels")

@@ -93,6 +93,7 @@ def prepared_url(url: str) -> str:
         request.prepare_url(checked_url(url), None)
     except requests.RequestException as exc:
         raise UnsafeURL(f"{shorten(url)}: {exc}") from None
+    assert request.url is not None  # prepare_url set it
     return request.url
 
 

@@ -8,12 +8,17 @@
   request_buffering.py  gunicorn worker class that reads whole requests before a thread runs the app
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .base import LabelStudioMLBase, parse_project_id
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 __all__ = ["LabelStudioMLBase", "create_app", "parse_project_id"]
 
 
-def create_app(*args, **kwargs):
+def create_app(*args: Any, **kwargs: Any) -> "Flask":
     """See ``yolo_backend.server.app.create_app`` (imported lazily: Flask is only needed to serve)."""
     from .app import create_app as _create_app
 

@@ -55,7 +55,8 @@ def create_app(backend_class: type[LabelStudioMLBase], settings: Optional[Settin
     from .dashboard import PredictMetrics, register_dashboard  # prometheus-client: only to serve
 
     app = Flask(__name__)
-    app.json.sort_keys = False  # keep Label Studio's field order readable in logs
+    # keep Label Studio's field order readable in logs (Flask's DefaultJSONProvider has sort_keys)
+    app.json.sort_keys = False  # type: ignore[attr-defined]
     app.config["MAX_CONTENT_LENGTH"] = int(context.settings.max_request_mb * 1024 * 1024)
     # Predictions wait on downloads and the CPU; bounding them keeps threads free for /health and /setup.
     app.extensions["ml_backend"] = ServerState(

@@ -134,11 +134,11 @@ def bar_chart(categories: Sequence[str], series: Sequence[tuple[str, Sequence[Op
     if not categories:
         return _empty(parts, width, height, empty_message)
     bottom = top + group_h * len(categories)
-    for value in ticks(x_top):
-        x = left + plot_w * value / x_top
+    for tick in ticks(x_top):
+        x = left + plot_w * tick / x_top
         parts.append(f'<line x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" y2="{bottom}" stroke="{GRID}"/>'
                      f'<text x="{x:.1f}" y="{bottom + 15}" text-anchor="middle" fill="{AXIS}" '
-                     f'style="{FONT}">{_number(value)}</text>')
+                     f'style="{FONT}">{_number(tick)}</text>')
     for row, category in enumerate(categories):
         y0 = top + row * group_h
         parts.append(f'<text x="{left - 8}" y="{y0 + group_h / 2:.1f}" text-anchor="end" style="{FONT}">'

@@ -234,7 +234,9 @@ class _Throttled:
 class BufferingThreadWorker(ThreadWorker):
     """gthread, but the event loop reads each request whole (within the read deadline) before a thread takes it."""
 
-    def init_process(self):
+    worker_connections: int  # ThreadWorker's (gunicorn has no type hints)
+
+    def init_process(self) -> None:
         self.limits = ReadLimits.from_env()
         self.reading: dict = {}  # TConn -> PendingRequest; insertion order is deadline order (one timeout)
         self.refusals = _Throttled(self.log)

@@ -245,8 +245,10 @@ def after_prediction(s: ServerState, project_id: Optional[int], answer: Answer, 
 def queue_leftovers(s: ServerState, project_id: int, leftovers: int, answered: int) -> None:
     """Tasks left at PREDICT_DEADLINE_S: a pool-scoring run stores their predictions (it skips what is stored, and
     first waits for Label Studio to store the ``answered`` items of this reply; it stores empty ones too)."""
+    training = s.context.training
+    assert training is not None  # the caller checks
     try:
-        queued = s.context.training.request_pool_scoring(project_id, "predict deadline", reply_stored=answered)
+        queued = training.request_pool_scoring(project_id, "predict deadline", reply_stored=answered)
         log.info("%d task(s) past PREDICT_DEADLINE_S: pool scoring of project %s %s (job %s)", leftovers,
                  project_id, queued.get("status"), queued.get("job"))
     except RequestRefused as exc:

@@ -281,10 +281,12 @@ def job_progress(job: Optional[dict], time_budget: Optional[float] = None) -> Op
     """
     if not job:
         return None
-    progress = job.get("progress") if isinstance(job.get("progress"), dict) else {}
+    given = job.get("progress")
+    progress: dict = given if isinstance(given, dict) else {}
     phase, status = job.get("phase"), job.get("status")
     fraction: Optional[float] = None
-    epoch, epochs = progress.get("epoch"), progress.get("epochs")
+    epoch: Any = progress.get("epoch")  # a number when known_epochs
+    epochs: Any = progress.get("epochs")
     known_epochs = isinstance(epoch, (int, float)) and isinstance(epochs, (int, float)) and epochs > 0
     if phase == JobPhase.TRAINING and known_epochs:
         iteration, iterations = progress.get("iteration"), progress.get("iterations")
@@ -307,7 +309,8 @@ def job_progress(job: Optional[dict], time_budget: Optional[float] = None) -> Op
             eta = elapsed * (1 - fraction) / fraction
             if time_budget:
                 eta = min(eta, max(0.0, time_budget - elapsed))
-    result = job.get("result") if isinstance(job.get("result"), dict) else {}
+    given = job.get("result")
+    result: dict = given if isinstance(given, dict) else {}
     message = progress.get("message")
     if status == "finished" and result:  # say what the run ended with
         message = (f"published {result.get('model_version')}" if result.get("published") else

@@ -13,7 +13,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, cast
 
 import numpy as np
 
@@ -67,7 +67,9 @@ def score_images(detector, images: Sequence[Callable[[], np.ndarray]],
             flush()
     if batch:
         flush()
-    embeddings = np.stack([d.embedding for d in found]).astype(np.float32) if found else np.zeros((0, 0), np.float32)
+    # detected with embed=True: every one has its embedding
+    embeddings = np.stack([cast(np.ndarray, d.embedding) for d in found]).astype(np.float32) if found \
+        else np.zeros((0, 0), np.float32)
     return found, embeddings
 
 

@@ -63,7 +63,10 @@ def choose(strategy: Strategy, candidates: Sequence[int], k: int, rng: np.random
     if strategy.score is None and not strategy.diverse:
         return al.select_random(candidates, k, rng)
     if strategy.score is None:
+        assert embeddings is not None and labelled_embeddings is not None  # a diverse strategy is given them
         return al.select_k_center(candidates, embeddings, labelled_embeddings, k)
+    assert scores is not None  # a scoring strategy is given the scores
     if strategy.diverse:
+        assert embeddings is not None and labelled_embeddings is not None
         return al.select_diverse_lowest(candidates, scores, embeddings, labelled_embeddings, k)
     return al.select_lowest(candidates, scores, k, clusters, solved)

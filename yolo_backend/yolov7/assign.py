@@ -26,8 +26,9 @@ def _empty(device: torch.device) -> LevelTargets:
     def none(*shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         return torch.zeros(*shape, dtype=dtype, device=device)
 
-    return LevelTargets(*(none(0, dtype=torch.long) for _ in range(4)), none(0, 4), none(0, dtype=torch.long),
-                        none(0, 2), none(0, dtype=torch.long))
+    return LevelTargets(none(0, dtype=torch.long), none(0, dtype=torch.long), none(0, dtype=torch.long),
+                        none(0, dtype=torch.long), none(0, 4), none(0, dtype=torch.long), none(0, 2),
+                        none(0, dtype=torch.long))
 
 
 @torch.no_grad()
@@ -96,7 +97,7 @@ def _dynamic_k(iou: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
     k = iou.topk(min(TOP_IOUS, iou.shape[1]), dim=1).values.sum(1).int().clamp(min=1)
     matching = torch.zeros_like(cost, dtype=torch.bool)
     for g in range(len(cost)):
-        matching[g, cost[g].topk(int(min(k[g], cost.shape[1])), largest=False).indices] = True
+        matching[g, cost[g].topk(min(int(k[g]), cost.shape[1]), largest=False).indices] = True
     claimed = matching.sum(0) > 1
     if claimed.any():
         cheapest = cost[:, claimed].argmin(0)

@@ -31,7 +31,7 @@ from ..atomic import atomic_write
 from . import graphs
 from .inference_backends import backend_or_default, cache_dir_or_default
 from .model import YOLOv7
-from .ort_runtime import with_backend
+from .ort_runtime import InferenceModel, with_backend
 from .safe_pickle import PickledRecord, safe_unpickling
 
 FORMAT = "yolo-backend-checkpoint"
@@ -272,6 +272,7 @@ def identify_graph(state_dict: Mapping[str, torch.Tensor], path: PathLike = "<st
             if best is None or score < best[0]:
                 best = (score, graph, missing, unexpected, wrong)
 
+    assert best is not None  # every graph variant was compared
     _, graph, missing, unexpected, wrong = best
     details = []
     if missing:
@@ -296,8 +297,8 @@ _P6_TYPES = {"models.common.ReOrg", "models.common.DownC", "models.yolo.IAuxDete
 def _from_reference(path: PathLike, ckpt: Mapping[str, Any]) -> LoadedCheckpoint:
     which = "ema" if ckpt.get("ema") is not None else "model"
     entry = ckpt.get(which)
-    metadata = {k: v for k, v in ckpt.items()
-                if k in ("epoch", "updates") and isinstance(v, (int, float, str))}
+    metadata: Dict[str, Any] = {k: v for k, v in ckpt.items()
+                                if k in ("epoch", "updates") and isinstance(v, (int, float, str))}
     if isinstance(entry, Mapping) and entry and all(isinstance(v, torch.Tensor) for v in entry.values()):
         # A bare state_dict saved under "model": names only if the file has them.
         state_dict = {k: _as_float32(path, k, v) for k, v in entry.items()}
@@ -413,7 +414,7 @@ def model_from_checkpoint(ckpt: LoadedCheckpoint, device: Union[str, torch.devic
 
 
 def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", fuse: bool = True,
-               backend: Optional[str] = None, cache_dir: Optional[PathLike] = None) -> torch.nn.Module:
+               backend: Optional[str] = None, cache_dir: Optional[PathLike] = None) -> InferenceModel:
     """Load a YOLOv7 checkpoint (reference ``.pt`` or ours) as an eval-mode inference module on ``device``.
 
     The module has ``.names``, ``.nc``, ``.stride``, ``.graph``, ``.graph_name``, ``.head_type``, ``.anchors_px``;
@@ -430,7 +431,7 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", fuse: b
 
 
 def inference_model(ckpt: LoadedCheckpoint, device: Union[str, torch.device] = "cpu", fuse: bool = True,
-                    backend: Optional[str] = None, cache_dir: Optional[PathLike] = None) -> torch.nn.Module:
+                    backend: Optional[str] = None, cache_dir: Optional[PathLike] = None) -> InferenceModel:
     """``load_model`` for a checkpoint already read (``load_checkpoint``): for a caller that also needs its metadata
     (e.g. ``trained_img_size``) without reading the file twice. The ONNX export is keyed by ``ckpt.path``'s hash."""
     backend, cache_dir = backend_or_default(backend), cache_dir_or_default(cache_dir)

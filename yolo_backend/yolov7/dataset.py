@@ -69,7 +69,8 @@ class DataSpec:
 
 def samples_from_arrays(items: Iterable[Tuple[np.ndarray, Sequence, Sequence]]) -> List[Sample]:
     """In-memory list of (RGB image, boxes xyxy pixels, classes) -> samples."""
-    return [Sample(image, boxes, classes, name=f"image{i}") for i, (image, boxes, classes) in enumerate(items)]
+    return [Sample(image, np.asarray(boxes, np.float32), np.asarray(classes, np.int64), name=f"image{i}")
+            for i, (image, boxes, classes) in enumerate(items)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -102,7 +103,8 @@ def _sample(entry: ImageEntry) -> Optional[Sample]:
     boxes = read_label_file(entry.label_file) if entry.label_file is not None else []
     xyxy = [[(b.cx - b.w / 2) * width, (b.cy - b.h / 2) * height, (b.cx + b.w / 2) * width,
              (b.cy + b.h / 2) * height] for b in boxes]
-    return Sample(str(entry.image), xyxy, [b.class_id for b in boxes], name=entry.image.name)
+    return Sample(str(entry.image), np.asarray(xyxy, np.float32), np.asarray([b.class_id for b in boxes], np.int64),
+                  name=entry.image.name)
 
 
 def samples_from_folder(images_root: Path) -> List[Sample]:
@@ -196,9 +198,9 @@ class ResizedImages:
         return self
 
     def get(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
-        image = self._images[index]
-        if image is not None:
-            return image, self._labels[index]
+        image, labels = self._images[index], self._labels[index]
+        if image is not None and labels is not None:  # cached together
+            return image, labels
         sample = self.samples[index]
         original = sample.load_image()
         image, r = resize_long_side(original, self.size)

@@ -11,7 +11,7 @@ import logging
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ from .boxes import nms, xywh_to_xyxy
 from .detections import Detections
 from .device import model_device, select_device, use_half
 from .preprocess import Letterboxed, letterbox, read_image, scale_boxes_back
+
+if TYPE_CHECKING:
+    from .ort_runtime import InferenceModel
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,7 @@ class Detector:
     batch_size: most images per forward pass
     """
 
-    def __init__(self, model: torch.nn.Module, img_size: int = 640, conf: float = 0.25, iou: float = 0.45,
+    def __init__(self, model: InferenceModel, img_size: int = 640, conf: float = 0.25, iou: float = 0.45,
                  max_det: int = 300, half: bool = False, device: Union[None, str, torch.device] = None,
                  batch_size: int = 8, nms_backend: str = "ours"):
         if not 0.0 <= conf <= 1.0 or not 0.0 <= iou <= 1.0:
@@ -126,9 +129,10 @@ class Detector:
             batch = np.stack([boxed[i].image for i in indices])
             predictions, embeddings = self.forward_with_embedding(batch) if embed else (self.forward(batch), None)
             for row, i in enumerate(indices):
-                results[i] = self.decode(predictions[row], boxed[i], conf)
+                found = self.decode(predictions[row], boxed[i], conf)
                 if embeddings is not None:
-                    results[i].embedding = embeddings[row]
+                    found.embedding = embeddings[row]
+                results[i] = found
         return results  # type: ignore[return-value]
 
     def detect_files(self, paths: Iterable[Union[str, Path]], conf: Optional[float] = None) -> list[Detections]:

@@ -107,8 +107,8 @@ def model_device(model: torch.nn.Module) -> torch.device:
     """Where a module's weights are (its first parameter, else buffer; the CPU for a module with neither)."""
     for tensor in model.parameters():
         return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for buffer in model.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 

@@ -7,7 +7,7 @@ forward, decode and NMS, so the numbers describe the pipeline that serves.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -15,8 +15,10 @@ import torch
 from .dataset import EvalSet, Sample
 from .detect import Detector
 from .metrics import DetectionMetrics
-from .model import YOLOv7
 from .preprocess import Letterboxed, resize_and_pad
+
+if TYPE_CHECKING:
+    from .ort_runtime import InferenceModel
 
 
 def eval_letterbox(image: np.ndarray, img_size: int, stride: int, pad: float) -> Letterboxed:
@@ -32,7 +34,7 @@ def eval_letterbox(image: np.ndarray, img_size: int, stride: int, pad: float) ->
     return resize_and_pad(image, new_w, new_h, (out_w - new_w) / 2, (out_h - new_h) / 2)
 
 
-def evaluate(model: YOLOv7, data: Union[EvalSet, Sequence[Sample]], names: Optional[Sequence[str]] = None,
+def evaluate(model: InferenceModel, data: Union[EvalSet, Sequence[Sample]], names: Optional[Sequence[str]] = None,
              img_size: int = 640, conf: float = 0.001, iou: float = 0.65, max_det: int = 300,
              batch_size: int = 8, serve_conf: float = 0.25, multi_label: bool = True,
              method: str = "coco", pad: float = 0.5) -> Dict[str, Any]:
@@ -43,8 +45,9 @@ def evaluate(model: YOLOv7, data: Union[EvalSet, Sequence[Sample]], names: Optio
 
 
 @torch.no_grad()
-def evaluate_images(model: YOLOv7, data: Union[EvalSet, Sequence[Sample]], names: Optional[Sequence[str]] = None,
-                    img_size: int = 640, conf: float = 0.001, iou: float = 0.65, max_det: int = 300,
+def evaluate_images(model: InferenceModel, data: Union[EvalSet, Sequence[Sample]],
+                    names: Optional[Sequence[str]] = None, img_size: int = 640, conf: float = 0.001,
+                    iou: float = 0.65, max_det: int = 300,
                     batch_size: int = 8, serve_conf: float = 0.25, multi_label: bool = True,
                     method: str = "coco", pad: float = 0.5) -> DetectionMetrics:
     """``model``'s detections on ``data`` matched to the ground truth image by image, in ``data``'s order (a

@@ -133,7 +133,8 @@ def export_onnx(model: YOLOv7, path: PathLike, opset: int = DEFAULT_OPSET, *, de
         buffer = io.BytesIO()
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(wrapper, (dummy,), buffer, dynamo=False, opset_version=opset,
+            torch.onnx.export(wrapper, (dummy,), buffer,  # type: ignore[arg-type]  # stubs omit file objects
+                              dynamo=False, opset_version=opset,
                               input_names=[INPUT_NAME], output_names=output_names,
                               dynamic_axes=dynamic_axes, do_constant_folding=True)
         proto = onnx.load_from_string(buffer.getvalue())

@@ -38,7 +38,7 @@ REPCONV_FORMS = ("branches", "reparameterised")
 LAYER_KINDS = ("conv", "mp", "sp", "concat", "upsample", "sppcspc", "repconv", "detect")
 
 
-def _conv(src, c_out: int, k: int = 1, s: int = 1) -> Layer:
+def _conv(src: int | List[int], c_out: int, k: int = 1, s: int = 1) -> Layer:
     return [src, "conv", c_out, k, s]
 
 

@@ -8,7 +8,7 @@ re-parameterisation, implicit-knowledge folding in the head).
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import nn
@@ -46,6 +46,8 @@ def fold_batch_norm(weight: torch.Tensor, bias: Optional[torch.Tensor],
     Computed in float64 so that folding adds no error beyond the final rounding to the layer's dtype.
     """
     dtype = weight.dtype
+    assert bn.weight is not None and bn.bias is not None and bn.running_var is not None \
+        and bn.running_mean is not None, "an affine BatchNorm with running statistics"
     scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
     conv_bias = bias.double() if bias is not None else torch.zeros_like(scale)
     fused_weight = weight.double() * scale.view(-1, 1, 1, 1)
@@ -55,8 +57,9 @@ def fold_batch_norm(weight: torch.Tensor, bias: Optional[torch.Tensor],
 
 def _conv_with_bias(template: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
     # Made on the meta device and given the folded tensors: no wasted random init.
-    conv = nn.Conv2d(template.in_channels, template.out_channels, template.kernel_size, template.stride,
-                     template.padding, groups=template.groups, bias=True, device="meta")
+    conv = nn.Conv2d(template.in_channels, template.out_channels, template.kernel_size,  # type: ignore[arg-type]
+                     template.stride, template.padding,  # type: ignore[arg-type]  # a Conv2d's own: tuple[int, ...]
+                     groups=template.groups, bias=True, device="meta")
     requires_grad = template.weight.requires_grad
     conv.weight = nn.Parameter(weight.detach().clone(), requires_grad=requires_grad)
     conv.bias = nn.Parameter(bias.detach().clone(), requires_grad=requires_grad)
@@ -175,7 +178,9 @@ class RepConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rbr_reparam is not None:
             return self.act(self.rbr_reparam(x))
-        y = self.rbr_dense(x) + self.rbr_1x1(x)
+        dense, one = self.rbr_dense, self.rbr_1x1
+        assert dense is not None and one is not None  # unfused: both branches exist
+        y = dense(x) + one(x)
         if self.rbr_identity is not None:
             y = y + self.rbr_identity(x)
         return self.act(y)
@@ -184,8 +189,10 @@ class RepConv(nn.Module):
     def fuse(self) -> None:
         if self.rbr_reparam is not None:
             return
-        dense_w, dense_b = fold_batch_norm(self.rbr_dense[0].weight, None, self.rbr_dense[1])
-        one_w, one_b = fold_batch_norm(self.rbr_1x1[0].weight, None, self.rbr_1x1[1])
+        dense_conv, dense_bn = _conv_and_bn(self.rbr_dense)
+        one_conv, one_bn = _conv_and_bn(self.rbr_1x1)
+        dense_w, dense_b = fold_batch_norm(dense_conv.weight, None, dense_bn)
+        one_w, one_b = fold_batch_norm(one_conv.weight, None, one_bn)
         weight = dense_w.double() + nn.functional.pad(one_w.double(), [1, 1, 1, 1])
         bias = dense_b.double() + one_b.double()
         if self.rbr_identity is not None:
@@ -195,10 +202,16 @@ class RepConv(nn.Module):
             eye[idx, idx, 1, 1] = 1.0
             id_w, id_b = fold_batch_norm(eye, None, self.rbr_identity)
             weight, bias = weight + id_w, bias + id_b
-        template = self.rbr_dense[0]
+        template = dense_conv
         self.rbr_reparam = _conv_with_bias(template, weight.to(template.weight.dtype),
                                            bias.to(template.weight.dtype))
         self.rbr_dense = self.rbr_1x1 = self.rbr_identity = None
+
+
+def _conv_and_bn(branch: Optional[nn.Sequential]) -> Tuple[nn.Conv2d, nn.BatchNorm2d]:
+    """The conv and the BN of an unfused RepConv branch, ``nn.Sequential(conv, bn)``."""
+    assert branch is not None, "an unfused RepConv has both conv branches"
+    return cast(nn.Conv2d, branch[0]), cast(nn.BatchNorm2d, branch[1])
 
 
 class ImplicitA(nn.Module):
@@ -241,6 +254,11 @@ class DetectHead(nn.Module):
     decoded (B, N, 5+nc) [cx, cy, w, h, obj, cls...] in input pixels, N ordered level, anchor, y, x.
     """
 
+    # Buffers (register_buffer), declared for the type checker.
+    anchors: torch.Tensor
+    anchor_grid: torch.Tensor
+    stride: torch.Tensor
+
     def __init__(self, nc: int, anchors_px: Sequence[Sequence[float]], strides: Sequence[float],
                  channels: Sequence[int], implicit: bool):
         super().__init__()
@@ -262,7 +280,7 @@ class DetectHead(nn.Module):
             self.ia = nn.ModuleList(ImplicitA(c) for c in channels)
             self.im = nn.ModuleList(ImplicitM(self.na * self.no) for _ in channels)
         # Decode constants per input size, device and dtype (not state: rebuilt on demand).
-        self._decode_cache: Dict[tuple, List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self._decode_cache: Dict[tuple, List[Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]] = {}
 
     def _apply(self, fn, recurse=True):
         # .to()/.half()/.cuda() change the buffers the cached constants were made from.
@@ -274,7 +292,9 @@ class DetectHead(nn.Module):
         """Fold ImplicitA/ImplicitM into the convs: conv(x + a) * m == (W*m) x + (W a + b) * m."""
         if not self.implicit:
             return
-        for conv, add, mul in zip(self.m, self.ia, self.im):
+        convs = cast(Iterable[nn.Conv2d], self.m)
+        for conv, add, mul in zip(convs, cast(Iterable[ImplicitA], self.ia), cast(Iterable[ImplicitM], self.im)):
+            assert conv.bias is not None  # the head's convs are biased
             w = conv.weight.double().flatten(1)                      # (out, in)
             b = conv.bias.double() + w @ add.implicit.double().flatten()
             scale = mul.implicit.double().flatten()

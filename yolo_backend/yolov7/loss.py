@@ -86,6 +86,8 @@ class YoloLoss(nn.Module):
     ``(total * batch size, tensor[box, obj, cls, total])``; the second is detached, for logging.
     """
 
+    anchors: torch.Tensor  # a buffer (register_buffer), declared for the type checker
+
     def __init__(self, anchors: torch.Tensor, nc: int, gains: LossGains, strides: Sequence[float] = (8, 16, 32),
                  assigner: str = "ratio"):
         super().__init__()

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Sequence
 
 import torch
 
@@ -28,7 +28,7 @@ class LevelTargets:
     target: torch.Tensor    # (m,) long, row of the target in the input targets
 
 
-def match_targets(targets: torch.Tensor, anchors: torch.Tensor, grid_hw: Sequence[Tuple[int, int]],
+def match_targets(targets: torch.Tensor, anchors: torch.Tensor, grid_hw: Sequence[Sequence[int]],
                   anchor_t: float = 4.0) -> List[LevelTargets]:
     """Ratio matching with neighbour cells, per level.
 

@@ -10,7 +10,7 @@ AP uses COCO's 101-point interpolation: the mean over recall 0, 0.01, ..., 1 of 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -106,7 +106,7 @@ class DetectionMetrics:
         self._gt_labels.append(gt_labels)
         self.images += 1
 
-    def subset(self, indices: Sequence[int]) -> "DetectionMetrics":
+    def subset(self, indices: Union[Sequence[int], np.ndarray]) -> "DetectionMetrics":
         """The accumulator of these images only (repeats allowed: a bootstrap resample)."""
         part = DetectionMetrics(self.names, self.serve_conf, self.method)
         for k in indices:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union, cast
 
 import torch
 from torch import nn
@@ -75,7 +75,8 @@ class YOLOv7(nn.Module):
         self.fused = False
 
         self._inputs = graphs.resolve_inputs(graph)
-        layers, channels = [], []
+        layers: List[nn.Module] = []
+        channels: List[int] = []
         for i, layer in enumerate(graph["layers"]):
             c_in = [3 if s < 0 else channels[s] for s in self._inputs[i]]
             module, c_out = _build_layer(layer, c_in, self.graph, nc, anchors, strides)
@@ -88,7 +89,7 @@ class YOLOv7(nn.Module):
 
     @property
     def head(self) -> DetectHead:
-        return self.model[-1]
+        return cast(DetectHead, self.model[-1])
 
     @property
     def stride(self) -> torch.Tensor:
@@ -103,7 +104,7 @@ class YOLOv7(nn.Module):
         # Head biases as the reference initialises them: objectness prior for ~8 objects per 640² image,
         # class prior 0.6/(nc-0.99); the rest keeps torch's default init.
         head = self.head
-        for conv, stride in zip(head.m, self.graph["strides"]):
+        for conv, stride in zip(cast(List[nn.Conv2d], head.m), self.graph["strides"]):
             if conv.bias is None or conv.bias.is_meta:
                 continue
             with torch.no_grad():
@@ -127,6 +128,7 @@ class YOLOv7(nn.Module):
         """Run layers [0, stop); with stop = the head's index, return the head's inputs instead of its output."""
         keep = self._keep
         saved: Dict[int, torch.Tensor] = {}
+        inp: Union[torch.Tensor, List[torch.Tensor]]
         for i, (module, sources) in enumerate(zip(self.model, self._inputs)):
             if len(sources) == 1 and sources[0] == i - 1:
                 inp = x
@@ -145,8 +147,9 @@ class YOLOv7(nn.Module):
     def fuse(self) -> "YOLOv7":
         """Fold BN into convs, re-parameterise RepConv and fold IDetect's implicit layers (in place)."""
         for module in list(self.modules()):
-            if module is not self and hasattr(module, "fuse"):
-                module.fuse()
+            fuse = getattr(module, "fuse", None)
+            if module is not self and fuse is not None:
+                fuse()
         self.fused = True
         self.head_type = self.graph["head"]  # the head type it was loaded as; computes like Detect now
         return self

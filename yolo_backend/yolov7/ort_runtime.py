@@ -53,6 +53,9 @@ class OrtYOLOv7(nn.Module):
     """
 
     backend = "onnxruntime"
+    # Buffers (register_buffer), declared for the type checker.
+    stride: torch.Tensor
+    anchors_px: torch.Tensor
 
     def __init__(self, onnx_path: PathLike, source: YOLOv7, threads: int = 0, spinning: bool = False):
         super().__init__()
@@ -128,6 +131,10 @@ class OrtYOLOv7(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 # Choosing and building the backend
 # --------------------------------------------------------------------------------------------------------------
+
+# What load_model gives: the torch module, or the ONNX Runtime one (same attributes and call).
+InferenceModel = Union[YOLOv7, OrtYOLOv7]
+
 
 def onnxruntime_available() -> bool:
     try:
@@ -225,7 +232,7 @@ def prune_cache(cache_dir: PathLike, keep: int = CACHE_KEEP) -> list:
 
 
 def with_backend(model: YOLOv7, checkpoint: PathLike, backend: str = "auto",
-                 cache_dir: PathLike = DEFAULT_CACHE_DIR, threads: int = 0) -> nn.Module:
+                 cache_dir: PathLike = DEFAULT_CACHE_DIR, threads: int = 0) -> InferenceModel:
     """The inference module ``load_model`` returns for an eval-mode ``model`` loaded from ``checkpoint``.
 
     ``auto``: ONNX Runtime for a fused model on the CPU when onnxruntime imports (exported into ``cache_dir``),
@@ -250,5 +257,5 @@ def with_backend(model: YOLOv7, checkpoint: PathLike, backend: str = "auto",
         why = "runs on CUDA" if device.type != "cpu" else "is not fused (training form)"
         log.warning("INFERENCE_BACKEND=onnxruntime ignored: the model %s; using torch", why)
     if device.type == "cpu" and model.fused:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs omit it
     return model

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Callable, Iterator, List, Tuple
 
 import torch
 
@@ -81,8 +81,8 @@ def _standin_class(name: str, base: type = PickledRecord) -> type:
     return type(f"Pickled_{short}", (base,), {"pickled_name": name, "__module__": __name__})
 
 
-def _build_safe_globals() -> List[Tuple[Any, str]]:
-    entries: List[Tuple[Any, str]] = []
+def _build_safe_globals() -> List[Tuple[Callable[..., Any], str]]:
+    entries: List[Tuple[Callable[..., Any], str]] = []
     for name in _MODEL_CLASSES + _COMMON_CLASSES + _TORCH_NN_CLASSES:
         entries.append((_standin_class(name), name))
     array_cls = _standin_class("numpy.ndarray", PickledArray)
@@ -105,5 +105,5 @@ _LOAD_LOCK = threading.RLock()
 @contextlib.contextmanager
 def safe_unpickling() -> Iterator[None]:
     """Context in which torch's weights-only unpickler maps reference classes to our stand-ins."""
-    with _LOAD_LOCK, torch.serialization.safe_globals(_SAFE_GLOBALS):
+    with _LOAD_LOCK, torch.serialization.safe_globals(list(_SAFE_GLOBALS)):
         yield

@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
@@ -339,12 +339,12 @@ def train_one_epoch(model: YOLOv7, loader, optimizer: torch.optim.Optimizer, los
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, iteration {i + 1}; "
                                      "lower lr0 or check the labels")
-        if use_amp:
+        if use_amp and scaler is not None:
             scaler.scale(loss).backward()
         else:
             loss.backward()
         if state.iteration - state.last_step >= state.accumulate:
-            if use_amp:
+            if use_amp and scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
             else:
@@ -389,6 +389,7 @@ def _data(config: TrainConfig) -> DataSpec:
             names = [f"class{i}" for i in range(top + 1)]
         spec = DataSpec(list(names), list(config.train_samples), list(config.val_samples or []))
     else:
+        assert config.data is not None  # TrainConfig asks for data or train_samples
         spec = load_data(config.data)
         if config.names:
             if len(config.names) != len(spec.names):
@@ -430,7 +431,7 @@ class _Run:
     @property
     def kept_model(self) -> YOLOv7:
         """The weights kept: the EMA's when there is one."""
-        return self.ema.ema if self.ema is not None else self.model
+        return cast(YOLOv7, self.ema.ema) if self.ema is not None else self.model  # the EMA copies the model
 
 
 @dataclass
@@ -535,6 +536,7 @@ def _train_epochs(run: _Run) -> Tuple[List[Dict[str, Any]], _Best]:
 def _evaluate_epoch(run: _Run, epoch: int, best: _Best) -> Dict[str, Any]:
     """Validation of the kept weights after ``epoch``; ``best`` takes them when their fitness is the best yet."""
     config = run.config
+    assert run.eval_set is not None  # called only when there is a validation set
     run.progress.emit({"phase": "eval", "epoch": epoch, "epochs": run.state.planned_epochs, "message": "evaluating"})
     matched = evaluate_images(run.kept_model, run.eval_set, run.names, config.img_size, config.eval_conf,
                               config.eval_iou, batch_size=config.eval_batch_size, serve_conf=config.serve_conf,

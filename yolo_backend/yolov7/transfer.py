@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Sequence, Set, Tuple
 
 import torch
 
@@ -38,7 +38,8 @@ def transfer_weights(ckpt: LoadedCheckpoint, names: Sequence[str]) -> Tuple[YOLO
     same_classes = same_names(ckpt.names, names)
     head_prefix = f"model.{graphs.head_index(graph)}."
     class_map = _class_index_map(ckpt.names, names)
-    copied, skipped, kept_classes = 0, [], set()
+    copied, skipped = 0, []
+    kept_classes: Set[str] = set()
     with torch.no_grad():
         for key, value in target.items():
             source = ckpt.state_dict.get(key)

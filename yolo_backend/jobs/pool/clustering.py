@@ -19,7 +19,7 @@ SAMPLE_PER_CLUSTER = 10      # ... and as many as this per cluster (at least a c
 
 
 def load_or_fit_clusters(scorer: PoolScorer, version: str, todo: list[dict], total: int, stale: dict,
-                         report: Callable[[int, int], None]) -> tuple[np.ndarray, list[dict], tuple[int, int]]:
+                         report: Callable[[int, int], object]) -> tuple[np.ndarray, list[dict], tuple[int, int]]:
     """The version's centroids (fitted on a sample of ``todo``, which is then stored, when there are none yet);
     returns (centroids, the tasks left to score, (stored, failed) of the sample)."""
     from ...clusters import ClusterModel, auto_cluster_count, fit_centroids

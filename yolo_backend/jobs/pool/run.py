@@ -89,7 +89,7 @@ def plan_run(scorer: PoolScorer, version: str, reply_stored: int) -> RunPlan:
     client, project_id = scorer.client, scorer.project_id
     predictions = scorer.wait_for_stored(version, reply_stored, REPLY_STORED_WAIT_S) if reply_stored else \
         client.predictions(project_id)
-    tasks = [{"id": int(t["id"]), "data": t.get("data") or {}}
+    tasks: list[dict[str, Any]] = [{"id": int(t["id"]), "data": t.get("data") or {}}
              for t in client.tasks(project_id, with_annotations=False)]
     todo, stale = plan(tasks, predictions, version, scorer.settings.keep_old_predictions, scorer.ours(version))
     run = RunPlan(version, tasks, todo, stale)
@@ -125,6 +125,7 @@ def _coordinate(scorer: PoolScorer, run: RunPlan, queue_name: Optional[str]) -> 
     if scorer.connection is not None and chunks:
         summary["chunks_queued"] = _queue_chunks(scorer, run, chunks, queue_name or settings.rq_queue_name)
     for chunk in chunks if scorer.connection is None else []:
+        assert centroids is not None  # chunks are what the clustering left
         s, f = scorer.score_and_store(version, chunk, centroids, run.stale, report)
         stored, failed = stored + s, failed + f
         log.info("project %s: pool scoring %d of %d task(s) stored", scorer.project_id, run.done_before + stored,

@@ -34,10 +34,11 @@ class PoolScorer:
 
         self.settings, self.project_id = settings, int(project_id)
         self.context = BackendContext.from_settings(settings)
-        self.client = self.context.client()
-        if self.client is None:
+        client = self.context.client()
+        if client is None:
             raise TrainingError("pool scoring stores predictions through the Label Studio API: set LABEL_STUDIO_URL "
                                 "and LABEL_STUDIO_API_KEY (a personal access token or legacy token) for the worker")
+        self.client = client
         self.context.connection.require(self.project_id)  # ProjectNotConnected: nothing is read or written there
         if label_config is None:
             label_config = self.client.get_project(self.project_id).get("label_config")
@@ -89,10 +90,11 @@ class PoolScorer:
         from ...clusters import assign_clusters
         from ...labelstudio.client import LabelStudioAuthError
 
-        rows = [i for i, (_, _, e) in enumerate(scored) if e is not None]
+        embedded = [(i, e) for i, (_, _, e) in enumerate(scored) if e is not None]
+        rows = [i for i, _ in embedded]
         clusters: dict[int, int] = {}
         if rows:
-            found = assign_clusters(np.stack([scored[i][2] for i in rows]).astype(np.float32), centroids)
+            found = assign_clusters(np.stack([e for _, e in embedded]).astype(np.float32), centroids)
             clusters = {i: int(c) for i, c in zip(rows, found)}
 
         def post(i: int) -> bool:
@@ -157,7 +159,7 @@ class PoolScorer:
             time.sleep(STORED_POLL_S)
 
     def score_and_store(self, version: str, tasks: list[dict], centroids: np.ndarray, stale: dict,
-                        report: Callable[[int, int], None]) -> tuple[int, int]:
+                        report: Callable[[int, int], object]) -> tuple[int, int]:
         """Claim, score and store ``tasks`` a slice at a time; ``report(stored, failed)`` after each slice. A slice
         is stored while the next one is scored (the POSTs wait on Label Studio, the scoring on the CPU); at most
         two slices wait to be stored, so memory stays bounded."""
