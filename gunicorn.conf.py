@@ -35,7 +35,8 @@ if _control_socket:
     control_socket = _control_socket
 else:
     control_socket_disable = True
-# No preload: the app must be created in each worker, after the fork (no model and no CUDA in the master).
+# No preload: the app must be created in each worker, after the fork (no model and no CUDA in the master);
+# --preload with a CUDA device is refused in on_starting (yolo_backend.serve.preload_refusal).
 preload_app = False
 
 # Say so when the port is open to the network without Basic Auth, and refuse a broken model before the port is
@@ -60,6 +61,12 @@ def on_starting(server):
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(2)
     settings = Settings.from_env()
+    from yolo_backend.serve import preload_refusal
+
+    refusal = preload_refusal(server.cfg.preload_app, settings.device)  # --preload, GUNICORN_CMD_ARGS win over the file
+    if refusal:
+        sys.stderr.write(f"error: {refusal}\n")
+        sys.exit(2)
     for address in server.cfg.bind:
         warning = exposure_warning(address.rsplit(":", 1)[0] if ":" in address else address, settings)
         if warning and not address.startswith("unix:"):

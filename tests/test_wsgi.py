@@ -145,3 +145,47 @@ def test_classic_cli_serves_health(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+@pytest.mark.parametrize("how", ["--preload", "GUNICORN_CMD_ARGS"])
+def test_gunicorn_refuses_preload_with_cuda(tmp_path, how):
+    """--preload creates the app in the master before the fork, which CUDA does not survive: with DEVICE=cuda
+    gunicorn stops before it binds, saying why and what to do (whether --preload comes on the command line or
+    through GUNICORN_CMD_ARGS)."""
+    env = _env(DEVICE="cuda", MODEL_DIR=str(tmp_path / "m"))
+    args = ["--preload"] if how == "--preload" else []
+    if how == "GUNICORN_CMD_ARGS":
+        env["GUNICORN_CMD_ARGS"] = "--preload"
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), "--chdir",
+                             str(ROOT), "--bind", "127.0.0.1:0", *args, "_wsgi:app"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0, result.stderr
+    assert "preload_app (--preload) is not supported with CUDA (DEVICE=cuda)" in result.stderr, result.stderr
+    assert "Remove --preload" in result.stderr and "Listening at" not in result.stderr
+
+
+def test_preload_refusal_decides_without_cuda():
+    from yolo_backend.serve import preload_refusal
+
+    def no_gpu() -> bool:
+        return False
+
+    def gpu() -> bool:
+        return True
+
+    assert preload_refusal(False, "cuda:1", gpu) is None       # no preload: CUDA is fine
+    assert preload_refusal(True, "cpu", gpu) is None           # preload on the CPU is fine
+    assert preload_refusal(True, "auto", no_gpu) is None
+    assert "DEVICE=auto and an NVIDIA GPU is visible" in preload_refusal(True, "auto", gpu)
+    assert "DEVICE=cuda:1" in preload_refusal(True, "cuda:1", no_gpu)
+    assert "DEVICE=0" in preload_refusal(True, "0", no_gpu)
+
+
+def test_nvidia_gpu_visible_respects_cuda_visible_devices():
+    from yolo_backend.serve import nvidia_gpu_visible
+
+    assert nvidia_gpu_visible({"CUDA_VISIBLE_DEVICES": ""}) is False
+    assert nvidia_gpu_visible({"CUDA_VISIBLE_DEVICES": "-1"}) is False
+    gpus = Path("/proc/driver/nvidia/gpus")
+    here = (gpus.is_dir() and any(gpus.iterdir())) or any(Path("/dev").glob("nvidia[0-9]*"))
+    assert nvidia_gpu_visible({}) is here

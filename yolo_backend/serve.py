@@ -159,6 +159,35 @@ def check_model(env: dict[str, str], say: Callable[..., None] = log.info) -> Non
     say("model check passed in %.1f s", time.monotonic() - started)
 
 
+# --- gunicorn preload -------------------------------------------------------------------------------------------
+
+def nvidia_gpu_visible(env: Optional[dict] = None) -> bool:
+    """Whether DEVICE=auto would pick CUDA, judged without initialising it (the gunicorn master must not; even
+    ``torch.cuda.is_available()`` may start the driver): the NVIDIA driver lists a GPU and CUDA_VISIBLE_DEVICES
+    does not hide them all. A CPU-only torch on such a machine counts as CUDA here (the safe side)."""
+    visible = (os.environ if env is None else env).get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return (gpus.is_dir() and any(gpus.iterdir())) or any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def preload_refusal(preload: bool, device: str, gpu_visible: Callable[[], bool] = nvidia_gpu_visible) \
+        -> Optional[str]:
+    """Why gunicorn must not start, or None: ``preload_app`` (``--preload``) with a CUDA device. Preload creates the
+    app in the master and forks the workers from it; CUDA state does not survive a fork (a worker fails with
+    "Cannot re-initialize CUDA in forked subprocess"), so the app and its model belong in each worker."""
+    text = (device or "auto").strip().lower()
+    cuda = text.startswith("cuda") or text.isdigit() or (text == "auto" and gpu_visible())
+    if not preload or not cuda:
+        return None
+    why = f"DEVICE={device}" + (" and an NVIDIA GPU is visible" if text == "auto" else "")
+    return (f"gunicorn's preload_app (--preload) is not supported with CUDA ({why}): it creates the app in the "
+            "master before the fork, and CUDA does not survive a fork (the workers would fail with \"Cannot "
+            "re-initialize CUDA in forked subprocess\"). Remove --preload (from the command line, GUNICORN_CMD_ARGS "
+            "or your gunicorn config): each worker loads the model itself after the fork. Or set DEVICE=cpu")
+
+
 def _needs_embedded_broker(env: dict[str, str]) -> bool:
     return not env.get("REDIS_URL") and not env.get("REDIS_HOST")
 
