@@ -97,6 +97,27 @@ def test_setup_refuses_a_bad_threshold_with_a_400(tmp_path, model_file):  # noqa
     assert client.post("/setup", json={"project": "1.1", "schema": config(rectangles())}).status_code == 200
 
 
+VIDEO = ('<View><Video name="video" value="$video"/><VideoRectangle name="box" toName="video"/>'
+         '<Labels name="videoLabels" toName="video"><Label value="fire"/></Labels></View>')
+
+
+def test_an_unsupported_config_is_refused_saying_what_is_supported(tmp_path, model_file):  # noqa: F811
+    """A video or polygon project: Connect Model (/setup) and /predict answer 400 naming what the backend serves;
+    a config without control tags yet (a new project's <View/>) still connects."""
+    client, _, _ = make_client(tmp_path, model_file)
+    response = client.post("/setup", json={"project": "1.1", "schema": VIDEO})
+    assert response.status_code == 400, response.json
+    error = response.json["error"]
+    assert "found: box (VideoRectangle), videoLabels (Labels)" in error
+    assert "Supported: RectangleLabels (boxes) and Choices (one answer per image) on an Image" in error
+    assert "PolygonLabels" in error and "(video is planned)" in error
+    status, body = predict(client, config('<PolygonLabels name="p" toName="image"><Label value="fire"/>'
+                                          '</PolygonLabels>'))
+    assert status == 400 and "found: p (PolygonLabels)" in body["error"] and "Supported: " in body["error"]
+    assert client.post("/setup", json={"project": "1.1", "schema": "<View></View>"}).status_code == 200
+    assert client.post("/setup", json={"project": "1.1", "schema": config(choices())}).status_code == 200
+
+
 def test_a_control_threshold_wins_over_the_setting(tmp_path, model_file):  # noqa: F811
     client, _, _ = make_client(tmp_path, model_file)   # MODEL_SCORE_THRESHOLD's default shows only the 0.9 fire box
     status, body = predict(client, config(rectangles()))

@@ -34,6 +34,9 @@ THRESHOLD_ATTR = "model_score_threshold"
 SKIP_ATTR = "model_skip"
 PREDICTED_ATTR = "predicted_values"
 FALSE_WORDS = ("false", "no", "0", "")
+SUPPORTED = ("Supported: RectangleLabels (boxes) and Choices (one answer per image) on an Image; Video "
+             "(VideoRectangle), PolygonLabels, KeyPointLabels, BrushLabels, Labels with Rectangle and the other tags "
+             "are not (video is planned)")
 
 
 @dataclass(frozen=True)
@@ -270,8 +273,8 @@ def read_controls(parsed: Mapping[str, Mapping[str, Any]], from_name: Optional[s
         found = ", ".join(f"{name} ({info.get('type')})" for name, info in parsed.items()) or "no control tags"
         raise LabelConfigError(
             "the label config has no <RectangleLabels> or <Choices> control for the model attached to an <Image> "
-            f"(found: {found}{'; ' + SKIP_ATTR + ': ' + ', '.join(skipped) if skipped else ''}); add e.g. "
-            "<Image name=\"image\" value=\"$image\"/><RectangleLabels name=\"label\" toName=\"image\"><Label "
+            f"(found: {found}{'; ' + SKIP_ATTR + ': ' + ', '.join(skipped) if skipped else ''}). {SUPPORTED}; add "
+            "e.g. <Image name=\"image\" value=\"$image\"/><RectangleLabels name=\"label\" toName=\"image\"><Label "
             "value=\"fire\"/><Label value=\"smoke\"/></RectangleLabels>")
     return ConfigControls(tuple(rectangles), tuple(choices), skipped)
 

@@ -57,7 +57,10 @@ def setup():
     hostname = optional_string(body, "hostname", "a string URL")
     access_token = optional_string(body, "access_token", "a string")
     if schema:  # parsed before it is kept: LabelConfigError (400) says what is wrong
-        check_control_attributes(parse_label_config(schema))
+        parsed = parse_label_config(schema)
+        check_control_attributes(parsed)
+        if parsed:  # control tags, but none the model serves (a video, polygons): Connect Model says what is
+            read_controls(parsed, s.context.settings.from_name)  # supported. An empty <View/> is a new project.
     s.context.session.update_from_setup(hostname, access_token)
     remember_config(s, project_id, schema)
     # Extra params are free JSON typed by the user in Label Studio: never let them replace our own arguments.
