@@ -277,6 +277,25 @@ def test_webhooks_enqueue_fast_and_coalesce(env):
     assert metrics["ignored"] == 3
 
 
+def test_ignored_webhooks_are_logged(tmp_path, caplog):
+    """"Start Training does nothing": an ignored START_TRAINING (TRAINING_ACTIONS leaves it out) is a WARNING each
+    time; another action an INFO line the first time, then DEBUG (Label Studio sends every annotation event). No
+    Redis is needed to ignore."""
+    settings = Settings.from_env({}, model_dir=str(tmp_path), training_actions="ANNOTATION_CREATED")
+    queue = TrainingQueue(settings, redis_url="redis://127.0.0.1:1/0")
+    caplog.set_level("DEBUG", logger="yolo_backend.jobs.queue")
+    assert queue.request(3, "START_TRAINING")["status"] == "ignored"
+    assert queue.request(3, "start_training")["status"] == "ignored"
+    for _ in range(2):
+        assert queue.request(3, "PROJECT_UPDATED")["status"] == "ignored"
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "yolo_backend.jobs.queue"]
+    assert [level for level, _ in said] == ["WARNING", "WARNING", "INFO", "DEBUG"], said
+    assert said[0][1] == ("START_TRAINING for project 3 ignored: TRAINING_ACTIONS='ANNOTATION_CREATED' leaves it "
+                          "out; add it there for Label Studio's Start Training and its train-on-submit switch to train")
+    assert said[2][1].startswith("webhook PROJECT_UPDATED for project 3: not a training action")
+    assert queue.counters["ignored"] == 4 and queue._connection is None
+
+
 def test_worker_trains_publishes_and_syncs_label_studio(env, label_studio):
     client = env.app()
     before = client.post("/predict", json={"tasks": [{"id": 8, "data": {"image": "/data/upload/1/img8.png"}}],

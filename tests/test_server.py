@@ -256,6 +256,19 @@ def test_basic_auth(tmp_path, model_file):
     assert client.post("/setup", json={"schema": CONFIG}, auth=("ls", "secret")).status_code == 200
 
 
+def test_a_refused_basic_auth_is_logged_once_per_interval(tmp_path, model_file, caplog):
+    """"Start Training does nothing": a /webhook refused for Basic Auth is a training that never starts, and Label
+    Studio does not show why; the backend says so in one WARNING line (not one per request: scanners)."""
+    client, _, _ = make_client(tmp_path, model_file, basic_auth_user="ls", basic_auth_pass="secret")
+    caplog.set_level("WARNING", logger="yolo_backend.server.app")
+    assert client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}}).status_code == 401
+    assert client.post("/webhook", json={"action": "START_TRAINING"}, auth=("ls", "no")).status_code == 401
+    lines = [r.getMessage() for r in caplog.records if r.name == "yolo_backend.server.app"]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("401 POST /webhook: no Basic Auth credentials; set the same user and password")
+    assert "Basic Auth" in lines[0] and "secret" not in lines[0]
+
+
 def test_training_endpoints_without_queue(tmp_path, model_file):
     client, _, _ = make_client(tmp_path, model_file)
     assert client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}}).json == {}

@@ -20,7 +20,7 @@ background thread that retries every few seconds; each flush that changes someth
 Which webhook actions train is the ``TRAINING_ACTIONS`` setting (default ``START_TRAINING``). Label Studio 1.23
 sends START_TRAINING before ANNOTATION_CREATED / ANNOTATION_UPDATED when "start training on annotation submission"
 is on, so training on the annotation events as well would only ever coalesce; other actions (TASKS_CREATED,
-PROJECT_UPDATED, ANNOTATIONS_DELETED, ...) are acknowledged and ignored.
+PROJECT_UPDATED, ANNOTATIONS_DELETED, ...) are acknowledged and ignored (logged: ``_say_ignored``).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ REDIS_TIMEOUT_S = 3.0
 RETRY_INTERVAL_S = 5.0
 # Requests flush the saved ones at most this often (when the queue is full they stay, and each try costs a call).
 FLUSH_MIN_INTERVAL_S = 1.0
+IGNORED_SAID_MAX = 50  # distinct ignored webhook actions logged at INFO (the action is the sender's string)
 
 
 def training_actions(settings: Settings) -> set[str]:
@@ -88,6 +89,7 @@ class TrainingQueue:
         self._redis_down_since: Optional[float] = None
         self._last_flush = 0.0
         self._last_flush_said: Optional[tuple] = None
+        self._ignored_said: set[str] = set()  # webhook actions already logged as ignored
         self.counters = {"requests": 0, "ignored": 0, "enqueued": 0, "coalesced": 0, "pending_recorded": 0,
                          "pending_enqueued": 0}
         if self.pending():  # saved while Redis was down, before a restart: queue them when Redis answers
@@ -126,8 +128,7 @@ class TrainingQueue:
         event = (event or "").strip().upper()
         if event not in training_actions(self.settings):
             self._count("ignored")
-            log.debug("webhook %s for project %s: not a training action (TRAINING_ACTIONS=%s), ignored", event,
-                      project_id, self.settings.training_actions)
+            self._say_ignored(event, project_id)
             return {"status": "ignored", "action": event}
         if project_id is None:
             self._count("ignored")
@@ -149,6 +150,23 @@ class TrainingQueue:
                                f"is saved in {self.pending_dir} and will be queued when Redis is back"}
         self._redis_down_since = None
         return result
+
+    def _say_ignored(self, event: str, project_id: Optional[int]) -> None:
+        """An ignored START_TRAINING is a WARNING each time ("Start Training does nothing": TRAINING_ACTIONS leaves
+        it out); another action an INFO line the first time this process sees it (Label Studio's project webhook
+        sends every annotation event), then DEBUG. At most IGNORED_SAID_MAX actions are remembered."""
+        shown = event[:100]
+        if event == "START_TRAINING":
+            log.warning("START_TRAINING for project %s ignored: TRAINING_ACTIONS=%r leaves it out; add it there for "
+                        "Label Studio's Start Training and its train-on-submit switch to train", project_id,
+                        self.settings.training_actions)
+            return
+        first = event not in self._ignored_said and len(self._ignored_said) < IGNORED_SAID_MAX
+        if first:
+            self._ignored_said.add(event)
+        log.log(logging.INFO if first else logging.DEBUG,
+                "webhook %s for project %s: not a training action (TRAINING_ACTIONS=%s), ignored%s", shown, project_id,
+                self.settings.training_actions, " (said once per action)" if first else "")
 
     def slots(self) -> WaitingSlots:
         return WaitingSlots(self.connection(), self.keys, SlotKind.TRAINING)

@@ -12,7 +12,7 @@
 
 Bad input answers 400 with a message saying what is wrong; unexpected errors answer 500 JSON and are logged with
 the traceback; the process never dies on a request. Optional HTTP Basic Auth (BASIC_AUTH_USER / BASIC_AUTH_PASS)
-guards everything except /health (container health checks).
+guards everything except /health (container health checks); a refusal is logged, one line per AUTH_LOG_EVERY_S.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from __future__ import annotations
 import hmac
 import logging
 import threading
+import time
 from typing import Any, Optional
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ..errors import RequestRefused
@@ -39,6 +40,23 @@ log = logging.getLogger(__name__)
 
 # Security headers on every answer: browsers take JSON as JSON only, and no page of ours leaks its URL onwards.
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+AUTH_LOG_EVERY_S = 10.0  # refused Basic Auth: one WARNING line per this many seconds (a scanner must not flood)
+
+
+class Every:
+    """``now()`` is True at most once per ``seconds`` (for a log line that a flood of requests must not repeat)."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self._lock = seconds, threading.Lock()
+        self._last: Optional[float] = None
+
+    def now(self) -> bool:
+        with self._lock:
+            at = time.monotonic()
+            if self._last is not None and at - self._last < self.seconds:
+                return False
+            self._last = at
+            return True
 
 
 def create_app(backend_class: type[LabelStudioMLBase], settings: Optional[Settings] = None,
@@ -63,6 +81,7 @@ def create_app(backend_class: type[LabelStudioMLBase], settings: Optional[Settin
         context, backend_class, dict(backend_kwargs),
         predict_slots=threading.BoundedSemaphore(context.settings.max_concurrent_predicts),
         predict_metrics=PredictMetrics())
+    app.extensions["ml_backend_auth_refusals"] = Every(AUTH_LOG_EVERY_S)
     app.before_request(_guard)
     app.after_request(_security_headers)
     _register_error_handlers(app)
@@ -91,6 +110,13 @@ def _guard() -> Optional[Response]:
           and hmac.compare_digest((auth.password or "").encode(), (settings.basic_auth_pass or "").encode()))
     if ok:
         return None
+    if current_app.extensions["ml_backend_auth_refusals"].now():
+        # A refused /webhook is a training that never starts, and Label Studio's UI does not say why.
+        log.warning("401 %s %s: %s; set the same user and password as BASIC_AUTH_USER/BASIC_AUTH_PASS in Label "
+                    "Studio's model connection (Settings -> Model -> edit -> Basic Auth); at most one such line "
+                    "per %g s", request.method, request.path[:200],
+                    "no Basic Auth credentials" if auth is None else "wrong Basic Auth user or password",
+                    AUTH_LOG_EVERY_S)
     response = jsonify(error="authentication required: this ML backend uses HTTP Basic Auth; set the same user "
                              "and password in Label Studio's model connection (Basic Auth)")
     response.status_code = 401
