@@ -1,5 +1,6 @@
 """Video decoding: streamed, sampled frames with their true times, and clear errors for what cannot be read."""
 
+import struct
 from pathlib import Path
 
 import cv2
@@ -116,3 +117,59 @@ def test_the_frame_step_setting_must_be_positive():
     assert Settings.from_env(env={"VIDEO_FRAME_STEP": "2"}).video_frame_step == 2
     with pytest.raises(SettingsError, match="VIDEO_FRAME_STEP=0 must be greater than 0"):
         Settings.from_env(env={"VIDEO_FRAME_STEP": "0"})
+
+
+# --- a variable-frame-rate MP4: the writer's constant-rate clip with its sample times rewritten -----------------
+MP4_CONTAINERS = (b"moov", b"trak", b"mdia", b"minf", b"stbl", b"edts")
+
+
+def _boxes(data: bytes, start: int, end: int, parents: tuple = ()):
+    """(offset, type, ancestors' offsets) of every MP4 box, depth first."""
+    while start < end:
+        size, kind = struct.unpack(">I4s", data[start:start + 8])
+        yield start, kind, parents
+        if kind in MP4_CONTAINERS:
+            yield from _boxes(data, start + 8, start + size, parents + (start,))
+        start += size
+
+
+def make_variable_rate(path: Path, slow_from: int) -> list[float]:
+    """Rewrite ``path`` (OpenCV's mp4v MP4, one constant sample duration, moov after mdat) so that frames from
+    ``slow_from`` on last twice as long; returns every frame's true time in seconds."""
+    data = bytearray(path.read_bytes())
+    boxes = {kind: (off, parents) for off, kind, parents in _boxes(bytes(data), 0, len(data))}
+    stts, parents = boxes[b"stts"]
+    _, count, frames, delta = struct.unpack(">IIII", data[stts + 8:stts + 24])
+    assert count == 1 and boxes[b"moov"][0] > boxes[b"mdat"][0]  # so no chunk offset moves
+    media_scale = struct.unpack(">I", data[boxes[b"mdhd"][0] + 20:boxes[b"mdhd"][0] + 24])[0]
+    movie_scale = struct.unpack(">I", data[boxes[b"mvhd"][0] + 20:boxes[b"mvhd"][0] + 24])[0]
+    ticks = [i * delta if i <= slow_from else slow_from * delta + (i - slow_from) * 2 * delta
+             for i in range(frames + 1)]
+    movie = ticks[-1] * movie_scale // media_scale
+    for kind, at, value in ((b"mdhd", 24, ticks[-1]), (b"mvhd", 24, movie), (b"tkhd", 28, movie),
+                            (b"elst", 16, movie)):
+        data[boxes[kind][0] + at:boxes[kind][0] + at + 4] = struct.pack(">I", value)
+    data[stts:stts + 24] = struct.pack(">I4sIIIIII", 32, b"stts", 0, 2, slow_from, delta, frames - slow_from,
+                                       2 * delta)
+    for parent in parents:  # each ancestor grows by the 8 bytes of the second entry
+        size = struct.unpack(">I", data[parent:parent + 4])[0]
+        data[parent:parent + 4] = struct.pack(">I", size + 8)
+    path.write_bytes(bytes(data))
+    return [t / media_scale for t in ticks[:-1]]
+
+
+def test_a_variable_frame_rate_clip_keeps_each_frame_at_its_true_time(tmp_path):
+    """The first 10 frames at 10 fps, the next 10 at 5 fps: the container's frame rate (an average) is wrong for
+    both halves, and index / rate would put frames up to half a second off."""
+    clip = write_clip(tmp_path / "vfr.mp4", frames=20, fps=10.0)
+    true_times = make_variable_rate(clip, slow_from=10)
+    info = probe(clip)
+    assert info.fps == pytest.approx(20 / 3.0)                       # what the container says: 6.67 fps
+    frames = list(sampled_frames(clip, step=1))
+    assert [f.index for f in frames] == list(range(20))
+    assert [f.time_s for f in frames] == pytest.approx(true_times, abs=1e-3)
+    assert max(abs(f.index / info.fps - t) for f, t in zip(frames, true_times)) >= 0.45  # the naive reading
+    numbers = [label_studio_frame(f.time_s, 10.0) for f in frames]   # Label Studio's Video frameRate="10"
+    assert numbers == [*range(1, 12), *range(13, 30, 2)]
+    for frame in frames[::4]:                                        # the pixels are the frame's own
+        assert abs(red_box(frame.rgb)[0] - box_at(frame.index)[0]) <= 1
