@@ -102,6 +102,9 @@ class Settings:
         60.0, "A /predict answers within about this many seconds: Label Studio sends every selected task in one "
         "request and stores nothing when the answer takes more than its 100 s; tasks not reached by then get no "
         "prediction in that answer (Label Studio asks for them again).")
+    video_frame_step: int = setting(
+        5, "Video tasks (in progress): the detector sees every Nth decoded frame; boxes between are interpolated by "
+        "Label Studio's editor (consecutive frames of a clip differ little).")
     from_name: Optional[str] = setting(
         None, "Name of the one RectangleLabels control to predict for (unset: every one without `model_skip`, "
         "when they are on one image).")
@@ -241,7 +244,8 @@ class Settings:
                 raise SettingsError(f"{name.upper()}={value} must be a positive multiple of 32 (e.g. 320, 640)")
         for name in ("predict_batch_size", "train_batch_size", "max_detections", "image_timeout",
                      "train_time_budget_s", "train_epochs", "train_lr", "max_request_mb", "max_concurrent_predicts",
-                     "max_queued_projects", "predict_deadline_s", "pool_chunk_size", "request_read_timeout_s", "port"):
+                     "max_queued_projects", "predict_deadline_s", "video_frame_step", "pool_chunk_size",
+                     "request_read_timeout_s", "port"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must be greater than 0")
         for name in ("image_cache_mb", "keep_versions", "torch_threads", "max_image_pixels", "train_nominal_batch",

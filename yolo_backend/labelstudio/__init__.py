@@ -4,6 +4,9 @@ Imports no torch: it works on ``Detections`` (numpy) from the detector layer and
 
   config.py        label config parsing; checkpoint classes -> config labels (LABEL_MAP, predicted_values)
   controls.py      the controls served (RectangleLabels, Choices), one object per tag, with their model_* attributes
+  video_controls.py  the video object tracking config (VideoRectangle + Labels on a Video), its frame rate
+  keyframes.py     videorectangle keyframe sequences <-> the box on each frame (the editor's interpolation)
+  video_results.py a track -> one videorectangle region; video_regions.py: annotated clip -> boxes per frame
   results.py       Detections -> Label Studio prediction JSON (percent boxes, scores, model_version)
   regions.py       annotated regions -> boxes; annotations.py: which annotation of a task counts
   urls.py          which origin a URL reaches (the HTTP client's reading); refusing parser-dependent URLs

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 # object detection; the generic <Labels> + <Rectangle> pair is not supported).
 RECTANGLE_CONTROLS = ("RectangleLabels",)
 IMAGE_OBJECTS = ("Image",)
+VIDEO_OBJECTS = ("Video",)
 
 
 # A label config is typed by a person: far below these. Bigger ones are refused before they are parsed or kept
@@ -63,8 +64,7 @@ def parse_label_config(label_config: Optional[str]) -> dict:
         parsed[control.name] = {
             "type": control.tag,
             "to_name": list(control.to_name or []),
-            "inputs": [{"type": obj.tag, "valueType": obj.attr.get("valueType"),
-                        "value": str(obj.value or "").lstrip("$")} for obj in control.objects],
+            "inputs": [_input(obj) for obj in control.objects],
             "labels": list(control.labels or []),
             "labels_attrs": {label: dict(tag.attr) for label, tag in (control.labels_attrs or {}).items()},
             "attrs": dict(control.attr or {}),
@@ -74,6 +74,15 @@ def parse_label_config(label_config: Optional[str]) -> dict:
         raise LabelConfigError(f"the label config has {labels} labels; at most {MAX_LABELS} are supported (each "
                                "label is a class of the model)")
     return parsed
+
+
+def _input(obj: Any) -> dict[str, Any]:
+    """One object tag a control is on; a Video also gets its ``frameRate`` text (None: not set), read
+    case-insensitively as Label Studio reads attributes (its template writes ``framerate``)."""
+    entry = {"type": obj.tag, "valueType": obj.attr.get("valueType"), "value": str(obj.value or "").lstrip("$")}
+    if obj.tag in VIDEO_OBJECTS:
+        entry["frameRate"] = next((v for k, v in dict(obj.attr).items() if k.lower() == "framerate"), None)
+    return entry
 
 
 def check_label_config_size(label_config: str) -> None:

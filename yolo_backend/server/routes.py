@@ -18,6 +18,7 @@ from ..labelstudio.config import parse_label_config
 from ..labelstudio.controls import check_control_attributes, read_controls
 from ..labelstudio.connection import Link
 from ..labelstudio.results import is_failed_prediction
+from ..labelstudio.video_controls import check_video_attributes, is_video_config, read_video_control
 from .base import NO_MODEL_VERSION, Answer
 from .http import (PREDICT_ARGUMENTS, SETUP_ARGUMENTS, BadRequest, ServerState, checked_tasks, job_id_of,
                    json_body, keyword_arguments, optional_body, optional_string, project_id_of, state,
@@ -59,6 +60,7 @@ def setup():
     if schema:  # parsed before it is kept: LabelConfigError (400) says what is wrong
         parsed = parse_label_config(schema)
         check_control_attributes(parsed)
+        check_video_attributes(parsed)
         if parsed:  # control tags, but none the model serves (a video, polygons): Connect Model says what is
             read_controls(parsed, s.context.settings.from_name)  # supported. An empty <View/> is a new project.
     s.context.session.update_from_setup(hostname, access_token)
@@ -195,7 +197,12 @@ def validate():
     config = body.get("config") or body.get("label_config") or body.get("schema")
     if not isinstance(config, str):
         raise BadRequest("send the label config XML as 'config'")
-    controls = read_controls(parse_label_config(config), s.context.settings.from_name)
+    parsed = parse_label_config(config)
+    if is_video_config(parsed):
+        video = read_video_control(parsed, s.context.settings.from_name)
+        return jsonify(status="ok", from_name=video.name, to_name=video.to_name, labels=list(video.labels),
+                       controls=[video.name], media="video")
+    controls = read_controls(parsed, s.context.settings.from_name)
     served = [*controls.rectangles, *controls.choices]
     return jsonify(status="ok", from_name=served[0].name, to_name=served[0].to_name, labels=list(controls.labels),
                    controls=[c.name for c in served])
