@@ -274,7 +274,7 @@ def read_controls(parsed: Mapping[str, Mapping[str, Any]], from_name: Optional[s
         if any(info.get("type") == "VideoRectangle" for info in parsed.values()):
             raise LabelConfigError(
                 f"the label config is a video object tracking config (found: {found}): the backend reads it, but "
-                "does not predict or train on video yet (README: Video (in progress)); use an <Image> project")
+                f"does not predict or train on video yet (README: Video (in progress)). {SUPPORTED}")
         raise LabelConfigError(
             "the label config has no <RectangleLabels> or <Choices> control for the model attached to an <Image> "
             f"(found: {found}{'; ' + SKIP_ATTR + ': ' + ', '.join(skipped) if skipped else ''}). {SUPPORTED}; add "
