@@ -408,9 +408,9 @@ def test_effort_summary_of_hand_made_rows():
     assert effort_to_reach(curves["smart"], 0.3) == pytest.approx((210, 20))
     assert effort_to_reach(curves["smart"], 0.9) is None
     text = report_markdown(rows, ["random", "smart"], cost)
-    assert f"| {NO_PRE} | 0.11 | 1.00 | 40 |" in text          # 400 s
-    assert "| smart | 0.06 | 0.53 | 20 |" in text                 # 210 s of 400
-    assert "| random | 0.09 | 0.78 | 30 |" in text                # 310 s
+    assert f"| {NO_PRE} | 6.7 | 1.00 | 40 | 6.7 | 40 | 40 / 0 / 0 / 0 |" in text   # 400 s
+    assert "| smart | 3.5 | 0.53 | 20 | 3.7 | 20 | 20 / 0 / 0 / 20 |" in text    # 210 s of 400; 220 s in all
+    assert "| random | 5.2 | 0.78 | 30 | 5.2 | 30 | 30 / 0 / 0 / 10 |" in text   # 310 s
     # rows from before effort was counted: the summary says so instead of failing
     old = [{k: v for k, v in r.items() if not k.startswith(("boxes_", "truth_"))} for r in rows]
     assert "no annotation-time comparison" in report_markdown(old, ["random", "smart"])

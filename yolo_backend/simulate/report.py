@@ -162,14 +162,14 @@ def effort_markdown(rows: Sequence[dict], strategies: Sequence[str], cost: CostM
     lines += [f"Target: {BASELINE}'s final mean mAP@0.5, {target:.4f} at {base[-1].labels} labels. Cost model "
               f"(seconds): draw {cost.draw_s:g}, adjust {cost.adjust_s:g}, delete {cost.delete_s:g}, accept "
               f"{cost.accept_s:g}, per image {cost.image_s:g}.", "",
-              f"| strategy | hours to reach the target | × {NO_PRE}'s | boxes drawn or fixed to reach it | "
-              "final hours | final boxes drawn or fixed | drawn / adjusted / deleted / accepted (mean per seed) |",
+              f"| strategy | minutes to reach the target | × {NO_PRE} | boxes drawn or fixed to reach it | "
+              "final minutes | final boxes drawn or fixed | drawn / adjusted / deleted / accepted (mean per seed) |",
               "|---|---|---|---|---|---|---|"]
     for name, curve in curves.items():
         reached = effort_to_reach(curve, target)
         ratio = f"{reached[0] / reached_base[0]:.2f}" if reached and reached_base and reached_base[0] else "–"
-        lines.append(f"| {name} | {_num(reached[0] / 3600, 2) if reached else 'not reached'} | {ratio} | "
-                     f"{_num(reached[1], 0) if reached else '–'} | {curve[-1].seconds / 3600:.2f} | "
+        lines.append(f"| {name} | {_num(reached[0] / 60, 1) if reached else 'not reached'} | {ratio} | "
+                     f"{_num(reached[1], 0) if reached else '–'} | {curve[-1].seconds / 60:.1f} | "
                      f"{curve[-1].worked:.0f} | {_actions(rows, name, curve[-1].labels)} |")
     lines += ["", "Estimated from the box actions the pool's ground truth needs on each picked image, given the "
               "boxes the serving model showed at MODEL_SCORE_THRESHOLD (same label; IoU >= 0.9 accepted, 0.5-0.9 "
@@ -289,9 +289,9 @@ def plot_png(path: Path, rows: Sequence[dict], strategies: Sequence[str]) -> Non
         by_labels.set_ylabel("test mAP@0.5")
         by_labels.set_title("Active learning: mean over seeds, band ± sd")
         for name, points in effort_curves(rows, strategies).items():
-            by_time.plot([p.seconds / 3600 for p in points], [p.map50 for p in points], marker="o", markersize=3,
+            by_time.plot([p.seconds / 60 for p in points], [p.map50 for p in points], marker="o", markersize=3,
                          label=name, linestyle="--" if name == NO_PRE else "-")
-        by_time.set_xlabel("estimated annotation hours (cost model)")
+        by_time.set_xlabel("estimated annotation minutes (cost model)")
         by_time.set_ylabel("test mAP@0.5")
         by_time.set_title("Against annotation time, with pre-annotations")
         for axes in (by_labels, by_time):
