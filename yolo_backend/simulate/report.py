@@ -275,6 +275,8 @@ def plot_png(path: Path, rows: Sequence[dict], strategies: Sequence[str]) -> Non
     import matplotlib.pyplot as plt
 
     figure, (by_labels, by_time) = plt.subplots(1, 2, figsize=(11.5, 4.2), dpi=100)
+    colours = {s: f"C{i}" for i, s in enumerate(strategies)}  # one colour per strategy in both panels
+    colours[NO_PRE] = colours.get(BASELINE, "k")               # random's colour, dashed
     try:
         for strategy in strategies:
             curve = mean_curve(rows, strategy)
@@ -283,14 +285,14 @@ def plot_png(path: Path, rows: Sequence[dict], strategies: Sequence[str]) -> Non
             x = np.array([p[0] for p in curve])
             mean = np.array([p[1] for p in curve])
             sd = np.array([p[2] for p in curve])
-            by_labels.plot(x, mean, marker="o", markersize=3, label=strategy)
-            by_labels.fill_between(x, mean - sd, mean + sd, alpha=0.2)
+            by_labels.plot(x, mean, marker="o", markersize=3, label=strategy, color=colours[strategy])
+            by_labels.fill_between(x, mean - sd, mean + sd, alpha=0.2, color=colours[strategy])
         by_labels.set_xlabel("labelled images")
         by_labels.set_ylabel("test mAP@0.5")
         by_labels.set_title("Active learning: mean over seeds, band ± sd")
         for name, points in effort_curves(rows, strategies).items():
             by_time.plot([p.seconds / 60 for p in points], [p.map50 for p in points], marker="o", markersize=3,
-                         label=name, linestyle="--" if name == NO_PRE else "-")
+                         label=name, linestyle="--" if name == NO_PRE else "-", color=colours[name])
         by_time.set_xlabel("estimated annotation minutes (cost model)")
         by_time.set_ylabel("test mAP@0.5")
         by_time.set_title("Against annotation time, with pre-annotations")
