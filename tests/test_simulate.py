@@ -199,6 +199,12 @@ def test_cli_simulate_runs_and_refuses_bad_input(tiny, tmp_path, one_thread, cap
     assert "exceed the pool" in capsys.readouterr().err
     assert main(base + ["--clusters", "source", "--cluster-count", "3", "--out", str(tmp_path / "count")]) == 2
     assert "--cluster-count (at least 1) goes only with --clusters kmeans" in capsys.readouterr().err
+    assert main(base + ["--draw-s", "-1", "--out", str(tmp_path / "cost")]) == 2
+    assert "none may be negative" in capsys.readouterr().err
+    # the cost flags reach the report: 35 s a box is ILSVRC's figure
+    assert main(base + ["--strategies", "random", "--seeds", "0", "--initial", "4", "--step", "2", "--rounds", "1",
+                        "--draw-s", "35", "--image-s", "0", "--out", str(tmp_path / "cost35")]) == 0
+    assert "draw 35, adjust 3.5, delete 1, accept 1.6, per image 0." in (tmp_path / "cost35" / "report.md").read_text()
 
 
 def test_kmeans_clusters_follow_label_studios_rule_and_leave_random_alone(tiny, reference_run, tmp_path,
@@ -314,3 +320,97 @@ def test_report_numbers():
     assert "| 150 | 0.9000 ± 0.0000 (1) |" in ragged
     assert "Target: random's final mean mAP@0.5, 0.3000 at 100 labels." in ragged
     assert points_above(curve, smart) == (0, 2)
+
+
+# --- annotation effort ----------------------------------------------------------------------------------------
+
+def _box(label, x1, y1, x2, y2):
+    from yolo_backend.labelstudio.regions import RegionBox
+
+    return RegionBox(label, x1, y1, x2, y2)
+
+
+def test_effort_of_a_hand_made_batch_counts_and_times():
+    from yolo_backend.simulate.effort import CostModel, batch_effort, scratch_effort
+
+    truth = [[_box("fire", 0, 0, 0.5, 0.5), _box("smoke", 0.5, 0.5, 1, 1)],  # A
+             [_box("fire", 0.1, 0.1, 0.3, 0.3)],                                # B: nothing shown
+             [],                                                                 # C: a negative
+             [_box("fire", 0.2, 0.2, 0.6, 0.6)]]                                # D: shown with the wrong label
+    shown = [[_box("Fire", 0, 0, 0.5, 0.49),       # IoU 0.98, label case aside: accepted
+              _box("smoke", 0.5, 0.5, 1, 0.8),     # IoU 0.6: adjusted
+              _box("fire", 0.7, 0, 0.9, 0.2)],     # nothing there: deleted
+             [],
+             [_box("smoke", 0.1, 0.1, 0.2, 0.2)],  # on a negative: deleted
+             [_box("smoke", 0.2, 0.2, 0.6, 0.6)]]  # a label change: deleted, and the fire box drawn
+    effort = batch_effort(shown, truth)
+    assert (effort.images, effort.accepted, effort.adjusted, effort.deleted, effort.drawn, effort.truth_boxes) == \
+        (4, 1, 1, 3, 2, 4)
+    assert effort.worked == 6
+    cost = CostModel(draw_s=7, adjust_s=3.5, delete_s=1, accept_s=1.6, image_s=3)
+    assert cost.seconds(effort) == pytest.approx(4 * 3 + 2 * 7 + 3.5 + 3 * 1 + 1.6)   # 34.1
+    assert cost.scratch_seconds(effort) == pytest.approx(4 * 3 + 4 * 7)               # 40
+    assert scratch_effort([2, 1, 0, 1]) == type(effort)(4, 0, 0, 0, 4, 4)
+    with pytest.raises(ValueError, match="4 predictions for 3 images"):
+        batch_effort(shown, truth[:3])
+    with pytest.raises(ValueError, match="negative"):
+        CostModel(delete_s=-1)
+
+
+def test_shown_boxes_are_the_detections_at_the_serving_threshold():
+    from yolo_backend.simulate.effort import predicted_boxes, truth_boxes
+    from yolo_backend.yolov7.detections import Detections
+
+    detections = Detections(np.array([[0, 0, 50, 100], [10, 10, 20, 20], [0, 0, 200, 100]], np.float32),
+                            np.array([0.25, 0.2, 0.9], np.float32), np.array([1, 0, 0]), np.ones(3, np.float32),
+                            np.zeros((3, 2), np.float32), 200, 100, ("fire", "smoke"))
+    shown = predicted_boxes(detections, 0.25)  # at the threshold is shown, below it is not
+    assert [(b.label, b.x1, b.y1, b.x2, b.y2) for b in shown] == [("smoke", 0, 0, 0.25, 1), ("fire", 0, 0, 1, 1)]
+    truth = truth_boxes(np.array([[0, 0, 50, 100]]), np.array([1]), ["fire", "smoke"], 200, 100)
+    assert [(b.label, b.x2) for b in truth] == [("smoke", 0.25)]
+
+
+def test_the_simulation_counts_effort_per_round(reference_run):
+    rows = _curve(reference_run)
+    for row in rows:
+        counts = {k: int(row[k]) for k in ("boxes_accepted", "boxes_adjusted", "boxes_deleted", "boxes_drawn",
+                                           "truth_boxes", "new_labels")}
+        # every true box ends up accepted, adjusted or drawn
+        assert counts["boxes_accepted"] + counts["boxes_adjusted"] + counts["boxes_drawn"] == counts["truth_boxes"]
+        assert counts["new_labels"] == (4 if row["round"] == "0" else 3)
+        assert float(row["annotation_s"]) > 0 and float(row["scratch_s"]) > 0
+        if row["round"] == "0":  # the initial batch is drawn from scratch
+            assert counts["boxes_drawn"] == counts["truth_boxes"] and float(row["annotation_s"]) == \
+                float(row["scratch_s"])
+    report = (reference_run / "report.md").read_text()
+    assert "## Annotation effort" in report
+    assert "| random without pre-annotations |" in report and "| uncertainty+kcenter |" in report
+
+
+def test_effort_summary_of_hand_made_rows():
+    from yolo_backend.simulate.effort import CostModel
+    from yolo_backend.simulate.report import NO_PRE, effort_curves, effort_to_reach, with_costs
+
+    def row(strategy, seed, round_index, labels, value, accepted, drawn, truth):
+        return {"strategy": strategy, "seed": seed, "round": round_index, "labels": labels, "map50": value,
+                "map50_95": value / 2, "new_labels": 10, "boxes_accepted": accepted, "boxes_adjusted": 0,
+                "boxes_deleted": 0, "boxes_drawn": drawn, "truth_boxes": truth}
+
+    rows = [row("random", 0, 0, 10, 0.1, 0, 20, 20), row("random", 0, 1, 20, 0.3, 10, 10, 20),
+            row("smart", 0, 0, 10, 0.1, 0, 20, 20), row("smart", 0, 1, 20, 0.5, 20, 0, 20)]
+    cost = CostModel(draw_s=10, adjust_s=5, delete_s=1, accept_s=1, image_s=0)
+    costed = with_costs(rows, cost)
+    assert [r["annotation_s"] for r in costed] == [200, 110, 200, 20]
+    curves = effort_curves(costed, ["random", "smart"])
+    assert [(p.labels, p.seconds, p.worked) for p in curves[NO_PRE]] == [(10, 200, 20), (20, 400, 40)]
+    assert [(p.seconds, p.worked) for p in curves["random"]] == [(200, 20), (310, 30)]
+    # smart reaches random's 0.3 halfway between its points: 200 + (220 - 200) / 2 s, 20 + 0 boxes
+    assert effort_to_reach(curves["smart"], 0.3) == pytest.approx((210, 20))
+    assert effort_to_reach(curves["smart"], 0.9) is None
+    text = report_markdown(rows, ["random", "smart"], cost)
+    assert f"| {NO_PRE} | 6.7 | 1.00 | 40 | 6.7 | 40 | 40 / 0 / 0 / 0 |" in text   # 400 s
+    assert "| smart | 3.5 | 0.53 | 20 | 3.7 | 20 | 20 / 0 / 0 / 20 |" in text    # 210 s of 400; 220 s in all
+    assert "| random | 5.2 | 0.78 | 30 | 5.2 | 30 | 30 / 0 / 0 / 10 |" in text   # 310 s
+    # rows from before effort was counted: the summary says so instead of failing
+    old = [{k: v for k, v in r.items() if not k.startswith(("boxes_", "truth_"))} for r in rows]
+    assert "no annotation-time comparison" in report_markdown(old, ["random", "smart"])

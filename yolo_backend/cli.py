@@ -419,6 +419,15 @@ def _add_simulate(subparsers) -> None:
     p.add_argument("--progress", choices=("auto", "bar", "log"), default="auto",
                    help="auto: a bar in a terminal, log lines otherwise")
     p.add_argument("--out", required=True, help="output folder (state, models, curves.csv, report.md, curves.png)")
+    cost = p.add_argument_group("annotation cost model", "estimated annotator seconds per action, for the report's "
+                                "annotation time (sources: docs/active-learning.md, 'Annotation effort')")
+    # defaults live in simulate.effort.CostModel (not imported here: the simulate package loads torch)
+    for name, what in (("draw", "draw a box from scratch (default 7)"),
+                       ("adjust", "adjust a pre-annotated box (default 3.5)"),
+                       ("delete", "delete a wrong pre-annotated box (default 1)"),
+                       ("accept", "accept a right pre-annotated box (default 1.6)"),
+                       ("image", "spend per image: open, look over, submit (default 3)")):
+        cost.add_argument(f"--{name}-s", type=float, metavar="S", help=f"seconds to {what}")
     p.set_defaults(handler=_run_simulate)
 
 
@@ -437,12 +446,18 @@ def _run_simulate(args) -> int:
     if args.cluster_count is not None and (args.clusters != "kmeans" or args.cluster_count < 1):
         raise CliError("--cluster-count (at least 1) goes only with --clusters kmeans")
     from .simulate import SimConfig, Simulation
+    from .simulate.effort import CostModel
 
+    given = {f"{k}_s": getattr(args, f"{k}_s") for k in ("draw", "adjust", "delete", "accept", "image")}
+    try:
+        cost = CostModel(**{k: v for k, v in given.items() if v is not None})
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     config = SimConfig(pool=args.pool, test=args.test, weights=weights, out=args.out,
                        strategies=_csv_list(args.strategies), seeds=seeds, initial=args.initial, step=args.step,
                        rounds=args.rounds, epochs=args.epochs, time_budget=args.time_budget, img_size=args.img_size,
                        serve_img_size=args.serve_img_size, clusters=args.clusters,
-                       cluster_count=args.cluster_count, progress=args.progress)
+                       cluster_count=args.cluster_count, progress=args.progress, cost=cost)
     try:
         simulation = Simulation(config, settings)
     except ValueError as exc:

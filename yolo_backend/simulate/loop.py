@@ -5,7 +5,8 @@ Round r: train on everything labelled so far exactly as the worker's ``fit()`` d
 (``jobs.training.train_and_publish``: split by task id, fine-tune from the project's newest version, else
 ``--weights``; publish only when not worse on its own validation split), evaluate the current model (newest
 published) on the test split, then score the whole pool with it as the server would and label the next ``step``
-images the strategy picks. Round 0's ``initial`` images are random (seeded) and the same for every strategy of a
+images the strategy picks, counting what the annotator does with that model's pre-annotations on them
+(``effort``). Round 0's ``initial`` images are random (seeded) and the same for every strategy of a
 seed, so round 0 is trained once per seed and its registry copied into each strategy's run.
 
 Runs advance round by round across all (strategy, seed) pairs, so curves grow together and a stopped run has
@@ -37,6 +38,7 @@ from ..jobs.publish import current_model
 from ..jobs.training import train_and_publish
 from ..registry import Registry
 from ..settings import Settings
+from .effort import CostModel, RoundEffort, batch_effort, predicted_boxes, scratch_effort, truth_boxes
 from .report import write_outputs
 from .scoring import ScoredPool, score_pool
 from .strategies import Strategy, choose, parse_strategy
@@ -67,6 +69,7 @@ class SimConfig:
     #                                       | kmeans (each round: k-means on the pool's embeddings, see clusters.py)
     cluster_count: Optional[int] = None   # kmeans: k; None: clusters.auto_cluster_count(pool size)
     progress: str = "auto"                # auto | bar | log
+    cost: CostModel = field(default_factory=CostModel)  # annotator seconds per box action (effort.py)
 
 
 # --- the data -----------------------------------------------------------------------------------------------------
@@ -306,6 +309,26 @@ class Simulation:
             solved = solved_counts(pool_clusters[i - 1] for i in state.labelled)
         return choose(strategy, candidates, k, rng, scores, embeddings, labelled_embeddings, clusters, solved)
 
+    def effort(self, run_dir: Path, picked: list[int], scored: Optional[ScoredPool]) -> RoundEffort:
+        """What labelling ``picked`` takes with the pre-annotations the server shows on them: the detections at
+        or above MODEL_SCORE_THRESHOLD of the model that picked them (``scored``; a strategy that scores nothing,
+        random, has its picked images scored with that model now)."""
+        if scored is None:
+            settings = self.settings_for(run_dir)
+            checkpoint, _ = self.served_model(settings)
+            scored = score_pool(checkpoint, picked, [self.pool.sample(i).load_image for i in picked], settings,
+                                self.out / "cache")
+        row = {task_id: j for j, task_id in enumerate(scored.ids)}
+        threshold = self.base_settings.model_score_threshold
+        shown, truth = [], []
+        for task_id in picked:
+            detections = scored.detections[row[task_id]]
+            sample = self.pool.sample(task_id)
+            shown.append(predicted_boxes(detections, threshold))
+            truth.append(truth_boxes(sample.boxes, sample.classes, self.pool.names, detections.width,
+                                     detections.height))
+        return batch_effort(shown, truth)
+
     def cluster_ids(self, scored: ScoredPool, seed: int, round_index: int) -> Optional[list[int]]:
         """A cluster id per pool image (task id - 1) as the predictions of this round's model would carry them:
         ``source`` photos, or ``kmeans`` on the pool's embeddings from this round's scoring (the model version's
@@ -330,7 +353,11 @@ class Simulation:
         state = RunState.load(path)
         if state is None or not state.rows:
             state = RunState("_round0", seed, self.initial_labels(seed))
-            state.rows.append(self.train_round(base_dir, state, 0))
+            row = self.train_round(base_dir, state, 0)
+            # a new project has no model of its own yet: the initial batch is drawn from scratch in every run
+            row.update(new_labels=len(state.labelled),
+                       **scratch_effort([len(self.pool.sample(i).boxes) for i in state.labelled]).row())
+            state.rows.append(row)
             state.save(path)
         return base_dir, state
 
@@ -360,10 +387,12 @@ class Simulation:
         scored = self.score(run_dir, progress) if strategy.needs_scoring else None
         picked = self.select(strategy, state, round_index - 1, scored)
         score_s = round(time.monotonic() - started, 1)
+        effort = self.effort(run_dir, picked, scored)
         trial = RunState(state.strategy, state.seed, state.labelled + picked, list(state.rows), state.last_version)
         row = self.train_round(run_dir, trial, round_index)
         row["score_s"] = score_s
         row["repeat_photos"] = repeated_sources(self.pool.sample_names, state.labelled, picked)
+        row.update(new_labels=len(picked), **effort.row())
         trial.rows.append(row)
         trial.save(self.state_path(run_dir))
         state.labelled, state.rows, state.last_version = trial.labelled, trial.rows, trial.last_version
@@ -400,7 +429,7 @@ class Simulation:
         return found
 
     def write(self) -> None:
-        write_outputs(self.out, self.rows(), [s.name for s in self.strategies])
+        write_outputs(self.out, self.rows(), [s.name for s in self.strategies], self.config.cost)
 
 
 class _Progress:
