@@ -203,7 +203,7 @@ class LabelStudioSession:
         self._configured_url = normalise_url(url)
         if self._configured_url and api_key and api_key.strip():
             self._configured = Credential(self._configured_url, api_key, "LABEL_STUDIO_API_KEY", timeout, self._http)
-        self._setup: OrderedDict[Optional[Origin], Credential] = OrderedDict()  # origin -> the /setup token for it
+        self._setup: OrderedDict[Origin, Credential] = OrderedDict()  # origin -> the /setup token for it
         self._setup_url: Optional[str] = None  # hostname of the latest /setup with a token (no LABEL_STUDIO_URL)
         self._warned: set[str] = set()
 
@@ -225,12 +225,12 @@ class LabelStudioSession:
                             "/setup token is not used")
             return
         base = hostname or self._configured_url or (self._setup_url if not configured else None)
-        if not key or not base:
+        where = origin_of(base)
+        if not key or not base or where is None:
             return  # a /setup without a token changes nothing: no key, and no new place for relative paths
         with self._lock:
             if hostname and not configured:
                 self._setup_url = hostname
-            where = origin_of(base)
             current = self._setup.get(where)
             if current is None or current.key != key:
                 self._setup.pop(where, None)
