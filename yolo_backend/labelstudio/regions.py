@@ -65,14 +65,23 @@ def is_box_region(region: Any, from_name: Union[str, Sequence[str], None] = None
     return names is None or region.get("from_name") is None or region.get("from_name") in names
 
 
-def region_box(region: dict, image_size: Optional[tuple[float, float]] = None) -> Union[RegionBox, BadRegion]:
-    """The box of a rectangle region (see the module doc); ``image_size`` is (width, height) in pixels."""
+def labelled_value(region: dict, labels_key: str) -> Union[tuple[str, dict, list], BadRegion]:
+    """(the region's name for messages, its ``value``, its labels under ``labels_key``), or why it has none."""
     name = f"region {region.get('id')}" if region.get("id") is not None else "a region"
     given = region.get("value")
     value = given if isinstance(given, dict) else {}
-    labels = value.get("rectanglelabels") or []
+    labels = value.get(labels_key) or []
     if not isinstance(labels, list) or not labels:
-        return BadRegion("region without label", f"{name} has no rectanglelabels")
+        return BadRegion("region without label", f"{name} has no {labels_key}")
+    return name, value, labels
+
+
+def region_box(region: dict, image_size: Optional[tuple[float, float]] = None) -> Union[RegionBox, BadRegion]:
+    """The box of a rectangle region (see the module doc); ``image_size`` is (width, height) in pixels."""
+    read = labelled_value(region, "rectanglelabels")
+    if isinstance(read, BadRegion):
+        return read
+    name, value, labels = read
     try:
         x, y, w, h = (float(value[k]) for k in ("x", "y", "width", "height"))
         rotation = float(value.get("rotation") or 0.0)

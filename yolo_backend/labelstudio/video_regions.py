@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 from .keyframes import Box, SequenceError, dense_boxes, parse_sequence
-from .regions import BadRegion, RegionBox, region_box
+from .regions import BadRegion, RegionBox, labelled_value, region_box
 
 VIDEO_RECTANGLE_TYPE = "videorectangle"
 
@@ -58,12 +58,10 @@ def clip_boxes(results: Sequence[Any], from_name: Optional[str], frames_count: i
 
 def _region_frames(region: dict, frames_count: int, frame_size: Optional[tuple[float, float]]) \
         -> Union[dict[int, RegionBox], BadRegion]:
-    name = f"region {region.get('id')}" if region.get("id") is not None else "a region"
-    given = region.get("value")
-    value = given if isinstance(given, dict) else {}
-    labels = value.get("labels") or []
-    if not isinstance(labels, list) or not labels:
-        return BadRegion("region without label", f"{name} has no labels")
+    read = labelled_value(region, "labels")
+    if isinstance(read, BadRegion):
+        return read
+    name, value, labels = read
     try:
         keyframes = parse_sequence(value.get("sequence"))
     except SequenceError as exc:
