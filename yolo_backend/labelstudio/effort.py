@@ -58,6 +58,10 @@ class BoxMatch:
     def final_boxes(self) -> int:
         return self.accepted + self.adjusted + self.drawn
 
+    def __add__(self, other: "BoxMatch") -> "BoxMatch":
+        """The two tallies summed (over tasks of a version, or images of a batch)."""
+        return BoxMatch(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
 
 def iou(a: RegionBox, b: RegionBox) -> float:
     """Intersection over union of two axis-aligned boxes."""
@@ -248,7 +252,7 @@ class VersionEffort:
     def add(self, task: TaskEffort) -> None:
         m = task.match
         self.tasks += 1
-        self.match = BoxMatch(*(a + b for a, b in zip(astuple(self.match), astuple(m))))
+        self.match = self.match + m
         self.empty_agreed += int(m == BoxMatch())
         self.via_parent += int(task.via_parent)
         if task.lead_time is not None:

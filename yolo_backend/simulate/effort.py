@@ -111,9 +111,7 @@ def batch_effort(predicted: Sequence[Sequence[RegionBox]], truth: Sequence[Seque
         raise ValueError(f"{len(predicted)} predictions for {len(truth)} images")
     total = BoxMatch()
     for shown, final in zip(predicted, truth):
-        m = match_boxes(shown, final)
-        total = BoxMatch(total.accepted + m.accepted, total.adjusted + m.adjusted, total.deleted + m.deleted,
-                         total.drawn + m.drawn)
+        total = total + match_boxes(shown, final)
     return RoundEffort(len(truth), total.accepted, total.adjusted, total.deleted, total.drawn,
                        sum(len(boxes) for boxes in truth))
 
