@@ -100,7 +100,7 @@ def reference_run(tiny, tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     try:
         out = tmp_path_factory.mktemp("sim-reference")
-        Simulation(_config(tiny, out), _settings()).run()
+        Simulation(_config(tiny, out, effort_thresholds=[0.05, 1.0]), _settings()).run()
     finally:
         torch.set_num_threads(previous)
     return out
@@ -205,6 +205,10 @@ def test_cli_simulate_runs_and_refuses_bad_input(tiny, tmp_path, one_thread, cap
     assert main(base + ["--strategies", "random", "--seeds", "0", "--initial", "4", "--step", "2", "--rounds", "1",
                         "--draw-s", "35", "--image-s", "0", "--out", str(tmp_path / "cost35")]) == 0
     assert "draw 35, adjust 3.5, delete 1, accept 1.6, per image 0." in (tmp_path / "cost35" / "report.md").read_text()
+    assert main(base + ["--effort-thresholds", "0.01", "--out", str(tmp_path / "floor")]) == 2
+    assert "between SCORE_FLOOR (0.05" in capsys.readouterr().err
+    assert main(base + ["--effort-thresholds", "0.2,high", "--out", str(tmp_path / "word")]) == 2
+    assert "expected comma-separated numbers" in capsys.readouterr().err
 
 
 def test_kmeans_clusters_follow_label_studios_rule_and_leave_random_alone(tiny, reference_run, tmp_path,
@@ -385,6 +389,47 @@ def test_the_simulation_counts_effort_per_round(reference_run):
     report = (reference_run / "report.md").read_text()
     assert "## Annotation effort" in report
     assert "| random without pre-annotations |" in report and "| uncertainty+kcenter |" in report
+
+
+def test_effort_is_also_counted_at_each_swept_threshold(reference_run):
+    import json
+
+    state = json.loads((reference_run / "runs" / "uncertainty-kcenter-s0" / "state.json").read_text())
+    later = [row for row in state["rows"] if row["round"] > 0]
+    assert later and all(set(row["effort_at"]) == {"0.05", "0.25", "1"} for row in later)
+    for row in later:
+        served = [row[k] for k in ("boxes_accepted", "boxes_adjusted", "boxes_deleted", "boxes_drawn", "truth_boxes")]
+        assert row["effort_at"]["0.25"] == served   # MODEL_SCORE_THRESHOLD is the row's own count
+        accepted, adjusted, deleted, drawn, truth = row["effort_at"]["1"]
+        assert (accepted, adjusted, deleted, drawn) == (0, 0, 0, truth)   # nothing scores 1: every box drawn
+        accepted, adjusted, deleted, drawn, truth = row["effort_at"]["0.05"]
+        assert accepted + adjusted + drawn == truth
+    report = (reference_run / "report.md").read_text()
+    assert "## Pre-annotation threshold" in report
+    assert "| 1 | uncertainty+kcenter |" in report and "| 0.05 | random |" in report
+
+
+def test_threshold_table_of_hand_made_rows():
+    from yolo_backend.simulate.effort import CostModel
+    from yolo_backend.simulate.report import threshold_markdown
+
+    def row(strategy, round_index, labels, value, counts, effort_at=None):
+        fields = dict(zip(("boxes_accepted", "boxes_adjusted", "boxes_deleted", "boxes_drawn", "truth_boxes"),
+                          counts))
+        return {"strategy": strategy, "seed": 0, "round": round_index, "labels": labels, "map50": value,
+                "map50_95": value / 2, "new_labels": 10, **fields, **({"effort_at": effort_at} if effort_at else {})}
+
+    # one later round of 10 images and 20 true boxes: at 0.2 the model shows 30 boxes (20 right, 10 wrong),
+    # at 0.6 it shows 10, all right
+    swept = {"0.2": [20, 0, 10, 0, 20], "0.6": [10, 0, 0, 10, 20]}
+    rows = [row("random", 0, 10, 0.1, [0, 0, 0, 20, 20]), row("random", 1, 20, 0.3, [10, 0, 0, 10, 20], swept)]
+    cost = CostModel(draw_s=10, adjust_s=5, delete_s=1, accept_s=1, image_s=0)
+    text = "\n".join(threshold_markdown(rows, ["random"], cost))
+    # without pre-annotations: 200 s + 200 s; at 0.2: 200 + 20 x 1 + 10 x 1 = 230 s; at 0.6: 200 + 10 + 100 = 310 s
+    # (drawn counts include the initial batch's 20)
+    assert "| 0.2 | random | 3.8 | 0.57 | 3.8 | 0.57 | 20 / 0 / 10 / 20 |" in text
+    assert "| 0.6 | random | 5.2 | 0.78 | 5.2 | 0.78 | 30 / 0 / 0 / 10 |" in text
+    assert threshold_markdown([{**r, "effort_at": None} for r in rows], ["random"], cost) == []
 
 
 def test_effort_summary_of_hand_made_rows():

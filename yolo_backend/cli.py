@@ -419,6 +419,10 @@ def _add_simulate(subparsers) -> None:
     p.add_argument("--progress", choices=("auto", "bar", "log"), default="auto",
                    help="auto: a bar in a terminal, log lines otherwise")
     p.add_argument("--out", required=True, help="output folder (state, models, curves.csv, report.md, curves.png)")
+    p.add_argument("--effort-thresholds", default="", metavar="T,T,...",
+                   help="also price the annotation effort as if boxes were shown at these confidence thresholds "
+                        "(e.g. 0.1,0.25,0.4,0.55): the report's 'Pre-annotation threshold' table says which "
+                        "MODEL_SCORE_THRESHOLD costs annotators least (default: none)")
     cost = p.add_argument_group("annotation cost model", "estimated annotator seconds per action, for the report's "
                                 "annotation time (sources: docs/active-learning.md, 'Annotation effort')")
     # defaults live in simulate.effort.CostModel (not imported here: the simulate package loads torch)
@@ -445,6 +449,10 @@ def _run_simulate(args) -> int:
         raise CliError("--initial and --step must be at least 1, --rounds at least 0")
     if args.cluster_count is not None and (args.clusters != "kmeans" or args.cluster_count < 1):
         raise CliError("--cluster-count (at least 1) goes only with --clusters kmeans")
+    try:
+        thresholds = [float(t) for t in _csv_list(args.effort_thresholds)]
+    except ValueError:
+        raise CliError(f"--effort-thresholds {args.effort_thresholds!r}: expected comma-separated numbers") from None
     from .simulate import SimConfig, Simulation
     from .simulate.effort import CostModel
 
@@ -457,7 +465,8 @@ def _run_simulate(args) -> int:
                        strategies=_csv_list(args.strategies), seeds=seeds, initial=args.initial, step=args.step,
                        rounds=args.rounds, epochs=args.epochs, time_budget=args.time_budget, img_size=args.img_size,
                        serve_img_size=args.serve_img_size, clusters=args.clusters,
-                       cluster_count=args.cluster_count, progress=args.progress, cost=cost)
+                       cluster_count=args.cluster_count, progress=args.progress, cost=cost,
+                       effort_thresholds=thresholds)
     try:
         simulation = Simulation(config, settings)
     except ValueError as exc:

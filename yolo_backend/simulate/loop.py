@@ -70,6 +70,8 @@ class SimConfig:
     cluster_count: Optional[int] = None   # kmeans: k; None: clusters.auto_cluster_count(pool size)
     progress: str = "auto"                # auto | bar | log
     cost: CostModel = field(default_factory=CostModel)  # annotator seconds per box action (effort.py)
+    effort_thresholds: list[float] = field(default_factory=list)  # also count effort at these thresholds (rows'
+    #                                       ``effort_at``): which MODEL_SCORE_THRESHOLD costs annotators least
 
 
 # --- the data -----------------------------------------------------------------------------------------------------
@@ -200,6 +202,10 @@ class Simulation:
         self.train_size = config.img_size or self.base_settings.train_img_size
         self.examples = ExampleCache(self.pool, self.train_size)
         self._test_sets: dict = {}  # serving size -> the test split at that size
+        floor = self.base_settings.score_floor
+        if any(not floor <= t <= 1 for t in config.effort_thresholds):
+            raise ValueError(f"effort thresholds must lie between SCORE_FLOOR ({floor:g}: detections below it are "
+                             f"not kept) and 1; got {', '.join(f'{t:g}' for t in config.effort_thresholds)}")
         if config.initial + config.step * config.rounds > len(self.pool.samples):
             raise ValueError(f"{config.initial} + {config.rounds} x {config.step} labels exceed the pool's "
                              f"{len(self.pool.samples)} images")
@@ -309,25 +315,32 @@ class Simulation:
             solved = solved_counts(pool_clusters[i - 1] for i in state.labelled)
         return choose(strategy, candidates, k, rng, scores, embeddings, labelled_embeddings, clusters, solved)
 
-    def effort(self, run_dir: Path, picked: list[int], scored: Optional[ScoredPool]) -> RoundEffort:
+    def effort(self, run_dir: Path, picked: list[int], scored: Optional[ScoredPool]) -> tuple[RoundEffort, dict]:
         """What labelling ``picked`` takes with the pre-annotations the server shows on them: the detections at
         or above MODEL_SCORE_THRESHOLD of the model that picked them (``scored``; a strategy that scores nothing,
-        random, has its picked images scored with that model now)."""
+        random, has its picked images scored with that model now). Second: the same counted at each of the
+        ``effort_thresholds`` (with MODEL_SCORE_THRESHOLD among them), as ``{"0.4": [counts of EFFORT_FIELDS]}``;
+        the picks and models do not depend on what is shown, so one run prices every threshold."""
         if scored is None:
             settings = self.settings_for(run_dir)
             checkpoint, _ = self.served_model(settings)
             scored = score_pool(checkpoint, picked, [self.pool.sample(i).load_image for i in picked], settings,
                                 self.out / "cache")
         row = {task_id: j for j, task_id in enumerate(scored.ids)}
-        threshold = self.base_settings.model_score_threshold
-        shown, truth = [], []
+        found, truth = [], []
         for task_id in picked:
             detections = scored.detections[row[task_id]]
             sample = self.pool.sample(task_id)
-            shown.append(predicted_boxes(detections, threshold))
+            found.append(detections)
             truth.append(truth_boxes(sample.boxes, sample.classes, self.pool.names, detections.width,
                                      detections.height))
-        return batch_effort(shown, truth)
+
+        def at(threshold: float) -> RoundEffort:
+            return batch_effort([predicted_boxes(d, threshold) for d in found], truth)
+
+        served = self.base_settings.model_score_threshold
+        swept = sorted(set(self.config.effort_thresholds) | {served}) if self.config.effort_thresholds else []
+        return at(served), {f"{t:g}": list(at(t).row().values()) for t in swept}
 
     def cluster_ids(self, scored: ScoredPool, seed: int, round_index: int) -> Optional[list[int]]:
         """A cluster id per pool image (task id - 1) as the predictions of this round's model would carry them:
@@ -387,12 +400,14 @@ class Simulation:
         scored = self.score(run_dir, progress) if strategy.needs_scoring else None
         picked = self.select(strategy, state, round_index - 1, scored)
         score_s = round(time.monotonic() - started, 1)
-        effort = self.effort(run_dir, picked, scored)
+        effort, effort_at = self.effort(run_dir, picked, scored)
         trial = RunState(state.strategy, state.seed, state.labelled + picked, list(state.rows), state.last_version)
         row = self.train_round(run_dir, trial, round_index)
         row["score_s"] = score_s
         row["repeat_photos"] = repeated_sources(self.pool.sample_names, state.labelled, picked)
         row.update(new_labels=len(picked), **effort.row())
+        if effort_at:
+            row["effort_at"] = effort_at
         trial.rows.append(row)
         trial.save(self.state_path(run_dir))
         state.labelled, state.rows, state.last_version = trial.labelled, trial.rows, trial.last_version

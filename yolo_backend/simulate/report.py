@@ -179,6 +179,52 @@ def effort_markdown(rows: Sequence[dict], strategies: Sequence[str], cost: CostM
     return lines
 
 
+def swept_thresholds(rows: Sequence[dict]) -> list[float]:
+    """The thresholds a run counted effort at (rows' ``effort_at``), ascending."""
+    return sorted({float(t) for row in rows for t in (row.get("effort_at") or {})})
+
+
+def at_threshold(rows: Sequence[dict], threshold: float) -> list[dict]:
+    """``rows`` with the effort counts they had at ``threshold`` (``effort_at``); a round without pre-annotations
+    (the initial batch) costs the same at every threshold. Rows that did not count ``threshold`` are left out."""
+    found = []
+    for row in rows:
+        counts = (row.get("effort_at") or {}).get(f"{threshold:g}")
+        if counts is not None:
+            found.append({**row, **dict(zip(EFFORT_FIELDS, counts))})
+        elif str(row.get("round")) == "0":
+            found.append(row)
+    return found
+
+
+def threshold_markdown(rows: Sequence[dict], strategies: Sequence[str], cost: CostModel) -> list[str]:
+    """The estimated annotation time of each strategy if the server had shown boxes at each swept threshold: the
+    picks and models are the run's, only what the annotator is shown changes."""
+    thresholds = swept_thresholds(rows)
+    base = effort_curves(with_costs(rows, cost), [BASELINE]).get(NO_PRE) if thresholds else None
+    if not base:
+        return []
+    target = base[-1].map50
+    reached_base = effort_to_reach(base, target)
+    lines = ["## Pre-annotation threshold", "",
+             f"The same picks and models, priced as if the server showed boxes at or above each threshold "
+             f"(MODEL_SCORE_THRESHOLD). Target: {BASELINE}'s final mean mAP@0.5 ({target:.4f}); × is against "
+             f"{NO_PRE} ({base[-1].seconds / 60:.1f} final minutes).", "",
+             "| threshold | strategy | minutes to reach the target | × | final minutes | × | "
+             "drawn / adjusted / deleted / accepted (mean per seed) |", "|---|---|---|---|---|---|---|"]
+    for threshold in thresholds:
+        priced = with_costs(at_threshold(rows, threshold), cost)
+        for name, curve in effort_curves(priced, strategies).items():
+            if name == NO_PRE:
+                continue
+            reached = effort_to_reach(curve, target)
+            ratio = f"{reached[0] / reached_base[0]:.2f}" if reached and reached_base and reached_base[0] else "–"
+            lines.append(f"| {threshold:g} | {name} | {_num(reached[0] / 60, 1) if reached else 'not reached'} | "
+                         f"{ratio} | {curve[-1].seconds / 60:.1f} | {curve[-1].seconds / base[-1].seconds:.2f} | "
+                         f"{_actions(priced, name, curve[-1].labels)} |")
+    return lines + [""]
+
+
 def _actions(rows: Sequence[dict], name: str, upto: int) -> str:
     """Mean per seed of the box actions of ``name`` up to ``upto`` labels."""
     strategy = BASELINE if name == NO_PRE else name
@@ -252,6 +298,7 @@ def report_markdown(rows: Sequence[dict], strategies: Sequence[str], cost: Optio
               "summary uses the label counts every seed of a strategy has reached.", ""]
     cost = cost or CostModel()
     lines += effort_markdown(with_costs(rows, cost), strategies, cost)
+    lines += threshold_markdown(rows, strategies, cost)
     return "\n".join(lines)
 
 
