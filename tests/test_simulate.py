@@ -374,6 +374,20 @@ def test_shown_boxes_are_the_detections_at_the_serving_threshold():
     assert [(b.label, b.x2) for b in truth] == [("smoke", 0.25)]
 
 
+def test_effort_at_thresholds_shows_fewer_boxes_as_the_threshold_rises():
+    from yolo_backend.simulate.effort import effort_at_thresholds, truth_boxes
+    from yolo_backend.yolov7.detections import Detections
+
+    # one image 100 x 100 with one true fire box; the model finds it at 0.6 and adds a wrong box at 0.2
+    detections = Detections(np.array([[10, 10, 50, 50], [60, 60, 90, 90]], np.float32),
+                            np.array([0.6, 0.2], np.float32), np.array([0, 0]), np.ones(2, np.float32),
+                            np.zeros((2, 2), np.float32), 100, 100, ("fire", "smoke"))
+    truth = [truth_boxes(np.array([[10, 10, 50, 50]]), np.array([0]), ["fire", "smoke"], 100, 100)]
+    counted = effort_at_thresholds([detections], truth, [0.1, 0.5, 0.7])
+    row = {t: (e.accepted, e.adjusted, e.deleted, e.drawn) for t, e in counted.items()}
+    assert row == {0.1: (1, 0, 1, 0), 0.5: (1, 0, 0, 0), 0.7: (0, 0, 0, 1)}
+
+
 def test_the_simulation_counts_effort_per_round(reference_run):
     rows = _curve(reference_run)
     for row in rows:

@@ -21,7 +21,7 @@ pre-annotations every ground-truth box is drawn.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -114,6 +114,13 @@ def batch_effort(predicted: Sequence[Sequence[RegionBox]], truth: Sequence[Seque
         total = total + match_boxes(shown, final)
     return RoundEffort(len(truth), total.accepted, total.adjusted, total.deleted, total.drawn,
                        sum(len(boxes) for boxes in truth))
+
+
+def effort_at_thresholds(detections: Sequence[Detections], truth: Sequence[Sequence[RegionBox]],
+                         thresholds: Iterable[float]) -> dict[float, RoundEffort]:
+    """``batch_effort`` of the same images (``detections[i]`` on the image with ``truth[i]``) as if the boxes at or
+    above each threshold were shown: which MODEL_SCORE_THRESHOLD costs the annotator least."""
+    return {t: batch_effort([predicted_boxes(d, t) for d in detections], truth) for t in thresholds}
 
 
 def scratch_effort(truth_counts: Sequence[int]) -> RoundEffort:

@@ -38,7 +38,7 @@ from ..jobs.publish import current_model
 from ..jobs.training import train_and_publish
 from ..registry import Registry
 from ..settings import Settings
-from .effort import CostModel, RoundEffort, batch_effort, predicted_boxes, scratch_effort, truth_boxes
+from .effort import CostModel, RoundEffort, effort_at_thresholds, scratch_effort, truth_boxes
 from .report import write_outputs
 from .scoring import ScoredPool, score_pool
 from .strategies import Strategy, choose, parse_strategy
@@ -334,13 +334,11 @@ class Simulation:
             found.append(detections)
             truth.append(truth_boxes(sample.boxes, sample.classes, self.pool.names, detections.width,
                                      detections.height))
-
-        def at(threshold: float) -> RoundEffort:
-            return batch_effort([predicted_boxes(d, threshold) for d in found], truth)
-
         served = self.base_settings.model_score_threshold
-        swept = sorted(set(self.config.effort_thresholds) | {served}) if self.config.effort_thresholds else []
-        return at(served), {f"{t:g}": list(at(t).row().values()) for t in swept}
+        swept = set(self.config.effort_thresholds) | {served} if self.config.effort_thresholds else {served}
+        counted = effort_at_thresholds(found, truth, sorted(swept))
+        at = {f"{t:g}": list(e.row().values()) for t, e in counted.items()} if self.config.effort_thresholds else {}
+        return counted[served], at
 
     def cluster_ids(self, scored: ScoredPool, seed: int, round_index: int) -> Optional[list[int]]:
         """A cluster id per pool image (task id - 1) as the predictions of this round's model would carry them:
