@@ -105,6 +105,19 @@ class Settings:
     video_frame_step: int = setting(
         5, "Video tasks (in progress): the detector sees every Nth decoded frame; boxes between are interpolated by "
         "Label Studio's editor (consecutive frames of a clip differ little).")
+    # training from video annotations (jobs/video_dataset.py)
+    video_train_frames_per_clip: int = setting(
+        30, "Training from video: the most frames taken from one annotated clip, spread evenly over its frames with "
+        "boxes and its frames without (a clip is many near-duplicate images: more frames of one clip teach little).")
+    video_train_max_frames: int = setting(
+        3000, "Training from video: the most frames from all the project's clips together; with many clips each "
+        "gives fewer (each frame is kept in memory at TRAIN_IMG_SIZE during training).")
+    video_train_min_gap_s: float = setting(
+        0.5, "Training from video: frames taken from one clip are at least this many seconds apart; negative frames "
+        "(no box shown) at least this far from any box, as track ends are rough.")
+    video_train_negative_share: float = setting(
+        0.25, "Training from video: at most this share of a clip's frames are negatives (frames where the "
+        "annotator's tracks show no box); a clip with no box at all gives only negatives.")
     from_name: Optional[str] = setting(
         None, "Name of the one RectangleLabels control to predict for (unset: every one without `model_skip`, "
         "when they are on one image).")
@@ -268,6 +281,16 @@ class Settings:
                                 "for this backend, e.g. http://127.0.0.1:9090")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        self._validate_video_training()
+
+    def _validate_video_training(self) -> None:
+        for name in ("video_train_frames_per_clip", "video_train_max_frames"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name.upper()}={getattr(self, name)} must be greater than 0")
+        if not self.video_train_min_gap_s >= 0:
+            raise SettingsError(f"VIDEO_TRAIN_MIN_GAP_S={self.video_train_min_gap_s} must not be negative")
+        if not 0.0 <= self.video_train_negative_share <= 1.0:
+            raise SettingsError(f"VIDEO_TRAIN_NEGATIVE_SHARE={self.video_train_negative_share} must be between 0 and 1")
 
     @property
     def effective_redis_url(self) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -148,3 +148,40 @@ def frame_count_hint(info: VideoInfo, frame_rate: Optional[float]) -> int:
     if frame_rate and info.fps > 0:
         return max(1, int(round(info.duration_s * frame_rate)))
     return info.frames
+
+
+def frames_at(path: Path, targets: Sequence[int], frame_rate: float,
+              limits: VideoLimits = VideoLimits()) -> Iterator[tuple[int, Frame]]:
+    """For each Label Studio frame number in ``targets`` (at the Video tag's ``frame_rate``), the first decoded frame
+    shown at or after it, as (its own Label Studio frame number, frame), in order, each decoded frame once.
+
+    The number handed back is the frame's own (from its timestamp): when the tag's rate is higher than the file's,
+    a target falls between decoded frames and the next one is taken, so boxes must be read at that number. Only the
+    frames taken are converted; decoding stops after the last target (the rest of the clip is never read).
+    """
+    import cv2
+
+    wanted = sorted(set(int(t) for t in targets))
+    if not wanted:
+        return
+    if not frame_rate > 0:
+        raise ValueError(f"frame rate must be positive, not {frame_rate!r}")
+    path = Path(path)
+    capture = _capture(path)
+    try:
+        _check(path, _info(capture), limits)
+        index, next_target = 0, 0
+        while next_target < len(wanted) and capture.grab():
+            time_s = float(capture.get(cv2.CAP_PROP_POS_MSEC)) / 1000.0
+            _check_running(path, index, time_s, limits)
+            number = label_studio_frame(time_s, frame_rate)
+            if number >= wanted[next_target]:
+                ok, bgr = capture.retrieve()
+                if not ok or bgr is None:
+                    break
+                yield number, Frame(index, time_s, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+                while next_target < len(wanted) and wanted[next_target] <= number:
+                    next_target += 1
+            index += 1
+    finally:
+        capture.release()

@@ -2,6 +2,8 @@
 a negative image; one with a class chosen in a served Choices control but no box drawn is left out: the class is
 there, its box unknown), its image scaled to the training size, and the train / validation split by a hash of the task
 id (stable across jobs: a task never changes sides). Bad regions are skipped and counted (labelstudio/regions.py).
+Video tasks, when ``collect_examples`` is given a ``video_dataset.VideoTraining``, give a few sampled frames each,
+every one with its clip's task id, so a clip is on one side of the split.
 
 Evaluating a model at a size larger than the training size (a start model that serves at 640) needs the images
 larger than they are kept: ``example_eval_set`` reads each one again from the image cache (``Example.reload``),
@@ -17,7 +19,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -29,25 +31,17 @@ from ..labelstudio.urls import cut, shorten
 from ..settings import Settings
 from ..yolov7 import graphs
 from . import TrainingError
+from .examples import Example, scale_to
 from .states import JobPhase
+
+if TYPE_CHECKING:
+    from .video_dataset import VideoTraining
 
 log = logging.getLogger(__name__)
 
 VALIDATION_PERCENT = 20           # share of tasks (by hash of the task id) used for validation
 DOWNLOAD_THREADS = 4
 DEFAULT_GRAPH = graphs.DEFAULT_GRAPH  # what a trainer starts from without a start checkpoint (random init)
-
-
-@dataclass
-class Example:
-    """One annotated task: its image scaled to the training size, boxes (xyxy pixels of that image), classes."""
-
-    task_id: int
-    image: np.ndarray
-    boxes: np.ndarray
-    classes: np.ndarray
-    reload: Optional[Callable[[], np.ndarray]] = None  # the original image again (None: ``image`` is all there is)
-    scale: float = 1.0                                  # ``image`` is the original scaled by this (<= 1)
 
 
 @dataclass
@@ -141,13 +135,6 @@ def split_examples(project_id: int, examples: list[Example]) -> tuple[list[Examp
     return train, val
 
 
-def scale_to(image: np.ndarray, size: int) -> tuple[np.ndarray, float]:
-    """Downscale so the long side is at most ``size`` (training resizes there anyway); returns (image, factor)."""
-    from ..yolov7.preprocess import resize_long_side
-
-    return resize_long_side(image, size, allow_upscale=False)
-
-
 def chosen_class_without_box(annotation: dict, box_names: Sequence[str],
                               class_choices: Mapping[str, Sequence[str]]) -> bool:
     """Whether the annotation chose a class in a Choices control (``class_choices``: control -> the choices that
@@ -166,24 +153,48 @@ def chosen_class_without_box(annotation: dict, box_names: Sequence[str],
 
 
 def collect_examples(context, project_id: int, target, tasks: list[dict], size: int,
-                     report: Callable[[dict], None], controls: Optional[ConfigControls] = None) \
-        -> tuple[list[Example], dict]:
+                     report: Callable[[dict], None], controls: Optional[ConfigControls] = None,
+                     video: Optional["VideoTraining"] = None) -> tuple[list[Example], dict]:
     """Tasks -> examples (images downloaded through the shared cache); counts of what was used and skipped.
-    ``controls``: the config's served controls (boxes of every served RectangleLabels; Choices answers)."""
+    ``controls``: the config's served controls (boxes of every served RectangleLabels; Choices answers).
+    ``video``: the project's VideoRectangle and how to get a task's clip; its video tasks give sampled frames
+    (``video_dataset``), with class ids by ``target``'s labels (the VideoRectangle's when ``target`` is None: a
+    project of clips only)."""
     counts = {"annotated_tasks": len(tasks), "cancelled_only": 0, "image_failed": 0, "negatives": 0, "boxes": 0,
               "unknown_labels": 0, "bad_regions": 0, "class_chosen_without_box": 0}
-    box_names = controls.box_names if controls is not None else (target.from_name,)
+    box_names = controls.box_names if controls is not None else (target.from_name,) if target is not None else ()
     class_choices = controls.class_choices() if controls is not None else {}
-    chosen = []
+    if video is not None:
+        from .video_dataset import collect_video_examples, is_video_task
+    chosen, clips = [], []
     for task in tasks:
         annotation = latest_annotation(task)
         if annotation is None:
             counts["cancelled_only"] += 1
-            continue
-        if chosen_class_without_box(annotation, box_names, class_choices):
+        elif video is not None and (target is None or is_video_task(task, annotation, video.control,
+                                                                     target.data_key)):
+            clips.append((task, annotation))
+        elif chosen_class_without_box(annotation, box_names, class_choices):
             counts["class_chosen_without_box"] += 1
-            continue
-        chosen.append((task, annotation))
+        else:
+            chosen.append((task, annotation))
+    examples = _image_examples(context, target, chosen, size, report, box_names, counts) if chosen else []
+    if video is not None:
+        names = target.labels if target is not None else video.control.labels
+        found, video_counts = collect_video_examples(video, clips, names, size, report)
+        examples += found
+        for key, value in video_counts.items():
+            counts[key] = counts.get(key, 0) + value
+    if counts["unknown_labels"]:
+        labels = target.labels if target is not None else video.control.labels  # type: ignore[union-attr]
+        log.warning("%d annotated box(es) carry labels that are not in the label config (%s); skipped",
+                    counts["unknown_labels"], ", ".join(labels))
+    return sorted(examples, key=lambda e: e.task_id), counts
+
+
+def _image_examples(context, target, chosen: list[tuple[dict, dict]], size: int, report: Callable[[dict], None],
+                    box_names: Sequence[str], counts: dict) -> list[Example]:
+    """The image tasks' examples (downloaded in threads); adds to ``counts``."""
     done = [0]
     lock = threading.Lock()
 
@@ -220,10 +231,7 @@ def collect_examples(context, project_id: int, target, tasks: list[dict], size: 
             counts["boxes"] += len(example.boxes)
             counts["negatives"] += int(len(example.boxes) == 0)
             examples.append(example)
-    if counts["unknown_labels"]:
-        log.warning("%d annotated box(es) carry labels that are not in the label config (%s); skipped",
-                    counts["unknown_labels"], ", ".join(target.labels))
-    return sorted(examples, key=lambda e: e.task_id), counts
+    return examples
 
 
 def usable_annotations(tasks: list[dict]) -> int:

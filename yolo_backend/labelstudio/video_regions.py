@@ -77,3 +77,60 @@ def _region_frames(region: dict, frames_count: int, frame_size: Optional[tuple[f
 def _as_rectangle(box: Box, labels: list) -> dict:
     return {"type": "rectanglelabels", "value": {"x": box.x, "y": box.y, "width": box.width, "height": box.height,
                                                   "rotation": box.rotation, "rectanglelabels": list(labels)}}
+
+
+def stored_frames_count(results: Sequence[Any], from_name: Optional[str]) -> int:
+    """The clip's length as Label Studio stored it with the regions (``value.framesCount``; the largest; 0: none)."""
+    counts = [0]
+    for region in results:
+        value = region.get("value") if is_video_box_region(region, from_name) else None
+        count = value.get("framesCount") if isinstance(value, dict) else None
+        if isinstance(count, (int, float)) and not isinstance(count, bool) and 0 < count < 10_000_000:
+            counts.append(int(count))
+    return max(counts)
+
+
+# --- which frames of an annotated clip to train on -------------------------------------------------------------
+def spread(frames: Sequence[int], most: int, min_gap: int = 1) -> list[int]:
+    """At most ``most`` of the sorted ``frames``, at least ``min_gap`` apart, spread evenly over them (the first
+    kept): consecutive frames of a clip are near-duplicates, so distance buys variety."""
+    if most <= 0:
+        return []
+    spaced: list[int] = []
+    for frame in frames:
+        if not spaced or frame - spaced[-1] >= min_gap:
+            spaced.append(frame)
+    if len(spaced) <= most:
+        return spaced
+    if most == 1:
+        return [spaced[(len(spaced) - 1) // 2]]
+    return [spaced[round(i * (len(spaced) - 1) / (most - 1))] for i in range(most)]
+
+
+def sample_frames(clip: ClipBoxes, most: int, min_gap: int = 1, negative_share: float = 0.25) -> list[int]:
+    """The frames of ``clip`` to train on (sorted): at most ``most``, at least ``min_gap`` frames apart, spread
+    evenly over the frames with boxes and over the negative frames (no box shown: the annotator saw no fire there).
+    Negatives are at most ``negative_share`` of ``most`` when the clip has boxes (all of it when it has none: a clip
+    annotated as empty is all negatives, as an image without boxes is), and only frames at least ``min_gap`` from
+    any box: where a track starts or ends the annotator's timing is rough, so those frames are neither sure
+    positives nor sure negatives."""
+    positives = sorted(f for f, boxes in clip.boxes.items() if boxes and 1 <= f <= clip.frames_count)
+    negatives = _clear_negatives(positives, clip.frames_count, max(1, min_gap))
+    negative_quota = most if not positives else int(most * min(1.0, max(0.0, negative_share)))
+    chosen_negatives = spread(negatives, negative_quota, min_gap)
+    chosen_positives = spread(positives, most - len(chosen_negatives), min_gap)
+    return sorted(chosen_positives + chosen_negatives)
+
+
+def _clear_negatives(positives: Sequence[int], frames_count: int, margin: int) -> list[int]:
+    """Frames 1..frames_count at least ``margin`` from every frame in ``positives`` (sorted)."""
+    near = [0] * (frames_count + 2)  # difference array: +1 where a blocked stretch starts, -1 after it ends
+    for frame in positives:
+        near[max(1, frame - margin + 1)] += 1
+        near[min(frames_count + 1, frame + margin)] -= 1
+    out, depth = [], 0
+    for frame in range(1, frames_count + 1):
+        depth += near[frame]
+        if depth == 0:
+            out.append(frame)
+    return out
