@@ -15,7 +15,6 @@ from yolo_backend.convert import (ConversionError, DetectOptions, ImageRefs, Ima
                                   dataset_to_tasks, detections_to_tasks, export_to_yolo, find_dataset,
                                   image_name_from_ref, image_size, label_config_xml, labels_for_classes,
                                   latest_annotation, read_label_file, target_from_config, target_from_flags)
-from yolo_backend.labelstudio.config import find_rectangle_target, parse_label_config
 from yolo_backend.yolov7.detections import Detections
 
 NAMES = ["fire", "smoke"]
@@ -234,7 +233,7 @@ def test_class_names_map_to_config_labels(dataset):
 def test_written_config_parses_back_to_the_same_target():
     target = target_from_flags("det", "photo", ["fire", "smoke & ash"], data_key="img")
     xml = label_config_xml(target)
-    again = find_rectangle_target(parse_label_config(xml))
+    again = target_from_config(xml)
     assert (again.from_name, again.to_name, again.data_key, again.labels) == \
         ("det", "photo", "img", ("fire", "smoke & ash"))
 

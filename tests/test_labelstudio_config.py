@@ -2,9 +2,9 @@
 
 import pytest
 
+from yolo_backend.convert import ConversionError, target_from_config
 from yolo_backend.labelstudio.config import (
     LabelConfigError,
-    find_rectangle_target,
     map_classes_to_labels,
     parse_label_config,
     parse_label_map,
@@ -38,30 +38,28 @@ def test_classic_parsed_shape():
 
 
 def test_single_control():
-    target = find_rectangle_target(parse_label_config(ONE))
+    target = target_from_config(ONE)
     assert (target.from_name, target.to_name, target.data_key, target.labels) == \
         ("label", "image", "image", ("Fire", "smoke"))
 
 
 def test_several_controls_need_from_name():
-    parsed = parse_label_config(TWO)
-    with pytest.raises(LabelConfigError) as err:
-        find_rectangle_target(parsed)
+    with pytest.raises(ConversionError) as err:
+        target_from_config(TWO)
     assert "hazard" in str(err.value) and "objects" in str(err.value) and "FROM_NAME" in str(err.value)
-    target = find_rectangle_target(parsed, from_name="hazard")
+    target = target_from_config(TWO, from_name="hazard")
     assert (target.from_name, target.to_name, target.data_key, target.labels) == ("hazard", "img", "photo", ("fire",))
-    with pytest.raises(LabelConfigError, match="FROM_NAME='nope'.*candidates: hazard, objects"):
-        find_rectangle_target(parsed, from_name="nope")
+    with pytest.raises(ConversionError, match="FROM_NAME='nope'.*candidates: hazard, objects"):
+        target_from_config(TWO, from_name="nope")
 
 
 def test_a_skipped_control_is_no_candidate():
-    parsed = parse_label_config(TWO.replace('name="objects"', 'name="objects" model_skip="true"'))
-    assert find_rectangle_target(parsed).from_name == "hazard"
+    assert target_from_config(TWO.replace('name="objects"', 'name="objects" model_skip="true"')).from_name == "hazard"
 
 
 def test_missing_rectangle_labels_says_what_to_add():
-    with pytest.raises(LabelConfigError) as err:
-        find_rectangle_target(parse_label_config(NO_RECT))
+    with pytest.raises(ConversionError) as err:
+        target_from_config(NO_RECT)
     message = str(err.value)
     assert "no <RectangleLabels>" in message and "c (Choices)" in message and "<RectangleLabels name=" in message
 

@@ -7,7 +7,7 @@ import pytest
 from yolo_backend.convert.from_export import region_box as converter_box
 from yolo_backend.convert.problems import ProblemLog
 from yolo_backend.jobs.dataset import annotation_boxes
-from yolo_backend.labelstudio.config import find_rectangle_target, parse_label_config
+from yolo_backend.convert import target_from_config
 from yolo_backend.labelstudio.regions import BadRegion, RegionBox, is_box_region, region_box
 
 CONFIG = ('<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
@@ -88,7 +88,7 @@ def test_which_regions_are_boxes_of_a_control():
 
 
 def test_training_and_conversion_use_the_same_rule():
-    target = find_rectangle_target(parse_label_config(CONFIG))
+    target = target_from_config(CONFIG)
     regions = [rect(10, 20, 20, 20, rotation=90), rect(10, 10, 0, 10), rect(5, 5, 10, 10, labels=("flame",)),
                rect(90, 90, 20, 20, labels=("Smoke",)), rect(1, 1, 1, 1, from_name="other")]
     boxes, classes, unknown, bad = annotation_boxes({"result": regions}, target, 400, 200)

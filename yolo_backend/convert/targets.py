@@ -21,7 +21,8 @@ from typing import Optional, Sequence
 from urllib.parse import parse_qs, quote, unquote, urlparse
 from xml.sax.saxutils import quoteattr
 
-from ..labelstudio.config import LabelConfigError, RectangleTarget, find_rectangle_target, parse_label_config
+from ..labelstudio.config import LabelConfigError, RectangleTarget, parse_label_config
+from ..labelstudio.controls import read_controls
 from .problems import ConversionError
 
 LOCAL_FILES_PREFIX = "/data/local-files/?d="
@@ -33,9 +34,21 @@ _UPLOAD_NAME = re.compile(r"^[0-9a-f]{8}-(.+)$")
 
 def target_from_config(text: str, from_name: Optional[str] = None, where: str = "the label config") \
         -> RectangleTarget:
-    """The RectangleLabels control of a label config (its labels in the config's order)."""
+    """The RectangleLabels control whose boxes a conversion reads or writes (its labels in the config's order): the
+    one the server would serve (``controls.read_controls``: ``model_skip``, FROM_NAME, one image), and only one, as
+    a YOLO label file holds one set of boxes."""
     try:
-        return find_rectangle_target(parse_label_config(text), from_name)
+        parsed = parse_label_config(text)
+        rectangles = read_controls(parsed, from_name).rectangles
+        if not rectangles:
+            found = ", ".join(f"{name} ({info.get('type')})" for name, info in parsed.items())
+            raise LabelConfigError(f"it has no <RectangleLabels> control for the model (found: {found}); a YOLO "
+                                   "conversion needs boxes: add e.g. <RectangleLabels name=\"label\" toName=\"image\">"
+                                   "<Label value=\"fire\"/></RectangleLabels>")
+        if len(rectangles) > 1:
+            raise LabelConfigError(f"it has several RectangleLabels controls ({', '.join(c.name for c in rectangles)}"
+                                   "); name the one to convert with --from-name (FROM_NAME)")
+        return rectangles[0].target()
     except LabelConfigError as exc:
         raise ConversionError(f"{where}: {exc}") from None
 

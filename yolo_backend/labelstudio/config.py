@@ -14,9 +14,6 @@ from typing import Any, Mapping, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
-# Control tags whose regions are rectangles with labels (RectangleLabels is the one Label Studio documents for
-# object detection; the generic <Labels> + <Rectangle> pair is not supported).
-RECTANGLE_CONTROLS = ("RectangleLabels",)
 IMAGE_OBJECTS = ("Image",)
 VIDEO_OBJECTS = ("Video",)
 
@@ -104,43 +101,6 @@ TRUE_WORDS = ("true", "yes", "1")
 def is_skipped(info: Mapping[str, Any]) -> bool:
     """Whether a parsed control has ``model_skip="true"`` (it gets no predictions)."""
     return str((info.get("attrs") or {}).get("model_skip", "")).strip().lower() in TRUE_WORDS
-
-
-def find_rectangle_target(parsed: Mapping[str, dict], from_name: Optional[str] = None) -> RectangleTarget:
-    """The RectangleLabels control (attached to an Image, without ``model_skip="true"``) to convert for; the server
-    and training serve several (``controls.read_controls``).
-
-    With several candidates, ``from_name`` (the FROM_NAME setting) picks one; without it the error names them.
-    """
-    candidates = {}
-    for name, info in parsed.items():
-        if info.get("type") not in RECTANGLE_CONTROLS or is_skipped(info):
-            continue
-        images = [(to, inp) for to, inp in zip(info.get("to_name", []), info.get("inputs", []))
-                  if inp.get("type") in IMAGE_OBJECTS and inp.get("value")]
-        if images:
-            candidates[name] = (info, images[0])
-    if not candidates:
-        found = ", ".join(f"{name} ({info.get('type')})" for name, info in parsed.items()) or "no control tags"
-        raise LabelConfigError(
-            "the label config has no <RectangleLabels> control attached to an <Image> (found: "
-            f"{found}); add e.g. <Image name=\"image\" value=\"$image\"/><RectangleLabels name=\"label\" "
-            "toName=\"image\"><Label value=\"fire\"/><Label value=\"smoke\"/></RectangleLabels>")
-    if from_name:
-        if from_name not in candidates:
-            raise LabelConfigError(
-                f"FROM_NAME={from_name!r} names no RectangleLabels control of the label config; "
-                f"candidates: {', '.join(sorted(candidates))}")
-        chosen = from_name
-    elif len(candidates) == 1:
-        chosen = next(iter(candidates))
-    else:
-        raise LabelConfigError(
-            f"the label config has several RectangleLabels controls ({', '.join(sorted(candidates))}); "
-            "set FROM_NAME to the one the model should predict for")
-    info, (to_name, image_input) = candidates[chosen]
-    return RectangleTarget(from_name=chosen, to_name=to_name, data_key=image_input["value"],
-                           labels=tuple(info.get("labels", [])))
 
 
 def parse_label_map(text: Optional[str]) -> dict[str, str]:
