@@ -61,7 +61,9 @@ def setup():
         parsed = parse_label_config(schema)
         check_control_attributes(parsed)
         check_video_attributes(parsed)
-        if parsed:  # control tags, but none the model serves (a video, polygons): Connect Model says what is
+        if is_video_config(parsed):  # a video object tracking project: its VideoRectangle and labels
+            read_video_control(parsed, s.context.settings.from_name)
+        elif parsed:  # control tags, but none the model serves (polygons): Connect Model says what is
             read_controls(parsed, s.context.settings.from_name)  # supported. An empty <View/> is a new project.
     s.context.session.update_from_setup(hostname, access_token)
     remember_config(s, project_id, schema)
