@@ -14,7 +14,6 @@ the other tasks go on. ``predict`` stops at the deadline it is given, also insid
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -108,13 +107,15 @@ class VideoPredictor:
                         cut(", ".join(sorted(map(str, task["data"]))) or "none"))
             return VideoItem(task_prediction([], None, version))
         try:
-            with video_file(self.context.images, url, task.get("id"), self._fetch_bounds()) as path:
+            with video_file(self.context.images, url, task.get("id"), self._fetch_bounds(deadline)) as path:
                 info = probe(path, self._limits())
                 found = track_video(sampled_frames(path, self.settings.video_frame_step, self._limits()),
                                     self._detect(serving, embed), self._options(serving, info), deadline)
         except VideoDeadline:
             raise
         except (ImageFetchError, LabelStudioAuthError, VideoError) as exc:
+            if deadline is not None and time.monotonic() > deadline:  # cut off by the deadline: not the file's fault
+                raise VideoDeadline() from None
             log.warning("task %s: video not available, no prediction: %s", shown, cut(exc, 600))
             return VideoItem(failed_task_prediction(version))
         except Exception:  # an unexpected failure on one video must not fail the others
@@ -149,8 +150,13 @@ class VideoPredictor:
         return VideoLimits(max_pixels=s.video_max_pixels, max_frames=s.video_max_frames,
                            max_seconds=s.video_max_seconds)
 
-    def _fetch_bounds(self) -> VideoFetchBounds:
-        return VideoFetchBounds(max_bytes=self.settings.video_max_mb << 20, timeout=self.settings.video_timeout)
+    def _fetch_bounds(self, deadline: Optional[float]) -> VideoFetchBounds:
+        """VIDEO_MAX_MB, and VIDEO_TIMEOUT or the time left to the deadline, whichever is shorter."""
+        timeout = self.settings.video_timeout
+        if deadline is not None:
+            timeout = max(0.1, min(timeout, deadline - time.monotonic()))
+        mb = self.settings.video_max_mb
+        return VideoFetchBounds(max_bytes=(mb << 20) if mb > 0 else 1 << 62, timeout=timeout)  # 0: no bound
 
     def _options(self, serving: VideoServing, info: VideoInfo) -> TrackOptions:
         s = self.settings
@@ -189,4 +195,4 @@ def _max_gap(times: list[float], rate: float) -> int:
 def _shown(track: Track, serving: VideoServing, default: float) -> bool:
     """A track becomes a region when one of its detections reaches the shown threshold (model_score_threshold)."""
     threshold = serving.control.threshold_or(default)
-    return any(box.score >= threshold for box in track.boxes) and not math.isnan(track.score)
+    return any(box.score >= threshold for box in track.boxes)
