@@ -76,7 +76,11 @@ class BlobDetector:
     def detect(self, images, conf=None, embed=False):
         time.sleep(self.delay)
         self.frames += len(images)
-        return [self._one(image) for image in images]
+        found = [self._one(image) for image in images]
+        for one, image in zip(found, images):
+            if embed:  # the frame's mean brightness and its blob count, as a stand-in embedding
+                one.embedding = np.array([image.mean(), len(one)], np.float32)
+        return found
 
     @staticmethod
     def _one(rgb: np.ndarray) -> Detections:
@@ -283,6 +287,29 @@ def test_image_and_video_projects_predict_on_one_backend(shared_dir, tmp_path):
     assert video.status_code == 200 and video.get_json()["results"][0]["result"][0]["type"] == "videorectangle"
     assert image.status_code == 200 and image.get_json()["results"][0]["result"] == []
     assert client.post("/setup", json={"project": "1.1", "schema": CONFIG.format(rate=25)}).status_code == 200
+
+
+def test_pool_scoring_scores_each_clip_once_with_the_mean_embedding_of_its_frames(shared_dir, tmp_path):
+    from yolo_backend.predictor import Predictor
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    write_scene(folder / "a.mp4", fire_patch(shared_dir), frames=10, second=(0, 4))
+    (folder / "b.mp4").write_text("not a video")
+    model = tmp_path / "best.pt"
+    model.write_text("weights")
+    settings = Settings.from_env(env={}, model_dir=str(tmp_path / "models"), image_cache_dir=str(tmp_path / "c"),
+                                 model_path=str(model), video_frame_step=2)
+    detector = BlobDetector()
+    predictor = Predictor(BackendContext.from_settings(settings, loader=lambda path, s: (detector, NAMES)))
+    with file_server(folder) as base:
+        version, scored = predictor.score(1, CONFIG.format(rate=10), [
+            {"id": 1, "data": {"video": f"{base}/a.mp4"}}, {"id": 2, "data": {"video": f"{base}/b.mp4"}}])
+    assert len(scored) == 2 and version.startswith("best-")
+    first, bad = scored
+    assert [r["type"] for r in first.item["result"]] == ["videorectangle", "videorectangle"]
+    assert first.embedding is not None and first.embedding[1] == pytest.approx((2 * 2 + 3 * 1) / 5)  # blobs/frame
+    assert bad.embedding is None and "result" not in bad.item
 
 
 # --- the real detector, end to end ------------------------------------------------------------------------------

@@ -247,7 +247,7 @@ def after_prediction(s: ServerState, project_id: Optional[int], answer: Answer, 
     unavailable = failed - leftovers
     log.info("predicted %d task(s) for project %s with %s in %.2f s%s%s", len(results) - failed, project_id,
              version, elapsed, f"; {leftovers} left at PREDICT_DEADLINE_S" if leftovers else "",
-             f"; {unavailable} without prediction (image not available, see above)" if unavailable else "")
+             f"; {unavailable} without prediction (image or video not available, see above)" if unavailable else "")
     if version != NO_MODEL_VERSION and failed < len(results):
         s.context.version_sync.request(project_id, version)
     if leftovers and s.context.training is not None and project_id is not None:
