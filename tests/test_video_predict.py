@@ -10,6 +10,7 @@ import contextlib
 import functools
 import http.server
 import logging
+import struct
 import threading
 import time
 from pathlib import Path
@@ -70,13 +71,14 @@ def write_scene(path: Path, patch: np.ndarray, frames: int = 40, fps: float = 10
 class BlobDetector:
     """Stand-in detector: every blob that differs from the flat background is a fire at 0.9."""
 
-    def __init__(self, delay: float = 0.0):
-        self.delay, self.frames = delay, 0
+    def __init__(self, delay: float = 0.0, blind: tuple[int, ...] = ()):
+        self.delay, self.frames, self.blind = delay, 0, blind   # blind: the n-th frames seen, where it sees nothing
 
     def detect(self, images, conf=None, embed=False):
         time.sleep(self.delay)
+        found = [self._one(image) if self.frames + n not in self.blind else self._one(image[:0])
+                 for n, image in enumerate(images)]
         self.frames += len(images)
-        found = [self._one(image) for image in images]
         for one, image in zip(found, images):
             if embed:  # the frame's mean brightness and its blob count, as a stand-in embedding
                 one.embedding = np.array([image.mean(), len(one)], np.float32)
@@ -84,6 +86,8 @@ class BlobDetector:
 
     @staticmethod
     def _one(rgb: np.ndarray) -> Detections:
+        if not rgb.size:
+            return Detections.empty(320, 180, NAMES)
         h, w = rgb.shape[:2]
         mask = (np.abs(rgb.astype(np.int16) - BACKGROUND).max(axis=2) > 30).astype(np.uint8)
         count, _, stats, _ = cv2.connectedComponentsWithStats(mask)
@@ -189,6 +193,100 @@ def test_a_tag_frame_rate_other_than_the_files_keeps_boxes_on_their_true_time(sh
     for k in sequence:
         x, y = moving(round((k["frame"] - 1) / 25 * 10))                  # the file's frame shown at that time
         assert k["x"] * 320 / 100 == pytest.approx(x, abs=2) and k["y"] * 180 / 100 == pytest.approx(y, abs=2)
+
+
+CONTAINERS = (b"moov", b"trak", b"mdia", b"minf", b"stbl", b"edts")
+
+
+def variable_rate(path: Path, slow: int = 2048, fast: int = 512) -> list[float]:
+    """Rewrite an mp4v MP4 that OpenCV wrote (one ``stts`` entry: every frame 1024 ticks of 10240/s, the ``moov``
+    after the ``mdat``) so its first half lasts ``slow`` ticks a frame and its second half ``fast``: a variable
+    frame rate whose average (what the container's fps says) fits neither half. Returns each frame's true time."""
+    data = bytearray(path.read_bytes())
+    stts = _find(data, b"stts")
+    count, delta = struct.unpack(">II", data[stts[0] + 16: stts[0] + 24])
+    assert delta == 1024 and _timescale(data) == 10240, "OpenCV wrote another MP4 layout than this test knows"
+    half = count // 2
+    entries = struct.pack(">IIIII", 2, half, slow, count - half, fast)
+    data[stts[0] + 12: stts[0] + 24] = entries
+    for offset in stts[1:] + stts[:1]:                   # the stts and each box around it grow by 8 bytes
+        size = struct.unpack(">I", data[offset: offset + 4])[0]
+        data[offset: offset + 4] = struct.pack(">I", size + 8)
+    ticks = half * slow + (count - half) * fast
+    _set_durations(data, ticks)
+    path.write_bytes(bytes(data))
+    return [i * slow / 10240 if i < half else (half * slow + (i - half) * fast) / 10240 for i in range(count)]
+
+
+def _find(data: bytearray, kind: bytes, start: int = 0, end: int = 0, parents: tuple = ()) -> list[int]:
+    """Offsets of the box ``kind`` and of its parents, innermost first ([] when absent)."""
+    offset, end = start, end or len(data)
+    while offset < end:
+        size, typ = struct.unpack(">I4s", data[offset: offset + 8])
+        if typ == kind:
+            return [offset, *reversed(parents)]
+        if typ in CONTAINERS:
+            found = _find(data, kind, offset + 8, offset + size, parents + (offset,))
+            if found:
+                return found
+        offset += size
+    return []
+
+
+def _timescale(data: bytearray) -> int:
+    return struct.unpack(">I", data[_find(data, b"mdhd")[0] + 20: _find(data, b"mdhd")[0] + 24])[0]
+
+
+def _set_durations(data: bytearray, ticks: int) -> None:
+    """mdhd (media ticks), mvhd, tkhd and the edit list (movie ticks: 1000/s) say the new length."""
+    mdhd = _find(data, b"mdhd")[0]
+    data[mdhd + 24: mdhd + 28] = struct.pack(">I", ticks)
+    millis = ticks * 1000 // 10240
+    mvhd, tkhd, elst = _find(data, b"mvhd")[0], _find(data, b"tkhd")[0], _find(data, b"elst")
+    data[mvhd + 24: mvhd + 28] = struct.pack(">I", millis)
+    data[tkhd + 28: tkhd + 32] = struct.pack(">I", millis)
+    if elst:
+        data[elst[0] + 16: elst[0] + 20] = struct.pack(">I", millis)
+
+
+def test_a_variable_frame_rate_keeps_every_box_on_its_true_time(shared_dir, tmp_path):
+    """First half 0.2 s a frame, second half 0.05 s: the container's average rate (8 fps) fits no frame, and
+    index / fps would put frame 10 at 1.25 s instead of 2.0 s. Each keyframe's box must be the one shown then."""
+    (tmp_path / "clips").mkdir()
+    clip = write_scene(tmp_path / "clips" / "vfr.mp4", fire_patch(shared_dir), frames=20, second=(0, 0))
+    times = variable_rate(clip)
+    assert cv2.VideoCapture(str(clip)).get(cv2.CAP_PROP_FPS) == pytest.approx(8.0, abs=0.1)
+    client = app_client(tmp_path, video_frame_step=1)
+    with file_server(clip.parent) as base:
+        answer = client.post("/predict", json={"tasks": [{"id": 3, "data": {"video": f"{base}/vfr.mp4"}}],
+                                               "label_config": CONFIG.format(rate=20), "project": "1.1"})
+    [region] = answer.get_json()["results"][0]["result"]
+    sequence = check_region(region, 20.0)
+    assert sequence[0]["frame"] == 1 and sequence[-1]["frame"] == 1 + round(times[-1] * 20)   # 2.45 s: frame 50
+    assert [round(f.time_s, 4) for f in sampled_frames(clip)] == [round(t, 4) for t in times]  # the decoder's word
+    assert [k["enabled"] for k in sequence] == [True] * (len(sequence) - 1) + [False]     # one run throughout
+    by_frame = {1 + round(t * 20): i for i, t in enumerate(times)}
+    assert {k["frame"] for k in sequence} <= set(by_frame)                  # keyframes only where a frame was
+    for k in sequence:
+        x, y = moving(by_frame[k["frame"]])
+        assert k["x"] * 320 / 100 == pytest.approx(x, abs=2) and k["y"] * 180 / 100 == pytest.approx(y, abs=2)
+
+
+def test_a_track_missed_on_one_sampled_frame_stays_shown_and_a_longer_miss_is_a_gap(shared_dir, tmp_path):
+    """The detector misses the object on sampled frame 4 (one frame: bridged) and on 8 to 10 (three: the region
+    ends at 7, disabled, and starts again at 11; ByteTrack keeps its id over 0.6 s)."""
+    (tmp_path / "clips").mkdir()
+    write_scene(tmp_path / "clips" / "a.mp4", fire_patch(shared_dir), frames=30, second=(0, 0))
+    client = app_client(tmp_path, detector=BlobDetector(blind=(4, 8, 9, 10)), video_frame_step=2)
+    with file_server(tmp_path / "clips") as base:
+        answer = client.post("/predict", json={"tasks": [{"id": 1, "data": {"video": f"{base}/a.mp4"}}],
+                                               "label_config": CONFIG.format(rate=10), "project": "1.1"})
+    [region] = answer.get_json()["results"][0]["result"]
+    sequence = check_region(region, 10.0)
+    disabled = [k["frame"] for k in sequence if not k["enabled"]]
+    assert disabled == [1 + 2 * 7, 1 + 2 * 14]             # sampled frame 7 (decoded 14, Label Studio 15), the end
+    assert 1 + 2 * 11 in [k["frame"] for k in sequence]    # back on sampled frame 11
+    assert not any(1 + 2 * 4 == k["frame"] for k in sequence if not k["enabled"])
 
 
 def test_bad_files_get_no_prediction_and_the_others_still_do(shared_dir, tmp_path, caplog):

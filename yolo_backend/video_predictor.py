@@ -138,8 +138,13 @@ class VideoPredictor:
         regions: list[dict] = []
         for track in found.tracks:
             points = [_point(box, found, rate) for box in track.boxes]
-            region = track_region(points, names, serving.mapping, clip, frame_step=_max_gap(found.times, rate),
-                                  model_version=serving.version, task_key=key, index=len(regions))
+            frame_of = {box.frame_index: point.frame for box, point in zip(track.boxes, points)}
+            # One run while the track is seen on every sampled frame, or misses one (ByteTrack kept it): the editor
+            # interpolates across; a longer absence ends the run (enabled: false). Counted in sampled frames, not
+            # in Label Studio frames, which a variable frame rate spaces unevenly.
+            starts = {frame_of[index] for index in found.missed_starts(track)}
+            region = track_region(points, names, serving.mapping, clip, frame_step=clip.frames_count + 1,
+                                  model_version=serving.version, task_key=key, index=len(regions), run_starts=starts)
             if region is not None and _shown(track, serving, self.settings.model_score_threshold):
                 regions.append(region)
         return regions, found.task_score
@@ -181,15 +186,6 @@ def _point(box, found: VideoTracks, rate: float) -> TrackPoint:
     x1, y1, x2, y2 = box.xyxy
     return TrackPoint(label_studio_frame(box.time_s, rate), percent_box(x1, y1, x2, y2, found.width, found.height),
                       box.class_id, box.score)
-
-
-def _max_gap(times: list[float], rate: float) -> int:
-    """Label Studio frames between sampled frames that count as one run: twice the usual (median) gap between two
-    sampled frames, so a track the detector missed on one sampled frame stays shown through it (ByteTrack kept
-    it), while a longer absence ends the region there."""
-    frames = [label_studio_frame(t, rate) for t in times]
-    gaps = sorted(b - a for a, b in zip(frames, frames[1:]))
-    return max(1, 2 * (gaps[len(gaps) // 2] if gaps else 1))
 
 
 def _shown(track: Track, serving: VideoServing, default: float) -> bool:

@@ -66,8 +66,8 @@ class Track:
 
 @dataclass
 class VideoTracks:
-    """What one clip gave: tracks (ordered by first appearance), frame size, sampled frames and their times, the
-    task score, and the mean of the sampled frames' embeddings (when asked for)."""
+    """What one clip gave: tracks (ordered by first appearance), frame size, the sampled frames' times and decoding
+    indices, the task score, and the mean of the sampled frames' embeddings (when asked for)."""
 
     tracks: list[Track]
     width: int
@@ -75,6 +75,13 @@ class VideoTracks:
     times: list[float]
     task_score: float
     embedding: Optional[np.ndarray] = None
+    indices: list[int] = field(default_factory=list)
+
+    def missed_starts(self, track: Track, missed: int = 1) -> list[int]:
+        """Decoding indices where ``track`` comes back after more than ``missed`` sampled frames without it."""
+        ordinal = {index: n for n, index in enumerate(self.indices)}
+        pairs = zip(track.boxes, track.boxes[1:])
+        return [b.frame_index for a, b in pairs if ordinal[b.frame_index] - ordinal[a.frame_index] > missed + 1]
 
 
 @dataclass(frozen=True)
@@ -185,6 +192,7 @@ def track_video(frames: Iterable[Frame], detect: Detect, options: TrackOptions =
     """
     linker = _Linker(options)
     times: list[float] = []
+    indices: list[int] = []
     frame_scores: list[float] = []
     embeddings: list[np.ndarray] = []
     width = height = 0
@@ -194,10 +202,11 @@ def track_video(frames: Iterable[Frame], detect: Detect, options: TrackOptions =
         height, width = batch[0].rgb.shape[:2]
         for frame, found in zip(batch, detect([f.rgb for f in batch])):
             times.append(frame.time_s)
+            indices.append(frame.index)
             frame_scores.append(task_score(found, options.strategy, options.threshold, options.floor))
             if getattr(found, "embedding", None) is not None:
                 embeddings.append(np.asarray(found.embedding, np.float32))
             linker.add(frame, found.above(options.floor))
     tracks = sorted(linker.tracks.values(), key=lambda t: (t.boxes[0].time_s, t.track_id))
     embedding = np.mean(embeddings, axis=0) if embeddings else None
-    return VideoTracks(tracks, width, height, times, low_tail_mean(frame_scores), embedding)
+    return VideoTracks(tracks, width, height, times, low_tail_mean(frame_scores), embedding, indices)
