@@ -32,8 +32,10 @@ WORKDIR /app
 
 # torch first, from its own index, so requirements.txt finds it installed and never pulls the CUDA build.
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
-COPY requirements.txt ./
-RUN pip install --no-cache-dir -r requirements.txt
+COPY requirements.txt requirements-nodeps.txt ./
+# The video tracker without its dependencies: trackers lists opencv-python, a second cv2 beside the headless one.
+RUN pip install --no-cache-dir -r requirements.txt \
+    && pip install --no-cache-dir --no-deps -r requirements-nodeps.txt
 
 COPY _wsgi.py model_backend.py gunicorn.conf.py YoloToLabelStudio.py ./
 COPY yolo_backend ./yolo_backend

@@ -44,6 +44,8 @@ reqs=requirements.txt
 [ "$dev" = 1 ] && reqs=requirements-dev.txt
 say "installing what $reqs lists that is missing (onnxruntime, Flask, gunicorn, RQ, ...$([ "$dev" = 1 ] && echo ", test tools")) from PyPI"
 "$py" -m pip install -q -r "$reqs"
+say "installing the video tracker (trackers, supervision) without their dependencies (requirements-nodeps.txt: they list opencv-python, a second cv2)"
+"$py" -m pip install -q --no-deps -r requirements-nodeps.txt
 say "installing this checkout into .venv (pip install -e .)"
 "$py" -m pip install -q --no-deps -e .
 

@@ -187,6 +187,10 @@ def test_dockerfile_builds_what_the_repository_has():
     torch_step = next(i for i, r in enumerate(runs) if "torch==" in r)
     assert "--index-url \"${TORCH_INDEX_URL}\"" in runs[torch_step]
     assert torch_step < next(i for i, r in enumerate(runs) if "requirements.txt" in r)
+    # The video tracker without its dependencies (it lists opencv-python), after requirements.txt.
+    nodeps = next(r for r in runs if "requirements-nodeps.txt" in r)
+    assert "--no-deps -r requirements-nodeps.txt" in nodeps
+    assert nodeps.index("-r requirements.txt") < nodeps.index("requirements-nodeps.txt")
     # Non-root, health-checked, the serve command by default.
     user = by_keyword["USER"][-1]
     assert user.split(":")[0] not in ("root", "0")

@@ -164,3 +164,12 @@ def test_stored_shape_has_label_studios_keys_and_time_from_the_frame_rate():
     assert last["enabled"] is False
     with pytest.raises(ValueError):
         sequence_json([], 0.0)
+
+
+def test_run_starts_break_a_run_whatever_the_gap():
+    """A clip whose frame rate varies: points 4 frames apart are one run, and a run starts again where the caller
+    says the track was missed (frame 30), though 30 - 20 is no wider than ``max_gap``."""
+    track = {f: Box(10.0 + f, 20.0, 5.0, 5.0) for f in (1, 5, 9, 13, 17, 20, 30, 31)}
+    keyframes = sparse_sequence(track, max_gap=100, run_starts={30})
+    assert [(k.frame, k.enabled) for k in keyframes] == [(1, True), (20, False), (30, True), (31, False)]
+    assert [(k.frame, k.enabled) for k in sparse_sequence(track, max_gap=100)] == [(1, True), (31, False)]

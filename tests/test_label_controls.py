@@ -102,17 +102,18 @@ VIDEO = ('<View><Video name="video" value="$video"/><VideoRectangle name="box" t
 
 
 def test_an_unsupported_config_is_refused_saying_what_is_supported(tmp_path, model_file):  # noqa: F811
-    """A video or polygon project: Connect Model (/setup) and /predict answer 400 naming what the backend serves;
-    a config without control tags yet (a new project's <View/>) still connects."""
+    """A polygon project: Connect Model (/setup) and /predict answer 400 naming what the backend serves (a video
+    project connects); a config without control tags yet (a new project's <View/>) still connects."""
     client, _, _ = make_client(tmp_path, model_file)
-    response = client.post("/setup", json={"project": "1.1", "schema": VIDEO})
+    assert client.post("/setup", json={"project": "1.1", "schema": VIDEO}).status_code == 200
+    polygons = config('<PolygonLabels name="p" toName="image"><Label value="fire"/></PolygonLabels>')
+    response = client.post("/setup", json={"project": "1.1", "schema": polygons})
     assert response.status_code == 400, response.json
     error = response.json["error"]
-    assert "found: box (VideoRectangle), videoLabels (Labels)" in error
+    assert "found: p (PolygonLabels)" in error
     assert "Supported: RectangleLabels (boxes) and Choices (one answer per image) on an Image" in error
-    assert "PolygonLabels" in error and "(video is planned)" in error
-    status, body = predict(client, config('<PolygonLabels name="p" toName="image"><Label value="fire"/>'
-                                          '</PolygonLabels>'))
+    assert "VideoRectangle with Labels on a Video" in error and "PolygonLabels" in error
+    status, body = predict(client, polygons)
     assert status == 400 and "found: p (PolygonLabels)" in body["error"] and "Supported: " in body["error"]
     assert client.post("/setup", json={"project": "1.1", "schema": "<View></View>"}).status_code == 200
     assert client.post("/setup", json={"project": "1.1", "schema": config(choices())}).status_code == 200

@@ -7,6 +7,8 @@ Layers, top down (each imports only the ones below it; tests/test_layers.py chec
   jobs/              training queue, RQ jobs, training runs, pool scoring, run history
   simulate/          the active-learning simulator (strategies compared offline)
   predictor.py       Label Studio tasks -> prediction items (label config, model, images, regions, task score)
+  video_predictor.py video tasks -> videorectangle regions per track; video_tracks.py: detections -> ByteTrack tracks
+  video_frames.py    video files -> sampled frames with their true times (OpenCV's FFmpeg, streamed)
   runtime.py         what a process shares: settings, model holder, Label Studio session and API, version sync
   model_holder.py    which checkpoint serves a project, loaded once, swapped atomically
   registry.py        published model versions on disk

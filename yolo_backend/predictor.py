@@ -29,8 +29,10 @@ from .labelstudio.controls import ConfigControls, ServedControl, ServedRectangle
 from .labelstudio.images import ImageFetchError, shown_url
 from .labelstudio.results import failed_task_prediction, task_prediction
 from .labelstudio.urls import cut
+from .labelstudio.video_controls import is_video_config, read_video_control
 from .model_holder import LoadedModel
 from .runtime import BackendContext
+from .video_predictor import VideoPredictor
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +85,17 @@ class Predictor:
     def __init__(self, context: BackendContext):
         self.context = context
         self.settings = context.settings
+        self.videos = VideoPredictor(context)
 
     # --- what serves ------------------------------------------------------------------------------------------
     def labels(self, label_config: Optional[str]) -> tuple[str, ...]:
         """The served RectangleLabels' labels of a label config ((): none usable). With nothing configured they size
         the untrained model a project starts from."""
         try:
-            return read_controls(parse_label_config(label_config), self.settings.from_name).labels
+            parsed = parse_label_config(label_config)
+            if is_video_config(parsed):
+                return read_video_control(parsed, self.settings.from_name).labels
+            return read_controls(parsed, self.settings.from_name).labels
         except LabelConfigError:
             return ()
 
@@ -112,8 +118,12 @@ class Predictor:
         every selected task in one request and stores nothing if the answer takes longer than its 100 s, so the
         work goes in chunks (bounded memory too) and the tasks not reached get an item without ``result``."""
         started = time.monotonic()
-        serving = self.serving(project_id, label_config)
         deadline = started + self.settings.predict_deadline_s
+        parsed = parse_label_config(label_config)
+        if is_video_config(parsed):  # a video project: one video at a time, the deadline checked inside each
+            run = self.videos.predict(project_id, parsed, tasks, deadline)
+            return PredictionRun(run.version, [v.item for v in run.items], run.unfinished)
+        serving = self.serving(project_id, label_config)
         items: list[dict] = []
         for start in range(0, len(tasks), self.chunk_size):
             if start and time.monotonic() > deadline:
@@ -127,7 +137,12 @@ class Predictor:
 
     def score(self, project_id: Optional[int], label_config: Optional[str],
               tasks: list[dict]) -> tuple[str, list[ScoredTask]]:
-        """Pool scoring: (the serving version, each task's item and image embedding from the same forward pass)."""
+        """Pool scoring: (the serving version, each task's item and image embedding from the same forward pass; a
+        video's is the mean over its sampled frames)."""
+        parsed = parse_label_config(label_config)
+        if is_video_config(parsed):
+            run = self.videos.predict(project_id, parsed, tasks, deadline=None, embed=True)
+            return run.version, [ScoredTask(v.item, v.embedding) for v in run.items]
         serving = self.serving(project_id, label_config)
         scored: list[ScoredTask] = []
         for start in range(0, len(tasks), self.chunk_size):

@@ -103,8 +103,20 @@ class Settings:
         "request and stores nothing when the answer takes more than its 100 s; tasks not reached by then get no "
         "prediction in that answer (Label Studio asks for them again).")
     video_frame_step: int = setting(
-        5, "Video tasks (in progress): the detector sees every Nth decoded frame; boxes between are interpolated by "
-        "Label Studio's editor (consecutive frames of a clip differ little).")
+        5, "Video tasks: the detector sees every Nth decoded frame; boxes between are interpolated by Label Studio's "
+        "editor (consecutive frames of a clip differ little). Every frame is still decoded (codecs must).")
+    video_max_mb: int = setting(
+        2048, "Video files larger than this (MiB) get no prediction; downloads stop there (0: no bound).")
+    video_timeout: float = setting(
+        120.0, "Seconds one video download may take in all (a deadline for the whole download, not per read).")
+    video_max_seconds: float = setting(
+        1800.0, "Videos longer than this (seconds, from the header and while decoding) get no prediction (0: no "
+        "bound).")
+    video_max_frames: int = setting(
+        54000, "Videos with more decoded frames than this get no prediction (0: no bound).")
+    video_max_pixels: int = setting(
+        2560 * 1440, "Videos whose frames have more pixels than this get no prediction (0: no bound); the default "
+        "takes 1440p and refuses 4K (scale it down first).")
     # training from video annotations (jobs/video_dataset.py)
     video_train_frames_per_clip: int = setting(
         30, "Training from video: the most frames taken from one annotated clip, spread evenly over its frames with "
@@ -257,13 +269,14 @@ class Settings:
                 raise SettingsError(f"{name.upper()}={value} must be a positive multiple of 32 (e.g. 320, 640)")
         for name in ("predict_batch_size", "train_batch_size", "max_detections", "image_timeout",
                      "train_time_budget_s", "train_epochs", "train_lr", "max_request_mb", "max_concurrent_predicts",
-                     "max_queued_projects", "predict_deadline_s", "video_frame_step", "pool_chunk_size",
-                     "request_read_timeout_s", "port"):
+                     "max_queued_projects", "predict_deadline_s", "video_frame_step", "video_timeout",
+                     "pool_chunk_size", "request_read_timeout_s", "port"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must be greater than 0")
         for name in ("image_cache_mb", "keep_versions", "torch_threads", "max_image_pixels", "train_nominal_batch",
                      "min_annotations_first_training",
-                     "train_warmup_epochs", "pool_clusters", "publish_tolerance_se"):
+                     "train_warmup_epochs", "pool_clusters", "publish_tolerance_se", "video_max_mb",
+                     "video_max_seconds", "video_max_frames", "video_max_pixels"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must not be negative")
         for name in ("model_score_threshold", "iou_threshold", "score_floor"):

@@ -48,6 +48,7 @@ def train_project(context, project_id: Optional[int], event: str = "START_TRAINI
     returns a summary dict. ``label_config``: used when Label Studio's project has none."""
     from ..labelstudio.config import parse_label_config
     from ..labelstudio.controls import read_controls
+    from ..labelstudio.video_controls import is_video_config
 
     report = progress or (lambda event: None)
     settings = context.settings
@@ -69,7 +70,13 @@ def train_project(context, project_id: Optional[int], event: str = "START_TRAINI
         return {"project": project_id, "event": event, "trained": False, "published": False,
                 "reason": f"project {project_id} does not exist in Label Studio ({exc})"}
     label_config = project.get("label_config") or label_config
-    controls = read_controls(parse_label_config(label_config), settings.from_name)
+    parsed = parse_label_config(label_config)
+    if is_video_config(parsed):  # predictions work for video projects; training on their annotations does not yet
+        why = "training from video annotations is not built yet (README: Video); nothing trained or published"
+        log.warning("project %s: %s", project_id, why)
+        report({"phase": JobPhase.DONE, "message": why})
+        return {"project": project_id, "event": event, "trained": False, "published": False, "reason": why}
+    controls = read_controls(parsed, settings.from_name)
     target = controls.box_target()
     names = list(target.labels)
     tasks = annotated_tasks(client, project_id)

@@ -15,5 +15,6 @@ Imports no torch: it works on ``Detections`` (numpy) from the detector layer and
   connection.py    whether a project has this backend connected (the backend acts only there)
   version_sync.py  switching a project's model_version (the one rule, and the bounded background sync)
   images.py        task image URLs -> bytes (uploads, local files, URLs, cloud presign) -> RGB arrays, with a cache
+  videos.py        task video URLs -> a local file (the image rules; streamed to a temporary file, bounded)
   storage.py       Local Storage paths and cloud presign URLs; deadline.py: a deadline for a whole download
 """

@@ -34,9 +34,9 @@ THRESHOLD_ATTR = "model_score_threshold"
 SKIP_ATTR = "model_skip"
 PREDICTED_ATTR = "predicted_values"
 FALSE_WORDS = ("false", "no", "0", "")
-SUPPORTED = ("Supported: RectangleLabels (boxes) and Choices (one answer per image) on an Image; Video "
-             "(VideoRectangle), PolygonLabels, KeyPointLabels, BrushLabels, Labels with Rectangle and the other tags "
-             "are not (video is planned)")
+SUPPORTED = ("Supported: RectangleLabels (boxes) and Choices (one answer per image) on an Image, and "
+             "VideoRectangle with Labels on a Video (predictions; training from video is not built yet); "
+             "PolygonLabels, KeyPointLabels, BrushLabels, Labels with Rectangle and the other tags are not")
 
 
 @dataclass(frozen=True)
@@ -273,8 +273,8 @@ def read_controls(parsed: Mapping[str, Mapping[str, Any]], from_name: Optional[s
         found = ", ".join(f"{name} ({info.get('type')})" for name, info in parsed.items()) or "no control tags"
         if any(info.get("type") == "VideoRectangle" for info in parsed.values()):
             raise LabelConfigError(
-                f"the label config is a video object tracking config (found: {found}): the backend reads it, but "
-                f"does not predict or train on video yet (README: Video (in progress)). {SUPPORTED}")
+                f"the label config is a video object tracking config (found: {found}): video projects are served "
+                f"by the video path (README: Video), not as images; this step takes images only. {SUPPORTED}")
         raise LabelConfigError(
             "the label config has no <RectangleLabels> or <Choices> control for the model attached to an <Image> "
             f"(found: {found}{'; ' + SKIP_ATTR + ': ' + ', '.join(skipped) if skipped else ''}). {SUPPORTED}; add "

@@ -29,7 +29,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import requests
@@ -188,7 +188,7 @@ class ImageFetcher:
         self.timeout = timeout        # seconds for the whole download, not per read
         self.max_pixels = max_pixels
 
-    def _source(self, url: str, task_id: Optional[int]) -> tuple[str, str]:
+    def source(self, url: str, task_id: Optional[int]) -> tuple[str, str]:
         """(how, what): ("file", path) | ("data", url) | ("ls", url-or-path) | ("web", url)."""
         url = url.strip()
         if url.startswith("data:"):
@@ -229,7 +229,7 @@ class ImageFetcher:
         """(bytes, cache key or None, whether they came from the cache)."""
         if not isinstance(url, str) or not url.strip():
             raise ImageFetchError(f"the task has no image URL (got {shorten(repr(url))})")
-        how, what = self._source(url, task_id)
+        how, what = self.source(url, task_id)
         if how == "file":
             try:
                 if os.path.getsize(what) > MAX_IMAGE_BYTES:
@@ -252,13 +252,21 @@ class ImageFetcher:
 
     def _download(self, how: str, what: str, original: str) -> bytes:
         """The whole download within ``timeout`` seconds: a server dripping bytes is cut off at the deadline."""
-        deadline = Deadline(self.timeout)
+        chunks: list[bytes] = []
+        self.stream(how, what, original, chunks.append, MAX_IMAGE_BYTES, self.timeout)
+        return b"".join(chunks)
+
+    def stream(self, how: str, what: str, original: str, sink: Callable[[bytes], Any], max_bytes: int,
+               timeout: float, setting: str = "IMAGE_TIMEOUT") -> None:
+        """Download ``what`` (``how``: "ls" or "web", from ``source``) into ``sink`` chunk by chunk, at most
+        ``max_bytes`` and ``timeout`` seconds in all (``setting`` names the timeout in the error)."""
+        deadline = Deadline(timeout)
         try:
             with deadline:
                 if how == "ls":
-                    response = self.session.get(what, timeout=self.timeout, stream=True)
+                    response = self.session.get(what, timeout=timeout, stream=True)
                 else:
-                    response = self.session.fetch_plain(what, timeout=self.timeout, stream=True)
+                    response = self.session.fetch_plain(what, timeout=timeout, stream=True)
                 deadline.watch(response)
                 deadline.check()  # cut off while the headers came: what was read of them is not an answer
                 with response:
@@ -267,23 +275,21 @@ class ImageFetcher:
                                                                                            "error")
                         raise ImageFetchError(f"{shorten(original)}: HTTP {response.status_code} ({hint}) from "
                                               f"{shorten(response.url)}")
-                    chunks, total = [], 0
+                    total = 0
                     for chunk in response.iter_content(1 << 16):
                         total += len(chunk)
-                        if total > MAX_IMAGE_BYTES:
-                            raise ImageFetchError(f"{shorten(original)}: larger than {MAX_IMAGE_BYTES >> 20} MiB; "
+                        if total > max_bytes:
+                            raise ImageFetchError(f"{shorten(original)}: larger than {max_bytes >> 20} MiB; "
                                                   "refused")
-                        chunks.append(chunk)
+                        sink(chunk)
                         deadline.check()
                     deadline.check()
         except (LabelStudioAuthError, UnsafeURL) as exc:
             raise ImageFetchError(f"{shorten(original)}: {exc}") from None
         except (requests.RequestException, OSError, DeadlinePassed) as exc:
             if deadline.passed or isinstance(exc, requests.Timeout):
-                raise ImageFetchError(f"{shorten(original)}: timed out after {self.timeout:g} s "
-                                      "(IMAGE_TIMEOUT)") from None
+                raise ImageFetchError(f"{shorten(original)}: timed out after {timeout:g} s ({setting})") from None
             raise ImageFetchError(f"{shorten(original)}: download failed: {shorten(exc)}") from None
-        return b"".join(chunks)
 
     def load(self, url: str, task_id: Optional[int] = None) -> np.ndarray:
         """The task image as HxWx3 uint8 RGB (EXIF orientation applied). Decodable downloads are cached."""
@@ -299,7 +305,7 @@ class ImageFetcher:
     def local_path(self, url: str, task_id: Optional[int] = None) -> str:
         """A file on this machine holding the image (the classic ``get_local_path``): the Local Storage file
         itself, or the cached download."""
-        how, what = self._source(url, task_id)
+        how, what = self.source(url, task_id)
         if how == "file":
             return what
         if self.cache is None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Collection, Iterable, Mapping, Optional, Sequence
 
 from .config import LabelConfigError
 
@@ -149,26 +149,29 @@ def dense_boxes(keyframes: Sequence[Keyframe], frames_count: Optional[int] = Non
 
 
 # --- boxes -> keyframes ------------------------------------------------------------------------------------------
-def sparse_sequence(track: Mapping[int, Box], tolerance: float = 0.5, max_gap: int = 1) -> list[Keyframe]:
+def sparse_sequence(track: Mapping[int, Box], tolerance: float = 0.5, max_gap: int = 1,
+                    run_starts: Collection[int] = ()) -> list[Keyframe]:
     """Keyframes that make the editor show ``track`` (frame -> box) within ``tolerance`` percent points on every
     frame of it, with as few keyframes as a greedy pass finds.
 
     Frames at most ``max_gap`` apart are one run (the detector saw every Nth frame: ``max_gap=N`` lets the editor
     interpolate between them); a longer gap ends a run with a disabled keyframe on its last frame, so the box is not
     shown where the track has none. The last run ends disabled too: a track ends where it was last seen.
+    ``run_starts``: frames that start a new run whatever the gap (the caller knows where the track was missed, e.g.
+    on a clip whose frame rate varies, where no one ``max_gap`` fits).
     """
     if max_gap < 1:
         raise ValueError("max_gap must be at least 1 (frames next to each other)")
     keyframes: list[Keyframe] = []
-    for run in _runs(sorted(track), max_gap):
+    for run in _runs(sorted(track), max_gap, run_starts):
         keyframes += _run_keyframes(run, track, tolerance)
     return keyframes
 
 
-def _runs(frames: Sequence[int], max_gap: int) -> Iterable[list[int]]:
+def _runs(frames: Sequence[int], max_gap: int, starts: Collection[int] = ()) -> Iterable[list[int]]:
     run: list[int] = []
     for frame in frames:
-        if run and frame - run[-1] > max_gap:
+        if run and (frame - run[-1] > max_gap or frame in starts):
             yield run
             run = []
         run.append(frame)

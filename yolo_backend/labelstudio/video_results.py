@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Collection, Optional, Sequence
 
 from .config import LabelMapping
 from .keyframes import Box, sequence_json, sparse_sequence
@@ -64,11 +64,12 @@ def majority_label(points: Sequence[TrackPoint], mapping: LabelMapping) -> Optio
 
 def track_region(points: Sequence[TrackPoint], names: tuple[str, str], mapping: LabelMapping, clip: VideoClip,
                  frame_step: int = 1, tolerance: float = 0.5, model_version: str = "", task_key: Any = "",
-                 index: int = 0) -> Optional[dict]:
+                 index: int = 0, run_starts: Collection[int] = ()) -> Optional[dict]:
     """The ``videorectangle`` region of one track (None: no point has a class with a label).
 
     ``names``: (from_name, to_name). ``frame_step``: the frames the detector saw are this far apart, so points this
-    far apart are one run for the editor to interpolate across (``sparse_sequence``'s ``max_gap``).
+    far apart are one run for the editor to interpolate across (``sparse_sequence``'s ``max_gap``); ``run_starts``:
+    frames where a new run starts whatever the gap (``sparse_sequence``).
     """
     label = majority_label(points, mapping)
     if label is None or not points:
@@ -76,7 +77,7 @@ def track_region(points: Sequence[TrackPoint], names: tuple[str, str], mapping: 
     track: dict[int, Box] = {}
     for point in sorted(points, key=lambda p: p.frame):
         track.setdefault(point.frame, point.box)  # two detections on one frame: the first
-    keyframes = sparse_sequence(track, tolerance=tolerance, max_gap=max(1, frame_step))
+    keyframes = sparse_sequence(track, tolerance=tolerance, max_gap=max(1, frame_step), run_starts=run_starts)
     return {
         "id": region_id(model_version, task_key, index),
         "from_name": names[0],

@@ -61,7 +61,9 @@ def setup():
         parsed = parse_label_config(schema)
         check_control_attributes(parsed)
         check_video_attributes(parsed)
-        if parsed:  # control tags, but none the model serves (a video, polygons): Connect Model says what is
+        if is_video_config(parsed):  # a video object tracking project: its VideoRectangle and labels
+            read_video_control(parsed, s.context.settings.from_name)
+        elif parsed:  # control tags, but none the model serves (polygons): Connect Model says what is
             read_controls(parsed, s.context.settings.from_name)  # supported. An empty <View/> is a new project.
     s.context.session.update_from_setup(hostname, access_token)
     remember_config(s, project_id, schema)
@@ -245,7 +247,7 @@ def after_prediction(s: ServerState, project_id: Optional[int], answer: Answer, 
     unavailable = failed - leftovers
     log.info("predicted %d task(s) for project %s with %s in %.2f s%s%s", len(results) - failed, project_id,
              version, elapsed, f"; {leftovers} left at PREDICT_DEADLINE_S" if leftovers else "",
-             f"; {unavailable} without prediction (image not available, see above)" if unavailable else "")
+             f"; {unavailable} without prediction (image or video not available, see above)" if unavailable else "")
     if version != NO_MODEL_VERSION and failed < len(results):
         s.context.version_sync.request(project_id, version)
     if leftovers and s.context.training is not None and project_id is not None:

@@ -19,6 +19,7 @@ from ..jobs.history import finite, read_runs
 from .effort import effort_status
 from ..labelstudio.config import LabelConfigError, parse_label_config
 from ..labelstudio.controls import read_controls
+from ..labelstudio.video_controls import is_video_config, read_video_control
 from ..registry import ModelVersion, Registry, RegistryError
 from ..settings import Settings
 from ..model_holder import NoModelError
@@ -350,13 +351,16 @@ def current_job(context, project_id: int) -> tuple[Optional[dict], dict]:
 # --------------------------------------------------------------------------------------------------------------
 
 def project_labels(context, project_id: Optional[int]) -> tuple:
-    """The served RectangleLabels' labels of the project's last label config seen by this process (() when
-    none)."""
+    """The served RectangleLabels' (or a video project's VideoRectangle's) labels of the project's last label config
+    seen by this process (() when none)."""
     config = context.label_configs.get(project_id)
     if not config:
         return ()
     try:
-        return read_controls(parse_label_config(config), context.settings.from_name).labels
+        parsed = parse_label_config(config)
+        if is_video_config(parsed):
+            return read_video_control(parsed, context.settings.from_name).labels
+        return read_controls(parsed, context.settings.from_name).labels
     except LabelConfigError:
         return ()
 
