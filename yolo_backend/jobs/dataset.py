@@ -31,7 +31,7 @@ from ..labelstudio.urls import cut, shorten
 from ..settings import Settings
 from ..yolov7 import graphs
 from . import TrainingError
-from .examples import Example, scale_to
+from .examples import Example, class_boxes, scale_to
 from .states import JobPhase
 
 if TYPE_CHECKING:
@@ -103,22 +103,17 @@ def annotation_boxes(annotation: dict, target, width: int, height: int, from_nam
     """The annotation's rectangles for ``target`` (or the controls ``from_names``) in pixels of a ``width`` x
     ``height`` image (the rule: labelstudio/regions.py): (boxes xyxy, class ids by the config's label order, labels
     that match no config label, bad regions skipped)."""
-    index = {label.lower(): i for i, label in enumerate(target.labels)}
-    boxes, classes, unknown, bad = [], [], [], []
+    found, bad = [], []
     for region in annotation.get("result") or []:
         if not is_box_region(region, from_names or target.from_name):
             continue
         box = region_box(region, (width, height))
         if isinstance(box, BadRegion):
             bad.append(box)
-            continue
-        cls = index.get(box.label.lower())
-        if cls is None:
-            unknown.append(box.label)
-            continue
-        boxes.append(box.pixels(width, height))
-        classes.append(cls)
-    return (np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(classes, np.int64), unknown, bad)
+        else:
+            found.append(box)
+    boxes, classes, unknown = class_boxes(found, target.labels, width, height)
+    return boxes, classes, unknown, bad
 
 
 def is_validation(project_id: int, task_id: int) -> bool:

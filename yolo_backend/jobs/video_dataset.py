@@ -25,13 +25,13 @@ from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence, 
 
 import numpy as np
 
-from ..labelstudio.regions import BadRegion, RegionBox
+from ..labelstudio.regions import BadRegion
 from ..labelstudio.urls import cut, shorten
 from ..labelstudio.video_controls import VideoRectangleControl
 from ..labelstudio.video_regions import clip_boxes, is_video_box_region, sample_frames, stored_frames_count
 from ..settings import Settings
 from ..video_frames import VideoLimits, frame_count_hint, frames_at, probe
-from .examples import Example, scale_to
+from .examples import Example, class_boxes, scale_to
 from .states import JobPhase
 
 log = logging.getLogger(__name__)
@@ -95,22 +95,6 @@ def is_video_task(task: dict, annotation: dict, control: VideoRectangleControl,
     return any(is_video_box_region(r, control.name) for r in annotation.get("result") or [])
 
 
-def frame_boxes(boxes: Sequence[RegionBox], names: Sequence[str], width: int, height: int) \
-        -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """A frame's boxes in pixels of a ``width`` x ``height`` frame, their class ids by ``names`` (case-insensitive),
-    and the labels that match no name."""
-    index = {str(name).lower(): i for i, name in enumerate(names)}
-    pixels, classes, unknown = [], [], []
-    for box in boxes:
-        cls = index.get(box.label.lower())
-        if cls is None:
-            unknown.append(box.label)
-            continue
-        pixels.append(box.pixels(width, height))
-        classes.append(cls)
-    return np.asarray(pixels, np.float32).reshape(-1, 4), np.asarray(classes, np.int64), unknown
-
-
 def clip_examples(path: Union[str, Path], task_id: int, results: Sequence[Any], control: VideoRectangleControl,
                   frame_rate: float, names: Sequence[str], size: int, most: int,
                   sampling: Optional[VideoSampling] = None, limits: Optional[VideoLimits] = None) -> ClipExamples:
@@ -125,7 +109,7 @@ def clip_examples(path: Union[str, Path], task_id: int, results: Sequence[Any], 
     targets = sample_frames(clip, most, sampling.min_gap(frame_rate), sampling.negative_share)
     for number, frame in frames_at(Path(path), targets, frame_rate, limits):
         height, width = frame.rgb.shape[:2]
-        boxes, classes, unknown = frame_boxes(clip.on(number), names, width, height)
+        boxes, classes, unknown = class_boxes(clip.on(number), names, width, height)
         small, r = scale_to(frame.rgb, size)
         out.examples.append(Example(int(task_id), np.ascontiguousarray(small), boxes * r, classes, None, r))
         out.unknown += unknown
