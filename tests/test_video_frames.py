@@ -105,6 +105,15 @@ def test_not_a_video_and_a_truncated_one(tmp_path):
     assert len(frames) < 30                             # never more than is there, and no crash
 
 
+def test_missing_or_falling_timestamps_fall_back_to_one_frame_period():
+    from yolo_backend.video_frames import FrameClock
+
+    clock = FrameClock(fps=10.0)   # a container whose every timestamp is 0
+    assert [round(clock.time(0.0), 6) for _ in range(4)] == [0.0, 0.1, 0.2, 0.3]
+    clock = FrameClock(fps=0.0)    # no rate either: 25 fps; rising timestamps are kept as they are
+    assert [round(clock.time(t), 6) for t in (0.0, 0.5, 0.4, 1.0)] == [0.0, 0.5, 0.54, 1.0]
+
+
 def test_step_must_be_positive(tmp_path):
     with pytest.raises(ValueError):
         next(sampled_frames(write_clip(tmp_path / "a.mp4", frames=2), step=0))

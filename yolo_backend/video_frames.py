@@ -5,7 +5,8 @@ second copy of FFmpeg in the image). Frames are read in order: ``grab`` decodes 
 the sampled ones are converted and handed on, one at a time.
 
 Times come from each decoded frame's own timestamp (``CAP_PROP_POS_MSEC``), not from index / frame rate: a frame rate
-read wrong from the container, or a variable-frame-rate file, would otherwise shift boxes in time. Label Studio
+read wrong from the container, or a variable-frame-rate file, would otherwise shift boxes in time (where a container
+gives no rising timestamps, ``FrameClock`` falls back to one frame period after the frame before). Label Studio
 numbers frames from 1 at its Video tag's ``frameRate``: ``label_studio_frame`` maps a time to that number.
 
 The detector and Label Studio are both unknown here: this module knows files, frames and times.
@@ -120,10 +121,11 @@ def sampled_frames(path: Path, step: int = 1, limits: VideoLimits = VideoLimits(
     path = Path(path)
     capture = _capture(path)
     try:
-        _check(path, _info(capture), limits)
-        index = 0
+        info = _info(capture)
+        _check(path, info, limits)
+        index, clock = 0, FrameClock(info.fps)
         while capture.grab():
-            time_s = float(capture.get(cv2.CAP_PROP_POS_MSEC)) / 1000.0
+            time_s = clock.time(float(capture.get(cv2.CAP_PROP_POS_MSEC)) / 1000.0)
             _check_running(path, index, time_s, limits)
             if index % step == 0:
                 ok, bgr = capture.retrieve()
@@ -133,6 +135,22 @@ def sampled_frames(path: Path, step: int = 1, limits: VideoLimits = VideoLimits(
             index += 1
     finally:
         capture.release()
+
+
+class FrameClock:
+    """Each decoded frame's time: its own timestamp while timestamps rise; a container whose timestamps are missing
+    (all 0) or go backwards would put every box on one frame, so such a frame is placed one frame period (the
+    container's rate, else 25 fps) after the one before."""
+
+    def __init__(self, fps: float):
+        self.period = 1.0 / fps if fps > 0 else 1.0 / 25.0
+        self.last: Optional[float] = None
+
+    def time(self, timestamp_s: float) -> float:
+        if self.last is not None and not timestamp_s > self.last:
+            timestamp_s = self.last + self.period
+        self.last = timestamp_s
+        return timestamp_s
 
 
 def _check_running(path: Path, index: int, time_s: float, limits: VideoLimits) -> None:
@@ -169,10 +187,11 @@ def frames_at(path: Path, targets: Sequence[int], frame_rate: float,
     path = Path(path)
     capture = _capture(path)
     try:
-        _check(path, _info(capture), limits)
-        index, next_target = 0, 0
+        info = _info(capture)
+        _check(path, info, limits)
+        index, next_target, clock = 0, 0, FrameClock(info.fps)
         while next_target < len(wanted) and capture.grab():
-            time_s = float(capture.get(cv2.CAP_PROP_POS_MSEC)) / 1000.0
+            time_s = clock.time(float(capture.get(cv2.CAP_PROP_POS_MSEC)) / 1000.0)
             _check_running(path, index, time_s, limits)
             number = label_studio_frame(time_s, frame_rate)
             if number >= wanted[next_target]:
