@@ -194,3 +194,21 @@ def test_score_pool_endpoint(tmp_path, redis_server, connection):
     metrics = client.get("/prometheus").get_data(as_text=True)
     assert 'yolo_backend_pool_scoring_tasks{project="3",state="done",version="v1"} 4.0' in metrics \
         or 'yolo_backend_pool_scoring_tasks{project="3",version="v1",state="done"} 4.0' in metrics, metrics
+
+
+def test_a_video_project_scores_its_pool_in_small_chunks():
+    from yolo_backend.jobs.pool.clustering import CLUSTER_SAMPLE, cluster_sample_size
+    from yolo_backend.jobs.pool.scorer import chunk_size
+
+    video = ('<View><Video name="video" value="$video"/><VideoRectangle name="box" toName="video"/>'
+             '<Labels name="videoLabels" toName="video"><Label value="fire"/></Labels></View>')
+    image = '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">' \
+            '<Label value="fire"/></RectangleLabels></View>'
+    settings = Settings.from_env(env={}, pool_chunk_size=200, pool_video_chunk_size=7)
+    assert chunk_size(settings, video) == 7 and chunk_size(settings, image) == 200
+    assert chunk_size(settings, None) == 200 and chunk_size(settings, "<View><oops") == 200
+    # clusters are fitted on at most 3 chunks of clips; images keep SAMPLE_PER_CLUSTER per cluster up to the cap
+    assert cluster_sample_size(500, 10, 7, video=True) == 21
+    assert cluster_sample_size(5000, 10, 200, video=False) == 200
+    assert cluster_sample_size(50000, 500, 200, video=False) == CLUSTER_SAMPLE
+    assert cluster_sample_size(5, 10, 7, video=True) == 5

@@ -226,6 +226,10 @@ class Settings:
         "embedding); 0: about sqrt(tasks / 2), 2 to 100; 1: one cluster (plain lowest-score-first order).")
     pool_chunk_size: int = setting(
         200, "Tasks per pool-scoring chunk job: several workers share a large pool chunk by chunk.")
+    pool_video_chunk_size: int = setting(
+        10, "Clips per pool-scoring chunk job in a video project (a 60 s clip at VIDEO_FRAME_STEP 5 is 300 detector "
+        "passes: a chunk must end within its 30-minute job timeout); also the most clips the version's clusters "
+        "are fitted on, times 3.")
     keep_old_predictions: bool = setting(
         False, "Keep the predictions of this backend's older versions. Off, they are deleted once a task's new one is "
         "stored, so a task keeps one prediction of ours (Label Studio counts an annotator's solved clusters over "
@@ -270,7 +274,7 @@ class Settings:
         for name in ("predict_batch_size", "train_batch_size", "max_detections", "image_timeout",
                      "train_time_budget_s", "train_epochs", "train_lr", "max_request_mb", "max_concurrent_predicts",
                      "max_queued_projects", "predict_deadline_s", "video_frame_step", "video_timeout",
-                     "pool_chunk_size", "request_read_timeout_s", "port"):
+                     "pool_chunk_size", "pool_video_chunk_size", "request_read_timeout_s", "port"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must be greater than 0")
         for name in ("image_cache_mb", "keep_versions", "torch_threads", "max_image_pixels", "train_nominal_batch",

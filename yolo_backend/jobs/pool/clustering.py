@@ -10,12 +10,20 @@ import numpy as np
 
 from .. import TrainingError
 from .plan import cluster_path, version_seed
-from .scorer import PoolScorer
+from .scorer import PoolScorer, is_video_project
 
 log = logging.getLogger(__name__)
 
 CLUSTER_SAMPLE = 1000        # most tasks the version's centroids are fitted on (scored and stored by the coordinator)
 SAMPLE_PER_CLUSTER = 10      # ... and as many as this per cluster (at least a chunk): the rest goes to chunk jobs
+
+
+def cluster_sample_size(todo: int, wanted: int, chunk: int, video: bool) -> int:
+    """How many tasks the coordinator scores to fit ``wanted`` centroids: SAMPLE_PER_CLUSTER each, at least a chunk,
+    at most CLUSTER_SAMPLE; in a video project at most 3 chunks (clips are slow to score, and the coordinator's job
+    has a timeout too)."""
+    most = 3 * chunk if video else CLUSTER_SAMPLE
+    return min(most, max(chunk, SAMPLE_PER_CLUSTER * wanted), todo)
 
 
 def load_or_fit_clusters(scorer: PoolScorer, version: str, todo: list[dict], total: int, stale: dict,
@@ -33,7 +41,7 @@ def load_or_fit_clusters(scorer: PoolScorer, version: str, todo: list[dict], tot
     seed = version_seed(version)
     rng = np.random.default_rng(seed)
     wanted = scorer.settings.pool_clusters or auto_cluster_count(total)
-    size = min(CLUSTER_SAMPLE, max(scorer.settings.pool_chunk_size, SAMPLE_PER_CLUSTER * wanted), len(todo))
+    size = cluster_sample_size(len(todo), wanted, scorer.chunk_size, is_video_project(scorer.label_config))
     take = sorted(rng.choice(len(todo), size=size, replace=False).tolist()) if todo else []
     sample = scorer.claim(version, [todo[i] for i in take])
     try:

@@ -118,7 +118,7 @@ def _coordinate(scorer: PoolScorer, run: RunPlan, queue_name: Optional[str]) -> 
         with contextlib.suppress(Exception):  # Label Studio serves by this version only once it is the project's
             switch_version(scorer.client, scorer.context.connection, scorer.project_id, version,
                            settings.uncertainty_sampling)
-    size = max(1, settings.pool_chunk_size)
+    size = scorer.chunk_size
     chunks = [rest[i:i + size] for i in range(0, len(rest), size)]
     scorer.status.set_chunks(len(chunks))
     summary: dict[str, Any] = {}

@@ -24,6 +24,23 @@ STORED_TTL_S = 7 * 24 * 3600
 STORED_POLL_S = 3
 
 
+def is_video_project(label_config: Optional[str]) -> bool:
+    """Whether the project's tasks are clips (its config is a video object tracking one)."""
+    from ...labelstudio.config import LabelConfigError, parse_label_config
+    from ...labelstudio.video_controls import is_video_config
+
+    try:
+        return bool(label_config) and is_video_config(parse_label_config(label_config or ""))
+    except LabelConfigError:
+        return False
+
+
+def chunk_size(settings: Settings, label_config: Optional[str]) -> int:
+    """Tasks per chunk job: POOL_VIDEO_CHUNK_SIZE clips in a video project (a clip costs hundreds of detector
+    passes), else POOL_CHUNK_SIZE images."""
+    return max(1, settings.pool_video_chunk_size if is_video_project(label_config) else settings.pool_chunk_size)
+
+
 class PoolScorer:
     """Scores and stores tasks of one project with the version serving it (shared by coordinator and chunks)."""
 
@@ -46,6 +63,10 @@ class PoolScorer:
         self.predictor = Predictor(self.context)
         self.connection, self.keys = connection, keys
         self.status = RunStatus(connection, keys, self.project_id)
+
+    @property
+    def chunk_size(self) -> int:
+        return chunk_size(self.settings, self.label_config)
 
     def serving_version(self) -> str:
         """The version serving the project now (the server's rule, ``model_holder``), without loading it."""
