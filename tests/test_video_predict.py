@@ -472,3 +472,20 @@ def test_training_a_video_project_says_it_is_not_built_yet_and_publishes_nothing
     assert "training from video annotations is not built yet" in summary["reason"]
     assert caplog.text.count("training from video annotations is not built yet") == 1
     assert not (tmp_path / "models" / "1").exists() or not any((tmp_path / "models" / "1").rglob("*.pt"))
+
+
+def test_a_track_lost_for_a_while_where_another_ended_continues_it():
+    from yolo_backend.video_tracks import Track, TrackedBox, stitch
+
+    def track(track_id, times, box):
+        return Track(track_id, [TrackedBox(int(t * 10), t, box, 0, 0.5) for t in times])
+
+    here, there = (10.0, 10.0, 50.0, 50.0), (200.0, 200.0, 240.0, 240.0)
+    flicker = [track(1, [0.0, 1.0, 2.0], here), track(7, [4.0, 5.0], (12.0, 10.0, 52.0, 50.0)),   # back at 4 s
+               track(3, [4.5, 6.0], there),                        # another object: no overlap
+               track(4, [1.5, 2.5], (100.0, 10.0, 140.0, 50.0)),   # a second object, elsewhere
+               track(9, [12.0, 13.0], here)]                       # back after 7 s: past the 5 s gap
+    joined = stitch(flicker)
+    assert [(t.track_id, [b.time_s for b in t.boxes]) for t in joined] == [
+        (1, [0.0, 1.0, 2.0, 4.0, 5.0]), (4, [1.5, 2.5]), (3, [4.5, 6.0]), (9, [12.0, 13.0])]
+    assert stitch(flicker, max_gap_s=10.0)[0].boxes[-1].time_s == 13.0

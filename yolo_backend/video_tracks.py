@@ -7,6 +7,10 @@ stage matching, not ours), told each frame's true time so a variable frame rate 
 confuse its motion model. It is class-agnostic: a fire the detector calls smoke on a few frames stays one track,
 and its label is the majority class (``labelstudio.video_results``).
 
+ByteTrack forgets a track lost for more than a second; flames flicker and smoke thins for longer than that. A track
+that starts after another ended, within STITCH_GAP_S and where the other was last seen (``stitch``), is the same
+object: one region, its gap a stretch with ``enabled: false``.
+
 ByteTrack gives a new track its id only on the second frame it is seen; the box of its first frame is kept here
 (``_Linker``) and put back at the front of the track, so a region starts where the object was first seen.
 
@@ -32,6 +36,10 @@ from .video_frames import Frame, VideoError
 LOST_TRACK_FRAMES = 30
 # IoU a detection needs with a track's predicted box to continue it.
 MIN_IOU = 0.1
+# A track that starts within this many seconds after another ended, where that one was last seen (IoU at least
+# STITCH_IOU), continues it: a flickering fire lost for longer than the tracker's buffer stays one object.
+STITCH_GAP_S = 5.0
+STITCH_IOU = 0.3
 # The lowest fraction of sampled frames whose image scores make the task score.
 LOW_FRACTION = 0.1
 
@@ -160,6 +168,32 @@ class _Linker:
             del self._first[key]
 
 
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two xyxy boxes."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(w, 0.0) * max(h, 0.0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def stitch(tracks: Sequence[Track], max_gap_s: float = STITCH_GAP_S, min_iou: float = STITCH_IOU) -> list[Track]:
+    """Tracks (in order of first appearance) with each one that starts after another ended, within ``max_gap_s``
+    and overlapping its last box by ``min_iou``, joined to it (the best overlap wins; class-agnostic, as the
+    tracker is)."""
+    joined: list[Track] = []
+    for track in sorted(tracks, key=lambda t: (t.boxes[0].time_s, t.track_id)):
+        start = track.boxes[0]
+        candidates = [(box_iou(t.boxes[-1].xyxy, start.xyxy), t.boxes[-1].time_s, n) for n, t in enumerate(joined)
+                      if t.boxes[-1].time_s < start.time_s <= t.boxes[-1].time_s + max_gap_s]
+        best = max(candidates, default=(0.0, 0.0, -1))   # the best overlap; of equals, the one seen last
+        if best[0] >= min_iou:
+            joined[best[2]].boxes.extend(track.boxes)
+        else:
+            joined.append(Track(track.track_id, list(track.boxes)))
+    return joined
+
+
 def batched(frames: Iterable[Frame], size: int) -> Iterator[list[Frame]]:
     """Frames in lists of ``size`` (the last may be shorter); only one list is in memory at a time."""
     batch: list[Frame] = []
@@ -207,6 +241,6 @@ def track_video(frames: Iterable[Frame], detect: Detect, options: TrackOptions =
             if getattr(found, "embedding", None) is not None:
                 embeddings.append(np.asarray(found.embedding, np.float32))
             linker.add(frame, found.above(options.floor))
-    tracks = sorted(linker.tracks.values(), key=lambda t: (t.boxes[0].time_s, t.track_id))
+    tracks = stitch([t for t in linker.tracks.values() if t.boxes])
     embedding = np.mean(embeddings, axis=0) if embeddings else None
     return VideoTracks(tracks, width, height, times, low_tail_mean(frame_scores), embedding, indices)
