@@ -334,3 +334,28 @@ def test_the_training_job_trains_a_project_of_clips_and_skips_one_it_cannot_down
     assert label_studio.patches == [version] and summary["label_studio"]["model_version"] == version
     [stored] = label_studio.predictions
     assert stored["model_version"] == version and stored["task"] == 8
+
+
+def test_what_a_config_trains_clips_images_or_both(caplog):
+    """A video config trains clips with the VideoRectangle's labels; images and a VideoRectangle train both, by the
+    image labels, and the effort counts the image tasks only; a VideoRectangle that cannot be served leaves the
+    clips out with one log line, the images still train."""
+    from yolo_backend.jobs.project_controls import read_project_controls
+
+    clips = read_project_controls(parse_label_config(VIDEO_CONFIG), None, 1)
+    assert clips.controls is None and clips.names == ["fire", "smoke"] and clips.box_names == ()
+    assert (clips.kind, clips.item) == ("clips", "clip")
+    mixed_config = ('<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
+                    '<Label value="smoke"/><Label value="fire"/></RectangleLabels>' + EXAMPLE + "</View>")
+    mixed = read_project_controls(parse_label_config(mixed_config), None, 1)
+    assert mixed.names == ["smoke", "fire"] and mixed.video is not None and mixed.box_names == ("label",)
+    assert (mixed.kind, mixed.item) == ("images or clips", "image or clip")
+    tasks = [{"id": 1, "data": {"image": "a.png"}, "annotations": [{"id": 1, "result": []}]},
+             {"id": 2, "data": {"video": "a.mp4"}, "annotations": [{"id": 2, "result": moving_box_annotation(9)}]}]
+    assert [t["id"] for t in mixed.image_tasks(tasks)] == [1] and clips.image_tasks(tasks) == [tasks[0]]
+    no_labels = mixed_config.replace('<Labels name="videoLabels" toName="video">',
+                                     '<Labels name="other" toName="image">')   # the Video has no Labels
+    with caplog.at_level(logging.WARNING):
+        images_only = read_project_controls(parse_label_config(no_labels), None, 7)
+    assert images_only.video is None and images_only.kind == "images" and images_only.image_tasks(tasks) == tasks
+    assert "project 7: its clips are not trained on" in caplog.text and "no <Labels>" in caplog.text
