@@ -89,9 +89,10 @@ class FakeLabelStudio:
     access tokens issued so far. Everything but the token refresh, ``/signed/`` and ``/public/`` needs it.
 
     Images: ``/data/upload/<project>/<name>`` serves ``images[name]`` (each task's ``img<id>.png``, 200x100
-    noise); any other name is a 64x48 red PNG, except ``missing.png`` (404), ``page.png`` (an HTML page) and
-    ``slow.png`` (1.5 s late). ``/data/local-files/?d=photos/a.png`` (30x10), ``/tasks/<id>/presign/?fileuri=``
-    for ``s3://bucket/dir/c.png`` (a redirect to a 20x20 PNG), ``/public/<name>`` (12x34, no key needed).
+    noise; tests add clips there too); any other name is a 64x48 red PNG, except ``missing.*`` (404),
+    ``page.png`` (an HTML page) and ``slow.png`` (1.5 s late). ``/data/local-files/?d=photos/a.png`` (30x10),
+    ``/tasks/<id>/presign/?fileuri=`` for ``s3://bucket/dir/c.png`` (a redirect to a 20x20 PNG),
+    ``/public/<name>`` (12x34, no key needed).
 
     API: one project (``project``); ``tasks`` (with their ``annotations``) listed by ``/api/tasks`` and exported
     by ``/api/projects/<id>/export`` (their ``predictions`` by id, as 1.23 does; ``GET /api/predictions`` lists
@@ -167,7 +168,7 @@ class FakeLabelStudio:
         def upload(project, name):
             if name in self.images:
                 return Response(self.images[name], mimetype="image/png")
-            if name == "missing.png":
+            if name.startswith("missing."):
                 return Response("not found", 404)
             if name == "page.png":
                 return Response(b"<!DOCTYPE html><html>login</html>", mimetype="text/html")

@@ -452,28 +452,6 @@ def test_video_bounds_are_settings():
         Settings.from_env(env={"VIDEO_TIMEOUT": "0"})
 
 
-# --- training: not from video yet ---------------------------------------------------------------------------------
-def test_training_a_video_project_says_it_is_not_built_yet_and_publishes_nothing(tmp_path, caplog):
-    from tests.support import LEGACY, FakeLabelStudio
-    from yolo_backend.jobs.training import train_project
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a video project must not reach the trainer")
-
-    tasks = [{"id": 1, "data": {"video": "/data/upload/1/a.mp4"},
-              "annotations": [{"id": 1, "result": [], "was_cancelled": False}]}]
-    with FakeLabelStudio(tasks) as label_studio, caplog.at_level(logging.WARNING):
-        label_studio.project["label_config"] = CONFIG.format(rate=25)
-        settings = Settings.from_env(env={}, model_dir=str(tmp_path / "models"), label_studio_url=label_studio.url,
-                                     label_studio_api_key=LEGACY, backend_url=FAKE_BACKEND_URL,
-                                     image_cache_dir=str(tmp_path / "cache"), min_annotations_first_training=0)
-        summary = train_project(BackendContext.from_settings(settings), 1, trainer=refuse)
-    assert summary["trained"] is False and summary["published"] is False
-    assert "training from video annotations is not built yet" in summary["reason"]
-    assert caplog.text.count("training from video annotations is not built yet") == 1
-    assert not (tmp_path / "models" / "1").exists() or not any((tmp_path / "models" / "1").rglob("*.pt"))
-
-
 def test_a_track_lost_for_a_while_where_another_ended_continues_it():
     from yolo_backend.video_tracks import Track, TrackedBox, stitch
 

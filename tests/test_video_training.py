@@ -285,3 +285,77 @@ def test_image_and_video_tasks_of_one_project_train_together(tmp_path):
     assert (counts["video_tasks"], counts["video_frames"], counts["image_failed"]) == (1, 4, 0)
     assert counts["boxes"] == 1 + sum(len(e.boxes) for e in by_task[3])
     assert any(e.get("videos") == 1 for e in events) and any(e.get("images") == 2 for e in events)
+
+
+def test_the_training_job_trains_a_project_of_clips_and_skips_one_it_cannot_download(tmp_path, monkeypatch,
+                                                                                      start_checkpoint, caplog):
+    """The training job in process, against the fake Label Studio serving three annotated clips and one that is
+    gone (404): first it waits for more annotated clips, then it downloads the clips by the predict path's rules,
+    trains on their sampled frames (all with the drawn box's class), publishes, and switches Label Studio to the
+    new version with a prediction of it on a clip."""
+    from tests.support import FAKE_BACKEND_URL, LEGACY as TOKEN, FakeLabelStudio
+    from tests.test_jobs import fake_train, seen_calls
+    from yolo_backend.jobs.job import run_training_job
+
+    config = VIDEO_CONFIG.replace('framerate="25"', 'framerate="10"')
+    names = ["clip8.mp4", "clip9.mp4", "clip10.mp4", "missing.mp4"]
+    tasks = [{"id": i, "data": {"video": f"/data/upload/1/{name}"},
+              "annotations": [{"id": i, "result": moving_box_annotation(30), "was_cancelled": False}]}
+             for i, name in enumerate(names, start=8)]
+    model_dir = tmp_path / "models"
+    with FakeLabelStudio(tasks) as label_studio:
+        label_studio.project["label_config"] = config
+        for name in names[:3]:
+            label_studio.images[name] = write_clip(tmp_path / name, frames=30, fps=10.0).read_bytes()
+        for key_, value in {"MODEL_DIR": str(model_dir), "MODEL_PATH": str(start_checkpoint), "IMG_SIZE": "160",
+                            "TRAIN_IMG_SIZE": "160", "IMAGE_CACHE_DIR": str(tmp_path / "cache"),
+                            "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": TOKEN,
+                            "BACKEND_URL": FAKE_BACKEND_URL, "MIN_ANNOTATIONS_FIRST_TRAINING": "5",
+                            "VIDEO_TRAIN_FRAMES_PER_CLIP": "4", "TORCH_THREADS": "1"}.items():
+            monkeypatch.setenv(key_, value)
+        monkeypatch.setattr("yolo_backend.jobs.training.fine_tune_trainer", fake_train)
+        waiting = run_training_job(1, "START_TRAINING", {}, {"settle_s": 0})
+        assert waiting["reason"] == ("waiting for 1 more annotation: the first training needs 5 annotated clips "
+                                     "(MIN_ANNOTATIONS_FIRST_TRAINING), the project has 4")
+        assert not [k for k in label_studio.hits if ".mp4" in k]   # no clip downloaded to wait
+        monkeypatch.setenv("MIN_ANNOTATIONS_FIRST_TRAINING", "4")   # each annotated clip counts as one
+        with caplog.at_level(logging.INFO):
+            summary = run_training_job(1, "START_TRAINING", {}, {"settle_s": 0})
+    assert (summary["video_tasks"], summary["video_frames"], summary["video_failed"]) == (4, 12, 1), summary
+    assert "task 11: video not available, not trained on" in caplog.text and "HTTP 404" in caplog.text
+    assert "4 annotated clip(s) gave 12 frame(s), 1 clip(s) failed" in caplog.text
+    assert summary["published"] is True and summary["labels"] == ["fire", "smoke"], summary
+    [seen] = seen_calls(model_dir)
+    assert sorted(set(seen["train"] + seen["val"])) == [8, 9, 10] and seen["names"] == ["fire", "smoke"]
+    assert not set(seen["train"]) & set(seen["val"])                       # split by clip
+    assert all(classes in ([1], []) for classes in seen["classes"].values())   # smoke, the drawn label
+    assert any(classes == [1] for classes in seen["classes"].values())
+    version = summary["model_version"]
+    assert label_studio.patches == [version] and summary["label_studio"]["model_version"] == version
+    [stored] = label_studio.predictions
+    assert stored["model_version"] == version and stored["task"] == 8
+
+
+def test_what_a_config_trains_clips_images_or_both(caplog):
+    """A video config trains clips with the VideoRectangle's labels; images and a VideoRectangle train both, by the
+    image labels, and the effort counts the image tasks only; a VideoRectangle that cannot be served leaves the
+    clips out with one log line, the images still train."""
+    from yolo_backend.jobs.project_controls import read_project_controls
+
+    clips = read_project_controls(parse_label_config(VIDEO_CONFIG), None, 1)
+    assert clips.controls is None and clips.names == ["fire", "smoke"] and clips.box_names == ()
+    assert (clips.kind, clips.item) == ("clips", "clip")
+    mixed_config = ('<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
+                    '<Label value="smoke"/><Label value="fire"/></RectangleLabels>' + EXAMPLE + "</View>")
+    mixed = read_project_controls(parse_label_config(mixed_config), None, 1)
+    assert mixed.names == ["smoke", "fire"] and mixed.video is not None and mixed.box_names == ("label",)
+    assert (mixed.kind, mixed.item) == ("images or clips", "image or clip")
+    tasks = [{"id": 1, "data": {"image": "a.png"}, "annotations": [{"id": 1, "result": []}]},
+             {"id": 2, "data": {"video": "a.mp4"}, "annotations": [{"id": 2, "result": moving_box_annotation(9)}]}]
+    assert [t["id"] for t in mixed.image_tasks(tasks)] == [1] and clips.image_tasks(tasks) == [tasks[0]]
+    no_labels = mixed_config.replace('<Labels name="videoLabels" toName="video">',
+                                     '<Labels name="other" toName="image">')   # the Video has no Labels
+    with caplog.at_level(logging.WARNING):
+        images_only = read_project_controls(parse_label_config(no_labels), None, 7)
+    assert images_only.video is None and images_only.kind == "images" and images_only.image_tasks(tasks) == tasks
+    assert "project 7: its clips are not trained on" in caplog.text and "no <Labels>" in caplog.text

@@ -203,10 +203,11 @@ class Settings:
         1.0, "Epochs of learning-rate warm-up per job. Jobs start from a trained model, so one epoch is enough; "
         "the reference's 3 were most of a CPU job.")
     min_annotations_first_training: int = setting(
-        10, "Annotated images a project needs before its first training: a request before that ends at once, "
-        "recorded as \"waiting\" (the dashboard says how many more). One image trained for the whole time budget and "
-        "published unchecked; with 10, about 8 train and 2 validate (still too few to compare with the start model: "
-        "the version is marked \"not compared\"; about 30 give the 4+ validation images a comparison needs). "
+        10, "Annotated images (an annotated clip counts as one) a project needs before its first training: a "
+        "request before that ends at once, recorded as \"waiting\" (the dashboard says how many more). One image "
+        "trained for the whole time budget and published unchecked; with 10, about 8 train and 2 validate (still too "
+        "few to compare with the start model: the version is marked \"not compared\"; about 30 give the 4+ "
+        "validation images a comparison needs). "
         "0: train from the first annotation.")
     keep_versions: int = setting(5, "Published versions kept per project; older ones are deleted (0 keeps all).")
     force_publish: bool = setting(

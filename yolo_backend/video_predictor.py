@@ -30,6 +30,7 @@ from .labelstudio.video_results import TrackPoint, VideoClip, percent_box, track
 from .labelstudio.videos import VideoFetchBounds, video_file
 from .model_holder import LoadedModel
 from .runtime import BackendContext
+from .settings import Settings
 from .video_frames import VideoError, VideoInfo, VideoLimits, label_studio_frame, probe, sampled_frames
 from .video_tracks import Track, TrackOptions, VideoDeadline, VideoTracks, track_video
 
@@ -151,17 +152,10 @@ class VideoPredictor:
 
     # --- settings -> options ----------------------------------------------------------------------------------
     def _limits(self) -> VideoLimits:
-        s = self.settings
-        return VideoLimits(max_pixels=s.video_max_pixels, max_frames=s.video_max_frames,
-                           max_seconds=s.video_max_seconds)
+        return video_limits(self.settings)
 
     def _fetch_bounds(self, deadline: Optional[float]) -> VideoFetchBounds:
-        """VIDEO_MAX_MB, and VIDEO_TIMEOUT or the time left to the deadline, whichever is shorter."""
-        timeout = self.settings.video_timeout
-        if deadline is not None:
-            timeout = max(0.1, min(timeout, deadline - time.monotonic()))
-        mb = self.settings.video_max_mb
-        return VideoFetchBounds(max_bytes=(mb << 20) if mb > 0 else 1 << 62, timeout=timeout)  # 0: no bound
+        return video_fetch_bounds(self.settings, deadline)
 
     def _options(self, serving: VideoServing, info: VideoInfo) -> TrackOptions:
         s = self.settings
@@ -175,6 +169,22 @@ class VideoPredictor:
         detector, floor = serving.model.detector, self._floor(serving)
         extra = {"embed": True} if embed else {}
         return lambda images: detector.detect(images, conf=floor, **extra)
+
+
+def video_limits(settings: Settings) -> VideoLimits:
+    """The decoding bounds (VIDEO_MAX_PIXELS, VIDEO_MAX_FRAMES, VIDEO_MAX_SECONDS): predictions and training."""
+    return VideoLimits(max_pixels=settings.video_max_pixels, max_frames=settings.video_max_frames,
+                       max_seconds=settings.video_max_seconds)
+
+
+def video_fetch_bounds(settings: Settings, deadline: Optional[float] = None) -> VideoFetchBounds:
+    """VIDEO_MAX_MB, and VIDEO_TIMEOUT or the time left to ``deadline`` (``time.monotonic()``), whichever is
+    shorter: predictions and training download clips by the same rules."""
+    timeout = settings.video_timeout
+    if deadline is not None:
+        timeout = max(0.1, min(timeout, deadline - time.monotonic()))
+    mb = settings.video_max_mb
+    return VideoFetchBounds(max_bytes=(mb << 20) if mb > 0 else 1 << 62, timeout=timeout)  # 0: no bound
 
 
 def _frames_count(info: VideoInfo, rate: float) -> int:

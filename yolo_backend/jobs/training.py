@@ -1,8 +1,9 @@
 """A training run for one project (the body of ``YOLOv7Backend.fit()``), top to bottom:
 
 1. read every annotated task through the Label Studio API; a project that has published nothing yet waits for
-   MIN_ANNOTATIONS_FIRST_TRAINING usable annotations (the run ends at once, outcome "waiting"); then its images
-   (``dataset``);
+   MIN_ANNOTATIONS_FIRST_TRAINING usable annotations (an annotated clip counts as one; the run ends at once,
+   outcome "waiting"); then its images (``dataset``) and, for a config with a VideoRectangle, sampled frames of
+   its annotated clips (``project_controls``, ``video_dataset``);
 2. split train / validation by task id; find the size the model serving the project is compared at, measuring it
    when its checkpoint records none (``sizing``); fine-tune from it, bounded by TRAIN_TIME_BUDGET_S (``trainer``),
    publish when not worse on validation, or "not compared" when the split is too small to say, and prune
@@ -33,6 +34,7 @@ from . import TrainingError
 from .dataset import (DEFAULT_GRAPH, Example, Trainer, TrainingData, annotated_tasks, collect_examples, split_examples,
                       usable_annotations)
 from .effort import annotation_effort
+from .project_controls import read_project_controls, video_training
 from .publish import current_model, prune_versions, publish_decision
 from .sizing import SizeEvaluator, start_model_size
 from .sync import sync_label_studio
@@ -47,8 +49,6 @@ def train_project(context, project_id: Optional[int], event: str = "START_TRAINI
     """Train the project (``context``: a ``runtime.BackendContext``) on its Label Studio annotations and publish;
     returns a summary dict. ``label_config``: used when Label Studio's project has none."""
     from ..labelstudio.config import parse_label_config
-    from ..labelstudio.controls import read_controls
-    from ..labelstudio.video_controls import is_video_config
 
     report = progress or (lambda event: None)
     settings = context.settings
@@ -70,39 +70,32 @@ def train_project(context, project_id: Optional[int], event: str = "START_TRAINI
         return {"project": project_id, "event": event, "trained": False, "published": False,
                 "reason": f"project {project_id} does not exist in Label Studio ({exc})"}
     label_config = project.get("label_config") or label_config
-    parsed = parse_label_config(label_config)
-    if is_video_config(parsed):  # predictions work for video projects; training on their annotations does not yet
-        why = "training from video annotations is not built yet (README: Video); nothing trained or published"
-        log.warning("project %s: %s", project_id, why)
-        report({"phase": JobPhase.DONE, "message": why})
-        return {"project": project_id, "event": event, "trained": False, "published": False, "reason": why}
-    controls = read_controls(parsed, settings.from_name)
-    target = controls.box_target()
-    names = list(target.labels)
+    read = read_project_controls(parse_label_config(label_config), settings.from_name, project_id)
+    names = read.names
     tasks = annotated_tasks(client, project_id)
-    effort = annotation_effort(client, settings.model_dir, project_id, tasks, controls.box_names)
-    waiting = first_training_wait(settings, project_id, usable_annotations(tasks))
+    effort = annotation_effort(client, settings.model_dir, project_id, read.image_tasks(tasks), read.box_names)
+    waiting = first_training_wait(settings, project_id, usable_annotations(tasks), read.kind)
     if waiting is not None:
         log.info("project %s: %s", project_id, waiting["reason"])
         report({"phase": JobPhase.DONE, "message": waiting["reason"]})
         return {"project": project_id, "event": event, "labels": names, "annotated_tasks": len(tasks),
                 "trained": False, "published": False, "effort": effort, **waiting}
-    examples, counts = collect_examples(context, project_id, target, tasks, settings.train_img_size, report,
-                                        controls)
-    log.info("project %s: %d annotated task(s), %d usable (%d negative, %d boxes); %d with only cancelled "
-             "annotations, %d with a class chosen but no box drawn, %d image(s) failed", project_id, len(tasks),
-             len(examples), counts["negatives"], counts["boxes"], counts["cancelled_only"],
-             counts["class_chosen_without_box"], counts["image_failed"])
+    video = video_training(context, read.video) if read.video is not None else None
+    examples, counts = collect_examples(context, project_id, read.target, tasks, settings.train_img_size, report,
+                                        read.controls, video)
+    log_counts(project_id, len(tasks), examples, counts)
     summary: dict[str, Any] = {"project": project_id, "event": event, "labels": names, **counts,
                                "examples": len(examples), "effort": effort}
     if not examples:
         report({"phase": JobPhase.DONE, "message": "nothing to train on"})
         return {**summary, "trained": False, "published": False,
-                "reason": "no annotated task with a usable annotation and image"}
+                "reason": f"no annotated task with a usable annotation and {read.item}"}
 
     outcome, version = train_and_publish(settings, project_id, examples, names, trainer, report, job_id,
                                          meta={"annotations": len(examples), "negatives": counts["negatives"],
-                                               "job": job_id, "event": event})
+                                               "job": job_id, "event": event,
+                                               **{k: counts[k] for k in ("video_tasks", "video_frames")
+                                                  if k in counts}})
     summary.update(outcome)
     if version is None:
         return summary
@@ -120,16 +113,31 @@ def train_project(context, project_id: Optional[int], event: str = "START_TRAINI
     return summary
 
 
-def first_training_wait(settings: Settings, project_id: int, annotations: int) -> Optional[dict]:
+def log_counts(project_id: int, tasks: int, examples: list[Example], counts: dict) -> None:
+    """One line: what the run read and used (the clips' counts when the project has a VideoRectangle)."""
+    clips = ""
+    if "video_tasks" in counts:
+        clips = (f"; {counts['video_tasks']} annotated clip(s) gave {counts['video_frames']} frame(s), "
+                 f"{counts['video_failed']} clip(s) failed")
+    log.info("project %s: %d annotated task(s), %d usable example(s) (%d negative, %d boxes); %d with only "
+             "cancelled annotations, %d with a class chosen but no box drawn, %d image(s) failed%s", project_id,
+             tasks, len(examples), counts["negatives"], counts["boxes"], counts["cancelled_only"],
+             counts["class_chosen_without_box"], counts["image_failed"], clips)
+
+
+def first_training_wait(settings: Settings, project_id: int, annotations: int, kind: str = "images") \
+        -> Optional[dict]:
     """The summary fields of a run that waits for more annotations (a project that has published no version yet
-    and has fewer than MIN_ANNOTATIONS_FIRST_TRAINING usable annotations), else None."""
+    and has fewer than MIN_ANNOTATIONS_FIRST_TRAINING usable annotations), else None. An annotated clip is one
+    annotation, as an image is: one task an annotator finished. ``kind``: what the project's tasks are ("images",
+    "clips", "images and clips")."""
     need = settings.min_annotations_first_training
     if annotations >= need or Registry.for_project(settings.model_dir, project_id).versions():
         return None
     more = need - annotations
     return {"waiting": True, "annotations": annotations, "annotations_needed": need,
             "reason": f"waiting for {more} more annotation{'s' if more != 1 else ''}: the first training needs {need} "
-                      f"annotated images (MIN_ANNOTATIONS_FIRST_TRAINING), the project has {annotations}"}
+                      f"annotated {kind} (MIN_ANNOTATIONS_FIRST_TRAINING), the project has {annotations}"}
 
 
 def queue_pool_scoring(settings: Settings, project_id: int, version: str) -> dict:

@@ -35,7 +35,7 @@ SKIP_ATTR = "model_skip"
 PREDICTED_ATTR = "predicted_values"
 FALSE_WORDS = ("false", "no", "0", "")
 SUPPORTED = ("Supported: RectangleLabels (boxes) and Choices (one answer per image) on an Image, and "
-             "VideoRectangle with Labels on a Video (predictions; training from video is not built yet); "
+             "VideoRectangle with Labels on a Video (predictions and training); "
              "PolygonLabels, KeyPointLabels, BrushLabels, Labels with Rectangle and the other tags are not")
 
 
