@@ -779,7 +779,7 @@ def test_a_project_waiting_for_its_first_training_says_how_many_more(tmp_path):
     (project,) = client.get("/status", query_string={"project": PROJECT}).json["projects"]
     assert project["versions"] == [] and project["waiting_for_annotations"]["more"] == 7
     page = client.get("/dashboard").get_data(as_text=True)
-    assert "<b>Waiting for 7 more annotations</b> before the first training: 3 of 10 annotated images" in page
+    assert "<b>Waiting for 7 more annotations</b> before the first training: 3 of 10 annotated tasks" in page
     assert "Nothing trained or published yet." in page
     # the next request saw 9: one more to go, and the page reloads (its stamp changed)
     stamp = project["stamp"]

@@ -92,7 +92,8 @@ def train_project(context, project_id: Optional[int], event: str = "START_TRAINI
                 "reason": f"no annotated task with a usable annotation and {read.item}"}
 
     outcome, version = train_and_publish(settings, project_id, examples, names, trainer, report, job_id,
-                                         meta={"annotations": len(examples), "negatives": counts["negatives"],
+                                         meta={"annotations": len({e.task_id for e in examples}),  # a clip: one
+                                               "negatives": counts["negatives"],
                                                "job": job_id, "event": event,
                                                **{k: counts[k] for k in ("video_tasks", "video_frames")
                                                   if k in counts}})

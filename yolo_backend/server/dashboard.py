@@ -110,7 +110,7 @@ def learning_curve_svg(points: list[dict]) -> str:
     def label(p: dict, key: str, what: str) -> str:
         on = f", on {p['val_images']} validation images" if p.get("val_images") is not None else ""
         return (f"{p.get('name') or 'rejected run'} ({p['status']}): {what} {p[key]:.3f} "
-                f"with {p['images']} annotated images{on}")
+                f"with {p['images']} annotated tasks{on}")
 
     shown = [p for p in points if not p.get("too_few")]
     series = [
@@ -122,7 +122,7 @@ def learning_curve_svg(points: list[dict]) -> str:
     ]
     empty = "No trained version yet: the curve starts with the first training." if not points else \
         f"No run validated on {dashboard_status.MIN_VAL_IMAGES} or more images yet: too few to say."
-    return charts.line_chart(series, "Learning curve: validation mAP as annotations grow", "annotated images",
+    return charts.line_chart(series, "Learning curve: validation mAP as annotations grow", "annotated tasks",
                              "validation mAP (0–1, higher is better)", y_min_top=0.1, empty_message=empty,
                              note="● published version   ○ trained but not published (not better than the "
                                   "version serving)")
@@ -228,7 +228,7 @@ PAGE = """<!doctype html>
 fine-tunes the model serving the project, measures it on the validation images (about 20% of the annotated tasks,
 always the same ones) and publishes it only when it is not worse than the model serving, each at the size it
 serves at. With fewer than {{ min_compare }} validation images there is nothing to compare on: the version is
-published and marked “not compared”. A project's first training waits for {{ min_first }} annotated images
+published and marked “not compared”. A project's first training waits for {{ min_first }} annotated tasks (images or clips)
 (MIN_ANNOTATIONS_FIRST_TRAINING). Backend class: {{ model_class }}.</p>
 
 <section id="queue">
@@ -263,7 +263,7 @@ here after their first prediction or training.</p>
 {% set z = p.serving_img_size %}
 {% if z %}<p class="img-size{{ ' guess' if z.guess else '' }}" id="img-size-{{ p.project }}">Inference size: <b>{{ z.size }}</b> ({{ z.reason }})</p>{% endif %}
 {% set w = p.waiting_for_annotations %}
-{% if w %}<p class="card waiting" id="waiting-{{ p.project }}"><b>Waiting for {{ w.more }} more annotation{{ "" if w.more == 1 else "s" }}</b> before the first training: {{ w.annotations }} of {{ w.needed }} annotated images (MIN_ANNOTATIONS_FIRST_TRAINING).</p>{% endif %}
+{% if w %}<p class="card waiting" id="waiting-{{ p.project }}"><b>Waiting for {{ w.more }} more annotation{{ "" if w.more == 1 else "s" }}</b> before the first training: {{ w.annotations }} of {{ w.needed }} annotated tasks (MIN_ANNOTATIONS_FIRST_TRAINING).</p>{% endif %}
 
 <h3>Current training job</h3>
 {% set j = p.job %}
@@ -280,7 +280,7 @@ here after their first prediction or training.</p>
   <div class="progress"><div class="bar" role="progressbar" aria-label="training progress" aria-valuemin="0"
        aria-valuemax="100" aria-valuenow="{{ pct }}"><div class="fill" style="width: {{ pct }}%"></div></div>
     <b class="job-percent">{{ pct }} %</b></div>
-  <div class="muted job-message">{% if j and j.error %}error: {{ j.error }}{% elif j and j.message %}{{ j.message }}{% elif not j %}Training starts when an annotation is submitted in Label Studio with “Start model training on annotation submission” on (or with “Start Training”); the first one once the project has {{ p.min_annotations_first_training }} annotated images.{% endif %}</div>
+  <div class="muted job-message">{% if j and j.error %}error: {{ j.error }}{% elif j and j.message %}{{ j.message }}{% elif not j %}Training starts when an annotation is submitted in Label Studio with “Start model training on annotation submission” on (or with “Start Training”); the first one once the project has {{ p.min_annotations_first_training }} annotated tasks.{% endif %}</div>
 </div>
 
 <h3>Pool scoring</h3>
