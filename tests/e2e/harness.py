@@ -564,6 +564,24 @@ def start_backend(workdir: Path, env: dict[str, str], port: int | None = None, t
     return process, url
 
 
+def start_worker(workdir: Path, env: dict[str, str], name: str = "rq-worker") -> ManagedProcess:
+    """A real RQ worker (`python -m yolo_backend worker`) with the backend's settings ``env``."""
+    return ManagedProcess(name, [sys.executable, "-m", "yolo_backend", "worker"], child_env(env),
+                          Path(workdir) / f"{name}.log", cwd=str(REPO_ROOT))
+
+
+def connect_and_predict(api, project_id: int, url: str, title: str, task_ids: list[int]) -> str:
+    """Connect the backend at ``url`` with training on annotation updates, Retrieve Predictions for ``task_ids``,
+    and wait until the project's model_version is the backend's first version; returns that version."""
+    api.connect_ml_backend(project_id, url, title)
+    api.update_project(project_id, start_training_on_annotation_update=True)
+    api.retrieve_predictions(project_id, task_ids)
+    first = requests.get(f"{url}/versions", params={"project": project_id}, timeout=10).json()["model_version"]
+    wait_until(lambda: api.project(project_id)["model_version"] == first, 60,
+               message=f"project model_version == the backend's first version ({first})")
+    return first
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.5, message: str = "condition"):
     """Poll `predicate()` until it returns something truthy; return it, or raise TimeoutError."""
     deadline = time.monotonic() + timeout

@@ -10,7 +10,6 @@ project's model_version switches to the new version and Retrieve Predictions sto
 """
 from __future__ import annotations
 
-import sys
 import time
 
 import cv2
@@ -66,16 +65,9 @@ def test_annotated_clips_train_publish_and_new_predictions_carry_the_version(lab
         "FORCE_PUBLISH": "true",
     }
     backend, url = harness.start_backend(folder, env)
-    worker = harness.ManagedProcess("rq-worker", [sys.executable, "-m", "yolo_backend", "worker"],
-                                    harness.child_env(env), folder / "rq-worker.log", cwd=str(harness.REPO_ROOT))
+    worker = harness.start_worker(folder, env)
     try:
-        api.connect_ml_backend(project_id, url, "yolov7 video training e2e")
-        api.update_project(project_id, start_training_on_annotation_update=True)
-        api.retrieve_predictions(project_id, list(tasks))
-        first_version = requests.get(f"{url}/versions", params={"project": project_id}, timeout=10).json()[
-            "model_version"]
-        harness.wait_until(lambda: api.project(project_id)["model_version"] == first_version, 60,
-                           message="project model_version == the start checkpoint's")
+        first_version = harness.connect_and_predict(api, project_id, url, "yolov7 video training e2e", list(tasks))
 
         for task_id, clip in tasks.items():
             api.create_annotation(task_id, photo_track(+1 if "right" in clip.name else -1))

@@ -10,7 +10,6 @@ predictions must carry it. Training is kept tiny (img 320, a 45 s budget).
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -83,18 +82,11 @@ def test_annotations_train_publish_and_switch_label_studio(label_studio, redis_s
         "FORCE_PUBLISH": "true",
     }
     backend, url = harness.start_backend(workdir, env)
-    worker = harness.ManagedProcess("rq-worker", [sys.executable, "-m", "yolo_backend", "worker"],
-                                    harness.child_env(env), workdir / "rq-worker.log", cwd=str(harness.REPO_ROOT))
+    worker = harness.start_worker(workdir, env)
     try:
         # Connect, predict every task, and let the backend sync the project's model_version.
-        api.connect_ml_backend(project_id, url, "yolov7 loop")
-        api.update_project(project_id, start_training_on_annotation_update=True)
-        api.retrieve_predictions(project_id, list(tasks))
-        first_version = requests.get(f"{url}/versions", params={"project": project_id}, timeout=10).json()[
-            "model_version"]
+        first_version = harness.connect_and_predict(api, project_id, url, "yolov7 loop", list(tasks))
         assert first_version.startswith("yolov7-tiny_fire-smoke_ref-trained-"), first_version
-        harness.wait_until(lambda: api.project(project_id)["model_version"] == first_version, 60,
-                           message="project model_version == the reference checkpoint's")
 
         # Annotate: 9 photos with boxes, 3 negatives (empty); each save stays fast.
         to_annotate = [t for t, path in tasks.items() if loop_images[by_name[path.name]]][:9]
