@@ -426,7 +426,8 @@ class Simulation:
                 for strategy, seed in pairs:
                     state = states[(strategy.name, seed)]
                     if len(state.rows) > round_index:
-                        bar.done(f"{strategy.name} seed {seed} round {round_index} (done before)", state.rows[round_index])
+                        bar.done(f"{strategy.name} seed {seed} round {round_index} (done before)",
+                                 state.rows[round_index])
                         continue
                     self.advance(strategy, state, lambda n: None)
                     bar.done(f"{strategy.name} seed {seed} round {round_index}", state.rows[-1])
