@@ -582,6 +582,16 @@ def connect_and_predict(api, project_id: int, url: str, title: str, task_ids: li
     return first
 
 
+def wait_for_version(worker: ManagedProcess, registry, wanted, timeout: float, message: str):
+    """The first version in ``registry`` (a ``yolo_backend.registry.Registry``) whose meta ``wanted(meta)`` accepts,
+    polled every 2 s while the ``worker`` lives (its log tail when it died)."""
+    def found():
+        assert worker.alive(), f"{worker.name} died\n{worker.log_tail(80)}"
+        return next((v for v in registry.versions() if wanted(v.meta())), None)
+
+    return wait_until(found, timeout, interval=2, message=message)
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.5, message: str = "condition"):
     """Poll `predicate()` until it returns something truthy; return it, or raise TimeoutError."""
     deadline = time.monotonic() + timeout

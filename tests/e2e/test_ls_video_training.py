@@ -76,13 +76,8 @@ def test_annotated_clips_train_publish_and_new_predictions_carry_the_version(lab
 
         registry = Registry.for_project(env["MODEL_DIR"], project_id)
         started = time.monotonic()
-
-        def trained_on_both():
-            assert worker.alive(), f"{worker.name} died\n{worker.log_tail(80)}"
-            return next((v for v in registry.versions() if v.meta().get("video_tasks") == 2), None)
-
-        published = harness.wait_until(trained_on_both, PUBLISH_TIMEOUT_S, interval=2,
-                                       message="a version trained on both annotated clips")
+        published = harness.wait_for_version(worker, registry, lambda meta: meta.get("video_tasks") == 2,
+                                             PUBLISH_TIMEOUT_S, "a version trained on both annotated clips")
         version, meta = published.name, published.meta()
         print(f"\npublished {version} {time.monotonic() - started:.0f} s after the last save: {meta['video_frames']}"
               f" frames of {meta['video_tasks']} clips, train {meta['train_images']} / val {meta['val_images']}")

@@ -103,13 +103,8 @@ def test_annotations_train_publish_and_switch_label_studio(label_studio, redis_s
         # trains on what was there); the triggers during it coalesce into one more job that sees all 12.
         registry = Registry.for_project(env["MODEL_DIR"], project_id)
         started = time.monotonic()
-
-        def covering_all():
-            assert worker.alive(), f"{worker.name} died\n{worker.log_tail(80)}"
-            return next((v for v in registry.versions() if v.meta().get("annotations") == 12), None)
-
-        published = harness.wait_until(covering_all, PUBLISH_TIMEOUT_S, interval=2,
-                                       message="a version trained on all 12 annotations")
+        published = harness.wait_for_version(worker, registry, lambda meta: meta.get("annotations") == 12,
+                                             PUBLISH_TIMEOUT_S, "a version trained on all 12 annotations")
         version = published.name
         print(f"\npublished {[v.name for v in registry.versions()]}; the one with all annotations {version} "
               f"{time.monotonic() - started:.0f} s after the last save; saves took max {max(save_seconds):.2f} s")
