@@ -592,6 +592,16 @@ def wait_for_version(worker: ManagedProcess, registry, wanted, timeout: float, m
     return wait_until(found, timeout, interval=2, message=message)
 
 
+def wait_for_idle_queue(url: str, project_id: int, timeout: float = 600) -> None:
+    """Until the backend at ``url`` has no training job running or waiting for the project (a coalesced follow-up
+    job finishes, so nothing is left training when the worker stops)."""
+    def idle() -> bool:
+        status = requests.get(f"{url}/is_training", params={"project": project_id}, timeout=10).json()
+        return not (status.get("is_training") or status.get("waiting_job"))
+
+    wait_until(idle, timeout, interval=2, message="the queue to drain")
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.5, message: str = "condition"):
     """Poll `predicate()` until it returns something truthy; return it, or raise TimeoutError."""
     deadline = time.monotonic() + timeout

@@ -95,12 +95,7 @@ def test_annotated_clips_train_publish_and_new_predictions_carry_the_version(lab
             predictions = [p for p in api.predictions(task_id) if p["model_version"] == version]
             assert predictions, (clip.name, [p["model_version"] for p in api.predictions(task_id)])
             assert all(r["type"] == "videorectangle" for p in predictions for r in p["result"]), predictions
-        harness.wait_until(lambda: not _busy(url, project_id), 600, interval=2, message="the queue to drain")
+        harness.wait_for_idle_queue(url, project_id)
     finally:
         worker.stop()
         backend.stop()
-
-
-def _busy(url: str, project_id: int) -> bool:
-    status = requests.get(f"{url}/is_training", params={"project": project_id}, timeout=10).json()
-    return bool(status.get("is_training") or status.get("waiting_job"))

@@ -134,12 +134,7 @@ def test_annotations_train_publish_and_switch_label_studio(label_studio, redis_s
         assert status["job"], status
         assert requests.get(f"{url}/health", timeout=5).status_code == 200
         # Let a coalesced follow-up job finish, so nothing is left training when the worker stops.
-        harness.wait_until(lambda: not _busy(url, project_id), 600, interval=2, message="the queue to drain")
+        harness.wait_for_idle_queue(url, project_id)
     finally:
         worker.stop()
         backend.stop()
-
-
-def _busy(url: str, project_id: int) -> bool:
-    status = requests.get(f"{url}/is_training", params={"project": project_id}, timeout=10).json()
-    return bool(status.get("is_training") or status.get("waiting_job"))
