@@ -31,6 +31,7 @@ import numpy as np
 
 from .active_learning import task_score
 from .video_frames import Frame, VideoError
+from .yolov7.metrics import box_iou_np
 
 # Seconds a lost track is kept for re-association (ByteTrack counts it in 30 fps frames: 30 = 1 s).
 LOST_TRACK_FRAMES = 30
@@ -168,15 +169,6 @@ class _Linker:
             del self._first[key]
 
 
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """IoU of two xyxy boxes."""
-    w = min(a[2], b[2]) - max(a[0], b[0])
-    h = min(a[3], b[3]) - max(a[1], b[1])
-    inter = max(w, 0.0) * max(h, 0.0)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def stitch(tracks: Sequence[Track], max_gap_s: float = STITCH_GAP_S, min_iou: float = STITCH_IOU) -> list[Track]:
     """Tracks (in order of first appearance) with each one that starts after another ended, within ``max_gap_s``
     and overlapping its last box by ``min_iou``, joined to it (the best overlap wins; class-agnostic, as the
@@ -184,8 +176,10 @@ def stitch(tracks: Sequence[Track], max_gap_s: float = STITCH_GAP_S, min_iou: fl
     joined: list[Track] = []
     for track in sorted(tracks, key=lambda t: (t.boxes[0].time_s, t.track_id)):
         start = track.boxes[0]
-        candidates = [(box_iou(t.boxes[-1].xyxy, start.xyxy), t.boxes[-1].time_s, n) for n, t in enumerate(joined)
-                      if t.boxes[-1].time_s < start.time_s <= t.boxes[-1].time_s + max_gap_s]
+        ended = [(n, t) for n, t in enumerate(joined)
+                 if t.boxes[-1].time_s < start.time_s <= t.boxes[-1].time_s + max_gap_s]
+        overlaps = box_iou_np(np.array([t.boxes[-1].xyxy for _, t in ended]), np.array(start.xyxy))[:, 0]
+        candidates = [(float(iou), t.boxes[-1].time_s, n) for (n, t), iou in zip(ended, overlaps)]
         best = max(candidates, default=(0.0, 0.0, -1))   # the best overlap; of equals, the one seen last
         if best[0] >= min_iou:
             joined[best[2]].boxes.extend(track.boxes)
