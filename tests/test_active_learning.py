@@ -217,3 +217,38 @@ def test_diverse_lowest_takes_doubtful_images_but_not_two_copies_of_one():
     assert sorted(select_diverse_lowest([1, 2, 3, 4], scores, embeddings, np.zeros((0, 2)), 2,
                                         shortlist_factor=1)) == [1, 2]
     assert select_lowest([1, 2, 3, 4], scores, 2) == [1, 2]  # what plain lowest-first would take
+
+
+# --- uncertainty per second of expected annotation work ------------------------------------------------------
+
+def test_expected_seconds_prices_each_detection_by_its_confidence():
+    from yolo_backend.annotation_cost import CostModel
+
+    cost = CostModel(draw_s=10, adjust_s=4, delete_s=2, accept_s=1, image_s=3)
+    assert cost.expected_seconds(np.array([]), T) == 3.0
+    # shown at 0.75: adjusted with p 0.75, deleted with p 0.25; hidden at 0.2: drawn with p 0.2
+    assert cost.expected_seconds(np.array([0.75, 0.2]), T) == pytest.approx(3 + 0.75 * 4 + 0.25 * 2 + 0.2 * 10)
+
+
+def test_per_second_puts_a_cheap_doubtful_image_before_a_busy_one():
+    sparse = dets([0.26])
+    busy = dets([0.26, 0.9, 0.9, 0.85, 0.8, 0.2, 0.15])
+    # plain uncertainty cannot tell them apart (the same most uncertain box) ...
+    assert score(sparse) == pytest.approx(score(busy))
+    # ... per second of work, the one with less to fix comes first, and empty images still come last
+    assert score(sparse, "uncertainty_per_second") < score(busy, "uncertainty_per_second")
+    assert score(dets([]), "uncertainty_per_second") == 1.0
+    assert score(dets([0.95]), "uncertainty_per_second") > score(sparse, "uncertainty_per_second")
+
+
+def test_per_second_is_uncertainty_scaled_by_the_image_share_of_the_cost():
+    from yolo_backend.annotation_cost import CostModel
+
+    d = dets([0.3, 0.7])
+    u = 1.0 - score(d)
+    share = CostModel().image_s / CostModel().expected_seconds(np.array([0.3, 0.7]), T)
+    assert score(d, "uncertainty_per_second") == pytest.approx(1.0 - u * share)
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        n = int(rng.integers(0, 8))
+        assert 0.0 <= task_score(dets(rng.random(n), rng.random((n, 2))), "uncertainty_per_second", T, 0.05) <= 1.0

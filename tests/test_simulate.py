@@ -335,7 +335,8 @@ def _box(label, x1, y1, x2, y2):
 
 
 def test_effort_of_a_hand_made_batch_counts_and_times():
-    from yolo_backend.simulate.effort import CostModel, batch_effort, scratch_effort
+    from yolo_backend.annotation_cost import CostModel
+    from yolo_backend.simulate.effort import batch_effort, scratch_effort
 
     truth = [[_box("fire", 0, 0, 0.5, 0.5), _box("smoke", 0.5, 0.5, 1, 1)],  # A
              [_box("fire", 0.1, 0.1, 0.3, 0.3)],                                # B: nothing shown
@@ -424,7 +425,7 @@ def test_effort_is_also_counted_at_each_swept_threshold(reference_run):
 
 
 def test_threshold_table_of_hand_made_rows():
-    from yolo_backend.simulate.effort import CostModel
+    from yolo_backend.annotation_cost import CostModel
     from yolo_backend.simulate.report import threshold_markdown
 
     def row(strategy, round_index, labels, value, counts, effort_at=None):
@@ -447,7 +448,7 @@ def test_threshold_table_of_hand_made_rows():
 
 
 def test_effort_summary_of_hand_made_rows():
-    from yolo_backend.simulate.effort import CostModel
+    from yolo_backend.annotation_cost import CostModel
     from yolo_backend.simulate.report import NO_PRE, effort_curves, effort_to_reach, with_costs
 
     def row(strategy, seed, round_index, labels, value, accepted, drawn, truth):

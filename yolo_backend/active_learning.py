@@ -27,6 +27,16 @@ Strategies (setting ``TASK_SCORE``):
     not jump the queue. (Fire/smoke data holds many negatives; ranking "nothing found" first would spend the
     annotator's time on empty frames.) An image whose detections are all sure objects also scores high.
 
+``uncertainty_per_second``
+    ``uncertainty``'s information per second of the annotator's expected work. The model's own guess of what
+    the image will cost (``annotation_cost.CostModel.expected_seconds``: the time per image, plus, for each
+    detection of confidence ``c``, adjusting it with probability ``c`` or deleting it if shown, drawing it with
+    probability ``c`` if not) divides the image's uncertainty, scaled by the time per image so that the value
+    stays in [0, 1]: ``score = 1 - uncertainty x image_s / expected_seconds``. Of two equally doubtful images the
+    one with less to draw and fix comes first: a busy scene with eight boxes costs an annotator as much as four
+    sparse ones, and under domain shift the plain ``uncertainty`` picks busy scenes (docs/active-learning.md,
+    "Annotation effort"). Objects the model missed entirely cannot be priced; empty images still score 1.
+
 ``max_confidence``
     The highest confidence among the shown boxes (>= threshold), 0 when none: low = the model saw little.
 ``mean_confidence``
@@ -61,10 +71,12 @@ import numpy as np
 
 from typing import Optional, Sequence
 
+from .annotation_cost import CostModel
 from .clusters import Scores, serve_sequence
 from .settings import TASK_SCORE_STRATEGIES as STRATEGIES  # one list: the setting validates against it
 
 _EPS = 1e-6
+_COST = CostModel()  # the simulator's default annotator seconds: one cost model for both
 
 
 def _logit(p: np.ndarray | np.float64) -> np.ndarray:
@@ -158,11 +170,13 @@ def task_score(detections, strategy: str = "uncertainty", threshold: float = 0.2
     scores = np.asarray(detections.scores, np.float64)
     keep = scores >= floor
     scores = scores[keep]
-    if strategy == "uncertainty":
-        probs = np.asarray(detections.class_probs)[keep]
+    if strategy in ("uncertainty", "uncertainty_per_second"):
         if scores.size == 0:
             return 1.0
-        return float(1.0 - detection_uncertainty(scores, probs, threshold).max())
+        uncertainty = detection_uncertainty(scores, np.asarray(detections.class_probs)[keep], threshold).max()
+        if strategy == "uncertainty_per_second":
+            uncertainty *= _COST.image_s / _COST.expected_seconds(scores, threshold)
+        return float(1.0 - uncertainty)
     if strategy in _AGGREGATES:
         kind, how = _AGGREGATES[strategy]
         objectness = np.asarray(detections.objectness, np.float64)[keep]

@@ -425,7 +425,7 @@ def _add_simulate(subparsers) -> None:
                         "MODEL_SCORE_THRESHOLD costs annotators least (default: none)")
     cost = p.add_argument_group("annotation cost model", "estimated annotator seconds per action, for the report's "
                                 "annotation time (sources: docs/active-learning.md, 'Annotation effort')")
-    # defaults live in simulate.effort.CostModel (not imported here: the simulate package loads torch)
+    # defaults live in annotation_cost.CostModel (the help repeats them: argparse shows no dataclass defaults)
     for name, what in (("draw", "draw a box from scratch (default 7)"),
                        ("adjust", "adjust a pre-annotated box (default 3.5)"),
                        ("delete", "delete a wrong pre-annotated box (default 1)"),
@@ -454,7 +454,7 @@ def _run_simulate(args) -> int:
     except ValueError:
         raise CliError(f"--effort-thresholds {args.effort_thresholds!r}: expected comma-separated numbers") from None
     from .simulate import SimConfig, Simulation
-    from .simulate.effort import CostModel
+    from .annotation_cost import CostModel
 
     given = {f"{k}_s": getattr(args, f"{k}_s") for k in ("draw", "adjust", "delete", "accept", "image")}
     try:

@@ -95,6 +95,7 @@ class Settings:
     task_score: str = setting(
         "uncertainty",
         "Task score strategy (low = most informative, label first): `uncertainty` (the most uncertain box), "
+        "`uncertainty_per_second` (the same per second of expected annotation work), "
         "`entropy_sum`, `entropy_mean`, `margin_sum`, `margin_mean` (over all boxes), `objectness`, "
         "`max_confidence`, `mean_confidence`, `count`. docs/active-learning.md compares them.")
     predict_batch_size: int = setting(8, "Images per forward pass when predicting a request's tasks.")
@@ -412,6 +413,6 @@ def process_default(name: str) -> str:
     """A server-process variable's value: the environment's, else its default in PROCESS_VARIABLES."""
     default = next(default for variable, default, _ in PROCESS_VARIABLES if variable == name)
     return os.environ.get(name, default)
-TASK_SCORE_STRATEGIES = ("uncertainty", "max_confidence", "mean_confidence", "count", "margin_sum", "margin_mean",
-                         "entropy_sum", "entropy_mean", "objectness")
+TASK_SCORE_STRATEGIES = ("uncertainty", "uncertainty_per_second", "max_confidence", "mean_confidence", "count",
+                         "margin_sum", "margin_mean", "entropy_sum", "entropy_mean", "objectness")
 INFERENCE_BACKENDS = ("auto", "torch", "onnxruntime")

@@ -6,16 +6,8 @@ boxes by the rule that measures real annotations (``labelstudio.effort.match_box
 accepted, 0.5-0.9 adjusted, a predicted box left over deleted, a ground-truth box left over drawn). Without
 pre-annotations every ground-truth box is drawn.
 
-``CostModel`` turns those counts into estimated annotator seconds. Its defaults, and where they come from
-(docs/active-learning.md, "Annotation effort", has the full references):
-
-- ``draw_s`` 7.0: drawing one box. Papadopoulos et al., "Extreme clicking for efficient object annotation"
-  (ICCV 2017), abstract: 7 s per box by extreme clicking, against 35 s per high-quality box for ILSVRC's
-  crowd-sourced drawing with its verification steps (Su et al. 2012). 7 s is the cheaper published figure, so the
-  time pre-annotations save is not overstated; ``--draw-s 35`` gives the ILSVRC figure.
-- ``adjust_s`` 3.5, ``delete_s`` 1.0, ``accept_s`` 1.6, ``image_s`` 3.0: our assumptions, no published timing
-  was verified for them (moving a box's edges: half a drawing; deleting: one click and a key; accepting: a look,
-  about a yes/no box verification; per image: open, look over, submit).
+``CostModel`` (``yolo_backend.annotation_cost``, where its defaults' sources are) turns those counts into
+estimated annotator seconds.
 """
 
 from __future__ import annotations
@@ -30,30 +22,6 @@ from ..labelstudio.regions import RegionBox
 from ..yolov7.detections import Detections
 
 EFFORT_FIELDS = ("boxes_accepted", "boxes_adjusted", "boxes_deleted", "boxes_drawn", "truth_boxes")
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """Seconds an annotator spends per action (the module doc says where each default comes from)."""
-
-    draw_s: float = 7.0     # draw a box from scratch
-    adjust_s: float = 3.5   # move a pre-annotated box's edges (IoU 0.5-0.9 with the right box)
-    delete_s: float = 1.0   # delete a wrong pre-annotated box
-    accept_s: float = 1.6   # look at a right pre-annotated box and keep it
-    image_s: float = 3.0    # per image: open, look over, submit
-
-    def __post_init__(self) -> None:
-        if min(self.draw_s, self.adjust_s, self.delete_s, self.accept_s, self.image_s) < 0:
-            raise ValueError("annotation costs are seconds: none may be negative")
-
-    def seconds(self, effort: "RoundEffort") -> float:
-        """Estimated seconds for ``effort`` with the pre-annotations."""
-        return (effort.images * self.image_s + effort.drawn * self.draw_s + effort.adjusted * self.adjust_s
-                + effort.deleted * self.delete_s + effort.accepted * self.accept_s)
-
-    def scratch_seconds(self, effort: "RoundEffort") -> float:
-        """Estimated seconds for the same images without pre-annotations: every ground-truth box drawn."""
-        return effort.images * self.image_s + effort.truth_boxes * self.draw_s
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ from ..jobs.publish import current_model
 from ..jobs.training import train_and_publish
 from ..registry import Registry
 from ..settings import Settings
-from .effort import CostModel, RoundEffort, effort_at_thresholds, scratch_effort, truth_boxes
+from ..annotation_cost import CostModel
+from .effort import RoundEffort, effort_at_thresholds, scratch_effort, truth_boxes
 from .report import write_outputs
 from .scoring import ScoredPool, score_pool
 from .strategies import Strategy, choose, parse_strategy

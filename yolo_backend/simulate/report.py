@@ -18,7 +18,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..atomic import atomic_write
-from .effort import EFFORT_FIELDS, CostModel, RoundEffort
+from ..annotation_cost import CostModel
+from .effort import EFFORT_FIELDS, RoundEffort
 
 COLUMNS = ("strategy", "seed", "round", "labels", "map50", "map50_95", "train_s", "score_s", "published",
            "model_version", "epochs_run", "train_images", "val_images", "positives", "repeat_photos",
