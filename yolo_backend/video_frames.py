@@ -15,9 +15,10 @@ The detector and Label Studio are both unknown here: this module knows files, fr
 from __future__ import annotations
 
 import math
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -108,17 +109,12 @@ def probe(path: Path, limits: VideoLimits = VideoLimits()) -> VideoInfo:
     return info
 
 
-def sampled_frames(path: Path, step: int = 1, limits: VideoLimits = VideoLimits()) -> Iterator[Frame]:
-    """Every ``step``-th decoded frame (the first, then every ``step``-th after it), one at a time, in order.
-
-    Stops with VideoError at the bounds (a file longer than its header said is caught while decoding); a file that
-    ends early just ends (a truncated file gives the frames it has).
-    """
+def _decoded(path: Path, limits: VideoLimits) -> Iterator[tuple[int, float, Callable[[], Optional[np.ndarray]]]]:
+    """Every decoded frame in order, checked against ``limits``, as (index, time in seconds, convert): ``convert()``
+    gives its RGB pixels (None when the codec gives none) and is called only for the frames kept (converting is the
+    expensive part). Close it (``contextlib.closing``) to release the file when stopping early."""
     import cv2
 
-    if step < 1:
-        raise ValueError(f"step must be at least 1, not {step}")
-    path = Path(path)
     capture = _capture(path)
     try:
         info = _info(capture)
@@ -127,14 +123,35 @@ def sampled_frames(path: Path, step: int = 1, limits: VideoLimits = VideoLimits(
         while capture.grab():
             time_s = clock.time(float(capture.get(cv2.CAP_PROP_POS_MSEC)) / 1000.0)
             _check_running(path, index, time_s, limits)
-            if index % step == 0:
-                ok, bgr = capture.retrieve()
-                if not ok or bgr is None:
-                    break
-                yield Frame(index, time_s, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+            yield index, time_s, lambda: _rgb(capture)
             index += 1
     finally:
         capture.release()
+
+
+def _rgb(capture: Any) -> Optional[np.ndarray]:
+    import cv2
+
+    ok, bgr = capture.retrieve()
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB) if ok and bgr is not None else None
+
+
+def sampled_frames(path: Path, step: int = 1, limits: VideoLimits = VideoLimits()) -> Iterator[Frame]:
+    """Every ``step``-th decoded frame (the first, then every ``step``-th after it), one at a time, in order.
+
+    Stops with VideoError at the bounds (a file longer than its header said is caught while decoding); a file that
+    ends early just ends (a truncated file gives the frames it has).
+    """
+    if step < 1:
+        raise ValueError(f"step must be at least 1, not {step}")
+    with closing(_decoded(Path(path), limits)) as frames:
+        for index, time_s, convert in frames:
+            if index % step:
+                continue
+            rgb = convert()
+            if rgb is None:
+                break
+            yield Frame(index, time_s, rgb)
 
 
 class FrameClock:
@@ -177,30 +194,22 @@ def frames_at(path: Path, targets: Sequence[int], frame_rate: float,
     a target falls between decoded frames and the next one is taken, so boxes must be read at that number. Only the
     frames taken are converted; decoding stops after the last target (the rest of the clip is never read).
     """
-    import cv2
-
     wanted = sorted(set(int(t) for t in targets))
     if not wanted:
         return
     if not frame_rate > 0:
         raise ValueError(f"frame rate must be positive, not {frame_rate!r}")
-    path = Path(path)
-    capture = _capture(path)
-    try:
-        info = _info(capture)
-        _check(path, info, limits)
-        index, next_target, clock = 0, 0, FrameClock(info.fps)
-        while next_target < len(wanted) and capture.grab():
-            time_s = clock.time(float(capture.get(cv2.CAP_PROP_POS_MSEC)) / 1000.0)
-            _check_running(path, index, time_s, limits)
+    next_target = 0
+    with closing(_decoded(Path(path), limits)) as frames:
+        for index, time_s, convert in frames:
             number = label_studio_frame(time_s, frame_rate)
-            if number >= wanted[next_target]:
-                ok, bgr = capture.retrieve()
-                if not ok or bgr is None:
-                    break
-                yield number, Frame(index, time_s, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-                while next_target < len(wanted) and wanted[next_target] <= number:
-                    next_target += 1
-            index += 1
-    finally:
-        capture.release()
+            if number < wanted[next_target]:
+                continue
+            rgb = convert()
+            if rgb is None:
+                break
+            yield number, Frame(index, time_s, rgb)
+            while next_target < len(wanted) and wanted[next_target] <= number:
+                next_target += 1
+            if next_target == len(wanted):
+                break
