@@ -198,15 +198,15 @@ def test_score_pool_endpoint(tmp_path, redis_server, connection):
 
 def test_a_video_project_scores_its_pool_in_small_chunks():
     from yolo_backend.jobs.pool.clustering import CLUSTER_SAMPLE, cluster_sample_size
-    from yolo_backend.jobs.pool.scorer import chunk_size
+    from yolo_backend.jobs.pool.scorer import chunk_size, is_video_project
 
     video = ('<View><Video name="video" value="$video"/><VideoRectangle name="box" toName="video"/>'
              '<Labels name="videoLabels" toName="video"><Label value="fire"/></Labels></View>')
     image = '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">' \
             '<Label value="fire"/></RectangleLabels></View>'
     settings = Settings.from_env(env={}, pool_chunk_size=200, pool_video_chunk_size=7)
-    assert chunk_size(settings, video) == 7 and chunk_size(settings, image) == 200
-    assert chunk_size(settings, None) == 200 and chunk_size(settings, "<View><oops") == 200
+    assert chunk_size(settings, is_video_project(video)) == 7 and chunk_size(settings, is_video_project(image)) == 200
+    assert not is_video_project(None) and not is_video_project("<View><oops")
     # clusters are fitted on at most 3 chunks of clips; images keep SAMPLE_PER_CLUSTER per cluster up to the cap
     assert cluster_sample_size(500, 10, 7, video=True) == 21
     assert cluster_sample_size(5000, 10, 200, video=False) == 200

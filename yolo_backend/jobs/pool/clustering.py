@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import TrainingError
 from .plan import cluster_path, version_seed
-from .scorer import PoolScorer, is_video_project
+from .scorer import PoolScorer
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def load_or_fit_clusters(scorer: PoolScorer, version: str, todo: list[dict], tot
     seed = version_seed(version)
     rng = np.random.default_rng(seed)
     wanted = scorer.settings.pool_clusters or auto_cluster_count(total)
-    size = cluster_sample_size(len(todo), wanted, scorer.chunk_size, is_video_project(scorer.label_config))
+    size = cluster_sample_size(len(todo), wanted, scorer.chunk_size, scorer.video)
     take = sorted(rng.choice(len(todo), size=size, replace=False).tolist()) if todo else []
     sample = scorer.claim(version, [todo[i] for i in take])
     try:

@@ -35,10 +35,10 @@ def is_video_project(label_config: Optional[str]) -> bool:
         return False
 
 
-def chunk_size(settings: Settings, label_config: Optional[str]) -> int:
+def chunk_size(settings: Settings, video: bool) -> int:
     """Tasks per chunk job: POOL_VIDEO_CHUNK_SIZE clips in a video project (a clip costs hundreds of detector
     passes), else POOL_CHUNK_SIZE images."""
-    return max(1, settings.pool_video_chunk_size if is_video_project(label_config) else settings.pool_chunk_size)
+    return max(1, settings.pool_video_chunk_size if video else settings.pool_chunk_size)
 
 
 class PoolScorer:
@@ -60,13 +60,14 @@ class PoolScorer:
         if label_config is None:
             label_config = self.client.get_project(self.project_id).get("label_config")
         self.label_config = label_config
+        self.video = is_video_project(label_config)  # its tasks are clips
         self.predictor = Predictor(self.context)
         self.connection, self.keys = connection, keys
         self.status = RunStatus(connection, keys, self.project_id)
 
     @property
     def chunk_size(self) -> int:
-        return chunk_size(self.settings, self.label_config)
+        return chunk_size(self.settings, self.video)
 
     def serving_version(self) -> str:
         """The version serving the project now (the server's rule, ``model_holder``), without loading it."""
