@@ -18,7 +18,7 @@ import math
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Generator, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -109,7 +109,10 @@ def probe(path: Path, limits: VideoLimits = VideoLimits()) -> VideoInfo:
     return info
 
 
-def _decoded(path: Path, limits: VideoLimits) -> Iterator[tuple[int, float, Callable[[], Optional[np.ndarray]]]]:
+Decoded = Generator[tuple[int, float, Callable[[], Optional[np.ndarray]]], None, None]
+
+
+def _decoded(path: Path, limits: VideoLimits) -> Decoded:
     """Every decoded frame in order, checked against ``limits``, as (index, time in seconds, convert): ``convert()``
     gives its RGB pixels (None when the codec gives none) and is called only for the frames kept (converting is the
     expensive part). Close it (``contextlib.closing``) to release the file when stopping early."""
