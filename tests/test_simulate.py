@@ -449,7 +449,7 @@ def test_threshold_table_of_hand_made_rows():
 
 def test_effort_summary_of_hand_made_rows():
     from yolo_backend.annotation_cost import CostModel
-    from yolo_backend.simulate.report import NO_PRE, effort_curves, effort_to_reach, with_costs
+    from yolo_backend.simulate.report import NO_PRE, effort_curves, effort_to_reach, map_at_seconds, with_costs
 
     def row(strategy, seed, round_index, labels, value, accepted, drawn, truth):
         return {"strategy": strategy, "seed": seed, "round": round_index, "labels": labels, "map50": value,
@@ -468,9 +468,12 @@ def test_effort_summary_of_hand_made_rows():
     assert effort_to_reach(curves["smart"], 0.3) == pytest.approx((210, 20))
     assert effort_to_reach(curves["smart"], 0.9) is None
     text = report_markdown(rows, ["random", "smart"], cost)
-    assert f"| {NO_PRE} | 6.7 | 1.00 | 40 | 6.7 | 40 | 40 / 0 / 0 / 0 |" in text   # 400 s
-    assert "| smart | 3.5 | 0.53 | 20 | 3.7 | 20 | 20 / 0 / 0 / 20 |" in text    # 210 s of 400; 220 s in all
-    assert "| random | 5.2 | 0.78 | 30 | 5.2 | 30 | 30 / 0 / 0 / 10 |" in text   # 310 s
+    # the last column: mAP@0.5 after smart's 220 s, the fewest any strategy took (linear between points)
+    assert "mAP@0.5 after 3.7 minutes |" in text
+    assert f"| {NO_PRE} | 6.7 | 1.00 | 40 | 6.7 | 40 | 40 / 0 / 0 / 0 | 0.1200 |" in text   # 400 s
+    assert "| smart | 3.5 | 0.53 | 20 | 3.7 | 20 | 20 / 0 / 0 / 20 | 0.5000 |" in text    # 210 s of 400; 220 in all
+    assert "| random | 5.2 | 0.78 | 30 | 5.2 | 30 | 30 / 0 / 0 / 10 | 0.1364 |" in text   # 310 s
+    assert map_at_seconds(curves["random"], 199) is None and map_at_seconds(curves["random"], 311) is None
     # rows from before effort was counted: the summary says so instead of failing
     old = [{k: v for k, v in r.items() if not k.startswith(("boxes_", "truth_"))} for r in rows]
     assert "no annotation-time comparison" in report_markdown(old, ["random", "smart"])

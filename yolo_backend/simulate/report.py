@@ -136,6 +136,13 @@ def effort_to_reach(curve: Sequence[EffortPoint], target: float) -> Optional[tup
     return None
 
 
+def map_at_seconds(curve: Sequence[EffortPoint], seconds: float) -> Optional[float]:
+    """The mean mAP@0.5 after ``seconds`` of annotation (linear between measured points); None outside the curve."""
+    if not curve or not curve[0].seconds <= seconds <= curve[-1].seconds:
+        return None
+    return float(np.interp(seconds, [p.seconds for p in curve], [p.map50 for p in curve]))
+
+
 def effort_curves(rows: Sequence[dict], strategies: Sequence[str]) -> dict[str, list[EffortPoint]]:
     """Each strategy's effort curve with pre-annotations, and random's without (``NO_PRE``), on the labels
     counts every seed reached; strategies without effort counts are left out."""
@@ -160,23 +167,29 @@ def effort_markdown(rows: Sequence[dict], strategies: Sequence[str], cost: CostM
         return lines + [f"No `{BASELINE}` run with effort counted: no annotation-time comparison.", ""]
     target = base[-1].map50
     reached_base = effort_to_reach(base, target)
+    # strategies spend their rounds' minutes differently: compare them also after the same minutes, the fewest
+    # any strategy ran to (a cheap strategy may end before it reaches the target)
+    horizon = min(curve[-1].seconds for curve in curves.values())
     lines += [f"Target: {BASELINE}'s final mean mAP@0.5, {target:.4f} at {base[-1].labels} labels. Cost model "
               f"(seconds): draw {cost.draw_s:g}, adjust {cost.adjust_s:g}, delete {cost.delete_s:g}, accept "
               f"{cost.accept_s:g}, per image {cost.image_s:g}.", "",
               f"| strategy | minutes to reach the target | × {NO_PRE} | boxes drawn or fixed to reach it | "
-              "final minutes | final boxes drawn or fixed | drawn / adjusted / deleted / accepted (mean per seed) |",
-              "|---|---|---|---|---|---|---|"]
+              "final minutes | final boxes drawn or fixed | drawn / adjusted / deleted / accepted (mean per seed) | "
+              f"mAP@0.5 after {horizon / 60:.1f} minutes |",
+              "|---|---|---|---|---|---|---|---|"]
     for name, curve in curves.items():
         reached = effort_to_reach(curve, target)
         ratio = f"{reached[0] / reached_base[0]:.2f}" if reached and reached_base and reached_base[0] else "–"
         lines.append(f"| {name} | {_num(reached[0] / 60, 1) if reached else 'not reached'} | {ratio} | "
                      f"{_num(reached[1], 0) if reached else '–'} | {curve[-1].seconds / 60:.1f} | "
-                     f"{curve[-1].worked:.0f} | {_actions(rows, name, curve[-1].labels)} |")
+                     f"{curve[-1].worked:.0f} | {_actions(rows, name, curve[-1].labels)} | "
+                     f"{_num(map_at_seconds(curve, horizon), 4)} |")
     lines += ["", "Estimated from the box actions the pool's ground truth needs on each picked image, given the "
               "boxes the serving model showed at MODEL_SCORE_THRESHOLD (same label; IoU >= 0.9 accepted, 0.5-0.9 "
               "adjusted, a shown box left over deleted, a true box left over drawn), times the cost model. The "
               "initial random batch is drawn from scratch in every run. Boxes drawn or fixed: drawn + adjusted + "
-              "deleted. Interpolated linearly between measured points.", ""]
+              "deleted. Interpolated linearly between measured points. The last column compares every strategy after "
+              "the same estimated minutes: the fewest that any strategy's rounds took.", ""]
     return lines
 
 
