@@ -11,14 +11,13 @@ Defaults and where they come from (docs/active-learning.md, "Annotation effort",
   was verified for them (moving a box's edges: half a drawing; deleting: one click and a key; accepting: a look,
   about a yes/no box verification; per image: open, look over, submit).
 
-Standard library and numpy only: the server's task score uses it.
+Standard library at import (numpy only inside ``expected_seconds``): the server's task score uses it, and the
+command line reads its defaults for ``simulate --help`` without loading numpy.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import numpy as np
 
 
 @dataclass(frozen=True)
@@ -44,12 +43,14 @@ class CostModel:
         """Estimated seconds for the same images without pre-annotations: every ground-truth box drawn."""
         return effort.images * self.image_s + effort.truth_boxes * self.draw_s
 
-    def expected_seconds(self, confidences: np.ndarray, threshold: float) -> float:
+    def expected_seconds(self, confidences, threshold: float) -> float:
         """The model's own guess of what one image will cost, before anyone has looked at it.
 
         Each detection with confidence ``c`` is taken as an object with probability ``c``: a shown one
         (``c >= threshold``) is adjusted if it is real and deleted if not; one not shown is drawn if it is real.
         Objects the model did not detect at all are not counted (nothing says where they are)."""
+        import numpy as np
+
         c = np.clip(np.asarray(confidences, np.float64).reshape(-1), 0.0, 1.0)
         shown = c >= threshold
         fix = np.where(shown, c * self.adjust_s + (1.0 - c) * self.delete_s, c * self.draw_s)

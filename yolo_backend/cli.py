@@ -425,13 +425,14 @@ def _add_simulate(subparsers) -> None:
                         "MODEL_SCORE_THRESHOLD costs annotators least (default: none)")
     cost = p.add_argument_group("annotation cost model", "estimated annotator seconds per action, for the report's "
                                 "annotation time (sources: docs/active-learning.md, 'Annotation effort')")
-    # defaults live in annotation_cost.CostModel (the help repeats them: argparse shows no dataclass defaults)
-    for name, what in (("draw", "draw a box from scratch (default 7)"),
-                       ("adjust", "adjust a pre-annotated box (default 3.5)"),
-                       ("delete", "delete a wrong pre-annotated box (default 1)"),
-                       ("accept", "accept a right pre-annotated box (default 1.6)"),
-                       ("image", "spend per image: open, look over, submit (default 3)")):
-        cost.add_argument(f"--{name}-s", type=float, metavar="S", help=f"seconds to {what}")
+    from .annotation_cost import CostModel  # standard library only at import
+
+    defaults = CostModel()
+    for name, what in (("draw", "draw a box from scratch"), ("adjust", "adjust a pre-annotated box"),
+                       ("delete", "delete a wrong pre-annotated box"), ("accept", "accept a right pre-annotated box"),
+                       ("image", "spend per image: open, look over, submit")):
+        cost.add_argument(f"--{name}-s", type=float, metavar="S",
+                          help=f"seconds to {what} (default {getattr(defaults, f'{name}_s'):g})")
     p.set_defaults(handler=_run_simulate)
 
 
