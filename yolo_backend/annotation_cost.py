@@ -18,6 +18,26 @@ command line reads its defaults for ``simulate --help`` without loading numpy.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
+
+
+class BoxActions(Protocol):
+    """Counts of what an annotator did over some images (``simulate.effort.RoundEffort`` is one): a Protocol so
+    this module needs nothing from the simulator above it."""
+
+    @property
+    def images(self) -> int: ...
+    @property
+    def accepted(self) -> int: ...
+    @property
+    def adjusted(self) -> int: ...
+    @property
+    def deleted(self) -> int: ...
+    @property
+    def drawn(self) -> int: ...
+    @property
+    def truth_boxes(self) -> int:
+        """Ground-truth boxes on those images: what the annotator ends with."""
 
 
 @dataclass(frozen=True)
@@ -34,12 +54,12 @@ class CostModel:
         if min(self.draw_s, self.adjust_s, self.delete_s, self.accept_s, self.image_s) < 0:
             raise ValueError("annotation costs are seconds: none may be negative")
 
-    def seconds(self, effort) -> float:
-        """Estimated seconds for ``effort`` (a ``simulate.effort.RoundEffort``: images and box action counts)."""
+    def seconds(self, effort: BoxActions) -> float:
+        """Estimated seconds for ``effort``: its images and box actions."""
         return (effort.images * self.image_s + effort.drawn * self.draw_s + effort.adjusted * self.adjust_s
                 + effort.deleted * self.delete_s + effort.accepted * self.accept_s)
 
-    def scratch_seconds(self, effort) -> float:
+    def scratch_seconds(self, effort: BoxActions) -> float:
         """Estimated seconds for the same images without pre-annotations: every ground-truth box drawn."""
         return effort.images * self.image_s + effort.truth_boxes * self.draw_s
 
