@@ -4,7 +4,7 @@ One checkpoint predicts every image of a labelled split once, as the server does
 size); then, for each threshold, the boxes at or above it are what the annotator is shown, and the rule that measures
 real annotations (``labelstudio.effort.match_boxes``) counts what the annotator does to reach the ground truth:
 accept (IoU >= 0.9), adjust (0.5-0.9), delete (a shown box left over), draw (a true box left over). The simulator's
-cost model (``simulate.effort.CostModel``, sources in docs/active-learning.md) turns the counts into minutes, against
+cost model (``annotation_cost.CostModel``, sources in docs/active-learning.md) turns the counts into minutes, against
 drawing every box from scratch. No training: it prices one model's pre-annotations, so it answers "which threshold
 for a model of this quality", not "which strategy" (that is ``simulate --effort-thresholds``).
 
@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from yolo_backend.settings import Settings  # noqa: E402
-from yolo_backend.simulate.effort import CostModel, effort_at_thresholds, truth_boxes  # noqa: E402
+from yolo_backend.annotation_cost import CostModel  # noqa: E402
+from yolo_backend.simulate.effort import effort_at_thresholds, truth_boxes  # noqa: E402
 from yolo_backend.simulate.scoring import score_images, serving_detector  # noqa: E402
 from yolo_backend.yolov7.dataset import load_data  # noqa: E402
 
