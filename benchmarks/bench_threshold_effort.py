@@ -19,7 +19,6 @@ class names works.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from yolo_backend.settings import Settings  # noqa: E402
-from yolo_backend.annotation_cost import CostModel  # noqa: E402
+from yolo_backend.annotation_cost import add_cost_arguments, cost_from_args  # noqa: E402
 from yolo_backend.simulate.effort import effort_at_thresholds, truth_boxes  # noqa: E402
 from yolo_backend.simulate.scoring import score_images, serving_detector  # noqa: E402
 from yolo_backend.yolov7.dataset import load_data  # noqa: E402
@@ -45,9 +44,7 @@ def main() -> None:
     parser.add_argument("--weights", default=str(WEIGHTS))
     parser.add_argument("--img-size", type=int, default=320, help="serving size (IMG_SIZE)")
     parser.add_argument("--thresholds", default=THRESHOLDS, help=f"comma-separated (default {THRESHOLDS})")
-    for field in dataclasses.fields(CostModel):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=float, default=field.default,
-                            help=f"cost model: seconds (default {field.default:g})")
+    add_cost_arguments(parser.add_argument_group("cost model"))
     args = parser.parse_args()
     if not Path(args.weights).is_file() or not Path(args.data).exists():
         sys.exit(f"needs {args.weights} and {args.data} (../shared/data)")
@@ -60,7 +57,7 @@ def main() -> None:
     detections, _ = score_images(detector, [s.load_image for s in samples])
     names = list(detections[0].names) if detections else []
     truth = [truth_boxes(s.boxes, s.classes, names, d.width, d.height) for s, d in zip(samples, detections)]
-    cost = CostModel(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CostModel)})
+    cost = cost_from_args(args)
     counted = effort_at_thresholds(detections, truth, thresholds)
     scratch = cost.scratch_seconds(next(iter(counted.values())))
     boxes = sum(len(t) for t in truth)

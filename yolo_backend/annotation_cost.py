@@ -17,8 +17,8 @@ command line reads its defaults for ``simulate --help`` without loading numpy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol
 
 
 class BoxActions(Protocol):
@@ -44,11 +44,13 @@ class BoxActions(Protocol):
 class CostModel:
     """Seconds an annotator spends per action (the module doc says where each default comes from)."""
 
-    draw_s: float = 7.0     # draw a box from scratch
-    adjust_s: float = 3.5   # move a pre-annotated box's edges (IoU 0.5-0.9 with the right box)
-    delete_s: float = 1.0   # delete a wrong pre-annotated box
-    accept_s: float = 1.6   # look at a right pre-annotated box and keep it
-    image_s: float = 3.0    # per image: open, look over, submit
+    # "action" completes "seconds to ..." in the command lines' help (add_cost_arguments)
+    draw_s: float = field(default=7.0, metadata={"action": "draw a box from scratch"})
+    adjust_s: float = field(default=3.5, metadata={"action": "adjust a pre-annotated box (IoU 0.5-0.9 with the "
+                                                             "right box)"})
+    delete_s: float = field(default=1.0, metadata={"action": "delete a wrong pre-annotated box"})
+    accept_s: float = field(default=1.6, metadata={"action": "accept a right pre-annotated box"})
+    image_s: float = field(default=3.0, metadata={"action": "spend per image: open, look over, submit"})
 
     def __post_init__(self) -> None:
         if min(self.draw_s, self.adjust_s, self.delete_s, self.accept_s, self.image_s) < 0:
@@ -75,3 +77,17 @@ class CostModel:
         shown = c >= threshold
         fix = np.where(shown, c * self.adjust_s + (1.0 - c) * self.delete_s, c * self.draw_s)
         return float(self.image_s + fix.sum())
+
+
+def add_cost_arguments(parser) -> None:
+    """``--draw-s`` ... ``--image-s`` on an argparse parser or group, one per ``CostModel`` field (unset: None)."""
+    for f in fields(CostModel):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=float, metavar="S",
+                            help=f"seconds to {f.metadata['action']} (default {f.default:g})")
+
+
+def cost_from_args(args: Any) -> CostModel:
+    """The cost model from ``add_cost_arguments``' options, defaults where one was not given; ValueError when a
+    cost is negative."""
+    given = {f.name: getattr(args, f.name) for f in fields(CostModel)}
+    return CostModel(**{name: value for name, value in given.items() if value is not None})

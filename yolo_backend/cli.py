@@ -425,14 +425,9 @@ def _add_simulate(subparsers) -> None:
                         "MODEL_SCORE_THRESHOLD costs annotators least (default: none)")
     cost = p.add_argument_group("annotation cost model", "estimated annotator seconds per action, for the report's "
                                 "annotation time (sources: docs/active-learning.md, 'Annotation effort')")
-    from .annotation_cost import CostModel  # standard library only at import
+    from .annotation_cost import add_cost_arguments  # standard library only at import
 
-    defaults = CostModel()
-    for name, what in (("draw", "draw a box from scratch"), ("adjust", "adjust a pre-annotated box"),
-                       ("delete", "delete a wrong pre-annotated box"), ("accept", "accept a right pre-annotated box"),
-                       ("image", "spend per image: open, look over, submit")):
-        cost.add_argument(f"--{name}-s", type=float, metavar="S",
-                          help=f"seconds to {what} (default {getattr(defaults, f'{name}_s'):g})")
+    add_cost_arguments(cost)
     p.set_defaults(handler=_run_simulate)
 
 
@@ -455,11 +450,10 @@ def _run_simulate(args) -> int:
     except ValueError:
         raise CliError(f"--effort-thresholds {args.effort_thresholds!r}: expected comma-separated numbers") from None
     from .simulate import SimConfig, Simulation
-    from .annotation_cost import CostModel
+    from .annotation_cost import cost_from_args
 
-    given = {f"{k}_s": getattr(args, f"{k}_s") for k in ("draw", "adjust", "delete", "accept", "image")}
     try:
-        cost = CostModel(**{k: v for k, v in given.items() if v is not None})
+        cost = cost_from_args(args)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     config = SimConfig(pool=args.pool, test=args.test, weights=weights, out=args.out,
